@@ -1,0 +1,15 @@
+"""flowmap_kernels: forward-mode-AD kernels for training flow maps.
+
+Attention that works under torch.func.jvp with a differentiable tangent (``attention``,
+``attention_jvp``), fused JVP primitives for DiT blocks, flow-map losses and training loops.
+"""
+from .attention import attention, attention_jvp
+from .backends import BACKEND_NAMES, get_backend, set_backend, use_backend
+from .info import build_info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "attention_jvp", "use_backend", "set_backend", "get_backend", "build_info", "BACKEND_NAMES",
+    "__version__",
+]

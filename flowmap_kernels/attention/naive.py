@@ -1,0 +1,63 @@
+"""Backend "naive": attention as plain differentiable PyTorch ops (the reference).
+
+Holds the full (B, H, Lq, Lk) score matrix. Every autograd mode works on it natively (torch.func.jvp,
+forward_ad, double backward); low precisions are computed in float32 and cast back.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .problem import AttentionProblem
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, p: AttentionProblem) -> torch.Tensor:
+    """Row-softmax probabilities P (B, Hq, Lq, Lk) in the compute dtype; fully masked rows are 0."""
+    ct = _compute_dtype(p.dtype)
+    if p.group > 1:
+        k = k.repeat_interleave(p.group, dim=1)
+    s = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * p.scale
+    allowed = None
+    if p.mask_kind == "float":
+        s = s + p.mask.to(ct)
+    elif p.mask_kind == "bool":
+        allowed = p.mask
+    if p.is_causal:
+        causal = torch.ones(p.q_len, p.kv_len, dtype=torch.bool, device=q.device).tril()
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    dead = (s == float("-inf")).all(dim=-1, keepdim=True)
+    probs = torch.softmax(s.masked_fill(dead, 0.0), dim=-1)
+    return probs.masked_fill(dead, 0.0)
+
+
+def attention(q, k, v, p: AttentionProblem) -> torch.Tensor:
+    """O = softmax(scale * Q K^T + mask) V, (B, Hq, Lq, Dv) in the input dtype."""
+    probs = attention_probs(q, k, p)
+    if p.group > 1:
+        v = v.repeat_interleave(p.group, dim=1)
+    return (probs @ v.to(probs.dtype)).to(p.dtype)
+
+
+def attention_jvp(q, k, v, tq: Optional[torch.Tensor], tk, tv, p: AttentionProblem):
+    """(O, tO) by the closed-form tangent (REFERENCE.md section 2), as differentiable plain ops."""
+    ct = _compute_dtype(p.dtype)
+    probs = attention_probs(q, k, p)
+    kk, vv = k, v
+    tq = torch.zeros_like(q) if tq is None else tq
+    tk = torch.zeros_like(k) if tk is None else tk
+    tv = torch.zeros_like(v) if tv is None else tv
+    if p.group > 1:
+        kk, vv, tk, tv = (x.repeat_interleave(p.group, dim=1) for x in (k, v, tk, tv))
+    ts = (tq.to(ct) @ kk.to(ct).transpose(-2, -1) + q.to(ct) @ tk.to(ct).transpose(-2, -1)) * p.scale
+    mu = (probs * ts).sum(dim=-1, keepdim=True)
+    tp = probs * (ts - mu)
+    o = probs @ vv.to(ct)
+    to = tp @ vv.to(ct) + probs @ tv.to(ct)
+    return o.to(p.dtype), to.to(p.dtype)

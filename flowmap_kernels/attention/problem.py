@@ -1,0 +1,140 @@
+"""Argument checking for attention: one function turns SDPA-style arguments into an AttentionProblem.
+
+Every public entry point calls :func:`make_problem`; bad input is a ``ValueError`` (``TypeError`` for a
+non-tensor) that names the argument and says what was expected.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """Sizes and options of one attention call, in the (batch, heads, tokens, head_dim) layout.
+
+    ``mask`` is the user's mask unchanged (never expanded in memory); ``mask_kind`` is ``"bool"``
+    (True = may attend), ``"float"`` (added to the logits) or ``None``.
+    """
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    v_head_dim: int
+    scale: float
+    is_causal: bool
+    mask: Optional[torch.Tensor]
+    mask_kind: Optional[str]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    def as_dict(self) -> dict:
+        """Keyword form handed to backends' ``supports`` predicates."""
+        return dict(
+            dtype=self.dtype, device=self.device, head_dim=self.head_dim, v_head_dim=self.v_head_dim,
+            q_len=self.q_len, kv_len=self.kv_len, mask_kind=self.mask_kind,
+        )
+
+
+def _tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name}: expected 4 dims (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def make_problem(
+    q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
+    enable_gqa: bool = False, tangents: tuple = (),
+) -> AttentionProblem:
+    """Check SDPA arguments (and optional tangents ``(tq, tk, tv)``) and describe the call."""
+    q, k, v = _tensor("query", q), _tensor("key", k), _tensor("value", v)
+    for name, x in (("key", k), ("value", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}: dtype {x.dtype} does not match query dtype {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: device {x.device} does not match query device {q.device}")
+    B, Hq, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"key/value: batch size must match query's {B}, got {k.shape[0]} and {v.shape[0]}")
+    if k.shape[-1] != D:
+        raise ValueError(f"key: head_dim {k.shape[-1]} does not match query head_dim {D}")
+    if k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(
+            f"value: heads and tokens {tuple(v.shape[1:3])} must match key's {tuple(k.shape[1:3])}"
+        )
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query: heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if Hq != Hkv and not enable_gqa:
+        raise ValueError(
+            f"key: {Hkv} heads differ from query's {Hq}; pass enable_gqa=True for grouped-query attention"
+        )
+    for name, t, ref in zip(("tangent of query", "tangent of key", "tangent of value"), tangents, (q, k, v)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+            raise ValueError(
+                f"{name}: expected shape {tuple(ref.shape)}, {ref.dtype} on {ref.device}; "
+                f"got {tuple(t.shape)}, {t.dtype} on {t.device}"
+            )
+    if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
+        raise ValueError(f"dropout_p: only 0.0 is supported (attention dropout is not implemented), got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    else:
+        if isinstance(scale, torch.Tensor):
+            raise TypeError("scale: expected a Python float, got a Tensor")
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite number, got {scale}")
+    mask_kind = None
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if is_causal:
+            raise ValueError("attn_mask: cannot be combined with is_causal=True (as in SDPA); fold causality into the mask")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask: device {attn_mask.device} does not match query device {q.device}")
+        if attn_mask.dtype == torch.bool:
+            mask_kind = "bool"
+        elif attn_mask.dtype == q.dtype:
+            mask_kind = "float"
+        else:
+            raise ValueError(f"attn_mask: expected dtype bool or the query dtype {q.dtype}, got {attn_mask.dtype}")
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask: expected at most 4 dims, got shape {tuple(attn_mask.shape)}")
+        try:
+            full = torch.broadcast_shapes(attn_mask.shape, (B, Hq, Lq, Lk))
+        except RuntimeError:
+            full = None
+        if full != (B, Hq, Lq, Lk):
+            raise ValueError(
+                f"attn_mask: shape {tuple(attn_mask.shape)} is not broadcastable to (batch, heads, q_len, kv_len)"
+                f" = {(B, Hq, Lq, Lk)}"
+            )
+        if attn_mask.requires_grad:
+            raise ValueError("attn_mask: gradients with respect to the mask are not supported; pass mask.detach()")
+    return AttentionProblem(
+        batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lk, head_dim=D, v_head_dim=Dv, scale=scale,
+        is_causal=bool(is_causal), mask=attn_mask, mask_kind=mask_kind, dtype=q.dtype, device=q.device,
+    )

@@ -1,0 +1,47 @@
+"""The attention op's backend registry: which implementations exist and what "auto" prefers."""
+from __future__ import annotations
+
+import importlib
+import os
+
+from ..backends import OpRegistry
+from . import blockwise, naive
+
+ATTENTION = OpRegistry("attention", auto_order=("triton", "torch"))
+ATTENTION.register("naive", naive)
+ATTENTION.register("torch", blockwise)
+
+
+def triton_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _register_triton() -> None:
+    """Triton backend: CUDA tensors, float16/bfloat16/float32, head dims up to 256."""
+    def available() -> bool:
+        importlib.import_module("triton")
+        import torch
+        return torch.cuda.is_available() or triton_interpreter()
+
+    def supports(device, dtype, head_dim, v_head_dim, explicit=False, **_):
+        import torch
+        interpreted = explicit and device.type == "cpu" and triton_interpreter()
+        if device.type != "cuda" and not interpreted:
+            return (f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 and the backend named "
+                    f"explicitly), got {device.type}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {dtype} runs on the 'torch' backend"
+        if max(head_dim, v_head_dim) > 256:
+            return f"head dim {max(head_dim, v_head_dim)} > 256"
+        return None
+
+    class _Lazy:
+        """Imports the Triton launchers on first use."""
+        def __getattr__(self, name):
+            return getattr(importlib.import_module("flowmap_kernels.triton_kernels.attention"), name)
+
+    ATTENTION.register("triton", _Lazy(), available=available, supports=supports)
+
+
+_register_triton()
