@@ -1,0 +1,183 @@
+"""Launch configurations of the Triton attention kernels: one visible table, one lookup function.
+
+Every kernel launch takes its tile sizes from :func:`get_config`. The table is keyed by kernel name
+(``forward``, ``jvp_forward``, ``backward_dkdv``, ``backward_dq``, ``jvp_backward_dkdv``,
+``jvp_backward_dq``; the row pre-passes use a fixed small config), by the padded head dim bucket
+(the power of two >= max(D, Dv, 16): 16, 32, 64, 128, 256), by the element size (2 bytes for
+fp16/bf16, 4 for fp32) and by the architecture family ("sm90" for compute capability 9.x and later,
+"sm80" for 8.x and anything older). The entries were chosen with ``python -m flowmap_kernels.compile_report``
+(no register spills on sm_90a up to D=128 for 16-bit inputs; see docs/triton.md for the measured table).
+
+In Triton's CPU interpreter (TRITON_INTERPRET=1) the cost is per program and per key block, not per
+FLOP, so the lookup returns :data:`INTERPRETER_CONFIG` (large tiles) unless a test overrides it with
+:func:`override`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+KERNELS = ("forward", "jvp_forward", "backward_dkdv", "backward_dq", "jvp_backward_dkdv", "jvp_backward_dq")
+HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
+ARCHS = ("sm80", "sm90")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes: BLOCK_M query rows and BLOCK_N key rows per tile; num_warps, num_stages as in Triton."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def as_dict(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+
+
+C = Config
+# TABLE[(kernel, arch)][(head_dim_bucket, element_bytes)] -> Config.
+# A missing element size falls back to the 2-byte entry of the same bucket.
+TABLE: dict = {
+    ("forward", "sm90"): {
+        (16, 2): C(128, 64, 4, 3), (32, 2): C(128, 64, 4, 3), (64, 2): C(128, 64, 4, 3),
+        (128, 2): C(128, 64, 8, 3), (256, 2): C(64, 64, 8, 2),
+        (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 64, 4, 2), (64, 4): C(64, 64, 4, 2),
+        (128, 4): C(64, 32, 4, 2), (256, 4): C(32, 32, 4, 1),
+    },
+    ("forward", "sm80"): {
+        (16, 2): C(128, 64, 4, 3), (32, 2): C(128, 64, 4, 3), (64, 2): C(128, 64, 4, 3),
+        (128, 2): C(128, 32, 8, 2), (256, 2): C(64, 32, 8, 1),
+        (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 64, 4, 2), (64, 4): C(64, 32, 4, 2),
+        (128, 4): C(32, 32, 4, 2), (256, 4): C(32, 32, 4, 1),
+    },
+    ("jvp_forward", "sm90"): {
+        (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(128, 64, 8, 2),
+        (128, 2): C(64, 64, 8, 2), (256, 2): C(64, 32, 8, 1),
+        (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 64, 4, 2), (64, 4): C(64, 32, 4, 2),
+        (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 32, 4, 1),
+    },
+    ("jvp_forward", "sm80"): {
+        (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(64, 64, 4, 2),
+        (128, 2): C(64, 32, 4, 2), (256, 2): C(32, 32, 4, 1),
+        (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 64, 4, 2), (64, 4): C(64, 32, 4, 2),
+        (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 32, 4, 1),
+    },
+    ("backward_dkdv", "sm90"): {
+        (16, 2): C(64, 128, 8, 2), (32, 2): C(64, 128, 8, 2), (64, 2): C(64, 128, 8, 2),
+        (128, 2): C(64, 64, 8, 2), (256, 2): C(32, 32, 4, 1),
+        (16, 4): C(32, 64, 4, 2), (32, 4): C(32, 64, 4, 2), (64, 4): C(32, 64, 4, 2),
+        (128, 4): C(32, 32, 4, 1), (256, 4): C(16, 32, 4, 1),
+    },
+    ("backward_dkdv", "sm80"): {
+        (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 128, 8, 2), (64, 2): C(32, 128, 8, 2),
+        (128, 2): C(32, 64, 8, 2), (256, 2): C(16, 32, 4, 1),
+        (16, 4): C(32, 64, 4, 2), (32, 4): C(32, 64, 4, 2), (64, 4): C(32, 64, 4, 2),
+        (128, 4): C(32, 32, 4, 1), (256, 4): C(16, 32, 4, 1),
+    },
+    ("backward_dq", "sm90"): {
+        (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(128, 64, 8, 2),
+        (128, 2): C(64, 64, 8, 2), (256, 2): C(32, 32, 4, 1),
+        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 32, 4, 2),
+        (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 16, 4, 1),
+    },
+    ("backward_dq", "sm80"): {
+        (16, 2): C(128, 32, 8, 2), (32, 2): C(128, 32, 8, 2), (64, 2): C(128, 32, 8, 2),
+        (128, 2): C(64, 32, 8, 2), (256, 2): C(32, 16, 4, 1),
+        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 32, 4, 2),
+        (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 16, 4, 1),
+    },
+    ("jvp_backward_dkdv", "sm90"): {
+        (16, 2): C(64, 64, 8, 2), (32, 2): C(64, 64, 8, 2), (64, 2): C(64, 64, 8, 2),
+        (128, 2): C(32, 64, 8, 1), (256, 2): C(16, 32, 4, 1),
+        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
+        (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
+    },
+    ("jvp_backward_dkdv", "sm80"): {
+        (16, 2): C(32, 64, 8, 2), (32, 2): C(32, 64, 8, 2), (64, 2): C(32, 64, 8, 2),
+        (128, 2): C(16, 64, 8, 1), (256, 2): C(16, 32, 4, 1),
+        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
+        (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
+    },
+    ("jvp_backward_dq", "sm90"): {
+        (16, 2): C(64, 64, 8, 2), (32, 2): C(64, 64, 8, 2), (64, 2): C(64, 64, 8, 2),
+        (128, 2): C(64, 32, 8, 1), (256, 2): C(32, 16, 4, 1),
+        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
+        (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
+    },
+    ("jvp_backward_dq", "sm80"): {
+        (16, 2): C(64, 32, 8, 2), (32, 2): C(64, 32, 8, 2), (64, 2): C(64, 32, 8, 2),
+        (128, 2): C(64, 16, 8, 1), (256, 2): C(32, 16, 4, 1),
+        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
+        (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
+    },
+}
+del C
+
+#: Tiles used in the CPU interpreter: few programs and few key blocks (cost ~10 ms per program x block).
+INTERPRETER_CONFIG = Config(64, 64, 4, 1)
+#: Config of the row pre-passes (delta, c, e): BLOCK_M rows per program, no key loop.
+PREP_CONFIG = Config(64, 16, 4, 1)
+
+_override: list = []
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def head_dim_bucket(head_dim: int, v_head_dim: Optional[int] = None) -> int:
+    """The padded (power-of-two, >= 16) head dim a kernel tiles with."""
+    d = max(head_dim, v_head_dim or head_dim, 16)
+    return 1 << (d - 1).bit_length()
+
+
+def arch_family(capability) -> str:
+    """"sm90" for compute capability (9, x) and later, else "sm80"."""
+    major = capability[0] if isinstance(capability, (tuple, list)) else int(str(capability)[:1])
+    return "sm90" if major >= 9 else "sm80"
+
+
+def current_arch(device=None) -> str:
+    """Arch family of a CUDA device ("interpret" in Triton's CPU interpreter)."""
+    if interpreting():
+        return "interpret"
+    import torch
+    return arch_family(torch.cuda.get_device_capability(device))
+
+
+def get_config(kernel: str, head_dim: int, element_bytes: int, arch: str,
+               v_head_dim: Optional[int] = None) -> Config:
+    """The launch config of ``kernel`` for head dims (D, Dv), element size in bytes and arch family.
+
+    ``arch`` is "sm80", "sm90" or "interpret". Raises ValueError for an unknown kernel or arch.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    if _override:
+        return _override[-1]
+    if arch == "interpret":
+        return INTERPRETER_CONFIG
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {ARCHS} or 'interpret', got {arch!r}")
+    bucket = head_dim_bucket(head_dim, v_head_dim)
+    if bucket > 256:
+        raise ValueError(f"head_dim: {max(head_dim, v_head_dim or 0)} > 256 is not supported by the Triton kernels")
+    entries = TABLE[(kernel, arch)]
+    return entries.get((bucket, element_bytes), entries[(bucket, 2)])
+
+
+@contextlib.contextmanager
+def override(config: Config) -> Iterator[Config]:
+    """Force one config for every kernel inside the block (tests: small tiles, many key blocks)."""
+    _override.append(config)
+    try:
+        yield config
+    finally:
+        _override.pop()
