@@ -2,11 +2,14 @@
 
 ``AttentionFunction``     q, k, v -> O. Backward: the primal backward kernel. JVP rule: runs
                           ``AttentionJVPFunction`` so that the tangent it returns is itself
-                          differentiable (reverse-over-forward, as TVM needs).
+                          differentiable (reverse-over-forward, as TVM needs). ``attention`` calls
+                          ``AttentionJVPFunction`` directly when its inputs carry tangents, so this
+                          rule is a fallback for forward-mode levels it cannot see.
 ``AttentionJVPFunction``  q, k, v, tq, tk, tv -> (O, tO) in one fused pass; backward through both outputs.
 
-Under create_graph=True (double backward of the primal) the backward is recomputed with the naive
-math so it is differentiable; that path holds N x N scores.
+``PrimalBackward`` / ``JVPBackward`` run the backward kernels; they are themselves differentiable
+(create_graph=True, torch.func.grad over jvp) through a recomputation in the naive math that runs only
+when a second derivative is actually taken, so the first-order path never pays for it.
 """
 from __future__ import annotations
 
@@ -45,14 +48,7 @@ class AttentionFunction(torch.autograd.Function):
         p = ctx.problem
         if do is None:
             return None, None, None, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            with torch.enable_grad():
-                need = [x for x in (q, k, v) if x.requires_grad]
-                out = naive.attention(q, k, v, p)
-                grads = iter(torch.autograd.grad(out, need, do, create_graph=True))
-                dq, dk, dv = (next(grads) if x.requires_grad else None for x in (q, k, v))
-            return dq, dk, dv, None, None, None
-        dq, dk, dv = kernels.attention_backward(q, k, v, o, lse, do, mask, p.is_causal, p.scale, ctx.backend)
+        dq, dk, dv = PrimalBackward.apply(q, k, v, o, lse, do, mask, p, ctx.backend)
         return dq, dk, dv, None, None, None
 
     @staticmethod
@@ -64,6 +60,21 @@ class AttentionFunction(torch.autograd.Function):
         tv = torch.zeros_like(v) if tv is None else tv
         _, to, _, _ = AttentionJVPFunction.apply(q, k, v, tq, tk, tv, mask, ctx.problem, ctx.backend)
         return to, None
+
+
+class AttentionCompiledFunction(torch.autograd.Function):
+    """``AttentionFunction`` without its jvp rule, for regions that torch.compile traces.
+
+    Dynamo refuses to trace an autograd.Function that defines ``jvp`` when an input requires grad
+    (graph break "Unsupported custom jvp"), so ``functional.attention`` uses this class while
+    ``torch.compiler.is_compiling()``. Forward and backward are AttentionFunction's, unchanged. Forward-mode
+    AD does not reach a compiled region in PyTorch 2.13 (torch.func.jvp of a compiled function is refused by
+    Dynamo itself), so the missing rule loses nothing there.
+    """
+
+    forward = staticmethod(AttentionFunction.forward)
+    setup_context = staticmethod(AttentionFunction.setup_context)
+    backward = staticmethod(AttentionFunction.backward)
 
 
 class AttentionJVPFunction(torch.autograd.Function):
@@ -92,8 +103,67 @@ class AttentionJVPFunction(torch.autograd.Function):
         if dto is None:
             if do is None:
                 return (None,) * 9
-            dq, dk, dv = kernels.attention_backward(q, k, v, o, lse, do, mask, p.is_causal, p.scale, ctx.backend)
+            dq, dk, dv = PrimalBackward.apply(q, k, v, o, lse, do, mask, p, ctx.backend)
             return (dq, dk, dv) + none3 + none3
-        grads = kernels.attention_jvp_backward(
-            q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, p.is_causal, p.scale, ctx.backend)
+        grads = JVPBackward.apply(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, p, ctx.backend)
         return tuple(grads) + none3
+
+
+def _vjp_of_vjp(outputs_fn, primals, cotangents, grads_of_grads):
+    """Gradients of <vjp(outputs_fn)(primals; cotangents), grads_of_grads> for primals and cotangents."""
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_() for x in primals]
+        cs = [None if c is None else c.detach().requires_grad_() for c in cotangents]
+        outs = outputs_fn(*xs)
+        pairs = [(o, c) for o, c in zip(outs, cs) if c is not None]
+        first = torch.autograd.grad([o for o, _ in pairs], xs, [c for _, c in pairs], create_graph=True)
+        wanted = [(f, g) for f, g in zip(first, grads_of_grads) if g is not None]
+        inputs = xs + [c for c in cs if c is not None]
+        second = torch.autograd.grad([f for f, _ in wanted], inputs, [g for _, g in wanted], allow_unused=True)
+    it = iter(second[len(xs):])
+    return list(second[:len(xs)]), [None if c is None else next(it) for c in cs]
+
+
+class PrimalBackward(torch.autograd.Function):
+    """(dQ, dK, dV) = backward kernel of the primal; differentiable (naive recomputation)."""
+
+    @staticmethod
+    def forward(q, k, v, o, lse, do, mask, problem: AttentionProblem, backend: str):
+        return kernels.attention_backward(q, k, v, o, lse, do, mask, problem.is_causal, problem.scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, o, lse, do, mask, problem, backend = inputs
+        ctx.problem = problem
+        ctx.save_for_backward(q, k, v, do)
+
+    @staticmethod
+    def backward(ctx, gdq, gdk, gdv):
+        q, k, v, do = ctx.saved_tensors
+        p = ctx.problem
+        (gq, gk, gv), (gdo,) = _vjp_of_vjp(lambda a, b, c: (naive.attention(a, b, c, p),), (q, k, v), (do,),
+                                           (gdq, gdk, gdv))
+        return gq, gk, gv, None, None, gdo, None, None, None
+
+
+class JVPBackward(torch.autograd.Function):
+    """Gradients of (O, tO) for all six inputs from the fused kernel; differentiable (naive recomputation)."""
+
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, problem: AttentionProblem, backend: str):
+        return kernels.attention_jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask,
+                                              problem.is_causal, problem.scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, problem, backend = inputs
+        ctx.problem = problem
+        ctx.save_for_backward(q, k, v, tq, tk, tv, do, dto)
+
+    @staticmethod
+    def backward(ctx, *ggrads):
+        q, k, v, tq, tk, tv, do, dto = ctx.saved_tensors
+        p = ctx.problem
+        xs, (gdo, gdto) = _vjp_of_vjp(lambda *a: naive.attention_jvp(*a, p), (q, k, v, tq, tk, tv), (do, dto),
+                                      ggrads)
+        return (*xs, None, None, None, None, gdo, gdto, None, None, None)

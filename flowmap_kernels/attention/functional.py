@@ -4,16 +4,32 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import naive
-from .autograd import AttentionFunction, AttentionJVPFunction
+from ..backends import get_backend
+from .autograd import AttentionCompiledFunction, AttentionFunction, AttentionJVPFunction, _check_mask_tangent
 from .problem import AttentionProblem, make_problem
 from .registry import ATTENTION
 
 
 def resolve_backend(problem: AttentionProblem, backend: Optional[str] = None) -> str:
-    """The single dispatch point: the backend name that will run ``problem``."""
+    """The single dispatch point: the backend name that will run ``problem``.
+
+    While torch.compile traces, the choice is made eagerly (see :func:`_resolve_constant`) and baked
+    into the graph as a constant.
+    """
+    if torch.compiler.is_compiling():
+        return _resolve_constant(backend or get_backend(), **problem.as_dict())
     return ATTENTION.resolve(backend, **problem.as_dict()).backend
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(name: str, **problem) -> str:
+    """``ATTENTION.resolve`` run outside Dynamo's trace: the first resolution probes availability with
+    importlib (e.g. ``import triton``), which Dynamo cannot trace (a graph break under fullgraph=True).
+    The name is a constant of the compiled graph; guards still cover shapes, dtype and device."""
+    return ATTENTION.resolve(name, **problem).backend
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -31,6 +47,24 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     name = resolve_backend(p)
     if name == "naive":
         return naive.attention(query, key, value, p)
+    if torch.compiler.is_compiling():
+        if torch.autograd.forward_ad._current_level >= 0:
+            # Forward-mode AD inside a compiled region (torch.func.jvp traced by torch.compile, or dual
+            # tensors fed to a compiled function): AOTAutograd would take the custom ops' tangent as ZERO,
+            # silently. The naive math is traced op by op with exact tangents (O(N^2) memory).
+            return naive.attention(query, key, value, p)
+        o, _ = AttentionCompiledFunction.apply(query, key, value, attn_mask, p, name)
+        return o
+    duals = [fwAD.unpack_dual(x) for x in (query, key, value)]
+    if any(d.tangent is not None for d in duals):
+        # Forward mode (torch.func.jvp or forward_ad): one fused pass for O and tO, whose backward runs
+        # through both outputs at once, instead of a forward followed by the JVP rule's own pass.
+        if attn_mask is not None:
+            _check_mask_tangent(fwAD.unpack_dual(attn_mask).tangent)
+        primals = [d.primal for d in duals]
+        tangents = [torch.zeros_like(d.primal) if d.tangent is None else d.tangent for d in duals]
+        o, to, _, _ = AttentionJVPFunction.apply(*primals, *tangents, attn_mask, p, name)
+        return fwAD.make_dual(o, to)
     o, _ = AttentionFunction.apply(query, key, value, attn_mask, p, name)
     return o
 

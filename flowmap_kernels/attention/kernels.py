@@ -112,3 +112,4 @@ def _(q, k, v, *args, out_shape=None, **kwargs):
 @register_flop_formula(torch.ops.flowmap_kernels.attention_jvp_backward)
 def _(q, k, v, *args, out_shape=None, **kwargs):
     return product_flops(q, k, v, 6, 6)  # two per forward+JVP product
+

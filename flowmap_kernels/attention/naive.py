@@ -33,8 +33,10 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, p: AttentionProblem) -> to
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     dead = (s == float("-inf")).all(dim=-1, keepdim=True)
-    probs = torch.softmax(s.masked_fill(dead, 0.0), dim=-1)
-    return probs.masked_fill(dead, 0.0)
+    s = s.masked_fill(dead, 0.0)
+    # explicit softmax: torch.softmax's forward-AD formula breaks reverse-over-forward under forward_ad
+    e = torch.exp(s - s.amax(dim=-1, keepdim=True).detach())
+    return (e / e.sum(dim=-1, keepdim=True)).masked_fill(dead, 0.0)
 
 
 def attention(q, k, v, p: AttentionProblem) -> torch.Tensor:

@@ -1,0 +1,74 @@
+"""Independent float64 references shared by the test suite.
+
+Written from the definitions, not from the package: math attention on explicit (B, H, Lq, Lk) scores,
+its JVP by torch.func.jvp, and gradients by autograd. Every kernel path is compared with these.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Relative error norm(a - b) / norm(b) allowed per dtype. float64 is exact up to summation order; float32
+# accumulates in float32; float16 / bfloat16 inputs and outputs are rounded to 11 / 8 significant bits
+# (unit roundoff 4.9e-4 / 3.9e-3), and the gradients inherit a few roundings of their operands.
+TOLERANCE = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.float16: 2e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """norm(a - b) / norm(b) in float64 (0 when both are zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num if den == 0 else num / den
+
+
+def ref_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """softmax(scale q k^T + mask) v in float64 with explicit scores; rows with no allowed key give 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    lq, lk = q.shape[2], k.shape[2]
+    keep = torch.ones(lq, lk, dtype=torch.bool)
+    if is_causal:
+        keep = torch.ones(lq, lk, dtype=torch.bool).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = keep & attn_mask
+        else:
+            scores = scores + attn_mask.double()
+    scores = torch.where(keep, scores, torch.tensor(float("-inf"), dtype=torch.float64))
+    keep_row = torch.isfinite(scores).any(dim=-1, keepdim=True)
+    safe = torch.where(keep_row, scores, torch.zeros_like(scores))
+    probs = torch.exp(safe - safe.amax(dim=-1, keepdim=True))
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    probs = torch.where(keep_row & torch.isfinite(scores), probs, torch.zeros_like(probs))
+    return torch.einsum("bhij,bhjd->bhid", probs, v)
+
+
+def ref_jvp(q, k, v, tq, tk, tv, **kw):
+    """(O, tO) of ref_attention by torch.func.jvp, in float64."""
+    return torch.func.jvp(lambda a, b, c: ref_attention(a, b, c, **kw), (q.double(), k.double(), v.double()),
+                          (tq.double(), tk.double(), tv.double()))
+
+
+def loss_on_outputs(o: torch.Tensor, to: torch.Tensor, wo: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """A scalar that depends on both outputs, with fixed random weights (so no gradient is trivial)."""
+    return (o.double() * wo).sum() + (to.double() * wt).sum() + 0.5 * (to.double() ** 2).sum()
+
+
+def ref_grads(q, k, v, tq, tk, tv, wo, wt, **kw):
+    """Gradients of loss_on_outputs with respect to (q, k, v, tq, tk, tv), float64 autograd."""
+    leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v, tq, tk, tv)]
+    o, to = ref_jvp(*leaves, **kw)
+    loss = loss_on_outputs(o, to, wo, wt)
+    return (o.detach(), to.detach()), torch.autograd.grad(loss, leaves)
