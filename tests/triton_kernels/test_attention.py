@@ -1,0 +1,250 @@
+"""Triton attention kernels in Triton's CPU interpreter against float64 references.
+
+Every case runs the public API with ``fk.use_backend("triton")`` on CPU tensors (the registry allows
+that only with TRITON_INTERPRET=1 and the backend named explicitly) and checks: the forward; the primal
+backward (autograd); the explicit ``attention_jvp`` path; the ``torch.func.jvp`` path; and the backward
+through the tangent (all six gradients of a loss on both O and tO). References: tests/reference.py
+(naive float64 attention, torch.func.jvp over it, autograd gradients).
+
+Tolerances (relative norm error, tests/reference.py TOLERANCE): fp32 1e-4 -- the interpreter's fp32
+tl.dot is exact fp32, so only fp32 summation-order rounding (~1e-7 relative per op) remains; fp16 2e-2 and
+bf16 5e-2 -- inputs and outputs are rounded to 11 / 8 significant bits (unit roundoff 4.9e-4 / 3.9e-3) and
+P, P*tS, dS, dtS are rounded to the input dtype before their products, as on tensor cores, so errors of a
+few unit roundoffs (times the condition of the gradient) are expected; the bounds leave ~10x headroom over
+what is measured (see docs/triton.md).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flowmap_kernels as fk
+from flowmap_kernels.attention.registry import ATTENTION
+from flowmap_kernels.triton_kernels import configs
+from tests.reference import TOLERANCE, loss_on_outputs, ref_attention, ref_grads, ref_jvp, rel_err
+
+from .conftest import ensure_interpreted_kernels
+
+ta = ensure_interpreted_kernels()
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ERRORS: dict = {}  # (dtype, quantity) -> worst relative error measured (printed at the end with -s)
+
+
+def _make(shape_q, shape_k, dv, dtype, seed, mask=None):
+    """q, k, v, tq, tk, tv in dtype (drawn in float64) and float64 loss weights."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Lq, D = shape_q
+    Hkv, Lk = shape_k
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, tq = rnd(B, Hq, Lq, D), rnd(B, Hq, Lq, D)
+    k, tk = rnd(B, Hkv, Lk, D), rnd(B, Hkv, Lk, D)
+    v, tv = rnd(B, Hkv, Lk, dv), rnd(B, Hkv, Lk, dv)
+    wo, wt = rnd(B, Hq, Lq, dv), rnd(B, Hq, Lq, dv)
+    xs = [x.to(dtype) for x in (q, k, v, tq, tk, tv)]
+    m = None
+    if mask == "bool":  # (B, 1, Lq, Lk): broadcast over heads; every 3rd query row sees nothing
+        m = torch.rand(B, 1, Lq, Lk, generator=g) > 0.3
+        m[:, :, ::3] = False
+    elif mask == "bool_keys":  # (Lk,) only: broadcast over batch, heads and queries (3 stride-0 dims)
+        m = torch.rand(Lk, generator=g) > 0.4
+        m[0] = True
+    elif mask == "float":  # (1, Hq, Lq, Lk) with a stride-0 query dim (a user's expand()), -inf columns
+        m = (rnd(1, Hq, 1, Lk) + 0.5).to(dtype)
+        m[..., ::4] = float("-inf")
+        m = m.expand(1, Hq, Lq, Lk)
+    return xs, wo, wt, m
+
+
+def _record(dtype, what, err):
+    key = (str(dtype).replace("torch.", ""), what)
+    ERRORS[key] = max(ERRORS.get(key, 0.0), err)
+
+
+def _check(name, got, want, dtype):
+    err = rel_err(got, want)
+    _record(dtype, name, err)
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    assert err < TOLERANCE[dtype], f"{name}: relative error {err:.3e} >= {TOLERANCE[dtype]}"
+
+
+CASES = {
+    # id: (q shape, (Hkv, Lk), Dv, causal, mask, scale)
+    "D16-L17": ((2, 2, 17, 16), (2, 17), 16, False, None, None),
+    "D48-L77-gqa-causal": ((1, 4, 77, 48), (2, 77), 48, True, None, None),
+    "D72-200x300-dv40": ((1, 2, 200, 72), (1, 300), 40, False, None, None),
+    "D96-33x50-bool": ((2, 2, 33, 96), (2, 50), 96, False, "bool", None),
+    "D128-64x80-float-scale": ((1, 2, 64, 128), (2, 80), 128, False, "float", 0.3),
+    "D64-L1": ((1, 2, 1, 64), (2, 1), 64, False, None, None),
+    "D32-1x17-causal": ((1, 3, 1, 32), (1, 17), 32, True, None, None),
+    "D80-40x90-boolkeys-gqa": ((1, 4, 40, 80), (1, 90), 80, False, "bool_keys", None),
+}
+
+
+def _full_check(case, dtype, seed=0):
+    shape_q, shape_k, dv, causal, mask, scale = CASES[case]
+    (q, k, v, tq, tk, tv), wo, wt, m = _make(shape_q, shape_k, dv, dtype, seed, mask)
+    kw = dict(attn_mask=m, is_causal=causal, scale=scale, enable_gqa=shape_q[1] != shape_k[0])
+    (ro, rto), rgrads = ref_grads(q, k, v, tq, tk, tv, wo, wt, **kw)
+    with fk.use_backend("triton"):
+        # forward and primal backward through autograd
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        o = fk.attention(*leaves, **kw)
+        _check("forward O", o, ro, dtype)
+        ref_leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+        ref_primal = torch.autograd.grad(ref_attention(*ref_leaves, **kw), ref_leaves, wo)
+        for nm, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(o, leaves, wo.to(dtype)), ref_primal):
+            _check("backward " + nm, a, b, dtype)
+        # explicit attention_jvp and the backward through both outputs
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, tq, tk, tv)]
+        o, to = fk.attention_jvp(*leaves, **kw)
+        _check("jvp_forward O", o, ro, dtype)
+        _check("jvp_forward tO", to, rto, dtype)
+        grads = torch.autograd.grad(loss_on_outputs(o, to, wo, wt), leaves)
+        for nm, a, b in zip(("dq", "dk", "dv", "dtq", "dtk", "dtv"), grads, rgrads):
+            _check("jvp_backward " + nm, a, b, dtype)
+        # torch.func.jvp over the SDPA drop-in, with the tangent differentiated (reverse over forward)
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, tq, tk, tv)]
+        o, to = torch.func.jvp(lambda a, b, c: fk.attention(a, b, c, **kw), tuple(leaves[:3]), tuple(leaves[3:]))
+        _check("func.jvp tO", to, rto, dtype)
+        grads = torch.autograd.grad(loss_on_outputs(o, to, wo, wt), leaves)
+        for nm, a, b in zip(("dq", "dk", "dv", "dtq", "dtk", "dtv"), grads, rgrads):
+            _check("func.jvp backward " + nm, a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", list(CASES))
+def test_all_paths_against_float64(case, dtype):
+    _full_check(case, dtype)
+
+
+def test_head_dim_256_once():
+    _full_check_small = dict(CASES)
+    CASES["D256-24x40-causal"] = ((1, 2, 24, 256), (2, 40), 256, True, None, None)
+    try:
+        _full_check("D256-24x40-causal", torch.float16)
+    finally:
+        CASES.clear()
+        CASES.update(_full_check_small)
+
+
+def test_small_tiles_many_key_blocks():
+    """16x16 tiles: many key blocks (online-softmax rescaling), causal block skipping, partial tiles."""
+    with configs.override(configs.Config(16, 16, 4, 1)):
+        _full_check("D48-L77-gqa-causal", torch.float32, seed=3)
+        _full_check("D96-33x50-bool", torch.float16, seed=4)
+
+
+def _kernel_inputs(dtype=torch.float32, causal=False, mask=None, seed=0):
+    (q, k, v, tq, tk, tv), wo, wt, m = _make((2, 2, 37, 40), (2, 45), 24, dtype, seed, mask)
+    return q, k, v, tq, tk, tv, wo.to(dtype), wt.to(dtype), m
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    q, k, v, tq, tk, tv, do, dto, _ = _kernel_inputs()
+    m = torch.ones(37, 45, dtype=torch.bool)
+    m[::2] = False  # even query rows see no key
+    o, to, lse, mu = ta.jvp_forward(q, k, v, tq, tk, tv, m, False, 0.2)
+    assert torch.equal(o[:, :, ::2], torch.zeros_like(o[:, :, ::2]))
+    assert torch.equal(to[:, :, ::2], torch.zeros_like(to[:, :, ::2]))
+    assert torch.isneginf(lse[:, :, ::2]).all() and torch.isfinite(lse[:, :, 1::2]).all()
+    assert torch.equal(mu[:, :, ::2], torch.zeros_like(mu[:, :, ::2]))
+    grads = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, m, False, 0.2)
+    for g in grads:
+        assert torch.isfinite(g).all()
+    assert torch.equal(grads[0][:, :, ::2], torch.zeros_like(grads[0][:, :, ::2]))
+    assert torch.equal(grads[3][:, :, ::2], torch.zeros_like(grads[3][:, :, ::2]))
+    # float mask: -inf on whole rows (odd rows), stride-0 batch and head dims
+    fm = torch.randn(37, 45)
+    fm[1::2] = float("-inf")
+    o2, to2, lse2, mu2 = ta.jvp_forward(q, k, v, tq, tk, tv, fm, False, 0.2)
+    assert torch.equal(o2[:, :, 1::2], torch.zeros_like(o2[:, :, 1::2])) and torch.isfinite(o2).all()
+    assert torch.equal(to2[:, :, 1::2], torch.zeros_like(to2[:, :, 1::2])) and torch.isfinite(to2).all()
+    grads2 = ta.jvp_backward(q, k, v, tq, tk, tv, o2, to2, lse2, mu2, do, dto, fm, False, 0.2)
+    assert all(torch.isfinite(g).all() for g in grads2)
+    # every row masked: everything zero
+    none = torch.zeros(37, 45, dtype=torch.bool)
+    o, to, lse, mu = ta.jvp_forward(q, k, v, tq, tk, tv, none, False, 0.2)
+    grads = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, none, False, 0.2)
+    for x in (o, to, mu, *grads):
+        assert torch.equal(x, torch.zeros_like(x))
+
+
+def test_non_contiguous_inputs():
+    """(B, L, H, D) storage viewed as (B, H, L, D), and a v sliced from a wider buffer."""
+    g = torch.Generator().manual_seed(5)
+    B, H, L, D = 2, 2, 29, 24
+    mk = lambda: torch.randn(B, L, H, D, generator=g).transpose(1, 2)  # noqa: E731
+    q, k, tq, tk = mk(), mk(), mk(), mk()
+    v = torch.randn(B, H, L, 2 * D, generator=g)[..., ::2]
+    tv = torch.randn(B, H, L, D + 8, generator=g)[..., 4:D + 4]
+    assert not q.is_contiguous() and v.stride(-1) == 2
+    (ro, rto) = ref_jvp(q, k, v, tq, tk, tv, is_causal=True)
+    o, to, lse, mu = ta.jvp_forward(q, k, v, tq, tk, tv, None, True, D ** -0.5)
+    assert rel_err(o, ro) < 1e-5 and rel_err(to, rto) < 1e-5
+    do, dto = torch.randn_like(o), torch.randn_like(o)
+    got = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do.transpose(1, 2).contiguous().transpose(1, 2),
+                          dto, None, True, D ** -0.5)
+    want = ta.jvp_backward(*(x.contiguous() for x in (q, k, v, tq, tk, tv)), o, to, lse, mu, do, dto, None, True,
+                           D ** -0.5)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_deterministic_and_dto_none():
+    q, k, v, tq, tk, tv, do, dto, m = _kernel_inputs(torch.float16, mask="bool")
+    o, to, lse, mu = ta.jvp_forward(q, k, v, tq, tk, tv, m, False, 0.3)
+    a = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, m, False, 0.3)
+    b = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, m, False, 0.3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # no atomics: bitwise reproducible
+    # dO = None drops the dO terms: equals the full gradient minus the primal backward's part
+    g_t = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, None, dto, m, False, 0.3)
+    g_p = ta.backward(q, k, v, o, lse, do, m, False, 0.3)
+    for full, tang, prim in zip(a[:3], g_t[:3], g_p):
+        assert rel_err(tang.float() + prim.float(), full.float()) < 5e-3
+    for full, tang in zip(a[3:], g_t[3:]):
+        assert torch.equal(full, tang)  # tangent-input grads do not involve dO
+    # dtO = None: primal grads only
+    dq, dk, dv, dtq, dtk, dtv = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, None, m, False, 0.3)
+    assert dtq is None and dtk is None and dtv is None
+    assert all(torch.equal(x, y) for x, y in zip((dq, dk, dv), g_p))
+
+
+def test_registry_routes_cpu_only_when_named():
+    q = torch.randn(1, 1, 4, 16)
+    impl = ATTENTION.impls["triton"]
+    assert impl.supports(explicit=False, device=q.device, dtype=q.dtype, head_dim=16, v_head_dim=16) is not None
+    assert impl.supports(explicit=True, device=q.device, dtype=q.dtype, head_dim=16, v_head_dim=16) is None
+    assert "float64" in impl.supports(explicit=True, device=q.device, dtype=torch.float64, head_dim=16,
+                                      v_head_dim=16)
+    with pytest.raises(ValueError, match="head dim"):
+        ta.forward(torch.randn(1, 1, 4, 272), torch.randn(1, 1, 4, 272), torch.randn(1, 1, 4, 16), None, False, 1.0)
+
+
+def test_config_table_lookup():
+    for kernel in configs.KERNELS:
+        for arch in configs.ARCHS:
+            for d in (16, 48, 72, 96, 128, 200, 256):
+                for es in (2, 4):
+                    c = configs.get_config(kernel, d, es, arch)
+                    assert c.block_m >= 16 and c.block_n >= 16 and c.num_warps in (4, 8)
+    assert configs.head_dim_bucket(72) == 128 and configs.head_dim_bucket(48, 80) == 128
+    assert configs.get_config("forward", 64, 2, "interpret") == configs.INTERPRETER_CONFIG
+    with pytest.raises(ValueError, match="kernel"):
+        configs.get_config("nope", 64, 2, "sm90")
+    with pytest.raises(ValueError, match="arch"):
+        configs.get_config("forward", 64, 2, "sm70")
+
+
+def test_zz_report_errors(capsys):
+    """Prints the worst measured error per dtype and quantity (run with -s to see it)."""
+    if not ERRORS:  # run alone: measure one case first
+        _full_check("D16-L17", torch.float32)
+    with capsys.disabled():
+        for (dt, what), err in sorted(ERRORS.items()):
+            print(f"  {dt:9s} {what:28s} {err:.2e}")
+    worst = {dt: max(e for (d, _), e in ERRORS.items() if d == dt) for dt, _ in ERRORS}
+    for dt, e in worst.items():
+        assert e < TOLERANCE[getattr(torch, dt)]
