@@ -67,9 +67,9 @@ class AttentionCompiledFunction(torch.autograd.Function):
 
     Dynamo refuses to trace an autograd.Function that defines ``jvp`` when an input requires grad
     (graph break "Unsupported custom jvp"), so ``functional.attention`` uses this class while
-    ``torch.compiler.is_compiling()``. Forward and backward are AttentionFunction's, unchanged. Forward-mode
-    AD does not reach a compiled region in PyTorch 2.13 (torch.func.jvp of a compiled function is refused by
-    Dynamo itself), so the missing rule loses nothing there.
+    ``torch.compiler.is_compiling()`` and no forward-mode AD level is active (with one active it runs the
+    naive math instead: AOTAutograd would give the custom ops a zero tangent). Forward, setup_context and
+    backward are AttentionFunction's, unchanged.
     """
 
     forward = staticmethod(AttentionFunction.forward)
