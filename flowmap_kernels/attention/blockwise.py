@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 
 NEG_INF = float("-inf")
-TILE_ELEMENTS = 1 << 22  # scores per tile across batch x heads: 16 MiB in float32
-BLOCK_K = 1024
+TILE_ELEMENTS = 1 << 21  # scores per tile across batch x heads: 8 MiB in float32
+BLOCK_K = 512
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
