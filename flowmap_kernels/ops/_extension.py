@@ -1,0 +1,273 @@
+"""The "extension" backend: compiled kernels, same signatures as ``fused_torch``.
+
+CPU tensors run ``flowmap_kernels._C_cpu`` (torch.utils.cpp_extension, ``csrc/cpu``); CUDA tensors run
+``flowmap_kernels._C_cuda`` (a pybind11 module built by nvcc, not linked to torch: it takes raw device
+pointers, sizes, row strides and the current CUDA stream). Both compile the row mathematics of
+``csrc/include/flowmap/*.h``. float16, bfloat16 and float32 (fp32 accumulation); float64 runs on "torch".
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_mods: dict = {}
+
+
+def _load(name: str):
+    if name not in _mods:
+        try:
+            _mods[name] = importlib.import_module(f"flowmap_kernels.{name}")
+        except ImportError as e:  # not built in this install
+            _mods[name] = e
+    m = _mods[name]
+    return None if isinstance(m, Exception) else m
+
+
+def cpu_module():
+    """The CPU extension module, or None when it is not built."""
+    return _load("_C_cpu")
+
+
+def cuda_module():
+    """The nvcc-built CUDA module, or None when it is not built."""
+    return _load("_C_cuda")
+
+
+def extension_info() -> dict:
+    """{"cpu_extension": bool, "cuda_extension_built": bool, "cuda_archs": [...]} for build_info()."""
+    cu = cuda_module()
+    archs = list(cu.archs()) if cu is not None else []
+    return {"cpu_extension": cpu_module() is not None, "cuda_extension_built": cu is not None, "cuda_archs": archs}
+
+
+def available() -> bool:
+    return cpu_module() is not None or cuda_module() is not None
+
+
+def supports(device=None, dtype=None, explicit=False, **_) -> Optional[str]:
+    if dtype not in _DTYPES:
+        return f"dtype {dtype} runs on the 'torch' backend (the kernels take float16, bfloat16, float32)"
+    if device is not None and device.type == "cpu":
+        return None if cpu_module() is not None else "the CPU extension flowmap_kernels._C_cpu is not built"
+    if device is not None and device.type == "cuda":
+        return None if cuda_module() is not None else "the CUDA module flowmap_kernels._C_cuda is not built"
+    return f"device {getattr(device, 'type', device)} is not supported (CPU or CUDA tensors)"
+
+
+def chunk_target(rows: int, device) -> int:
+    """Rows per chunk of a reduction over rows (parameter gradients): enough chunks to fill the machine."""
+    if device.type == "cuda":
+        return max(1, rows // 1024)
+    return max(1, rows // (4 * max(1, torch.get_num_threads())))
+
+
+def _cpu(x):
+    m = cpu_module()
+    if m is None:
+        raise RuntimeError("extension: flowmap_kernels._C_cpu is not built (pip install --no-build-isolation -e .)")
+    return m
+
+
+# ---- CUDA marshalling: raw pointers, sizes, row strides, stream -------------------------------------
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None or t.numel() == 0 else int(t.data_ptr())
+
+
+def _rs(t: Optional[torch.Tensor]) -> int:
+    """Row stride (elements) of a (R, C) tensor with unit column stride; 0 for None."""
+    if t is None:
+        return 0
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+        raise ValueError(f"extension: expected a (rows, C) tensor with unit column stride, got strides {t.stride()}")
+    return int(t.stride(0))
+
+
+def _m(t: Optional[torch.Tensor], R: int) -> int:
+    """Rows per table row of a (M, C) operand (0 when absent)."""
+    return 0 if t is None else R // t.shape[0]
+
+
+def _stream(x: torch.Tensor) -> int:
+    return int(torch.cuda.current_stream(x.device).cuda_stream)
+
+
+def _cuda_call(fn_name: str, x: torch.Tensor, *args):
+    cu = cuda_module()
+    if cu is None:
+        raise RuntimeError("extension: flowmap_kernels._C_cuda is not built (needs nvcc at install time)")
+    with torch.cuda.device(x.device):
+        getattr(cu, fn_name)(*args, DTYPE_CODE[x.dtype], _stream(x))
+
+
+def _contig(*ts):
+    return tuple(None if t is None else t.contiguous() for t in ts)
+
+
+def _partial(x, rpc, present):
+    if not present:
+        return x.new_empty((0,), dtype=torch.float32)
+    return x.new_empty((x.shape[0] // rpc, x.shape[1]), dtype=torch.float32)
+
+
+# ---- row norm ------------------------------------------------------------------------------------
+
+def norm_forward(x, scale, shift, offset, center, eps):
+    if x.device.type == "cpu":
+        return tuple(_cpu(x).norm_forward(x, scale, shift, offset, center, eps))
+    scale, shift = _contig(scale, shift)
+    R, C = x.shape
+    y = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    stats = x.new_empty((R, 2), dtype=torch.float32)
+    _cuda_call("norm_forward", x, _ptr(x), _rs(x), _ptr(scale), _m(scale, R), _ptr(shift), _m(shift, R),
+               _ptr(y), _ptr(stats), R, C, float(offset), bool(center), float(eps))
+    return y, stats
+
+
+def norm_backward(x, scale, stats, gy, offset, center, rpc, has_shift):
+    if x.device.type == "cpu":
+        return tuple(_cpu(x).norm_backward(x, scale, stats, gy, offset, center, rpc, has_shift))
+    (scale,) = _contig(scale)
+    R, C = x.shape
+    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    ds, dh = _partial(x, rpc, scale is not None), _partial(x, rpc, has_shift)
+    _cuda_call("norm_backward", x, _ptr(x), _rs(x), _ptr(scale), _m(scale, R), _ptr(stats), _ptr(gy), _rs(gy),
+               _ptr(dx), _ptr(ds), _ptr(dh), R, C, float(offset), bool(center), int(rpc))
+    return dx, ds, dh
+
+
+def norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset, center, eps):
+    if x.device.type == "cpu":
+        return tuple(_cpu(x).norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset, center, eps))
+    scale, shift, tscale, tshift = _contig(scale, shift, tscale, tshift)
+    R, C = x.shape
+    y = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    ty = torch.empty_like(y)
+    stats = x.new_empty((R, 4), dtype=torch.float32)
+    _cuda_call("norm_jvp_forward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(scale), _m(scale, R),
+               _ptr(shift), _m(shift, R), _ptr(tscale), _m(tscale, R), _ptr(tshift), _m(tshift, R),
+               _ptr(y), _ptr(ty), _ptr(stats), R, C, float(offset), bool(center), float(eps))
+    return y, ty, stats
+
+
+def norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc, has_shift):
+    if x.device.type == "cpu":
+        return tuple(_cpu(x).norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc,
+                                               has_shift))
+    scale, tscale = _contig(scale, tscale)
+    R, C = x.shape
+    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    dtx = torch.empty_like(dx)
+    ds, dh = _partial(x, rpc, scale is not None), _partial(x, rpc, has_shift)
+    dts, dth = _partial(x, rpc, scale is not None), _partial(x, rpc, has_shift)
+    _cuda_call("norm_jvp_backward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(scale), _m(scale, R),
+               _ptr(tscale), _m(tscale, R), _ptr(stats), _ptr(gy), _rs(gy), _ptr(gt), _rs(gt), _ptr(dx), _ptr(dtx),
+               _ptr(ds), _ptr(dh), _ptr(dts), _ptr(dth), R, C, float(offset), bool(center), int(rpc))
+    return dx, dtx, ds, dh, dts, dth
+
+
+# ---- GELU ------------------------------------------------------------------------------------------
+
+def gelu_forward(x, bias):
+    if x.device.type == "cpu":
+        return _cpu(x).gelu_forward(x, bias)
+    (bias,) = _contig(bias)
+    R, C = x.shape
+    y = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    _cuda_call("gelu_forward", x, _ptr(x), _rs(x), _ptr(bias), _ptr(y), R, C)
+    return y
+
+
+def gelu_backward(x, bias, gy, rpc):
+    if x.device.type == "cpu":
+        return tuple(_cpu(x).gelu_backward(x, bias, gy, rpc))
+    (bias,) = _contig(bias)
+    R, C = x.shape
+    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    db = _partial(x, rpc, bias is not None)
+    _cuda_call("gelu_backward", x, _ptr(x), _rs(x), _ptr(bias), _ptr(gy), _rs(gy), _ptr(dx), _ptr(db), R, C, int(rpc))
+    return dx, db
+
+
+def gelu_jvp_forward(x, tx, bias, tbias):
+    if x.device.type == "cpu":
+        return tuple(_cpu(x).gelu_jvp_forward(x, tx, bias, tbias))
+    bias, tbias = _contig(bias, tbias)
+    R, C = x.shape
+    y = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    ty = torch.empty_like(y)
+    _cuda_call("gelu_jvp_forward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(bias), _ptr(tbias), _ptr(y), _ptr(ty),
+               R, C)
+    return y, ty
+
+
+def gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc):
+    if x.device.type == "cpu":
+        return tuple(_cpu(x).gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc))
+    bias, tbias = _contig(bias, tbias)
+    R, C = x.shape
+    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    dtx = torch.empty_like(dx)
+    db, dtb = _partial(x, rpc, bias is not None), _partial(x, rpc, bias is not None)
+    _cuda_call("gelu_jvp_backward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(bias), _ptr(tbias), _ptr(gy), _rs(gy),
+               _ptr(gt), _rs(gt), _ptr(dx), _ptr(dtx), _ptr(db), _ptr(dtb), R, C, int(rpc))
+    return dx, dtx, db, dtb
+
+
+# ---- gated residual --------------------------------------------------------------------------------
+
+def gated_forward(x, gate, y):
+    if x.device.type == "cpu":
+        return _cpu(x).gated_forward(x, gate, y)
+    (gate,) = _contig(gate)
+    R, C = x.shape
+    out = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    _cuda_call("gated_forward", x, _ptr(x), _rs(x), _ptr(gate), _m(gate, R), _ptr(y), _rs(y), _ptr(out), R, C)
+    return out
+
+
+def gated_backward(gate, y, go, rpc):
+    if y.device.type == "cpu":
+        return tuple(_cpu(y).gated_backward(gate, y, go, rpc))
+    (gate,) = _contig(gate)
+    R, C = y.shape
+    dy = torch.empty((R, C), dtype=y.dtype, device=y.device)
+    dg = _partial(y, rpc, True)
+    _cuda_call("gated_backward", y, _ptr(gate), _m(gate, R), _ptr(y), _rs(y), _ptr(go), _rs(go), _ptr(dy), _ptr(dg),
+               R, C, int(rpc))
+    return dy, dg
+
+
+def gated_jvp_forward(x, tx, gate, tgate, y, ty):
+    if x.device.type == "cpu":
+        return tuple(_cpu(x).gated_jvp_forward(x, tx, gate, tgate, y, ty))
+    gate, tgate = _contig(gate, tgate)
+    R, C = x.shape
+    out = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    tout = torch.empty_like(out)
+    _cuda_call("gated_jvp_forward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(gate), _m(gate, R), _ptr(tgate),
+               _m(tgate, R), _ptr(y), _rs(y), _ptr(ty), _rs(ty), _ptr(out), _ptr(tout), R, C)
+    return out, tout
+
+
+def gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc):
+    if y.device.type == "cpu":
+        return tuple(_cpu(y).gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc))
+    gate, tgate = _contig(gate, tgate)
+    R, C = y.shape
+    dy = torch.empty((R, C), dtype=y.dtype, device=y.device)
+    dty = torch.empty_like(dy)
+    dg, dtg = _partial(y, rpc, True), _partial(y, rpc, True)
+    _cuda_call("gated_jvp_backward", y, _ptr(gate), _m(gate, R), _ptr(tgate), _m(tgate, R), _ptr(y), _rs(y), _ptr(ty),
+               _rs(ty), _ptr(go), _rs(go), _ptr(gto), _rs(gto), _ptr(dy), _ptr(dty), _ptr(dg), _ptr(dtg), R, C, int(rpc))
+    return dy, dty, dg, dtg
+
+
+if os.environ.get("FLOWMAP_DISABLE_EXTENSION") == "1":  # force the "torch" path (debugging)
+    _mods["_C_cpu"] = ImportError("disabled by FLOWMAP_DISABLE_EXTENSION=1")
+    _mods["_C_cuda"] = ImportError("disabled by FLOWMAP_DISABLE_EXTENSION=1")

@@ -1,0 +1,411 @@
+"""torch.autograd.Functions of the DiT primitives (setup_context style).
+
+Each op has a primal Function whose ``jvp`` rule calls a second Function returning ``(y, ty)`` from one
+fused pass; that Function's backward runs one fused pass through both outputs and returns gradients for
+every primal and tangent input, so the tangent is differentiable (reverse-over-forward). Under
+``create_graph=True`` (a differentiable backward) the gradients are recomputed with the naive formulas.
+Tangents that are None are zero; a zero weight tangent is never multiplied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels as K
+from . import naive
+from ._shapes import ModSpec, rows_view
+
+
+def _naive_backward(fn, inputs, grad_outputs):
+    """Differentiable gradients of ``fn(*inputs)`` (create_graph=True) for the inputs that require grad."""
+    with torch.enable_grad():
+        idx = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+        res = [None] * len(inputs)
+        if not idx:
+            return tuple(res)
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in idx], [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True)
+        for i, g in zip(idx, grads):
+            res[i] = g
+    return tuple(res)
+
+
+def _zeros_if_none(t, like):
+    if like is None:
+        return None
+    return torch.zeros_like(like) if t is None else t
+
+
+def _table_grad(p, spec: Optional[ModSpec], R: int, rpc: int, dtype):
+    """Chunk partial sums (R // rpc, C) -> the operand's gradient in its own shape and dtype."""
+    if spec is None or p is None or p.numel() == 0 and R > 0:
+        return None
+    M = spec.rows
+    per = (R // M) // rpc if M else 1
+    g = p.reshape(M, per, -1).sum(1) if per > 1 else p.reshape(M, -1)
+    return spec.grad(g).to(dtype)
+
+
+def _tab(spec, m):
+    return None if m is None else spec.table(m)
+
+
+# ---- row norm (modulated LayerNorm, RMSNorm) ---------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class NormCfg:
+    center: bool
+    offset: float
+    eps: float
+    scale_spec: Optional[ModSpec]
+    shift_spec: Optional[ModSpec]
+    x_shape: tuple
+    rows: int
+    rpc: int
+    backend: str
+
+
+def naive_norm(x, scale, shift, cfg: NormCfg):
+    if cfg.center:
+        xh = naive.layer_norm(x, cfg.eps)
+    else:
+        xh = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.eps)
+    y = xh * (cfg.offset + scale) if scale is not None else (xh if cfg.offset == 1.0 else xh * cfg.offset)
+    return y if shift is None else y + shift
+
+
+class NormFunction(torch.autograd.Function):
+    """y = xh * (offset + scale) + shift, xh = LayerNorm (center) or RMSNorm of x over the last dim."""
+
+    @staticmethod
+    def forward(x, scale, shift, cfg: NormCfg):
+        y, stats = K.norm_forward(rows_view(x), _tab(cfg.scale_spec, scale), _tab(cfg.shift_spec, shift),
+                                  cfg.offset, cfg.center, cfg.eps, cfg.backend)
+        return y.view(cfg.x_shape), stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale, shift, cfg = inputs
+        ctx.cfg = cfg
+        ctx.save_for_backward(x, scale, shift, output[1])
+        ctx.save_for_forward(x, scale, shift)
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy, _gstats):
+        x, scale, shift, stats = ctx.saved_tensors
+        cfg = ctx.cfg
+        if gy is None:
+            return None, None, None, None
+        if torch.is_grad_enabled():
+            return _naive_backward(lambda a, b, c: naive_norm(a, b, c, cfg), (x, scale, shift), (gy,)) + (None,)
+        dx, ds, dh = K.norm_backward(rows_view(x), _tab(cfg.scale_spec, scale), stats, rows_view(gy), cfg.offset,
+                                     cfg.center, cfg.rpc, shift is not None, cfg.backend)
+        return (dx.view(cfg.x_shape), _table_grad(ds, cfg.scale_spec, cfg.rows, cfg.rpc, x.dtype),
+                _table_grad(dh, cfg.shift_spec, cfg.rows, cfg.rpc, x.dtype), None)
+
+    @staticmethod
+    def jvp(ctx, tx, tscale, tshift, _tcfg):
+        x, scale, shift = ctx.saved_tensors
+        y, ty, _ = NormJVPFunction.apply(x, _zeros_if_none(tx, x), scale, shift, _zeros_if_none(tscale, scale),
+                                         _zeros_if_none(tshift, shift), ctx.cfg)
+        return ty, None
+
+
+class NormJVPFunction(torch.autograd.Function):
+    """(y, ty) of the row norm along (tx, tscale, tshift); backward through both outputs in one pass."""
+
+    @staticmethod
+    def forward(x, tx, scale, shift, tscale, tshift, cfg: NormCfg):
+        ss, hs = cfg.scale_spec, cfg.shift_spec
+        y, ty, stats = K.norm_jvp_forward(rows_view(x), rows_view(tx), _tab(ss, scale), _tab(hs, shift),
+                                          _tab(ss, tscale), _tab(hs, tshift), cfg.offset, cfg.center, cfg.eps,
+                                          cfg.backend)
+        return y.view(cfg.x_shape), ty.view(cfg.x_shape), stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, tx, scale, shift, tscale, tshift, cfg = inputs
+        ctx.cfg = cfg
+        ctx.save_for_backward(x, tx, scale, shift, tscale, tshift, output[2])
+        ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy, gt, _gstats):
+        x, tx, scale, shift, tscale, tshift, stats = ctx.saved_tensors
+        cfg = ctx.cfg
+        none7 = (None,) * 7
+        if gy is None and gt is None:
+            return none7
+        if torch.is_grad_enabled():
+            def f(a, ta, s, h, ts, th):
+                return naive.jvp_of(lambda a_, s_, h_: naive_norm(a_, s_, h_, cfg), (a, s, h), (ta, ts, th))
+            return _naive_backward(f, (x, tx, scale, shift, tscale, tshift), (gy, gt)) + (None,)
+        ss, hs, R, rpc, dt = cfg.scale_spec, cfg.shift_spec, cfg.rows, cfg.rpc, x.dtype
+        if gt is None:
+            dx, ds, dh = K.norm_backward(rows_view(x), _tab(ss, scale), stats[:, :2].contiguous(), rows_view(gy),
+                                         cfg.offset, cfg.center, rpc, shift is not None, cfg.backend)
+            return (dx.view(cfg.x_shape), None, _table_grad(ds, ss, R, rpc, dt), _table_grad(dh, hs, R, rpc, dt),
+                    None, None, None)
+        gy = torch.zeros_like(gt) if gy is None else gy
+        dx, dtx, ds, dh, dts, dth = K.norm_jvp_backward(
+            rows_view(x), rows_view(tx), _tab(ss, scale), _tab(ss, tscale), stats, rows_view(gy), rows_view(gt),
+            cfg.offset, cfg.center, rpc, shift is not None, cfg.backend)
+        return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(ds, ss, R, rpc, dt),
+                _table_grad(dh, hs, R, rpc, dt), _table_grad(dts, ss, R, rpc, dt), _table_grad(dth, hs, R, rpc, dt),
+                None)
+
+
+# ---- GELU (tanh) with optional bias ------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class RowCfg:
+    """Config of the elementwise ops: ``spec`` describes the bias (GELU) or the gate (gated residual)."""
+    spec: Optional[ModSpec]
+    x_shape: tuple
+    rows: int
+    rpc: int
+    backend: str
+
+
+class GeluFunction(torch.autograd.Function):
+    """y = gelu_tanh(x + bias)."""
+
+    @staticmethod
+    def forward(x, bias, cfg: RowCfg):
+        return K.gelu_forward(rows_view(x), _tab(cfg.spec, bias), cfg.backend).view(cfg.x_shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bias, cfg = inputs
+        ctx.cfg = cfg
+        ctx.save_for_backward(x, bias)
+        ctx.save_for_forward(x, bias)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, bias = ctx.saved_tensors
+        cfg = ctx.cfg
+        if gy is None:
+            return None, None, None
+        if torch.is_grad_enabled():
+            return _naive_backward(naive.gelu_tanh, (x, bias), (gy,)) + (None,)
+        dx, db = K.gelu_backward(rows_view(x), _tab(cfg.spec, bias), rows_view(gy), cfg.rpc, cfg.backend)
+        return dx.view(cfg.x_shape), _table_grad(db, cfg.spec, cfg.rows, cfg.rpc, x.dtype), None
+
+    @staticmethod
+    def jvp(ctx, tx, tbias, _tcfg):
+        x, bias = ctx.saved_tensors
+        _, ty = GeluJVPFunction.apply(x, _zeros_if_none(tx, x), bias, _zeros_if_none(tbias, bias), ctx.cfg)
+        return ty
+
+
+class GeluJVPFunction(torch.autograd.Function):
+    """(y, ty) = gelu_tanh(z), gelu_tanh'(z) (tx + tbias) with z = x + bias; backward through both."""
+
+    @staticmethod
+    def forward(x, tx, bias, tbias, cfg: RowCfg):
+        y, ty = K.gelu_jvp_forward(rows_view(x), rows_view(tx), _tab(cfg.spec, bias), _tab(cfg.spec, tbias),
+                                   cfg.backend)
+        return y.view(cfg.x_shape), ty.view(cfg.x_shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, tx, bias, tbias, cfg = inputs
+        ctx.cfg = cfg
+        ctx.save_for_backward(x, tx, bias, tbias)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy, gt):
+        x, tx, bias, tbias = ctx.saved_tensors
+        cfg = ctx.cfg
+        if gy is None and gt is None:
+            return (None,) * 5
+        if torch.is_grad_enabled():
+            def f(a, ta, b, tb):
+                return naive.jvp_of(naive.gelu_tanh, (a, b), (ta, tb))
+            return _naive_backward(f, (x, tx, bias, tbias), (gy, gt)) + (None,)
+        sp, R, rpc, dt = cfg.spec, cfg.rows, cfg.rpc, x.dtype
+        if gt is None:
+            dx, db = K.gelu_backward(rows_view(x), _tab(sp, bias), rows_view(gy), rpc, cfg.backend)
+            return dx.view(cfg.x_shape), None, _table_grad(db, sp, R, rpc, dt), None, None
+        gy = torch.zeros_like(gt) if gy is None else gy
+        dx, dtx, db, dtb = K.gelu_jvp_backward(rows_view(x), rows_view(tx), _tab(sp, bias), _tab(sp, tbias),
+                                               rows_view(gy), rows_view(gt), rpc, cfg.backend)
+        return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(db, sp, R, rpc, dt),
+                _table_grad(dtb, sp, R, rpc, dt), None)
+
+
+# ---- gated residual ----------------------------------------------------------------------------------
+
+class GatedFunction(torch.autograd.Function):
+    """out = x + gate * y."""
+
+    @staticmethod
+    def forward(x, gate, y, cfg: RowCfg):
+        return K.gated_forward(rows_view(x), _tab(cfg.spec, gate), rows_view(y), cfg.backend).view(cfg.x_shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, gate, y, cfg = inputs
+        ctx.cfg = cfg
+        ctx.save_for_backward(gate, y)
+        ctx.save_for_forward(x, gate, y)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, go):
+        gate, y = ctx.saved_tensors
+        cfg = ctx.cfg
+        if go is None:
+            return None, None, None, None
+        if torch.is_grad_enabled():
+            dg, dy = _naive_backward(lambda g, y_: g * y_, (gate, y), (go,))
+            return go, dg, dy, None
+        dy, dg = K.gated_backward(_tab(cfg.spec, gate), rows_view(y), rows_view(go), cfg.rpc, cfg.backend)
+        return go, _table_grad(dg, cfg.spec, cfg.rows, cfg.rpc, y.dtype), dy.view(cfg.x_shape), None
+
+    @staticmethod
+    def jvp(ctx, tx, tgate, ty, _tcfg):
+        x, gate, y = ctx.saved_tensors
+        _, tout = GatedJVPFunction.apply(x, _zeros_if_none(tx, x), gate, _zeros_if_none(tgate, gate), y,
+                                         _zeros_if_none(ty, y), ctx.cfg)
+        return tout
+
+
+class GatedJVPFunction(torch.autograd.Function):
+    """(out, tout) = (x + gate y, tx + tgate y + gate ty); backward through both outputs."""
+
+    @staticmethod
+    def forward(x, tx, gate, tgate, y, ty, cfg: RowCfg):
+        sp = cfg.spec
+        out, tout = K.gated_jvp_forward(rows_view(x), rows_view(tx), _tab(sp, gate), _tab(sp, tgate), rows_view(y),
+                                        rows_view(ty), cfg.backend)
+        return out.view(cfg.x_shape), tout.view(cfg.x_shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, tx, gate, tgate, y, ty, cfg = inputs
+        ctx.cfg = cfg
+        ctx.save_for_backward(gate, tgate, y, ty)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, go, gto):
+        gate, tgate, y, ty = ctx.saved_tensors
+        cfg = ctx.cfg
+        if go is None and gto is None:
+            return (None,) * 7
+        if torch.is_grad_enabled():
+            def f(g, tg, y_, ty_):
+                return g * y_, tg * y_ + g * ty_
+            dg, dtg, dy, dty = _naive_backward(f, (gate, tgate, y, ty), (go, gto))
+            return go, gto, dg, dtg, dy, dty, None
+        sp, R, rpc, dt = cfg.spec, cfg.rows, cfg.rpc, y.dtype
+        if gto is None:
+            dy, dg = K.gated_backward(_tab(sp, gate), rows_view(y), rows_view(go), rpc, cfg.backend)
+            return go, None, _table_grad(dg, sp, R, rpc, dt), None, dy.view(cfg.x_shape), None, None
+        go_ = torch.zeros_like(gto) if go is None else go
+        dy, dty, dg, dtg = K.gated_jvp_backward(_tab(sp, gate), _tab(sp, tgate), rows_view(y), rows_view(ty),
+                                                rows_view(go_), rows_view(gto), rpc, cfg.backend)
+        return (go, gto, _table_grad(dg, sp, R, rpc, dt), _table_grad(dtg, sp, R, rpc, dt), dy.view(cfg.x_shape),
+                dty.view(cfg.x_shape), None)
+
+
+# ---- linear ------------------------------------------------------------------------------------------
+
+class LinearFunction(torch.autograd.Function):
+    """y = x W^T + b; its JVP runs one product on the stacked [x; tx]."""
+
+    @staticmethod
+    def forward(x, weight, bias, backend: str):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _ = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight, bias)
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        if gy is None:
+            return None, None, None, None
+        g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = (gy @ weight) if ctx.needs_input_grad[0] else None
+        dw = (g2.t() @ x2) if ctx.needs_input_grad[1] else None
+        db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+    @staticmethod
+    def jvp(ctx, tx, tweight, tbias, _tb):
+        x, weight, bias = ctx.saved_tensors
+        if tx is None:  # weight / bias tangents only: no product with a zero tx
+            out_shape = x.shape[:-1] + (weight.shape[0],)
+            if tweight is not None:
+                return F.linear(x, tweight, tbias)
+            if tbias is not None:
+                return tbias.expand(out_shape)
+            return torch.zeros(out_shape, dtype=x.dtype, device=x.device)
+        _, ty = LinearJVPFunction.apply(x, tx, weight, bias, tweight, tbias)
+        return ty
+
+
+def naive_linear_jvp(x, tx, weight, bias, tweight, tbias):
+    y = F.linear(x, weight, bias)
+    ty = F.linear(tx, weight)
+    if tweight is not None:
+        ty = ty + F.linear(x, tweight)
+    if tbias is not None:
+        ty = ty + tbias
+    return y, ty
+
+
+class LinearJVPFunction(torch.autograd.Function):
+    """(y, ty) = (x W^T + b, [x; tx] stacked through W, + x tW^T when tW is given, + tb)."""
+
+    @staticmethod
+    def forward(x, tx, weight, bias, tweight, tbias):
+        R, N = x.numel() // x.shape[-1], weight.shape[0]
+        out = K.linear_jvp_forward(x.reshape(R, -1), tx.reshape(R, -1), weight, bias, tweight, tbias)
+        shape = x.shape[:-1] + (N,)
+        return out[:R].view(shape), out[R:].view(shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, tx, weight, bias, tweight, tbias = inputs
+        ctx.save_for_backward(x, tx, weight, bias, tweight, tbias)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gy, gt):
+        x, tx, weight, bias, tweight, tbias = ctx.saved_tensors
+        if gy is None and gt is None:
+            return (None,) * 6
+        if torch.is_grad_enabled():
+            return _naive_backward(naive_linear_jvp, (x, tx, weight, bias, tweight, tbias), (gy, gt))
+        K_, N = x.shape[-1], weight.shape[0]
+        R = x.numel() // K_
+        x2 = x.reshape(R, K_)
+        if gt is None:
+            g2 = gy.reshape(R, N)
+            return ((gy @ weight), None, g2.t() @ x2, g2.sum(0) if bias is not None else None, None, None)
+        gt2 = gt.reshape(R, N)
+        gy2 = torch.zeros_like(gt2) if gy is None else gy.reshape(R, N)
+        need_tw = tweight is not None and ctx.needs_input_grad[4]
+        dxs, dw, dtw = K.linear_jvp_backward(x2, tx.reshape(R, K_), weight, tweight, gy2, gt2, need_tw)
+        return (dxs[:R].view(x.shape), dxs[R:].view(x.shape), dw, gy2.sum(0) if bias is not None else None,
+                dtw if need_tw else None, gt2.sum(0) if tbias is not None else None)

@@ -1,0 +1,60 @@
+"""The "naive" backend: each op as plain differentiable PyTorch ops (the reference).
+
+Works natively under torch.func (jvp, grad, vmap) and autograd; the ``*_jvp`` forms run torch.func.jvp on
+the plain formula. Computation happens in the input dtype, as an eager DiT would run it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_norm(x, eps: float = 1e-6):
+    """LayerNorm over the last dim without affine, from mean/var ops.
+
+    Not F.layer_norm: in PyTorch 2.13 the derivative of F.layer_norm's forward-mode tangent is wrong
+    (gradcheck of torch.func.jvp(F.layer_norm) fails in float64; see tests/ops/test_naive_layer_norm.py).
+    """
+    xc = x - x.mean(-1, keepdim=True)
+    return xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+
+
+def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
+    """LayerNorm over the last dim (no affine), then x_hat * (1 + scale) + shift."""
+    return layer_norm(x, eps) * (1 + scale) + shift
+
+
+def rms_norm(x, weight=None, eps: float = 1e-6):
+    """x * rsqrt(mean(x^2) + eps) (* weight)."""
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
+def gelu_tanh(x, bias=None):
+    """GELU, tanh approximation, of x (+ bias)."""
+    return F.gelu(x if bias is None else x + bias, approximate="tanh")
+
+
+def gated_residual(x, gate, y):
+    """x + gate * y."""
+    return x + gate * y
+
+
+def linear(x, weight, bias=None):
+    """x W^T (+ b)."""
+    return F.linear(x, weight, bias)
+
+
+def jvp_of(fn, primals, tangents, **kwargs):
+    """(y, ty) = torch.func.jvp of ``fn`` (None primals stay None; None tangents are zero)."""
+    idx = [i for i, p in enumerate(primals) if p is not None]
+
+    def f(*args):
+        full = list(primals)
+        for i, a in zip(idx, args):
+            full[i] = a
+        return fn(*full, **kwargs)
+
+    ps = tuple(primals[i] for i in idx)
+    ts = tuple(torch.zeros_like(primals[i]) if tangents[i] is None else tangents[i] for i in idx)
+    return torch.func.jvp(f, ps, ts)
