@@ -1,0 +1,92 @@
+"""Shared pieces of the flow-map losses: config merging, time sampling, JVPs, weighting."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["merge_cfg", "bcast", "sample_times", "sample_pair", "interpolate", "model_fn", "jvp",
+           "sq_err", "adaptive_weight", "detached_logs"]
+
+
+def merge_cfg(defaults: dict, cfg: dict, method: str) -> dict:
+    """defaults updated by cfg; a key not in defaults is a TypeError naming it."""
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise TypeError(f"{method}.loss: unknown config key(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **cfg}
+
+
+def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against x (B, ...)."""
+    return t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
+
+
+def sample_times(n: int, dist: str, mu: float, sigma: float, *, device=None, dtype=torch.float32,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """n times in (0, 1): 'uniform' or 'logit_normal' (sigmoid of N(mu, sigma^2))."""
+    if dist == "uniform":
+        return torch.rand(n, device=device, dtype=dtype, generator=generator)
+    if dist == "logit_normal":
+        return torch.sigmoid(mu + sigma * torch.randn(n, device=device, dtype=dtype, generator=generator))
+    raise ValueError(f"time_dist: expected 'uniform' or 'logit_normal', got {dist!r}")
+
+
+def sample_pair(n: int, c: dict, *, device=None, dtype=torch.float32, generator=None):
+    """(s, t) with s >= t (source noisier than target): two draws from c['time_dist'], sorted; then a
+    fraction 1 - c['ratio_neq'] of the pairs is set to t = s (the flow-matching diagonal)."""
+    a = sample_times(n, c["time_dist"], c["time_mu"], c["time_sigma"], device=device, dtype=dtype, generator=generator)
+    b = sample_times(n, c["time_dist"], c["time_mu"], c["time_sigma"], device=device, dtype=dtype, generator=generator)
+    s, t = torch.maximum(a, b), torch.minimum(a, b)
+    ratio = c["ratio_neq"]
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio_neq: expected a fraction in [0, 1], got {ratio}")
+    keep = torch.rand(n, device=device, dtype=dtype, generator=generator) < ratio
+    return s, torch.where(keep, t, s)
+
+
+def interpolate(x0, eps, s):
+    """x_s = (1 - s) x0 + s eps and the conditional velocity dx_s/ds = eps - x0."""
+    sb = bcast(s, x0)
+    return (1 - sb) * x0 + sb * eps, eps - x0
+
+
+def model_fn(model, cond) -> Callable:
+    return lambda x, s, t: model(x, s, t, y=cond)
+
+
+def jvp(model, cond, primals, tangents):
+    """(V, dV) = torch.func.jvp of (x, s, t) -> model(x, s, t, y=cond) along ``tangents`` (same shapes).
+
+    torch.func.jvp runs the package attention's forward-mode rule; both outputs stay in the autograd
+    graph (differentiable w.r.t. the parameters), so callers that want a stop-gradient detach.
+    """
+    return torch.func.jvp(model_fn(model, cond), tuple(primals), tuple(tangents))
+
+
+def sq_err(a, b=None):
+    """Per-sample mean over non-batch dims of (a - b)^2 -> (B,)."""
+    d = a if b is None else a - b
+    return d.pow(2).reshape(d.shape[0], -1).mean(1)
+
+
+def adaptive_weight(err: torch.Tensor, p: float, c: float) -> torch.Tensor:
+    """MeanFlow's adaptive weight sg[1 / (err + c)^p] (p = 0: all ones)."""
+    if p == 0:
+        return torch.ones_like(err)
+    return 1.0 / (err.detach() + c).pow(p)
+
+
+def detached_logs(**kw) -> dict:
+    """Log values as detached 0-d tensors (converted to float by the caller when it logs)."""
+    return {k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in kw.items()}
+
+
+def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Standard normal noise shaped like x (from ``generator`` or torch's global RNG)."""
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
+def self_or_teacher(model, teacher):
+    """The network evaluated under stop-gradient: the given teacher (e.g. EMA weights) or the model."""
+    return model if teacher is None else teacher
