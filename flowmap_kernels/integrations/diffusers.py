@@ -1,0 +1,209 @@
+"""diffusers integration: an attention processor that runs fk.attention, and a flow-map adapter for DiT.
+
+diffusers is an optional dependency (``pip install flowmap_kernels[diffusers]``); it is imported when a
+function here is first called, so importing this module never needs it.
+
+``FlowmapAttnProcessor``        drop-in for diffusers' ``AttnProcessor2_0`` on ``Attention`` modules; the
+                                attention call is :func:`flowmap_kernels.integrations.scaled_dot_product_attention`
+                                (fk.attention, or the original SDPA with a warning for calls it cannot serve).
+``set_flowmap_attention(model)`` sets it on every ``Attention`` module whose processor is the plain
+                                ``AttnProcessor`` / ``AttnProcessor2_0``; returns how many were set.
+``DiffusersFlowMap(transformer)`` wraps a ``DiTTransformer2DModel`` as ``model(x, s, t, y=None) -> V``,
+                                the interface of :mod:`flowmap_kernels.methods` (x at the noisier time s,
+                                target time t <= s, V the average velocity).
+
+Two times in a one-time DiT: the timestep embedding of the source time s is the DiT's own (timestep
+``time_scale * s``, the noise level of x, as the pretrained network reads it); the interval s - t goes
+through the same sinusoidal projection and a NEW ``TimestepEmbedding`` MLP whose last layer starts at zero,
+and the two embeddings are added in every block's ``norm1.emb`` (and in the output modulation, which reuses
+block 0's). At initialisation V(x, s, t) is therefore the wrapped network at timestep s for every t, e.g.
+the pretrained DiT's prediction (MeanFlow's (t, t - r) conditioning, in this project's convention).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .sdpa_patch import scaled_dot_product_attention
+
+__all__ = ["FlowmapAttnProcessor", "set_flowmap_attention", "DiffusersFlowMap", "require_diffusers"]
+
+
+def require_diffusers():
+    """Import diffusers or raise ImportError saying how to install it."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as e:  # pragma: no cover - exercised only without diffusers
+        raise ImportError(
+            "flowmap_kernels.integrations.diffusers needs diffusers: pip install 'flowmap_kernels[diffusers]'"
+        ) from e
+    return diffusers
+
+
+class FlowmapAttnProcessor:
+    """diffusers attention processor (same call signature and steps as ``AttnProcessor2_0``).
+
+    hidden_states (B, N, C) or (B, C, H, W); returns the same shape. Differences from AttnProcessor2_0:
+    the attention runs fk.attention (forward-mode AD, backward through the tangent) and the softmax scale
+    is ``attn.scale`` (AttnProcessor2_0 ignores it; they agree whenever ``scale_qk=True``, the default).
+    A float mask is cast to the query dtype (SDPA requires that too).
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.to(query.dtype)
+
+        hidden_states = scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def set_flowmap_attention(model: nn.Module, *, strict: bool = False) -> int:
+    """Set :class:`FlowmapAttnProcessor` on every diffusers ``Attention`` module of ``model``.
+
+    Only modules whose processor is exactly ``AttnProcessor`` or ``AttnProcessor2_0`` are changed (other
+    processors add behaviour, e.g. rotary embeddings or IP-adapters, that this one would drop): with
+    ``strict=True`` any other processor is a ValueError naming the module, else it is left as it is
+    (``patch_sdpa()`` still routes its SDPA calls). Returns the number of processors set.
+    """
+    require_diffusers()
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    n, skipped = 0, []
+    for name, module in model.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        if type(module.processor) in (AttnProcessor, AttnProcessor2_0, FlowmapAttnProcessor):
+            module.set_processor(FlowmapAttnProcessor())
+            n += 1
+        else:
+            skipped.append(f"{name} ({type(module.processor).__name__})")
+    if skipped and strict:
+        raise ValueError(f"model: attention processors that FlowmapAttnProcessor cannot replace: {', '.join(skipped)}")
+    return n
+
+
+class _TwoTimeEmbedding(nn.Module):
+    """Replaces a ``CombinedTimestepLabelEmbeddings``: timestep (B, 2) = (source timestep, interval)."""
+
+    def __init__(self, inner: nn.Module, interval: nn.Module):
+        super().__init__()
+        self.inner = inner
+        # Shared with the adapter (which registers it); kept out of this module's parameters so that it
+        # is counted and saved once. deepcopy of the adapter keeps the sharing (copy memo).
+        self.__dict__["interval"] = interval
+
+    def forward(self, timestep, class_labels, hidden_dtype=None):
+        if timestep.dim() != 2 or timestep.shape[-1] != 2:
+            raise ValueError(
+                f"timestep: a DiffusersFlowMap-wrapped DiT takes (batch, 2) = (source, interval) timesteps, "
+                f"got shape {tuple(timestep.shape)}; call the DiffusersFlowMap, not the transformer")
+        source, interval = timestep.unbind(-1)
+        emb = self.inner(source, class_labels, hidden_dtype=hidden_dtype)
+        proj = self.inner.time_proj(interval).to(dtype=emb.dtype)
+        return emb + self.interval(proj)
+
+
+class DiffusersFlowMap(nn.Module):
+    """A diffusers DiT as a flow map: ``forward(x, s, t, y=None) -> V(x, s, t)``.
+
+    x (B, C, H, W) latents at time s; s, t (B,) or scalars in [0, 1] (t = 0 data, t = 1 noise, s >= t in
+    training); y (B,) int class labels or None (the DiT's null class, index ``num_embeds_ada_norm``).
+    Returns V (B, C, H, W); with a learned-sigma DiT (out_channels = 2 C) the first C channels.
+    The DiT sees timestep ``time_scale * s`` and interval ``time_scale * (s - t)`` (see the module doc).
+
+    ``class_dropout``: the label-dropout probability inside diffusers' label embedding in train mode
+    (diffusers builds DiT with 0.1); default 0.0 so that the training method decides about
+    classifier-free-guidance dropout. The transformer is modified in place (each block's ``norm1.emb``
+    becomes a two-time embedding) and becomes a submodule of this one.
+    """
+
+    def __init__(self, transformer: nn.Module, *, time_scale: float = 1000.0, class_dropout: float = 0.0):
+        super().__init__()
+        require_diffusers()
+        from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, TimestepEmbedding
+
+        blocks = getattr(transformer, "transformer_blocks", None)
+        embs = [getattr(getattr(b, "norm1", None), "emb", None) for b in (blocks or [])]
+        if not embs or not all(isinstance(e, (CombinedTimestepLabelEmbeddings, _TwoTimeEmbedding)) for e in embs):
+            raise TypeError(
+                f"transformer: expected a DiT-style model (e.g. diffusers DiTTransformer2DModel) whose blocks "
+                f"condition through norm1.emb = CombinedTimestepLabelEmbeddings, got {type(transformer).__name__}")
+        if any(isinstance(e, _TwoTimeEmbedding) for e in embs):
+            raise ValueError("transformer: already wrapped by a DiffusersFlowMap")
+        if not 0.0 <= class_dropout < 1.0:
+            raise ValueError(f"class_dropout: expected a probability in [0, 1), got {class_dropout}")
+        first = embs[0]
+        dim = first.timestep_embedder.linear_2.out_features
+        self.transformer = transformer
+        self.time_scale = float(time_scale)
+        self.in_channels = int(transformer.config.in_channels)
+        self.num_classes = int(first.class_embedder.num_classes)
+        self.interval_embedder = TimestepEmbedding(in_channels=first.time_proj.num_channels, time_embed_dim=dim)
+        nn.init.zeros_(self.interval_embedder.linear_2.weight)
+        nn.init.zeros_(self.interval_embedder.linear_2.bias)
+        self.interval_embedder.to(device=first.timestep_embedder.linear_2.weight.device,
+                                  dtype=first.timestep_embedder.linear_2.weight.dtype)
+        for block, emb in zip(blocks, embs):
+            emb.class_embedder.dropout_prob = class_dropout
+            block.norm1.emb = _TwoTimeEmbedding(emb, self.interval_embedder)
+
+    def forward(self, x: torch.Tensor, s, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"x: expected (batch, channels, height, width), got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        s = torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(B)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(B)
+        if y is None:
+            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
+        elif y.shape != (B,):
+            raise ValueError(f"y: expected class labels of shape ({B},), got {tuple(y.shape)}")
+        timestep = torch.stack((s, s - t), dim=-1) * self.time_scale
+        out = self.transformer(x, timestep=timestep, class_labels=y, return_dict=False)[0]
+        return out[:, : self.in_channels]

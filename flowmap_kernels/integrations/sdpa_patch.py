@@ -1,0 +1,306 @@
+"""Route ``torch.nn.functional.scaled_dot_product_attention`` to :func:`flowmap_kernels.attention`.
+
+Existing models (diffusers, timm, torch.nn.MultiheadAttention, your own) call SDPA, whose fused CPU/CUDA
+kernels have no forward-mode AD formula: ``torch.func.jvp`` through them raises NotImplementedError.
+Inside :func:`patch_sdpa` (or between :func:`install` and :func:`uninstall`) those calls run
+``fk.attention`` instead: same result, plus JVP and backward through the tangent.
+
+What is covered (one module attribute is replaced; every caller that looks the name up at call time
+sees the replacement):
+
+=======================================================================  ==========================
+call site                                                                routed?
+=======================================================================  ==========================
+``F.scaled_dot_product_attention(...)`` (``import torch.nn.functional``)   yes
+``torch.nn.functional.scaled_dot_product_attention(...)``                  yes
+``nn.MultiheadAttention`` / ``F.multi_head_attention_forward`` (slow path) yes (looks the name up)
+``torch._C._nn.scaled_dot_product_attention(...)``                         only with ``c_binding=True``
+``from torch.nn.functional import scaled_dot_product_attention`` at import only for modules passed in
+                                                                           ``modules=[...]``
+a reference stored elsewhere (``self.fn = F.scaled_dot_product_attention``) no
+``torch.ops.aten.scaled_dot_product_attention`` / ``aten::_scaled_dot_*``   no (below Python)
+=======================================================================  ==========================
+
+Calls the patch cannot serve exactly run the original function (never a different result) with a
+:class:`SDPAFallbackWarning` once per reason: ``dropout_p > 0``, nested tensors, inputs that are not
+3-d or 4-d, ``attn_mask`` together with ``is_causal``, a mask that requires grad or carries a tangent,
+unknown keyword arguments, and anything :func:`flowmap_kernels.attention.make_problem` or the backend
+registry rejects (dtype, shapes, an explicitly selected backend that cannot run the call).
+3-d inputs (heads, tokens, dim) are served as a batch of one. The routing ignores
+``torch.nn.attention.sdpa_kernel``: inside the patch every supported call goes to ``fk.attention``.
+
+install/uninstall are reference-counted per target under one lock (nest freely, from any thread);
+the last uninstall puts back the exact object that was there before the first install.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import threading
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import functional as _fk
+from ..attention.problem import make_problem
+from ..backends import BackendUnavailableError
+
+__all__ = [
+    "patch_sdpa", "install", "uninstall", "is_installed", "scaled_dot_product_attention",
+    "SDPAFallbackWarning", "fallback_counts", "reset_fallbacks",
+]
+
+#: The builtin SDPA as torch defines it (captured when this module is imported).
+BUILTIN_SDPA = torch._C._nn.scaled_dot_product_attention
+
+_lock = threading.RLock()
+_local = threading.local()
+_warned: set = set()
+_counts: dict = {}
+
+
+class SDPAFallbackWarning(UserWarning):
+    """A call to the patched scaled_dot_product_attention ran the original function (once per reason)."""
+
+
+# ---------------------------------------------------------------------------------------------- routing
+
+def _bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+          **extra):
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra
+
+
+def _has_tangent(x: torch.Tensor) -> bool:
+    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
+
+
+def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra):
+    """None when fk.attention serves the call exactly, else (reason key, message)."""
+    if extra:
+        return "keywords", f"unknown keyword arguments {sorted(extra)}"
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, torch.Tensor):
+            return "non-tensor", f"{name} is a {type(x).__name__}, not a tensor"
+        if x.is_nested:
+            return "nested", f"{name} is a nested tensor"
+    if not (query.dim() == key.dim() == value.dim() and query.dim() in (3, 4)):
+        return "ndim", (f"inputs must all be 3-d or 4-d, got {query.dim()}, {key.dim()}, {value.dim()} dims")
+    if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
+        return "dropout_p", f"dropout_p={dropout_p} (attention dropout is not implemented)"
+    if attn_mask is not None:
+        if is_causal:
+            return "attn_mask+is_causal", "attn_mask together with is_causal=True"
+        if not isinstance(attn_mask, torch.Tensor):
+            return "attn_mask", f"attn_mask is a {type(attn_mask).__name__}"
+        if attn_mask.is_nested:
+            return "nested", "attn_mask is a nested tensor"
+        if attn_mask.requires_grad:
+            return "attn_mask.requires_grad", "attn_mask requires grad (gradients to the mask)"
+        if _has_tangent(attn_mask):
+            return "attn_mask.tangent", "attn_mask carries a forward-mode tangent"
+    q, k, v, m = _as_4d(query, key, value, attn_mask)
+    try:
+        p = make_problem(q, k, v, m, dropout_p, is_causal, scale, enable_gqa)
+        _fk.resolve_backend(p)
+    except (TypeError, ValueError, BackendUnavailableError) as e:
+        msg = str(e)
+        return f"{type(e).__name__}:{msg.split(':', 1)[0]}", msg
+    return None
+
+
+def _as_4d(query, key, value, attn_mask):
+    """3-d inputs (H, L, D) as a batch of one (1, H, L, D); the mask broadcasts the same way."""
+    if query.dim() == 4:
+        return query, key, value, attn_mask
+    m = attn_mask
+    if m is not None and m.dim() == 3:
+        m = m.unsqueeze(0)
+    return query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), m
+
+
+def _note_fallback(reason: str, message: str) -> None:
+    with _lock:
+        _counts[reason] = _counts.get(reason, 0) + 1
+        first = reason not in _warned
+        _warned.add(reason)
+    if first:
+        warnings.warn(
+            f"flowmap_kernels: scaled_dot_product_attention falls back to the original function: {message} "
+            f"(warned once per reason; forward-mode AD through the original may fail)",
+            SDPAFallbackWarning, stacklevel=4,
+        )
+
+
+def _call_original(original: Callable, args, kwargs):
+    depth = getattr(_local, "depth", 0)
+    _local.depth = depth + 1
+    try:
+        return original(*args, **kwargs)
+    finally:
+        _local.depth = depth
+
+
+def _route(original: Callable, args: tuple, kwargs: dict):
+    if getattr(_local, "depth", 0):
+        # Re-entered from inside a fallback (the original is itself a wrapper that calls the patched
+        # name again): run torch's builtin instead of looping.
+        return BUILTIN_SDPA(*args, **kwargs)
+    try:
+        bound = _bind(*args, **kwargs)
+    except TypeError:  # let the original raise its own error for a bad call
+        return _call_original(original, args, kwargs)
+    why = _unsupported(*bound)
+    if why is not None:
+        _note_fallback(*why)
+        return _call_original(original, args, kwargs)
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _ = bound
+    q, k, v, m = _as_4d(query, key, value, attn_mask)
+    out = _fk.attention(q, k, v, attn_mask=m, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out if query.dim() == 4 else out.squeeze(0)
+
+
+def _make_router(original: Callable) -> Callable:
+    @functools.wraps(BUILTIN_SDPA)
+    def scaled_dot_product_attention(*args, **kwargs):
+        return _route(original, args, kwargs)
+
+    scaled_dot_product_attention.__doc__ = (
+        "flowmap_kernels' scaled_dot_product_attention: fk.attention (forward-mode AD, backward through the "
+        "tangent) where it serves the call exactly, else the original function (one warning per reason).")
+    scaled_dot_product_attention.__wrapped__ = original
+    scaled_dot_product_attention._flowmap_router = True
+    return scaled_dot_product_attention
+
+
+#: The router as a plain function (falls back to torch's builtin): use it without patching anything.
+scaled_dot_product_attention = _make_router(BUILTIN_SDPA)
+
+
+def fallback_counts() -> dict:
+    """{reason: number of calls that ran the original function} since import or :func:`reset_fallbacks`."""
+    with _lock:
+        return dict(_counts)
+
+
+def reset_fallbacks() -> None:
+    """Clear the fallback counts and re-arm the once-per-reason warnings."""
+    with _lock:
+        _counts.clear()
+        _warned.clear()
+
+
+# ------------------------------------------------------------------------------------------- patching
+
+@dataclass
+class _Patch:
+    namespace: Any
+    name: str
+    original: Callable
+    router: Callable
+    count: int
+
+
+_patches: dict = {}  # (id(namespace), name) -> _Patch
+
+
+def _module(m: Union[str, types.ModuleType]) -> types.ModuleType:
+    if isinstance(m, str):
+        if m not in sys.modules:
+            raise ValueError(f"modules: {m!r} is not imported")
+        m = sys.modules[m]
+    if not isinstance(m, types.ModuleType):
+        raise TypeError(f"modules: expected modules or module names, got {type(m).__name__}")
+    return m
+
+
+def _targets(c_binding: bool, modules: Iterable, installing: bool) -> list:
+    out = [(F, "scaled_dot_product_attention")]
+    if c_binding:
+        out.append((torch._C._nn, "scaled_dot_product_attention"))
+    for m in modules:
+        m = _module(m)
+        if installing:
+            names = [n for n, v in vars(m).items() if v is BUILTIN_SDPA]
+            names += [n for n, v in vars(m).items() if (id(m), n) in _patches and n not in names]
+        else:
+            names = [n for (i, n) in _patches if i == id(m)]
+        if not names:
+            raise ValueError(
+                f"modules: {m.__name__} has no global bound to torch.nn.functional.scaled_dot_product_attention")
+        out += [(m, n) for n in names]
+    return out
+
+
+def install(*, c_binding: bool = False, modules: Iterable = ()) -> None:
+    """Route SDPA calls to fk.attention until the matching :func:`uninstall` (reference-counted).
+
+    ``c_binding``: also replace ``torch._C._nn.scaled_dot_product_attention``. ``modules``: modules (or
+    names of imported modules) that bound the function at import (``from torch.nn.functional import
+    scaled_dot_product_attention [as alias]``); each such global is replaced too.
+    """
+    with _lock:
+        for ns, name in _targets(c_binding, modules, installing=True):
+            key = (id(ns), name)
+            p = _patches.get(key)
+            if p is None:
+                original = getattr(ns, name)
+                router = _make_router(original)
+                setattr(ns, name, router)
+                _patches[key] = _Patch(ns, name, original, router, 1)
+            else:
+                p.count += 1
+
+
+def uninstall(*, c_binding: bool = False, modules: Iterable = ()) -> None:
+    """Undo one :func:`install` with the same arguments; the last one restores the original objects."""
+    with _lock:
+        targets = _targets(c_binding, modules, installing=False)
+        missing = [f"{getattr(ns, '__name__', ns)}.{n}" for ns, n in targets if (id(ns), n) not in _patches]
+        if missing:
+            raise RuntimeError(f"uninstall: no matching install() for {', '.join(missing)}")
+        for ns, name in targets:
+            key = (id(ns), name)
+            p = _patches[key]
+            p.count -= 1
+            if p.count:
+                continue
+            del _patches[key]
+            if getattr(ns, name) is p.router:
+                setattr(ns, name, p.original)
+            else:
+                warnings.warn(
+                    f"flowmap_kernels: {getattr(ns, '__name__', ns)}.{name} was replaced by someone else after "
+                    f"install(); leaving their object in place", RuntimeWarning, stacklevel=2)
+
+
+def is_installed() -> bool:
+    """True while ``torch.nn.functional.scaled_dot_product_attention`` is routed by this module."""
+    with _lock:
+        return (id(F), "scaled_dot_product_attention") in _patches
+
+
+class patch_sdpa(contextlib.ContextDecorator):
+    """Context manager (and decorator): :func:`install` on entry, :func:`uninstall` on exit.
+
+    Re-entrant and nestable: ``with patch_sdpa(): with patch_sdpa(): ...`` counts; the same object may
+    be entered several times. Example::
+
+        with flowmap_kernels.patch_sdpa():
+            out, tangent = torch.func.jvp(model, (x,), (tx,))
+    """
+
+    def __init__(self, *, c_binding: bool = False, modules: Iterable = ()):
+        self.c_binding = bool(c_binding)
+        self.modules = tuple(_module(m) for m in modules)
+
+    def __enter__(self) -> "patch_sdpa":
+        install(c_binding=self.c_binding, modules=self.modules)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        uninstall(c_binding=self.c_binding, modules=self.modules)
