@@ -1,0 +1,68 @@
+"""Largest relative error of each attention path against the float64 reference, per backend and dtype.
+
+Runs the test suite's cases (tests/attention/cases.py) through torch.func.jvp, forward_ad and the explicit
+attention_jvp, then the backward of a loss on (O, tO) to all six inputs, and prints the worst
+norm(a - b) / norm(b) per (backend, dtype) for outputs, tangents and gradients.
+
+    python benchmarks/attention_accuracy.py [--backends torch] [--json PATH]
+    TRITON_INTERPRET=1 python benchmarks/attention_accuracy.py --backends triton   # Triton interpreter
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import flowmap_kernels as fk  # noqa: E402
+from tests.attention.cases import Case  # noqa: E402
+from tests.attention.test_functional import CASES, PATHS  # noqa: E402
+from tests.reference import TOLERANCE, loss_on_outputs, ref_grads, rel_err  # noqa: E402
+
+NAMES = ("q", "k", "v", "tq", "tk", "tv")
+
+
+def worst_errors(backend: str, dtype: torch.dtype, cases: list[Case]) -> dict:
+    worst = {"o": 0.0, "to": 0.0, "grads": 0.0}
+    for case in cases:
+        for path in PATHS.values():
+            t = case.make(dtype, requires_grad=True)
+            xs = [t[n] for n in NAMES]
+            (ro, rto), rgrads = ref_grads(*xs, t["wo"], t["wt"], **case.kwargs)
+            with fk.use_backend(backend):
+                o, to = path(case, t)
+            grads = torch.autograd.grad(loss_on_outputs(o, to, t["wo"], t["wt"]), xs)
+            worst["o"] = max(worst["o"], rel_err(o, ro))
+            worst["to"] = max(worst["to"], rel_err(to, rto))
+            worst["grads"] = max([worst["grads"]] + [rel_err(g, rg) for g, rg in zip(grads, rgrads)])
+    return worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", nargs="+", default=["torch"])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    for backend in args.backends:
+        dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+        if backend == "triton":
+            dtypes = dtypes[1:]
+        for dtype in dtypes:
+            w = worst_errors(backend, dtype, CASES)
+            rows.append({"backend": backend, "dtype": str(dtype).replace("torch.", ""), **w,
+                         "tolerance": TOLERANCE[dtype]})
+    print(f"{'backend':>8} {'dtype':>9} {'O':>9} {'tO':>9} {'grads':>9} {'tolerance':>9}")
+    for r in rows:
+        print(f"{r['backend']:>8} {r['dtype']:>9} {r['o']:9.1e} {r['to']:9.1e} {r['grads']:9.1e} {r['tolerance']:9.0e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
