@@ -352,16 +352,17 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tx, tweight, tbias, _tb):
+        """Fallback (``linear`` unpacks dual inputs itself and stacks): the tangent alone, no zero products."""
         x, weight, bias = ctx.saved_tensors
-        if tx is None:  # weight / bias tangents only: no product with a zero tx
-            out_shape = x.shape[:-1] + (weight.shape[0],)
-            if tweight is not None:
-                return F.linear(x, tweight, tbias)
-            if tbias is not None:
-                return tbias.expand(out_shape)
-            return torch.zeros(out_shape, dtype=x.dtype, device=x.device)
-        _, ty = LinearJVPFunction.apply(x, tx, weight, bias, tweight, tbias)
-        return ty
+        out_shape = x.shape[:-1] + (weight.shape[0],)
+        ty = None
+        if tx is not None:
+            ty = F.linear(tx, weight)
+        if tweight is not None:
+            ty = F.linear(x, tweight) if ty is None else ty + F.linear(x, tweight)
+        if tbias is not None:
+            ty = tbias.expand(out_shape) if ty is None else ty + tbias
+        return torch.zeros(out_shape, dtype=x.dtype, device=x.device) if ty is None else ty
 
 
 def naive_linear_jvp(x, tx, weight, bias, tweight, tbias):

@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 
 from . import naive
 from ._shapes import ModSpec, check_broadcast, check_tangent, check_tensor, chunk_rows
@@ -215,13 +217,30 @@ def _linear_check(x, weight, bias):
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+def _unpack(t):
+    return (None, None) if t is None else tuple(fwAD.unpack_dual(t))
+
+
 def linear(x, weight, bias=None):
-    """x W^T + b: x (..., K), weight (N, K), bias (N,) or None. Under JVP, one product on the stacked [x; tx]."""
+    """x W^T + b: x (..., K), weight (N, K), bias (N,) or None.
+
+    Under forward-mode AD (torch.func.jvp, forward_ad dual tensors) the primal and the tangent come from
+    ONE product on the stacked [x; tx] (plus x tW^T only when the weight has a tangent): the inputs'
+    tangents are unpacked here and the result re-packed, so the primal is not computed twice.
+    """
     _linear_check(x, weight, bias)
     name = LINEAR.resolve(None, device=x.device, dtype=x.dtype).backend
     if name == "naive":
         return naive.linear(x, weight, bias)
-    return LinearFunction.apply(x, weight, bias, name)
+    (xp, tx), (wp, tw), (bp, tb) = _unpack(x), _unpack(weight), _unpack(bias)
+    if tx is None and tw is None and tb is None:
+        return LinearFunction.apply(x, weight, bias, name)
+    if tx is not None:
+        y, ty = LinearJVPFunction.apply(xp, tx, wp, bp, tw, tb)
+    else:  # weight / bias tangents only: no product with a zero tx
+        y = F.linear(xp, wp, bp)
+        ty = F.linear(xp, tw, tb) if tw is not None else tb.expand(y.shape)
+    return fwAD.make_dual(y, ty)
 
 
 def linear_jvp(x, weight, bias, tx, tweight=None, tbias=None):

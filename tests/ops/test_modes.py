@@ -1,0 +1,185 @@
+"""Autograd modes, dispatch, bad input and FLOP counts of the DiT primitives."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import flowmap_kernels.ops as ops
+from flowmap_kernels import use_backend
+from flowmap_kernels.backends import BackendUnavailableError
+from flowmap_kernels.ops import kernels
+from tests.ops.helpers import make_inputs, ref_modulated_layer_norm, rel_err
+
+F64 = torch.float64
+
+
+def _gc_cases():
+    """(name, fn, primal shapes) for gradcheck in float64 on tiny shapes."""
+    return [
+        ("mln", ops.modulated_layer_norm, [(2, 3, 5), (2, 1, 5), (2, 1, 5)]),
+        ("mln_expand", ops.modulated_layer_norm, [(2, 3, 5), (1, 3, 5), (5,)]),
+        ("rms", ops.rms_norm, [(2, 3, 6), (6,)]),
+        ("gelu", ops.gelu_tanh, [(3, 4), (4,)]),
+        ("gated", ops.gated_residual, [(2, 3, 4), (2, 1, 4), (2, 3, 4)]),
+        ("linear", ops.linear, [(2, 3, 4), (5, 4), (5,)]),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", "extension"])
+@pytest.mark.parametrize("case", _gc_cases(), ids=lambda c: c[0])
+def test_gradcheck_primal_and_tangent(case, backend):
+    """gradcheck of the primal and of the tangent through torch.func.jvp (all primals and tangents)."""
+    _, fn, shapes = case
+    if backend == "extension" and case[0] != "linear":
+        # float64 never runs in the kernels: gradcheck the float64 "torch" path (same formulas) instead
+        backend = "torch"
+    prim, tang = make_inputs(shapes, F64, seed=5)
+    xs = [p.requires_grad_() for p in prim] + [t.requires_grad_() for t in tang]
+    n = len(prim)
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(lambda *a: fn(*a), xs[:n])
+        assert torch.autograd.gradcheck(lambda *a: torch.func.jvp(fn, tuple(a[:n]), tuple(a[n:]))[1], xs)
+
+
+def test_double_backward_of_the_primal_is_differentiable():
+    prim, _ = make_inputs([(2, 3, 5), (2, 1, 5), (2, 1, 5)], F64, seed=2)
+    xs = [p.requires_grad_() for p in prim]
+    with use_backend("torch"):
+        assert torch.autograd.gradgradcheck(ops.modulated_layer_norm, xs)
+        assert torch.autograd.gradgradcheck(lambda x, b: ops.gelu_tanh(x, b), xs[:1] + [prim[1][0, 0].detach().requires_grad_()])
+
+
+def test_func_grad_over_func_jvp():
+    prim, tang = make_inputs([(2, 3, 7), (2, 1, 7), (2, 1, 7)], F64, seed=3)
+
+    def loss(x, fn):
+        _, ty = torch.func.jvp(lambda a: fn(a, prim[1], prim[2]), (x,), (tang[0],))
+        return (ty ** 2).sum()
+
+    with use_backend("torch"):
+        ours = torch.func.grad(loss)(prim[0], ops.modulated_layer_norm)
+    ref = torch.func.grad(loss)(prim[0], ref_modulated_layer_norm)
+    assert rel_err(ours, ref) < 1e-10
+
+
+def test_forward_ad_dual_tensors():
+    prim, tang = make_inputs([(2, 4, 72), (72,)], torch.float32, seed=9)
+    import torch.autograd.forward_ad as fwAD
+    with use_backend("extension"), fwAD.dual_level():
+        y = ops.rms_norm(fwAD.make_dual(prim[0], tang[0]), prim[1])
+        _, ty = fwAD.unpack_dual(y)
+    _, ty_ref = torch.func.jvp(lambda x: x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * prim[1],
+                               (prim[0].double(),), (tang[0].double(),))
+    assert rel_err(ty, ty_ref) < 1e-5
+
+
+def test_extension_is_built_and_used_under_auto(monkeypatch):
+    info = ops.extension_info()
+    assert info["cpu_extension"] is True
+    assert set(info) == {"cpu_extension", "cuda_extension_built", "cuda_archs"}
+    x = torch.randn(4, 8, 72)
+    shift, scale = torch.randn(4, 1, 72), torch.randn(4, 1, 72)
+    with use_backend("auto"):
+        for name in ("modulated_layer_norm", "rms_norm", "gelu_tanh", "gated_residual"):
+            assert ops.resolve_backend(name, x) == "extension"
+        calls = []
+        from flowmap_kernels.ops import _extension
+        real = _extension.cpu_module()
+        monkeypatch.setattr(_extension, "cpu_module", lambda: calls.append(1) or real)
+        torch.func.jvp(lambda a: ops.modulated_layer_norm(a, shift, scale), (x,), (torch.randn_like(x),))
+        assert calls, "the CPU extension was not called under 'auto'"
+
+
+def test_mean_flow_style_detached_tangent_skips_the_jvp_backward(monkeypatch):
+    """Only the primal is differentiated: the backward through the JVP must not run."""
+    calls = {"jvp_backward": 0}
+    real = kernels.norm_jvp_backward
+
+    def spy(*a):
+        calls["jvp_backward"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(kernels, "norm_jvp_backward", spy)
+    x = torch.randn(2, 3, 37, requires_grad=True)
+    w = torch.randn(37, requires_grad=True)
+    with use_backend("extension"):
+        y, ty = torch.func.jvp(lambda a: ops.rms_norm(a, w), (x,), (torch.randn_like(x),))
+        (y.sum() + ty.detach().sum()).backward()
+    assert calls["jvp_backward"] == 0 and x.grad is not None and w.grad is not None
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+def test_broadcast_mismatch_names_the_argument():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="shift"):
+        ops.modulated_layer_norm(x, torch.randn(3, 1, 8), torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match="scale"):
+        ops.modulated_layer_norm(x, torch.randn(2, 1, 8), torch.randn(2, 1, 7))
+    with pytest.raises(ValueError, match="gate"):
+        ops.gated_residual(x, torch.randn(2, 2, 8), x)
+    with pytest.raises(ValueError, match="y"):
+        ops.gated_residual(x, torch.randn(2, 1, 8), torch.randn(2, 3, 9))
+    with pytest.raises(ValueError, match="weight"):
+        ops.rms_norm(x, torch.randn(7))
+    with pytest.raises(ValueError, match="bias"):
+        ops.gelu_tanh(x, torch.randn(2, 8))
+    with pytest.raises(ValueError, match="weight"):
+        ops.linear(x, torch.randn(4, 7))
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch", "extension"])
+def test_dtype_and_device_mismatch_name_the_argument(backend):
+    x = torch.randn(2, 3, 8)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="scale: dtype"):
+            ops.modulated_layer_norm(x, torch.randn(2, 1, 8), torch.randn(2, 1, 8, dtype=torch.float16))
+        with pytest.raises(ValueError, match="gate: dtype"):
+            ops.gated_residual(x, torch.randn(8, dtype=torch.bfloat16), x)
+        with pytest.raises(ValueError, match="weight: device"):
+            ops.rms_norm(x, torch.randn(8, device="meta"))
+        with pytest.raises(ValueError, match="tx"):
+            ops.modulated_layer_norm_jvp(x, torch.randn(8), torch.randn(8), torch.randn(2, 3, 7))
+        with pytest.raises(TypeError, match="x"):
+            ops.gelu_tanh([1.0, 2.0])
+        with pytest.raises(ValueError, match="x: expected dtype"):
+            ops.gelu_tanh(torch.ones(3, dtype=torch.int64))
+
+
+def test_extension_refuses_meta_tensors_with_a_reason():
+    with use_backend("extension"), pytest.raises(BackendUnavailableError, match="device meta"):
+        ops.gelu_tanh(torch.randn(3, 8, device="meta"))
+
+
+# ---- linear: one product on the stacked [x; tx], exact FLOPs --------------------------------------
+
+@pytest.mark.parametrize("weight_tangent", [False, True])
+def test_linear_jvp_flops_are_exact(weight_tangent):
+    R, K, N = 12, 16, 24
+    x, tx = torch.randn(3, 4, K), torch.randn(3, 4, K)
+    w, b = torch.randn(N, K) * 0.2, torch.randn(N)
+    tw = torch.randn(N, K) if weight_tangent else None
+    with use_backend("torch"), FlopCounterMode(display=False) as fc:
+        if weight_tangent:
+            y, ty = torch.func.jvp(lambda a, w_: ops.linear(a, w_, b), (x, w), (tx, tw))
+        else:
+            y, ty = torch.func.jvp(lambda a: ops.linear(a, w, b), (x,), (tx,))
+    expected = 2 * R * K * N * (3 if weight_tangent else 2)
+    assert fc.get_total_flops() == expected
+    counts = fc.get_flop_counts()["Global"]
+    assert counts.get(torch.ops.flowmap_kernels.linear_jvp_forward, 0) == expected
+    ty_ref = tx @ w.t() + (x @ tw.t() if weight_tangent else 0)
+    assert rel_err(ty, ty_ref) < 1e-5
+
+
+def test_linear_jvp_backward_flops_are_exact():
+    R, K, N = 12, 16, 24
+    x = torch.randn(R, K, requires_grad=True)
+    tx = torch.randn(R, K, requires_grad=True)
+    w = torch.randn(N, K, requires_grad=True)
+    with use_backend("torch"):
+        y, ty = torch.func.jvp(lambda a: ops.linear(a, w), (x,), (tx,))
+        loss = (y ** 2).sum() + (ty ** 2).sum()
+        with FlopCounterMode(display=False) as fc:
+            loss.backward()
+    counts = fc.get_flop_counts()["Global"]
+    assert counts[torch.ops.flowmap_kernels.linear_jvp_backward] == 2 * (2 * R) * N * K * 2
