@@ -1,0 +1,201 @@
+"""diffusers: DiT under torch.func.jvp with the patch or the processor, against SDPA's math backend."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (pip install diffusers)")
+
+from diffusers import DiTTransformer2DModel  # noqa: E402
+from diffusers.models.attention_processor import (  # noqa: E402
+    Attention, AttnAddedKVProcessor, AttnProcessor, AttnProcessor2_0,
+)
+
+from flowmap_kernels.integrations import SDPAFallbackWarning, fallback_counts, patch_sdpa, reset_fallbacks  # noqa: E402
+from flowmap_kernels.integrations.diffusers import (  # noqa: E402
+    DiffusersFlowMap, FlowmapAttnProcessor, set_flowmap_attention,
+)
+from tests.integrations.helpers import errors, jvp_and_param_grads  # noqa: E402
+from tests.reference import rel_err  # noqa: E402
+
+
+def small_dit(seed=0, learn_sigma=True):
+    """A 2-layer DiT with random weights: 8x8 latents of 4 channels, patch 2 (16 tokens), 2 heads of 12."""
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8 if learn_sigma else 4,
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+    ).eval()
+
+
+def dit_inputs(B=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 4, 8, 8, generator=g)
+    tx = torch.randn(B, 4, 8, 8, generator=g)
+    timestep = torch.tensor([250.0, 730.0][:B])
+    labels = torch.tensor([3, 7][:B])
+    return x, tx, timestep, labels
+
+
+def _dit_fn(model, timestep, labels):
+    return lambda x: model(x, timestep=timestep, class_labels=labels, return_dict=False)[0]
+
+
+def test_unpatched_dit_jvp_raises_not_implemented():
+    model = small_dit()
+    x, tx, ts, y = dit_inputs()
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        torch.func.jvp(_dit_fn(model, ts, y), (x,), (tx,))
+
+
+@pytest.mark.parametrize("route", ["patch_sdpa", "processor"])
+def test_dit_jvp_and_tangent_loss_gradients_match_sdpa_math(route):
+    model = small_dit()
+    x, tx, ts, y = dit_inputs()
+    fn, params = _dit_fn(model, ts, y), list(model.parameters())
+    ref = jvp_and_param_grads(fn, params, (x,), (tx,), math_backend=True)
+    reset_fallbacks()
+    if route == "patch_sdpa":
+        with patch_sdpa():
+            got = jvp_and_param_grads(fn, params, (x,), (tx,))
+    else:
+        assert set_flowmap_attention(model) == 2
+        got = jvp_and_param_grads(fn, params, (x,), (tx,))
+    err = errors(got, ref)
+    assert max(err.values()) < 1e-5, err
+    assert fallback_counts() == {}
+
+
+def _attention_module(cross: bool, processor):
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=10 if cross else None, heads=2, dim_head=8, bias=True,
+                     residual_connection=True, rescale_output_factor=2.0)
+    attn.set_processor(processor)
+    return attn.double()
+
+
+@pytest.mark.parametrize("cross,mask", [(False, None), (True, "float"), (True, "bool"), (False, "image")])
+def test_processor_matches_attn_processor_2_0(cross, mask):
+    """Self/cross attention, float and bool masks (diffusers' (B, Lk) mask), 4-d image input."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 16, 3, 5, generator=g, dtype=torch.float64) if mask == "image" else \
+        torch.randn(2, 6, 16, generator=g, dtype=torch.float64)
+    enc = torch.randn(2, 9, 10, generator=g, dtype=torch.float64) if cross else None
+    am = None
+    if mask == "float":
+        am = torch.randn(2, 1, 9, generator=g, dtype=torch.float64)
+    elif mask == "bool":
+        am = torch.rand(2, 1, 9, generator=g) > 0.4
+        am[:, :, 0] = True
+    want = _attention_module(cross, AttnProcessor2_0())(h, encoder_hidden_states=enc, attention_mask=am)
+    got = _attention_module(cross, FlowmapAttnProcessor())(h, encoder_hidden_states=enc, attention_mask=am)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < 1e-12
+
+
+def test_set_flowmap_attention_only_replaces_plain_processors():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "a": Attention(query_dim=16, heads=2, dim_head=8, processor=AttnProcessor()),
+        "b": Attention(query_dim=16, heads=2, dim_head=8, processor=AttnProcessor2_0()),
+        "c": Attention(query_dim=16, heads=2, dim_head=8, added_kv_proj_dim=8, processor=AttnAddedKVProcessor()),
+    })
+    with pytest.raises(ValueError, match=r"c \(AttnAddedKVProcessor\)"):
+        set_flowmap_attention(model, strict=True)
+    assert set_flowmap_attention(model) == 2
+    assert isinstance(model["a"].processor, FlowmapAttnProcessor)
+    assert isinstance(model["c"].processor, AttnAddedKVProcessor)
+    with pytest.raises(TypeError, match="model"):
+        set_flowmap_attention("not a model")
+
+
+# ------------------------------------------------------------------------------------ DiffusersFlowMap
+
+def test_flowmap_adapter_starts_as_the_dit_at_the_source_time():
+    """Zero-initialised interval embedding: V(x, s, t) = DiT(x, 1000 s, y)[:, :C] for every t."""
+    dit = small_dit()
+    ref_dit = copy.deepcopy(dit)
+    fm = DiffusersFlowMap(dit)
+    x, _, _, y = dit_inputs()
+    s = torch.tensor([0.9, 0.4])
+    want = ref_dit(x, timestep=1000 * s, class_labels=y, return_dict=False)[0][:, :4]
+    for t in (s, torch.tensor([0.1, 0.0]), 0.0):
+        assert torch.allclose(fm(x, s, t, y), want, atol=1e-6, rtol=1e-5)
+    null = ref_dit(x, timestep=1000 * s, class_labels=torch.tensor([10, 10]), return_dict=False)[0][:, :4]
+    assert torch.allclose(fm(x, s, s, None), null, atol=1e-6, rtol=1e-5)
+
+
+def test_flowmap_adapter_interval_embedding_is_trainable_and_used():
+    fm = DiffusersFlowMap(small_dit(learn_sigma=False))
+    x, _, _, y = dit_inputs()
+    s, t = torch.tensor([0.9, 0.4]), torch.tensor([0.2, 0.1])
+    with patch_sdpa():
+        loss = fm(x, s, t, y).square().mean()
+    loss.backward()
+    assert fm.interval_embedder.linear_2.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        fm.interval_embedder.linear_2.weight.normal_()  # the bias alone adds a constant for every t
+    assert not torch.allclose(fm(x, s, t, y), fm(x, s, s, y))
+
+
+def test_flowmap_adapter_jvp_matches_sdpa_math():
+    """The MeanFlow-style call: tangent (dx, ds, dt) through x and both times, plus gradients of a loss
+    on the tangent, with the patch against SDPA's math backend."""
+    fm = DiffusersFlowMap(small_dit())
+    with torch.no_grad():  # a non-trivial interval embedding
+        fm.interval_embedder.linear_2.weight.normal_(0, 0.02)
+    x, tx, _, y = dit_inputs()
+    s, t = torch.tensor([0.9, 0.4]), torch.tensor([0.3, 0.4])
+    fn = lambda a, b, c: fm(a, b, c, y)  # noqa: E731
+    primals, tangents = (x, s, t), (tx, torch.ones(2), torch.zeros(2))
+    params = list(fm.parameters())
+    ref = jvp_and_param_grads(fn, params, primals, tangents, math_backend=True)
+    with patch_sdpa():
+        got = jvp_and_param_grads(fn, params, primals, tangents)
+    err = errors(got, ref)
+    assert max(err.values()) < 1e-5, err
+
+
+def test_flowmap_adapter_deepcopy_keeps_one_interval_embedder():
+    fm = DiffusersFlowMap(small_dit())
+    ema = copy.deepcopy(fm)
+    assert ema.transformer.transformer_blocks[1].norm1.emb.interval is ema.interval_embedder
+    assert ema.interval_embedder is not fm.interval_embedder
+    n_interval = sum(p.numel() for p in fm.interval_embedder.parameters())
+    n_dit = sum(p.numel() for p in small_dit().parameters())
+    assert sum(p.numel() for p in fm.parameters()) == n_dit + n_interval
+
+
+def test_flowmap_adapter_bad_input():
+    with pytest.raises(TypeError, match="transformer"):
+        DiffusersFlowMap(torch.nn.Linear(2, 2))
+    dit = small_dit()
+    fm = DiffusersFlowMap(dit)
+    with pytest.raises(ValueError, match="already wrapped"):
+        DiffusersFlowMap(dit)
+    x, _, ts, y = dit_inputs()
+    with pytest.raises(ValueError, match="x:"):
+        fm(x[0], 0.5, 0.2)
+    with pytest.raises(ValueError, match="y:"):
+        fm(x, 0.5, 0.2, torch.tensor([1]))
+    with pytest.raises(ValueError, match="timestep"):  # the wrapped transformer called directly
+        dit(x, timestep=ts, class_labels=y)
+    with pytest.raises(ValueError, match="class_dropout"):
+        DiffusersFlowMap(small_dit(), class_dropout=1.5)
+
+
+def test_flowmap_adapter_trains_with_a_method_loss():
+    """The docs example: a method loss from flowmap_kernels.methods (MeanFlow: J + B) on the adapter."""
+    methods = pytest.importorskip("flowmap_kernels.methods", reason="the methods package is not in this tree")
+    fm = DiffusersFlowMap(small_dit()).train()
+    x0, _, _, y = dit_inputs()
+    torch.manual_seed(0)
+    with patch_sdpa(), warnings.catch_warnings():
+        warnings.simplefilter("error", SDPAFallbackWarning)
+        loss, logs = methods.METHODS["meanflow"].loss(fm, x0, cond=y)
+        loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fm.parameters() if p.requires_grad)
