@@ -223,9 +223,15 @@ def _attn_bwd_dkdv(
     D: tl.constexpr, DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     TANGENT: tl.constexpr, HAS_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    WANT_DK: tl.constexpr, WANT_DTK: tl.constexpr, WANT_DV: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one (batch, kv head); loops over its G query heads and the query
-    blocks, in transposed tiles (keys x queries). Tangent terms only when TANGENT."""
+    blocks, in transposed tiles (keys x queries). Tangent terms only when TANGENT.
+
+    WANT_DK / WANT_DTK / WANT_DV select the outputs (dV and dtV go together): one launch with all three,
+    or split launches that hold fewer fp32 accumulators and resident tiles in registers at large head
+    dims, for a few recomputed products (see :func:`dkdv_parts`).
+    """
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = (bhk // Hkv).to(tl.int64)
@@ -238,14 +244,21 @@ def _attn_bwd_dkdv(
     qk_scale = scale * 1.4426950408889634
 
     k = _load_tile(K + b * skb + hk * skh, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D)
-    v = _load_tile(V + b * svb + hk * svh, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    if WANT_DK or WANT_DTK:
+        v = _load_tile(V + b * svb + hk * svh, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV)
+    if WANT_DK:
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if WANT_DV:
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     if TANGENT:
-        tk = _load_tile(TK + b * stkb + hk * stkh, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D)
-        tv = _load_tile(TV + b * stvb + hk * stvh, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV)
-        dtk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dtv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        if WANT_DK or WANT_DV:
+            tk = _load_tile(TK + b * stkb + hk * stkh, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D)
+        if WANT_DK:
+            tv = _load_tile(TV + b * stvb + hk * stvh, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV)
+        if WANT_DTK:
+            dtk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        if WANT_DV:
+            dtv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo = 0
     if IS_CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M  # query blocks entirely above the diagonal are skipped
@@ -268,39 +281,49 @@ def _attn_bwd_dkdv(
             lse = tl.load(LSE + row + offs_m, mask=in_m, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # fully masked row: P = 0
             pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
-            const = tl.load(CONST + row + offs_m, mask=in_m, other=0.0)
+            if WANT_DK:
+                const = tl.load(CONST + row + offs_m, mask=in_m, other=0.0)
             if HAS_DO:
-                do = _load_tile(do_base, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV)
-                dv += tl.dot(pt.to(dt), do, input_precision=PREC)
-                dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-            else:
+                if WANT_DK or WANT_DV:
+                    do = _load_tile(do_base, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV)
+                if WANT_DV:
+                    dv += tl.dot(pt.to(dt), do, input_precision=PREC)
+                if WANT_DK:
+                    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            elif WANT_DK:
                 dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             if TANGENT:
-                tq = _load_tile(tq_base, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D)
                 gg = _load_tile(g_base, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV)
-                mu = tl.load(MU + row + offs_m, mask=in_m, other=0.0)
-                c = tl.load(CROW + row + offs_m, mask=in_m, other=0.0)
-                tst = (tl.dot(k, tl.trans(tq), input_precision=PREC)
-                       + tl.dot(tk, tl.trans(q), input_precision=PREC)) * scale
-                tsmu = tst - mu[None, :]
-                pt16 = pt.to(dt)
-                dtv += tl.dot(pt16, gg, input_precision=PREC)
-                dv += tl.dot((pt * tsmu).to(dt), gg, input_precision=PREC)
-                gvt = tl.dot(v, tl.trans(gg), input_precision=PREC)
-                dtst = pt * (gvt - c[None, :])
-                dpt += tl.dot(tv, tl.trans(gg), input_precision=PREC) + gvt * tsmu - c[None, :] * tst
-                dst = pt * (dpt - const[None, :])
-                dtst16 = dtst.to(dt)
-                dk += tl.dot(dst.to(dt), q, input_precision=PREC) + tl.dot(dtst16, tq, input_precision=PREC)
-                dtk += tl.dot(dtst16, q, input_precision=PREC)
-            else:
+                if WANT_DK or WANT_DV:
+                    tq = _load_tile(tq_base, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D)
+                    mu = tl.load(MU + row + offs_m, mask=in_m, other=0.0)
+                    tst = (tl.dot(k, tl.trans(tq), input_precision=PREC)
+                           + tl.dot(tk, tl.trans(q), input_precision=PREC)) * scale
+                    tsmu = tst - mu[None, :]
+                if WANT_DV:
+                    dtv += tl.dot(pt.to(dt), gg, input_precision=PREC)
+                    dv += tl.dot((pt * tsmu).to(dt), gg, input_precision=PREC)
+                if WANT_DK or WANT_DTK:
+                    c = tl.load(CROW + row + offs_m, mask=in_m, other=0.0)
+                    gvt = tl.dot(v, tl.trans(gg), input_precision=PREC)
+                    dtst16 = (pt * (gvt - c[None, :])).to(dt)
+                    if WANT_DTK:
+                        dtk += tl.dot(dtst16, q, input_precision=PREC)
+                    if WANT_DK:
+                        dpt += tl.dot(tv, tl.trans(gg), input_precision=PREC) + gvt * tsmu - c[None, :] * tst
+                        dst = pt * (dpt - const[None, :])
+                        dk += tl.dot(dst.to(dt), q, input_precision=PREC) + tl.dot(dtst16, tq, input_precision=PREC)
+            elif WANT_DK:
                 dst = pt * (dpt - const[None, :])
                 dk += tl.dot(dst.to(dt), q, input_precision=PREC)
-    _store_tile(DK + b * sdkb + hk * sdkh, dk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D)
-    _store_tile(DV_ + b * sdvb + hk * sdvh, dv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV)
-    if TANGENT:
+    if WANT_DK:
+        _store_tile(DK + b * sdkb + hk * sdkh, dk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D)
+    if WANT_DTK:
         _store_tile(DTK + b * sdkb + hk * sdkh, dtk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D)
-        _store_tile(DTV + b * sdvb + hk * sdvh, dtv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV)
+    if WANT_DV:
+        _store_tile(DV_ + b * sdvb + hk * sdvh, dv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV)
+        if TANGENT:
+            _store_tile(DTV + b * sdvb + hk * sdvh, dtv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,9 +339,13 @@ def _attn_bwd_dq(
     H, G, Lq, Lk, scale,
     D: tl.constexpr, DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     TANGENT: tl.constexpr, HAS_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (batch, query head); loops over key blocks."""
+    """One program: BLOCK_M query rows of one (batch, query head); loops over key blocks.
+
+    PART 0 computes dQ (, dtQ); with TANGENT, PART 1 computes only dQ and PART 2 only dtQ (which needs
+    just P and G V^T: 3 products), so that large head dims hold one accumulator at a time.
+    """
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -336,18 +363,21 @@ def _attn_bwd_dq(
     q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D)
     lse = tl.load(LSE + row + offs_m, mask=in_m, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    const = tl.load(CONST + row + offs_m, mask=in_m, other=0.0)
-    if HAS_DO:
-        do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV)
+    if PART != 2:
+        const = tl.load(CONST + row + offs_m, mask=in_m, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if HAS_DO:
+            do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV)
     if TANGENT:
-        tq = _load_tile(TQ + b * stqb + h * stqh, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D)
         gg = _load_tile(DTO + b * sgb + h * sgh, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV)
-        mu = tl.load(MU + row + offs_m, mask=in_m, other=0.0)
         c = tl.load(CROW + row + offs_m, mask=in_m, other=0.0)
-        dtq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if PART != 2:
+            tq = _load_tile(TQ + b * stqb + h * stqh, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D)
+            mu = tl.load(MU + row + offs_m, mask=in_m, other=0.0)
+        if PART != 1:
+            dtq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         tk_base = TK + b * stkb + hk * stkh
         tv_base = TV + b * stvb + hk * stvh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_base = MASK + b * smb + h * smh
@@ -361,27 +391,32 @@ def _attn_bwd_dq(
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = _mask_logits(s, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True)
         p = tl.exp2(s - lse[:, None])
-        if HAS_DO:
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        else:
-            dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if PART != 2:
+            if HAS_DO:
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+            else:
+                dp = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if TANGENT:
-            tk = _load_tile(tk_base, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D)
-            tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV)
-            ts = (tl.dot(tq, tl.trans(k), input_precision=PREC)
-                  + tl.dot(q, tl.trans(tk), input_precision=PREC)) * scale
             gv = tl.dot(gg, tl.trans(v), input_precision=PREC)
             dts16 = (p * (gv - c[:, None])).to(dt)
-            dp += tl.dot(gg, tl.trans(tv), input_precision=PREC) + gv * (ts - mu[:, None]) - c[:, None] * ts
-            ds16 = (p * (dp - const[:, None])).to(dt)
-            dq += tl.dot(ds16, k, input_precision=PREC) + tl.dot(dts16, tk, input_precision=PREC)
-            dtq += tl.dot(dts16, k, input_precision=PREC)
+            if PART != 1:
+                dtq += tl.dot(dts16, k, input_precision=PREC)
+            if PART != 2:
+                tk = _load_tile(tk_base, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D)
+                tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV)
+                ts = (tl.dot(tq, tl.trans(k), input_precision=PREC)
+                      + tl.dot(q, tl.trans(tk), input_precision=PREC)) * scale
+                dp += tl.dot(gg, tl.trans(tv), input_precision=PREC) + gv * (ts - mu[:, None]) - c[:, None] * ts
+                ds16 = (p * (dp - const[:, None])).to(dt)
+                dq += tl.dot(ds16, k, input_precision=PREC) + tl.dot(dts16, tk, input_precision=PREC)
         else:
             ds = p * (dp - const[:, None])
             dq += tl.dot(ds.to(dt), k, input_precision=PREC)
-    _store_tile(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+    if PART != 2:
+        _store_tile(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
     if TANGENT:
-        _store_tile(DTQ + b * sdqb + h * sdqh, dtq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+        if PART != 1:
+            _store_tile(DTQ + b * sdqb + h * sdqh, dtq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
 
 
 KERNEL_FUNCTIONS = {
@@ -502,6 +537,26 @@ def _bwd_args(p: Plan, q, k, v, tq, tk, tv, do, dto, lse, mu, const, crow, outs)
     return args
 
 
+#: (WANT_DK, WANT_DTK, WANT_DV) of the key-block kernel's launches, by the config's ``split``
+DKDV_PARTS = {0: ((True, True, True),), 2: ((True, True, False), (False, False, True)),
+              3: ((True, False, False), (False, True, False), (False, False, True))}
+DKDV_SUFFIX = {(True, True, True): "", (True, True, False): "[dk,dtk]", (False, False, True): "[dv,dtv]",
+               (True, False, False): "[dk]", (False, True, False): "[dtk]"}
+
+
+def dkdv_parts(cfg: configs.Config, tangent: bool = True) -> tuple:
+    """(WANT_DK, WANT_DTK, WANT_DV) of each key-block launch: one fused launch, or the config's split
+    (2: dK+dtK | dV+dtV; 3: dK | dtK | dV+dtV) for the tangent backward. The primal never splits."""
+    if not tangent:
+        return ((True, False, True),)
+    return DKDV_PARTS[int(cfg.split)]
+
+
+def dq_parts(cfg: configs.Config, tangent: bool = True) -> tuple:
+    """PART of each query-block launch: 0 fused; (1, 2) = dQ | dtQ when the config splits (tangent only)."""
+    return (1, 2) if cfg.split and tangent else (0,)
+
+
 def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale):
     p = Plan(q, k, v, mask, causal, scale)
     tangent, has_do = dto is not None, do is not None
@@ -530,22 +585,25 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
     tq_, tk_, tv_ = (tq, tk, tv) if tangent else (None, None, None)
     cfg = p.config(prefix + "_dkdv")
     if p.Lk > 0:
-        _attn_bwd_dkdv[(triton.cdiv(p.Lk, cfg.block_n), p.B * p.Hkv)](
-            *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
-                       [dk, dv, dtk if tangent else dk, dtv if tangent else dv]),
-            *dk.stride(), *dv.stride(), *p.mstrides, p.Hkv, p.G, p.Lq, p.Lk, p.scale,
-            **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        for want_dk, want_dtk, want_dv in dkdv_parts(cfg, tangent):
+            _attn_bwd_dkdv[(triton.cdiv(p.Lk, cfg.block_n), p.B * p.Hkv)](
+                *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
+                           [dk, dv, dtk if tangent else dk, dtv if tangent else dv]),
+                *dk.stride(), *dv.stride(), *p.mstrides, p.Hkv, p.G, p.Lq, p.Lk, p.scale,
+                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WANT_DK=want_dk, WANT_DTK=want_dtk,
+                               WANT_DV=want_dv, **flags),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         dk.zero_(), dv.zero_()
     cfg = p.config(prefix + "_dq")
     if p.Lq > 0:
-        _attn_bwd_dq[(triton.cdiv(p.Lq, cfg.block_m), p.B * p.H)](
-            *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
-                       [dq, dtq if tangent else dq]),
-            *dq.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale,
-            **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        for part in dq_parts(cfg, tangent):
+            _attn_bwd_dq[(triton.cdiv(p.Lq, cfg.block_m), p.B * p.H)](
+                *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
+                           [dq, dtq if tangent else dq]),
+                *dq.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale,
+                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PART=part, **flags),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, dtq, dtk, dtv
 
 

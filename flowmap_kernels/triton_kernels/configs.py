@@ -32,13 +32,15 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    split: int = 0  # tangent backward only: 0 fused; 2: dK+dtK | dV+dtV and dQ | dtQ; 3: dK | dtK | dV+dtV
+
 
     def as_dict(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
                     num_stages=self.num_stages)
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}" + (f"/split{self.split}" if self.split else "")
 
 
 C = Config
@@ -59,7 +61,7 @@ TABLE: dict = {
     },
     ("jvp_forward", "sm90"): {
         (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(128, 64, 8, 2),
-        (128, 2): C(64, 64, 8, 2), (256, 2): C(64, 32, 8, 1),
+        (128, 2): C(128, 32, 8, 2), (256, 2): C(64, 32, 8, 1),
         (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 64, 4, 2), (64, 4): C(64, 32, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 32, 4, 1),
     },
@@ -94,8 +96,8 @@ TABLE: dict = {
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 16, 4, 1),
     },
     ("jvp_backward_dkdv", "sm90"): {
-        (16, 2): C(64, 64, 8, 2), (32, 2): C(64, 64, 8, 2), (64, 2): C(64, 64, 8, 2),
-        (128, 2): C(32, 64, 8, 1), (256, 2): C(16, 32, 4, 1),
+        (16, 2): C(32, 64, 8, 1), (32, 2): C(32, 64, 8, 1), (64, 2): C(32, 64, 8, 1),
+        (128, 2): C(32, 64, 4, 1, 3), (256, 2): C(16, 32, 4, 1),
         (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
@@ -107,7 +109,7 @@ TABLE: dict = {
     },
     ("jvp_backward_dq", "sm90"): {
         (16, 2): C(64, 64, 8, 2), (32, 2): C(64, 64, 8, 2), (64, 2): C(64, 64, 8, 2),
-        (128, 2): C(64, 32, 8, 1), (256, 2): C(32, 16, 4, 1),
+        (128, 2): C(64, 32, 8, 2, 2), (256, 2): C(32, 16, 4, 1),
         (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
         (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
@@ -123,7 +125,7 @@ del C
 #: Tiles used in the CPU interpreter: few programs and few key blocks (cost ~10 ms per program x block).
 INTERPRETER_CONFIG = Config(64, 64, 4, 1)
 #: Config of the row pre-passes (delta, c, e): BLOCK_M rows per program, no key loop.
-PREP_CONFIG = Config(64, 16, 4, 1)
+PREP_CONFIG = Config(32, 16, 4, 1)
 
 _override: list = []
 

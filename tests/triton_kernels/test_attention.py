@@ -137,6 +137,15 @@ def test_small_tiles_many_key_blocks():
         _full_check("D96-33x50-bool", torch.float16, seed=4)
 
 
+def test_split_backward_kernels():
+    """Split launches (the large-head-dim configs): dK+dtK | dV+dtV and dQ | dtQ (split=2), and
+    dK | dtK | dV+dtV (split=3) give the right gradients."""
+    with configs.override(configs.Config(32, 32, 4, 1, split=2)):
+        _full_check("D80-40x90-boolkeys-gqa", torch.float32, seed=6)
+    with configs.override(configs.Config(32, 32, 4, 1, split=3)):
+        _full_check("D48-L77-gqa-causal", torch.bfloat16, seed=7)
+
+
 def _kernel_inputs(dtype=torch.float32, causal=False, mask=None, seed=0):
     (q, k, v, tq, tk, tv), wo, wt, m = _make((2, 2, 37, 40), (2, 45), 24, dtype, seed, mask)
     return q, k, v, tq, tk, tv, wo.to(dtype), wt.to(dtype), m
