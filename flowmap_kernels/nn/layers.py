@@ -1,0 +1,173 @@
+"""DiT building blocks on the fused primitives (flowmap_kernels.ops) and flowmap_kernels.attention.
+
+Every normalisation, modulation, activation, residual and projection goes through ``ops``, so under
+torch.func.jvp each runs one fused forward+JVP pass and, in the backward, one fused pass through (y, ty).
+Under ``use_backend("naive")`` the same modules run plain PyTorch ops (the reference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..attention import attention
+
+
+class Linear(nn.Module):
+    """nn.Linear through ``ops.linear`` (under forward AD: one product on the stacked [x; tx])."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        return ops.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim with a learned weight (``ops.rms_norm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: qkv projection (ops.linear), optional QK RMSNorm (ops.rms_norm) over the
+    head dim, flowmap_kernels.attention, output projection. x (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: {num_heads} does not divide dim {dim}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.proj = Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        o = attention(q, k, v)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) with fc1's bias fused into the activation -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden, bias=False)
+        self.fc1_bias = nn.Parameter(torch.zeros(hidden))
+        self.fc2 = Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(ops.gelu_tanh(self.fc1(x), self.fc1_bias))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero DiT block. x (B, N, C), c (B, C) conditioning.
+
+    (shift, scale, gate) x 2 = Linear(SiLU(c)); x += gate_a * Attn(mLN(x; shift_a, scale_a));
+    x += gate_m * MLP(mLN(x; shift_m, scale_m)), mLN = LayerNorm without affine, x_hat (1 + scale) + shift.
+    The modulation projection starts at zero (the block is the identity at initialisation).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = Linear(hidden_size, 6 * hidden_size)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x, c):
+        mod = self.adaLN_modulation(F.silu(c)).unsqueeze(1)  # (B, 1, 6C)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
+        x = ops.gated_residual(x, gate_a, self.attn(ops.modulated_layer_norm(x, shift_a, scale_a, self.eps)))
+        x = ops.gated_residual(x, gate_m, self.mlp(ops.modulated_layer_norm(x, shift_m, scale_m, self.eps)))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN final layer: mLN(x; shift, scale) -> Linear to patch_size^2 * out_channels (zero-initialised)."""
+
+    def __init__(self, hidden_size: int, out_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.adaLN_modulation = Linear(hidden_size, 2 * hidden_size)
+        self.linear = Linear(hidden_size, out_dim)
+        for m in (self.adaLN_modulation, self.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+        return self.linear(ops.modulated_layer_norm(x, shift, scale, self.eps))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, time_scale: float = 1000.0):
+    """Sinusoidal embedding of float times t (B,) -> (B, dim): [cos(f t'), sin(f t')], t' = time_scale t,
+    f_i = max_period^(-i / (dim/2)). Differentiable in t (tangents along t flow through)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (time_scale * t.float())[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb.to(t.dtype) if t.dtype.is_floating_point else emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Float time (B,) -> (B, hidden): sinusoidal features -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = Linear(freq_dim, hidden_size)
+        self.fc2 = Linear(hidden_size, hidden_size)
+        nn.init.normal_(self.fc1.weight, std=0.02)
+        nn.init.normal_(self.fc2.weight, std=0.02)
+
+    def forward(self, t):
+        return self.fc2(F.silu(self.fc1(timestep_embedding(t, self.freq_dim).to(self.fc1.weight.dtype))))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label (B,) long -> (B, hidden); label ``num_classes`` (or y=None) is the null class (CFG)."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden_size)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        return self.table(y)

@@ -1,0 +1,137 @@
+"""DiTBlock and DiT on the fused ops against the same modules under use_backend("naive") (plain PyTorch),
+float32: outputs, tangents (torch.func.jvp) and parameter gradients of a loss on the tangent."""
+import pytest
+import torch
+
+import flowmap_kernels as fk
+from flowmap_kernels.nn import DiT, DiTBlock, dit_tiny
+from flowmap_kernels.ops import kernels
+
+TOL = 1e-5
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _randomise(module, seed):
+    """Random parameters (adaLN-Zero starts at zero, which would make the comparison trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+
+
+def _run(module, fn, primals, tangents, backend):
+    module.zero_grad(set_to_none=True)
+    with fk.use_backend(backend):
+        y, ty = torch.func.jvp(fn, primals, tangents)
+        (ty ** 2).mean().backward()
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
+    return y.detach(), ty.detach(), grads
+
+
+def _compare(module, fn, primals, tangents, fused="auto"):
+    y, ty, g = _run(module, fn, primals, tangents, fused)
+    y0, ty0, g0 = _run(module, fn, primals, tangents, "naive")
+    assert _rel(y, y0) < TOL
+    assert _rel(ty, ty0) < TOL
+    names = [n for n, _ in module.named_parameters()]
+    bad = {n: _rel(a, b) for n, a, b in zip(names, g, g0) if b.abs().max() > 0 and _rel(a, b) >= TOL}
+    bad.update({n: float(a.abs().max()) for n, a, b in zip(names, g, g0) if b.abs().max() == 0 and a.abs().max() > 1e-7})
+    assert not bad, bad
+    return y, ty
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("fused", ["auto", "torch"])
+def test_dit_block_fused_matches_naive(qk_norm, fused):
+    torch.manual_seed(0)
+    block = DiTBlock(48, num_heads=4, mlp_ratio=2.0, qk_norm=qk_norm)
+    _randomise(block, 1)
+    x, c = torch.randn(3, 10, 48), torch.randn(3, 48)
+    tx, tc = torch.randn_like(x), torch.randn_like(c)
+    _compare(block, block, (x, c), (tx, tc), fused)
+
+
+def test_dit_block_runs_the_fused_kernels(monkeypatch):
+    """Under "auto" the block's norms / activation / residuals go through the fused JVP kernels."""
+    counts = {}
+    for name in ("norm_jvp_forward", "norm_jvp_backward", "gelu_jvp_forward", "gelu_jvp_backward",
+                 "gated_jvp_forward", "gated_jvp_backward", "linear_jvp_forward", "linear_jvp_backward"):
+        real = getattr(kernels, name)
+
+        def spy(*a, _real=real, _name=name):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*a)
+        monkeypatch.setattr(kernels, name, spy)
+    block = DiTBlock(32, num_heads=2, qk_norm=True)
+    _randomise(block, 2)
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 32)
+    with fk.use_backend("auto"):
+        _, ty = torch.func.jvp(block, (x, c), (torch.randn_like(x), torch.randn_like(c)))
+        ty.square().sum().backward()
+    assert counts == {"norm_jvp_forward": 4, "norm_jvp_backward": 4, "gelu_jvp_forward": 1, "gelu_jvp_backward": 1,
+                      "gated_jvp_forward": 2, "gated_jvp_backward": 2, "linear_jvp_forward": 5,
+                      "linear_jvp_backward": 5}, counts
+    counts.clear()
+    with fk.use_backend("naive"):
+        _, ty = torch.func.jvp(block, (x, c), (torch.randn_like(x), torch.randn_like(c)))
+        ty.square().sum().backward()
+    assert counts == {}
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_dit_fused_matches_naive_along_x_and_t(qk_norm):
+    torch.manual_seed(0)
+    model = dit_tiny(hidden_size=32, depth=2, num_heads=2, qk_norm=qk_norm, num_classes=10)
+    _randomise(model, 3)
+    B = 3
+    x = torch.randn(B, 1, 8, 8)
+    s, t = torch.rand(B) * 0.5, 0.5 + torch.rand(B) * 0.5
+    y = torch.tensor([1, 10, 4])  # 10 = the null class
+    fn = lambda x_, t_: model(x_, s, t_, y)  # noqa: E731
+    out, tout = _compare(model, fn, (x, t), (torch.randn_like(x), torch.ones(B)))
+    assert out.shape == x.shape and tout.shape == x.shape
+
+
+def test_dit_null_class_and_unconditional():
+    torch.manual_seed(0)
+    model = dit_tiny(hidden_size=32, num_heads=2)
+    _randomise(model, 4)
+    x, s, t = torch.randn(2, 1, 8, 8), torch.zeros(2), torch.ones(2)
+    a = model(x, s, t)
+    b = model(x, s, t, torch.full((2,), model.num_classes))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, model(x, s, t, torch.tensor([0, 1])))
+    unc = dit_tiny(hidden_size=32, num_heads=2, num_classes=0)
+    assert unc(x, s, t).shape == x.shape
+    with pytest.raises(ValueError, match="y"):
+        unc(x, s, t, torch.tensor([0, 1]))
+
+
+def test_dit_depends_on_both_times_and_checks_inputs():
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=0)
+    _randomise(model, 5)
+    x = torch.randn(2, 3, 8, 8)
+    s, t = torch.tensor([0.1, 0.2]), torch.tensor([0.7, 0.9])
+    base = model(x, s, t)
+    assert not torch.allclose(base, model(x, s + 0.1, t))
+    assert not torch.allclose(base, model(x, s, t + 0.1))
+    with pytest.raises(ValueError, match="x"):
+        model(torch.randn(2, 1, 8, 8), s, t)
+    with pytest.raises(ValueError, match="t"):
+        model(x, s, torch.tensor(0.5))
+
+
+def test_patchify_roundtrip():
+    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=0)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model.unpatchify(model.patchify(x)), x)
+
+
+def test_adaln_zero_initialisation_outputs_zero():
+    model = dit_tiny()
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.count_nonzero(model(x, torch.zeros(2), torch.ones(2))) == 0
