@@ -72,9 +72,16 @@ def _(q, k, v, mask, causal, scale, backend):
     return _o_like(q, v), _rows(q)
 
 
+# Fakes must report the strides the kernels produce: every backend returns contiguous tensors
+# (torch.empty_like would copy the strides of a transposed input, and a compiled graph that views
+# the result then fails at run time).
+def _contiguous_like(x):
+    return x.new_empty(x.shape)
+
+
 @attention_backward.register_fake
 def _(q, k, v, o, lse, do, mask, causal, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _contiguous_like(q), _contiguous_like(k), _contiguous_like(v)
 
 
 @attention_jvp_forward.register_fake
@@ -84,7 +91,7 @@ def _(q, k, v, tq, tk, tv, mask, causal, scale, backend):
 
 @attention_jvp_backward.register_fake
 def _(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale, backend):
-    return tuple(torch.empty_like(x) for x in (q, k, v, tq, tk, tv))
+    return tuple(_contiguous_like(x) for x in (q, k, v, tq, tk, tv))
 
 
 def product_flops(q_shape, k_shape, v_shape, n_qk: int, n_pv: int) -> int:
