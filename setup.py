@@ -91,10 +91,17 @@ def _cmdclass():
             finally:
                 self.extensions = keep
 
-        def build_extension(self, ext):
-            if isinstance(ext, NvccExtension):
-                return self._build_nvcc(ext)
-            return super().build_extension(ext)
+        def build_extensions(self):
+            # torch's BuildExtension refuses .cu sources without a CUDA torch: build those with nvcc here
+            nvcc_exts = [e for e in self.extensions if isinstance(e, NvccExtension)]
+            keep = self.extensions
+            self.extensions = [e for e in keep if not isinstance(e, NvccExtension)]
+            try:
+                super().build_extensions()
+            finally:
+                self.extensions = keep
+            for ext in nvcc_exts:
+                self._build_nvcc(ext)
 
         def _build_nvcc(self, ext):
             out = self.get_ext_fullpath(ext.name)

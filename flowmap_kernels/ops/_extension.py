@@ -97,11 +97,20 @@ def _stream(x: torch.Tensor) -> int:
     return int(torch.cuda.current_stream(x.device).cuda_stream)
 
 
+def _guard(x: torch.Tensor):
+    return torch.cuda.device(x.device)
+
+
+def _is_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
 def _cuda_call(fn_name: str, x: torch.Tensor, *args):
+    """Call the CUDA module's ``fn_name`` with ``args``, x's dtype code and the current stream of x's device."""
     cu = cuda_module()
     if cu is None:
         raise RuntimeError("extension: flowmap_kernels._C_cuda is not built (needs nvcc at install time)")
-    with torch.cuda.device(x.device):
+    with _guard(x):
         getattr(cu, fn_name)(*args, DTYPE_CODE[x.dtype], _stream(x))
 
 
@@ -118,7 +127,7 @@ def _partial(x, rpc, present):
 # ---- row norm ------------------------------------------------------------------------------------
 
 def norm_forward(x, scale, shift, offset, center, eps):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return tuple(_cpu(x).norm_forward(x, scale, shift, offset, center, eps))
     scale, shift = _contig(scale, shift)
     R, C = x.shape
@@ -130,7 +139,7 @@ def norm_forward(x, scale, shift, offset, center, eps):
 
 
 def norm_backward(x, scale, stats, gy, offset, center, rpc, has_shift):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return tuple(_cpu(x).norm_backward(x, scale, stats, gy, offset, center, rpc, has_shift))
     (scale,) = _contig(scale)
     R, C = x.shape
@@ -142,7 +151,7 @@ def norm_backward(x, scale, stats, gy, offset, center, rpc, has_shift):
 
 
 def norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset, center, eps):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return tuple(_cpu(x).norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset, center, eps))
     scale, shift, tscale, tshift = _contig(scale, shift, tscale, tshift)
     R, C = x.shape
@@ -156,7 +165,7 @@ def norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset, center, eps):
 
 
 def norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc, has_shift):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return tuple(_cpu(x).norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc,
                                                has_shift))
     scale, tscale = _contig(scale, tscale)
@@ -174,7 +183,7 @@ def norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc, 
 # ---- GELU ------------------------------------------------------------------------------------------
 
 def gelu_forward(x, bias):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return _cpu(x).gelu_forward(x, bias)
     (bias,) = _contig(bias)
     R, C = x.shape
@@ -184,7 +193,7 @@ def gelu_forward(x, bias):
 
 
 def gelu_backward(x, bias, gy, rpc):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return tuple(_cpu(x).gelu_backward(x, bias, gy, rpc))
     (bias,) = _contig(bias)
     R, C = x.shape
@@ -195,7 +204,7 @@ def gelu_backward(x, bias, gy, rpc):
 
 
 def gelu_jvp_forward(x, tx, bias, tbias):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return tuple(_cpu(x).gelu_jvp_forward(x, tx, bias, tbias))
     bias, tbias = _contig(bias, tbias)
     R, C = x.shape
@@ -207,7 +216,7 @@ def gelu_jvp_forward(x, tx, bias, tbias):
 
 
 def gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return tuple(_cpu(x).gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc))
     bias, tbias = _contig(bias, tbias)
     R, C = x.shape
@@ -222,7 +231,7 @@ def gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc):
 # ---- gated residual --------------------------------------------------------------------------------
 
 def gated_forward(x, gate, y):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return _cpu(x).gated_forward(x, gate, y)
     (gate,) = _contig(gate)
     R, C = x.shape
@@ -232,7 +241,7 @@ def gated_forward(x, gate, y):
 
 
 def gated_backward(gate, y, go, rpc):
-    if y.device.type == "cpu":
+    if _is_cpu(y):
         return tuple(_cpu(y).gated_backward(gate, y, go, rpc))
     (gate,) = _contig(gate)
     R, C = y.shape
@@ -244,7 +253,7 @@ def gated_backward(gate, y, go, rpc):
 
 
 def gated_jvp_forward(x, tx, gate, tgate, y, ty):
-    if x.device.type == "cpu":
+    if _is_cpu(x):
         return tuple(_cpu(x).gated_jvp_forward(x, tx, gate, tgate, y, ty))
     gate, tgate = _contig(gate, tgate)
     R, C = x.shape
@@ -256,7 +265,7 @@ def gated_jvp_forward(x, tx, gate, tgate, y, ty):
 
 
 def gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc):
-    if y.device.type == "cpu":
+    if _is_cpu(y):
         return tuple(_cpu(y).gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc))
     gate, tgate = _contig(gate, tgate)
     R, C = y.shape

@@ -1,0 +1,83 @@
+"""Compile report of the CUDA kernels (csrc/cuda/kernels.cu): registers, spills, shared memory per kernel
+and architecture, from ``nvcc -cubin -Xptxas -v`` (no GPU needed).
+
+``cuda_records(archs=("80", "90a"))`` -> list of {kernel, config, arch, registers, spill_bytes, shared_bytes,
+uses_wgmma} (config: the element type the kernel template is instantiated for; uses_wgmma is False: these
+are row-wise kernels without matrix instructions). Empty when nvcc or the sources are missing.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from typing import Iterable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SOURCE = os.path.join(ROOT, "csrc", "cuda", "kernels.cu")
+INCLUDE = os.path.join(ROOT, "csrc", "include")
+
+_TYPES = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}
+
+
+def _demangle(names: list) -> dict:
+    tool = shutil.which("c++filt") or shutil.which("cu++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
+
+
+def parse_ptxas(text: str, arch: str) -> list:
+    """Records from ptxas -v output of one compilation."""
+    recs, cur = [], None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
+        if m:
+            cur = {"mangled": m.group(1), "arch": m.group(2), "registers": 0, "spill_bytes": 0, "shared_bytes": 0}
+            recs.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur["spill_bytes"] = int(m.group(1)) + int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            cur["shared_bytes"] = int(s.group(1)) if s else 0
+    names = _demangle([r["mangled"] for r in recs])
+    out = []
+    for r in recs:
+        full = names[r.pop("mangled")]
+        m = re.search(r"(\w+)<([^>]+)>", full)
+        kernel, config = (m.group(1), _TYPES.get(m.group(2).strip(), m.group(2).strip())) if m else (full, "")
+        out.append({"kernel": kernel, "config": config, "arch": r["arch"] if r["arch"] else arch,
+                    "registers": r["registers"], "spill_bytes": r["spill_bytes"],
+                    "shared_bytes": r["shared_bytes"], "uses_wgmma": False})
+    return out
+
+
+def cuda_records(archs: Iterable[str] = ("80", "90a")) -> list:
+    """Compile kernels.cu to a cubin per arch with ptxas -v and return one record per kernel instance."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or not os.path.exists(SOURCE):
+        return []
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            arch = str(arch).replace("sm_", "")
+            cmd = [nvcc, "-O3", "-std=c++17", "-cubin", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+                   "-I" + INCLUDE, SOURCE, "-o", os.path.join(tmp, f"k_{arch}.cubin")]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"nvcc failed for sm_{arch}: {res.stderr[-2000:]}")
+            records += parse_ptxas(res.stderr + res.stdout, f"sm_{arch}")
+    return records
+
+
+if __name__ == "__main__":
+    for r in cuda_records():
+        print(r)
