@@ -151,3 +151,23 @@ def test_attention_jvp_compiles_with_transposed_inputs():
     got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*base), base)
     want = torch.autograd.grad(f(*base), base)
     assert max(rel_err(a, b) for a, b in zip(got, want)) < 1e-12
+
+
+def test_fallback_inside_a_compiled_function():
+    """A call the patch cannot serve (dropout) inside torch.compile (no fullgraph): Dynamo breaks the
+    graph around the warning and the original runs, with the same dropout mask as eager."""
+    from flowmap_kernels.integrations import SDPAFallbackWarning, fallback_counts, reset_fallbacks
+    q, k, v = _inputs(dtype=torch.float32)
+    q = q[:, :2]  # as many query heads as key heads
+    reset_fallbacks()
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+
+    torch.manual_seed(0)
+    want = f(q, k, v)
+    with patch_sdpa(), pytest.warns(SDPAFallbackWarning, match="dropout"):
+        torch.manual_seed(0)
+        got = torch.compile(f, backend="aot_eager")(q, k, v)
+    assert torch.equal(got, want)
+    assert fallback_counts() == {"dropout_p": 1}

@@ -398,3 +398,21 @@ def test_threads_install_and_route_concurrently():
     assert errors == []
     assert F.scaled_dot_product_attention is ORIGINAL and not is_installed()
     assert fallback_counts() == {}
+
+
+def test_mask_with_a_tangent_falls_back_to_the_original():
+    """A float mask computed from a JVP input (its tangent cannot be served): the original runs; with
+    SDPA's math backend selected that gives the exact JVP."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = _qkv(dtype=torch.float32)
+    x, tx = torch.randn(1, 1, 7, 7), torch.randn(1, 1, 7, 7)
+
+    def f(m):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=2 * m)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        want = torch.func.jvp(f, (x,), (tx,))
+        with patch_sdpa(), pytest.warns(SDPAFallbackWarning, match="tangent"):
+            got = torch.func.jvp(f, (x,), (tx,))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and want[1].abs().max() > 0
+    assert fallback_counts() == {"attn_mask.tangent": 1}
