@@ -122,6 +122,7 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
     rows = lambda: torch.empty(B, H, L, dtype=torch.float32)  # noqa: E731
     lse, mu, const, crow = rows(), rows(), rows(), rows()
     p = ta.Plan(q, k, v, None, False, D ** -0.5)
+    p.set_align(q, k, v, tq, tk, tv, o, to, do, dto)
     p.arch = arch_family
     out = []
     for kernel in kernels:
@@ -139,7 +140,7 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
             cfg = configs.PREP_CONFIG
             args = ta._prep_args(p, o, do, to if tangent else None, dto if tangent else None, mu if tangent else None,
                                  const, crow if tangent else None)
-            ce = dict(DV=p.DV, BLOCK_M=cfg.block_m, BLOCK_DV=p.block_dv, **flags)
+            ce = dict(DV=p.DV, BLOCK_M=cfg.block_m, BLOCK_DV=p.block_dv, ALIGN=p.align, **flags)
             out.append((kernel, ta._attn_bwd_prep, args, ce, cfg))
         elif kernel.endswith("_dkdv"):
             cfg = p.config(kernel)

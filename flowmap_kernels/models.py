@@ -18,7 +18,7 @@ __all__ = ["TimeEmbedding", "MLPFlowMap"]
 class TimeEmbedding(nn.Module):
     """t (B,) -> (B, dim): [sin(w_k t), cos(w_k t)] with w_k geometric in [1, max_freq], then a linear."""
 
-    def __init__(self, dim: int = 64, max_freq: float = 200.0):
+    def __init__(self, dim: int = 64, max_freq: float = 32.0):
         super().__init__()
         if dim % 2:
             raise ValueError(f"dim: must be even, got {dim}")
@@ -36,15 +36,16 @@ class MLPFlowMap(nn.Module):
     x (B, *shape); s, t (B,) or scalars, in [0, 1]; y optional int labels (B,) when ``num_classes``.
     Architecture: h = Linear([x, emb_s(s), emb_d(t - s) (, emb_y(y))]) then ``depth`` blocks of
     SiLU -> Linear (residual), then SiLU -> Linear to the output. The last layer is zero-initialised.
+    ``max_freq`` bounds the time frequencies: high ones make d/ds and d/dt of V (the JVP targets) large.
     """
 
     def __init__(self, shape=(2,), hidden: int = 256, depth: int = 4, emb_dim: int = 64,
-                 num_classes: Optional[int] = None):
+                 num_classes: Optional[int] = None, max_freq: float = 32.0):
         super().__init__()
         self.shape = tuple(shape)
         d = int(math.prod(self.shape))
-        self.emb_s = TimeEmbedding(emb_dim)
-        self.emb_d = TimeEmbedding(emb_dim)
+        self.emb_s = TimeEmbedding(emb_dim, max_freq)
+        self.emb_d = TimeEmbedding(emb_dim, max_freq)
         self.emb_y = nn.Embedding(num_classes, emb_dim) if num_classes else None
         n_in = d + 2 * emb_dim + (emb_dim if num_classes else 0)
         self.inp = nn.Linear(n_in, hidden)
@@ -57,8 +58,8 @@ class MLPFlowMap(nn.Module):
         b = x.shape[0]
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
-        s = torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(b) if torch.as_tensor(s).dim() == 0 else s
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(b) if torch.as_tensor(t).dim() == 0 else t
+        s = torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(b)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(b)
         feats = [x.reshape(b, -1), self.emb_s(s), self.emb_d(t - s)]
         if self.emb_y is not None:
             if y is None:

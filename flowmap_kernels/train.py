@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=10000)
     p.add_argument("--no-eval", action="store_true", help="skip sampling/metrics/figures")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p
 
 
@@ -178,6 +179,8 @@ def run(args) -> dict:
         raise ValueError(f"--batch: expected >= 2, got {args.batch}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     info = init_distributed(args.device)
     device = torch.device(f"cuda:{info.local_rank}" if args.device == "cuda" else "cpu")
     out = Path(args.out or f"runs/{args.method}_{args.data}")

@@ -107,8 +107,10 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, x, c):
-        mod = self.adaLN_modulation(F.silu(c)).unsqueeze(1)  # (B, 1, 6C)
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
+        B, C = c.shape
+        # (6, B, 1, C) contiguous: each modulation table is a plain (B, 1, C) block (no per-op copies)
+        mod = self.adaLN_modulation(F.silu(c)).view(B, 6, 1, C).transpose(0, 1).contiguous()
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.unbind(0)
         x = ops.gated_residual(x, gate_a, self.attn(ops.modulated_layer_norm(x, shift_a, scale_a, self.eps)))
         x = ops.gated_residual(x, gate_m, self.mlp(ops.modulated_layer_norm(x, shift_m, scale_m, self.eps)))
         return x
@@ -127,7 +129,8 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+        B, C = c.shape
+        shift, scale = self.adaLN_modulation(F.silu(c)).view(B, 2, 1, C).transpose(0, 1).contiguous().unbind(0)
         return self.linear(ops.modulated_layer_norm(x, shift, scale, self.eps))
 
 

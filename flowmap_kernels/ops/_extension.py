@@ -59,11 +59,16 @@ def supports(device=None, dtype=None, explicit=False, **_) -> Optional[str]:
     return f"device {getattr(device, 'type', device)} is not supported (CPU or CUDA tensors)"
 
 
-def chunk_target(rows: int, device) -> int:
-    """Rows per chunk of a reduction over rows (parameter gradients): enough chunks to fill the machine."""
+def chunk_target(rows: int, device, groups: int = 1) -> int:
+    """Rows per chunk of a reduction over rows (parameter gradients): enough chunks to fill the machine
+    (GPU: ~1024 blocks); on the CPU whole groups when there are at least as many groups as threads (the
+    kernel then writes the final gradient, no reduction of partial sums)."""
     if device.type == "cuda":
         return max(1, rows // 1024)
-    return max(1, rows // (4 * max(1, torch.get_num_threads())))
+    threads = max(1, torch.get_num_threads())
+    if groups >= threads:
+        return max(1, rows)
+    return max(1, rows // (4 * threads))
 
 
 def _cpu(x):

@@ -30,7 +30,19 @@ def _rpc(reg, name, x, specs) -> int:
     groups = [R // s.rows for s in specs if s is not None and s.rows]
     if not groups:
         return 1
-    return chunk_rows(groups, _impl(reg, name).chunk_target(R, x.device))
+    n_groups = min(s.rows for s in specs if s is not None and s.rows)
+    return chunk_rows(groups, _impl(reg, name).chunk_target(R, x.device, n_groups))
+
+
+def _unpack(t):
+    return (None, None) if t is None else tuple(fwAD.unpack_dual(t))
+
+
+def _split_duals(*ts):
+    """Primals and forward-AD tangents of the inputs (tangents None when no input carries one)."""
+    pairs = [_unpack(t) for t in ts]
+    tangents = [t for _, t in pairs]
+    return [p for p, _ in pairs], (tangents if any(t is not None for t in tangents) else None)
 
 
 def _eps(eps) -> float:
@@ -63,7 +75,13 @@ def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
     if name == "naive":
         _mln_cfg(x, shift, scale, eps, "torch")
         return naive.modulated_layer_norm(x, shift, scale, eps)
-    cfg = _mln_cfg(x, shift, scale, eps, name)
+    (xp, hp, sp), tans = _split_duals(x, shift, scale)
+    cfg = _mln_cfg(xp, hp, sp, eps, name)
+    if tans is not None:  # under forward AD: one fused forward+JVP pass (the primal is not computed twice)
+        tx, th, ts = tans
+        y, ty, _ = NormJVPFunction.apply(xp, _zeros_if_none(tx, xp), sp, hp, _zeros_if_none(ts, sp),
+                                         _zeros_if_none(th, hp), cfg)
+        return fwAD.make_dual(y, ty)
     return NormFunction.apply(x, scale, shift, cfg)[0]
 
 
@@ -107,7 +125,12 @@ def rms_norm(x, weight=None, eps: float = 1e-6):
     if name == "naive":
         _rms_cfg(x, weight, eps, "torch")
         return naive.rms_norm(x, weight, eps)
-    cfg = _rms_cfg(x, weight, eps, name)
+    (xp, wp), tans = _split_duals(x, weight)
+    cfg = _rms_cfg(xp, wp, eps, name)
+    if tans is not None:
+        tx, tw = tans
+        y, ty, _ = NormJVPFunction.apply(xp, _zeros_if_none(tx, xp), wp, None, _zeros_if_none(tw, wp), None, cfg)
+        return fwAD.make_dual(y, ty)
     return NormFunction.apply(x, weight, None, cfg)[0]
 
 
@@ -149,7 +172,13 @@ def gelu_tanh(x, bias=None):
     if name == "naive":
         _gelu_cfg(x, bias, "torch")
         return naive.gelu_tanh(x, bias)
-    return GeluFunction.apply(x, bias, _gelu_cfg(x, bias, name))
+    (xp, bp), tans = _split_duals(x, bias)
+    cfg = _gelu_cfg(xp, bp, name)
+    if tans is not None:
+        tx, tb = tans
+        y, ty = GeluJVPFunction.apply(xp, _zeros_if_none(tx, xp), bp, _zeros_if_none(tb, bp), cfg)
+        return fwAD.make_dual(y, ty)
+    return GeluFunction.apply(x, bias, cfg)
 
 
 def gelu_tanh_jvp(x, bias, tx, tbias=None):
@@ -188,7 +217,14 @@ def gated_residual(x, gate, y):
     if name == "naive":
         _gated_cfg(x, gate, y, "torch")
         return naive.gated_residual(x, gate, y)
-    return GatedFunction.apply(x, gate, y, _gated_cfg(x, gate, y, name))
+    (xp, gp, yp), tans = _split_duals(x, gate, y)
+    cfg = _gated_cfg(xp, gp, yp, name)
+    if tans is not None:
+        tx, tg, ty = tans
+        out, tout = GatedJVPFunction.apply(xp, _zeros_if_none(tx, xp), gp, _zeros_if_none(tg, gp), yp,
+                                           _zeros_if_none(ty, yp), cfg)
+        return fwAD.make_dual(out, tout)
+    return GatedFunction.apply(x, gate, y, cfg)
 
 
 def gated_residual_jvp(x, gate, y, tx, tgate=None, ty=None):
@@ -215,10 +251,6 @@ def _linear_check(x, weight, bias):
         check_tensor("bias", bias, ref=x)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-
-
-def _unpack(t):
-    return (None, None) if t is None else tuple(fwAD.unpack_dual(t))
 
 
 def linear(x, weight, bias=None):

@@ -236,6 +236,6 @@ def gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc: int):
     return (dy.to(y.dtype), dty.to(y.dtype), _partial(gof * yf + gtof * tyf, rpc), _partial(gtof * yf, rpc))
 
 
-def chunk_target(rows: int, device) -> int:
+def chunk_target(rows: int, device, groups: int = 1) -> int:
     """Rows per chunk of a reduction over rows: whole groups (PyTorch vectorises the rest)."""
     return max(1, rows)

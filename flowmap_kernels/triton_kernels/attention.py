@@ -48,8 +48,15 @@ LN2 = math.log(2.0)
 # helpers
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_tile(base, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Tile base[rows, cols] (zero outside rows < n_rows, cols < NCOLS)."""
+def _load_tile(base, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOCK_C: tl.constexpr,
+               ALIGN: tl.constexpr):
+    """Tile base[rows, cols] (zero outside rows < n_rows, cols < NCOLS).
+
+    ALIGN (elements) divides the row stride and the tile base offset: it lets the compiler vectorise
+    loads when the row length is not a multiple of 16 (head dim 72: rows of 144 bytes)."""
+    if ALIGN > 1:
+        s_r = tl.multiple_of(s_r, ALIGN)
+        base = tl.multiple_of(base, ALIGN * (base.dtype.element_ty.primitive_bitwidth // 8))
     ptrs = base + rows[:, None] * s_r + cols[None, :] * s_c
     if NCOLS == BLOCK_C:
         x = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
@@ -59,7 +66,11 @@ def _load_tile(base, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
-def _store_tile(base, x, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOCK_C: tl.constexpr):
+def _store_tile(base, x, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOCK_C: tl.constexpr,
+                ALIGN: tl.constexpr):
+    if ALIGN > 1:
+        s_r = tl.multiple_of(s_r, ALIGN)
+        base = tl.multiple_of(base, ALIGN * (base.dtype.element_ty.primitive_bitwidth // 8))
     ptrs = base + rows[:, None] * s_r + cols[None, :] * s_c
     if NCOLS == BLOCK_C:
         tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None])
@@ -105,7 +116,7 @@ def _attn_fwd(
     H, G, Lq, Lk, scale,
     D: tl.constexpr, DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); online softmax over key blocks."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -120,7 +131,7 @@ def _attn_fwd(
     dt = Q.dtype.element_ty
     qk_scale = scale * 1.4426950408889634
 
-    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D, ALIGN)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     m_base = MASK + b * smb + h * smh
@@ -128,7 +139,7 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     if TANGENT:
-        tq = _load_tile(TQ + b * stqb + h * stqh, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D)
+        tq = _load_tile(TQ + b * stqb + h * stqh, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D, ALIGN)
         tk_base = TK + b * stkb + hk * stkh
         tv_base = TV + b * stvb + hk * stvh
         tacc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -139,7 +150,7 @@ def _attn_fwd(
         hi = tl.minimum(Lk, start_m + BLOCK_M)  # key blocks entirely above the diagonal are skipped
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D)
+        k = _load_tile(k_base, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D, ALIGN)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = _mask_logits(s, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -147,15 +158,15 @@ def _attn_fwd(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV)
+        v = _load_tile(v_base, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV, ALIGN)
         acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PREC)
         if TANGENT:
-            tk = _load_tile(tk_base, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D)
+            tk = _load_tile(tk_base, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D, ALIGN)
             ts = (tl.dot(tq, tl.trans(k), input_precision=PREC)
                   + tl.dot(q, tl.trans(tk), input_precision=PREC)) * scale
             pts = p * ts
             r_i = r_i * alpha + tl.sum(pts, 1)
-            tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV)
+            tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
             tacc = tacc * alpha[:, None] + tl.dot(p.to(dt), tv, input_precision=PREC)
             tacc += tl.dot(pts.to(dt), v, input_precision=PREC)
         m_i = m_new
@@ -164,12 +175,12 @@ def _attn_fwd(
     o = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     row = bh.to(tl.int64) * Lq
-    _store_tile(O + b * sob + h * soh, o, offs_m, offs_dv, Lq, som, sod, DV, BLOCK_DV)
+    _store_tile(O + b * sob + h * soh, o, offs_m, offs_dv, Lq, som, sod, DV, BLOCK_DV, ALIGN)
     tl.store(LSE + row + offs_m, lse, mask=offs_m < Lq)
     if TANGENT:
         mu = r_i / l_safe
         to = tacc / l_safe[:, None] - mu[:, None] * o
-        _store_tile(TO + b * sob + h * soh, to, offs_m, offs_dv, Lq, som, sod, DV, BLOCK_DV)
+        _store_tile(TO + b * sob + h * soh, to, offs_m, offs_dv, Lq, som, sod, DV, BLOCK_DV, ALIGN)
         tl.store(MU + row + offs_m, mu, mask=offs_m < Lq)
 
 
@@ -182,7 +193,7 @@ def _attn_bwd_prep(
     sob, soh, som, sod, sdob, sdoh, sdom, sdod, stob, stoh, stom, stod, sgb, sgh, sgm, sgd,
     H, Lq,
     DV: tl.constexpr, HAS_DO: tl.constexpr, TANGENT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """Per query row: CONST = delta + (e - mu c) and CROW = c, with delta = rowsum(dO * O),
     c = rowsum(G * O), e = rowsum(G * tO) (terms of an absent output dropped)."""
@@ -193,14 +204,14 @@ def _attn_bwd_prep(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     row = bh.to(tl.int64) * Lq
-    o = _load_tile(O + b * sob + h * soh, offs_m, offs_dv, Lq, som, sod, DV, BLOCK_DV).to(tl.float32)
+    o = _load_tile(O + b * sob + h * soh, offs_m, offs_dv, Lq, som, sod, DV, BLOCK_DV, ALIGN).to(tl.float32)
     const = tl.zeros([BLOCK_M], tl.float32)
     if HAS_DO:
-        do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV)
+        do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV, ALIGN)
         const += tl.sum(do.to(tl.float32) * o, 1)
     if TANGENT:
-        g = _load_tile(DTO + b * sgb + h * sgh, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV).to(tl.float32)
-        to = _load_tile(TO + b * stob + h * stoh, offs_m, offs_dv, Lq, stom, stod, DV, BLOCK_DV)
+        g = _load_tile(DTO + b * sgb + h * sgh, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV, ALIGN).to(tl.float32)
+        to = _load_tile(TO + b * stob + h * stoh, offs_m, offs_dv, Lq, stom, stod, DV, BLOCK_DV, ALIGN)
         mu = tl.load(MU + row + offs_m, mask=offs_m < Lq, other=0.0)
         c = tl.sum(g * o, 1)
         e = tl.sum(g * to.to(tl.float32), 1)
@@ -223,7 +234,7 @@ def _attn_bwd_dkdv(
     D: tl.constexpr, DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     TANGENT: tl.constexpr, HAS_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
-    WANT_DK: tl.constexpr, WANT_DTK: tl.constexpr, WANT_DV: tl.constexpr,
+    WANT_DK: tl.constexpr, WANT_DTK: tl.constexpr, WANT_DV: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one (batch, kv head); loops over its G query heads and the query
     blocks, in transposed tiles (keys x queries). Tangent terms only when TANGENT.
@@ -243,18 +254,18 @@ def _attn_bwd_dkdv(
     dt = Q.dtype.element_ty
     qk_scale = scale * 1.4426950408889634
 
-    k = _load_tile(K + b * skb + hk * skh, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D)
+    k = _load_tile(K + b * skb + hk * skh, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D, ALIGN)
     if WANT_DK or WANT_DTK:
-        v = _load_tile(V + b * svb + hk * svh, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV)
+        v = _load_tile(V + b * svb + hk * svh, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV, ALIGN)
     if WANT_DK:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if WANT_DV:
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     if TANGENT:
         if WANT_DK or WANT_DV:
-            tk = _load_tile(TK + b * stkb + hk * stkh, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D)
+            tk = _load_tile(TK + b * stkb + hk * stkh, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D, ALIGN)
         if WANT_DK:
-            tv = _load_tile(TV + b * stvb + hk * stvh, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV)
+            tv = _load_tile(TV + b * stvb + hk * stvh, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
         if WANT_DTK:
             dtk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if WANT_DV:
@@ -275,7 +286,7 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, Lq, BLOCK_M):
             offs_m = start_m + offs_m0
             in_m = offs_m < Lq
-            q = _load_tile(q_base, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D)
+            q = _load_tile(q_base, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D, ALIGN)
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
             st = _mask_logits(st, offs_n, offs_m, Lk, Lq, m_base, smn, smm, IS_CAUSAL, MASK_KIND, False)
             lse = tl.load(LSE + row + offs_m, mask=in_m, other=float("inf"))
@@ -285,7 +296,7 @@ def _attn_bwd_dkdv(
                 const = tl.load(CONST + row + offs_m, mask=in_m, other=0.0)
             if HAS_DO:
                 if WANT_DK or WANT_DV:
-                    do = _load_tile(do_base, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV)
+                    do = _load_tile(do_base, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV, ALIGN)
                 if WANT_DV:
                     dv += tl.dot(pt.to(dt), do, input_precision=PREC)
                 if WANT_DK:
@@ -293,9 +304,9 @@ def _attn_bwd_dkdv(
             elif WANT_DK:
                 dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             if TANGENT:
-                gg = _load_tile(g_base, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV)
+                gg = _load_tile(g_base, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV, ALIGN)
                 if WANT_DK or WANT_DV:
-                    tq = _load_tile(tq_base, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D)
+                    tq = _load_tile(tq_base, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D, ALIGN)
                     mu = tl.load(MU + row + offs_m, mask=in_m, other=0.0)
                     tst = (tl.dot(k, tl.trans(tq), input_precision=PREC)
                            + tl.dot(tk, tl.trans(q), input_precision=PREC)) * scale
@@ -317,13 +328,13 @@ def _attn_bwd_dkdv(
                 dst = pt * (dpt - const[None, :])
                 dk += tl.dot(dst.to(dt), q, input_precision=PREC)
     if WANT_DK:
-        _store_tile(DK + b * sdkb + hk * sdkh, dk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D)
+        _store_tile(DK + b * sdkb + hk * sdkh, dk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D, ALIGN)
     if WANT_DTK:
-        _store_tile(DTK + b * sdkb + hk * sdkh, dtk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D)
+        _store_tile(DTK + b * sdkb + hk * sdkh, dtk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D, ALIGN)
     if WANT_DV:
-        _store_tile(DV_ + b * sdvb + hk * sdvh, dv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV)
+        _store_tile(DV_ + b * sdvb + hk * sdvh, dv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV, ALIGN)
         if TANGENT:
-            _store_tile(DTV + b * sdvb + hk * sdvh, dtv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV)
+            _store_tile(DTV + b * sdvb + hk * sdvh, dtv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV, ALIGN)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,6 +351,7 @@ def _attn_bwd_dq(
     D: tl.constexpr, DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     TANGENT: tl.constexpr, HAS_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); loops over key blocks.
 
@@ -360,19 +372,19 @@ def _attn_bwd_dq(
     qk_scale = scale * 1.4426950408889634
     row = bh.to(tl.int64) * Lq
 
-    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D)
+    q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D, ALIGN)
     lse = tl.load(LSE + row + offs_m, mask=in_m, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     if PART != 2:
         const = tl.load(CONST + row + offs_m, mask=in_m, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_DO:
-            do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV)
+            do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV, ALIGN)
     if TANGENT:
-        gg = _load_tile(DTO + b * sgb + h * sgh, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV)
+        gg = _load_tile(DTO + b * sgb + h * sgh, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV, ALIGN)
         c = tl.load(CROW + row + offs_m, mask=in_m, other=0.0)
         if PART != 2:
-            tq = _load_tile(TQ + b * stqb + h * stqh, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D)
+            tq = _load_tile(TQ + b * stqb + h * stqh, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D, ALIGN)
             mu = tl.load(MU + row + offs_m, mask=in_m, other=0.0)
         if PART != 1:
             dtq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -386,8 +398,8 @@ def _attn_bwd_dq(
         hi = tl.minimum(Lk, start_m + BLOCK_M)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D)
-        v = _load_tile(v_base, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV)
+        k = _load_tile(k_base, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D, ALIGN)
+        v = _load_tile(v_base, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV, ALIGN)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = _mask_logits(s, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True)
         p = tl.exp2(s - lse[:, None])
@@ -402,8 +414,8 @@ def _attn_bwd_dq(
             if PART != 1:
                 dtq += tl.dot(dts16, k, input_precision=PREC)
             if PART != 2:
-                tk = _load_tile(tk_base, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D)
-                tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV)
+                tk = _load_tile(tk_base, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D, ALIGN)
+                tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
                 ts = (tl.dot(tq, tl.trans(k), input_precision=PREC)
                       + tl.dot(q, tl.trans(tk), input_precision=PREC)) * scale
                 dp += tl.dot(gg, tl.trans(tv), input_precision=PREC) + gv * (ts - mu[:, None]) - c[:, None] * ts
@@ -413,10 +425,10 @@ def _attn_bwd_dq(
             ds = p * (dp - const[:, None])
             dq += tl.dot(ds.to(dt), k, input_precision=PREC)
     if PART != 2:
-        _store_tile(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+        _store_tile(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D, ALIGN)
     if TANGENT:
         if PART != 1:
-            _store_tile(DTQ + b * sdqb + h * sdqh, dtq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+            _store_tile(DTQ + b * sdqb + h * sdqh, dtq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D, ALIGN)
 
 
 KERNEL_FUNCTIONS = {
@@ -477,13 +489,29 @@ class Plan:
             else "sm90"
         self.block_d = max(16, triton.next_power_of_2(self.D))
         self.block_dv = max(16, triton.next_power_of_2(self.DV))
+        self.align = 1
+
+    def set_align(self, *tensors) -> None:
+        """ALIGN: the largest power of two <= 16 dividing every row/head/batch stride and every data
+        offset (in elements) of the dense operands; 1 unless each has a unit last-dim stride."""
+        g = 16
+        for x in tensors:
+            if x is None:
+                continue
+            if x.stride(-1) != 1 and x.shape[-1] > 1:
+                self.align = 1
+                return
+            for st in x.stride()[:-1]:
+                g = math.gcd(g, st)
+            g = math.gcd(g, x.data_ptr() // x.element_size() if x.data_ptr() % x.element_size() == 0 else 1)
+        self.align = 1 << (g.bit_length() - 1) if g > 0 else 16
 
     def config(self, kernel: str) -> configs.Config:
         return configs.get_config(kernel, self.D, self.esize, self.arch, self.DV)
 
     def constexprs(self, **extra) -> dict:
         return dict(D=self.D, DV=self.DV, IS_CAUSAL=self.causal, MASK_KIND=self.mask_kind,
-                    BLOCK_D=self.block_d, BLOCK_DV=self.block_dv, PREC=_prec(self.dtype), **extra)
+                    BLOCK_D=self.block_d, BLOCK_DV=self.block_dv, PREC=_prec(self.dtype), ALIGN=self.align, **extra)
 
 
 def _fwd_args(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu):
@@ -500,6 +528,7 @@ def _run_forward(q, k, v, tq, tk, tv, mask, causal, scale):
     to = torch.empty_like(o) if tangent else None
     lse = torch.empty((p.B, p.H, p.Lq), dtype=torch.float32, device=q.device)
     mu = torch.empty_like(lse) if tangent else None
+    p.set_align(q, k, v, tq, tk, tv, o, to)
     name = "jvp_forward" if tangent else "forward"
     cfg = p.config(name)
     grid = (triton.cdiv(p.Lq, cfg.block_m), p.B * p.H)
@@ -574,12 +603,13 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
         return dq, dk, dv, dtq, dtk, dtv
     const = torch.empty((p.B, p.H, p.Lq), dtype=torch.float32, device=dev)
     crow = torch.empty_like(const) if tangent else None
+    p.set_align(q, k, v, tq, tk, tv, o, to, do, dto, dq, dk, dv, dtq, dtk, dtv)
     flags = dict(TANGENT=tangent, HAS_DO=has_do)
     pc = configs.PREP_CONFIG
     if p.Lq > 0:
         _attn_bwd_prep[(triton.cdiv(p.Lq, pc.block_m), p.B * p.H)](
             *_prep_args(p, o, do, to if tangent else None, dto, mu if tangent else None, const, crow),
-            DV=p.DV, BLOCK_M=pc.block_m, BLOCK_DV=p.block_dv, **flags,
+            DV=p.DV, BLOCK_M=pc.block_m, BLOCK_DV=p.block_dv, ALIGN=p.align, **flags,
             num_warps=pc.num_warps, num_stages=pc.num_stages)
     mu_t = mu if tangent else None
     tq_, tk_, tv_ = (tq, tk, tv) if tangent else (None, None, None)

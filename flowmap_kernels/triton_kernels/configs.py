@@ -3,7 +3,8 @@
 Every kernel launch takes its tile sizes from :func:`get_config`. The table is keyed by kernel name
 (``forward``, ``jvp_forward``, ``backward_dkdv``, ``backward_dq``, ``jvp_backward_dkdv``,
 ``jvp_backward_dq``; the row pre-passes use a fixed small config), by the padded head dim bucket
-(the power of two >= max(D, Dv, 16): 16, 32, 64, 128, 256), by the element size (2 bytes for
+(the power of two >= max(D, Dv, 16): 16, 32, 64, 128, 256; head dims that are not a multiple of 16
+use :data:`ODD_TABLE` where it has an entry), by the element size (2 bytes for
 fp16/bf16, 4 for fp32) and by the architecture family ("sm90" for compute capability 9.x and later,
 "sm80" for 8.x and anything older). The entries were chosen with ``python -m flowmap_kernels.compile_report``
 (no register spills on sm_90a up to D=128 for 16-bit inputs; see docs/triton.md for the measured table).
@@ -120,6 +121,14 @@ TABLE: dict = {
         (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
 }
+# Head dims that are not a multiple of 16 (72, 88, ...) tile the next power of two with masked columns,
+# which costs registers: on sm90 in the 128 bucket they take these smaller tiles (measured spill-free).
+ODD_TABLE: dict = {
+    ("jvp_forward", "sm90"): {(128, 2): C(64, 16, 4, 2)},
+    ("backward_dkdv", "sm90"): {(128, 2): C(32, 64, 8, 2)},
+    ("jvp_backward_dkdv", "sm90"): {(128, 2): C(16, 64, 4, 1, 3)},
+    ("jvp_backward_dq", "sm90"): {(128, 2): C(64, 16, 4, 1, 2)},
+}
 del C
 
 #: Tiles used in the CPU interpreter: few programs and few key blocks (cost ~10 ms per program x block).
@@ -171,6 +180,11 @@ def get_config(kernel: str, head_dim: int, element_bytes: int, arch: str,
     bucket = head_dim_bucket(head_dim, v_head_dim)
     if bucket > 256:
         raise ValueError(f"head_dim: {max(head_dim, v_head_dim or 0)} > 256 is not supported by the Triton kernels")
+    odd = head_dim % 16 != 0 or (v_head_dim or head_dim) % 16 != 0
+    if odd:
+        hit = ODD_TABLE.get((kernel, arch), {}).get((bucket, element_bytes))
+        if hit is not None:
+            return hit
     entries = TABLE[(kernel, arch)]
     return entries.get((bucket, element_bytes), entries[(bucket, 2)])
 

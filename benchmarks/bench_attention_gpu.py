@@ -1,0 +1,168 @@
+"""GPU benchmark of the Triton attention kernels against PyTorch SDPA (needs a CUDA GPU).
+
+    python benchmarks/bench_attention_gpu.py [--n 1024 2048 ... 32768] [--d 64 128] [--dtypes fp16 bf16]
+                                             [--heads 16] [--tokens 32768] [--causal] [--out results/attn]
+
+Times (triton.testing.do_bench, median of its repetitions, milliseconds) for each (N, D, dtype):
+
+  ours      forward, backward (primal), forward+JVP (O and tO), backward through (O, tO) with dO and dtO
+  baseline  SDPA flash forward and backward (torch.nn.attention.sdpa_kernel(FLASH_ATTENTION));
+            SDPA math under torch.func.jvp (forward+JVP) and its backward through (O, tO) via autograd,
+            skipped where its N x N intermediates would not fit (--math-mem-frac of GPU memory)
+
+FLOP counts (non-causal, batch B, heads H; halve them for --causal), algorithmic, no recomputation:
+  forward                     4 B H N^2 D        (Q K^T and P V)
+  backward                    8 B H N^2 D        (2x forward: dQ, dK, dV, dP)
+  forward+JVP                12 B H N^2 D        (3x forward: 6 products)
+  backward through (O, tO)   24 B H N^2 D        (12 products)
+TFLOP/s = FLOPs / time. Batch B = max(1, tokens // N). The GPU (nvidia-ml-py), torch and triton
+versions are recorded with every row; results go to <out>.csv and <out>.json.
+
+Without a CUDA GPU this script says so and exits 0; it never fabricates numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FLOP_FACTOR = {"forward": 4, "backward": 8, "jvp_forward": 12, "jvp_backward": 24}
+
+
+def gpu_info() -> dict:
+    """GPU name, memory and driver from nvidia-ml-py (pynvml), plus torch's view."""
+    import torch
+    info = {"torch_device": torch.cuda.get_device_name(0), "capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(h)
+        info["nvml_name"] = name.decode() if isinstance(name, bytes) else name
+        info["memory_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(h).total)
+        drv = pynvml.nvmlSystemGetDriverVersion()
+        info["driver"] = drv.decode() if isinstance(drv, bytes) else drv
+        try:
+            info["sm_clock_max_mhz"] = int(pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM))
+        except pynvml.NVMLError:
+            pass
+        pynvml.nvmlShutdown()
+    except Exception as e:  # nvml missing: keep torch's name
+        info["nvml_error"] = repr(e)
+    return info
+
+
+def _bench(fn) -> float:
+    import triton
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from flowmap_kernels.triton_kernels import attention as ta
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    B, H = max(1, tokens // n), heads
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    mk = lambda: torch.randn(B, H, n, d, device=dev, dtype=dtype, generator=g)  # noqa: E731
+    q, k, v, tq, tk, tv, do, dto = (mk() for _ in range(8))
+    scale = 1.0 / math.sqrt(d)
+    rows = []
+    base = dict(n=n, d=d, dtype=dtype_name, batch=B, heads=H, causal=causal)
+
+    def add(impl, kind, ms, note=""):
+        flops = FLOP_FACTOR[kind] * B * H * n * n * d * (0.5 if causal else 1.0)
+        rows.append(dict(base, impl=impl, pass_=kind, ms=ms, tflops=(flops / (ms * 1e-3) / 1e12) if ms else None,
+                         note=note))
+        shown = f"{ms:9.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s" if ms else f"{'-':>9s}    {note}"
+        print(f"N={n:6d} D={d:3d} {dtype_name} B={B:3d} H={H:3d} {impl:12s} {kind:13s} {shown}", flush=True)
+
+    # ours
+    o, lse = ta.forward(q, k, v, None, causal, scale)
+    add("triton", "forward", _bench(lambda: ta.forward(q, k, v, None, causal, scale)))
+    add("triton", "backward", _bench(lambda: ta.backward(q, k, v, o, lse, do, None, causal, scale)))
+    o2, to2, lse2, mu2 = ta.jvp_forward(q, k, v, tq, tk, tv, None, causal, scale)
+    add("triton", "jvp_forward", _bench(lambda: ta.jvp_forward(q, k, v, tq, tk, tv, None, causal, scale)))
+    add("triton", "jvp_backward", _bench(lambda: ta.jvp_backward(q, k, v, tq, tk, tv, o2, to2, lse2, mu2, do, dto,
+                                                                 None, causal, scale)))
+    del o2, to2, lse2, mu2
+    # SDPA flash
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        add("sdpa_flash", "forward", _bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
+        qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+        of = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+        add("sdpa_flash", "backward", _bench(lambda: torch.autograd.grad(of, (qg, kg, vg), do, retain_graph=True)))
+        del of, qg, kg, vg
+    # SDPA math under torch.func.jvp (holds B H N^2 scores several times)
+    need = 6 * B * H * n * n * 4
+    free = torch.cuda.mem_get_info()[0]
+    if need > math_mem_frac * free:
+        add("sdpa_math", "jvp_forward", None, f"skipped: ~{need / 2**30:.0f} GiB of N^2 intermediates")
+        add("sdpa_math", "jvp_backward", None, "skipped")
+    else:
+        def math_attn(a, b, c):
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+        add("sdpa_math", "jvp_forward", _bench(lambda: torch.func.jvp(math_attn, (q, k, v), (tq, tk, tv))))
+        leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, tq, tk, tv)]
+        om, tom = torch.func.jvp(math_attn, tuple(leaves[:3]), tuple(leaves[3:]))
+        add("sdpa_math", "jvp_backward", _bench(lambda: torch.autograd.grad((om, tom), leaves, (do, dto),
+                                                                              retain_graph=True)))
+        del om, tom, leaves
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--d", nargs="+", type=int, default=[64, 128])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32768, help="batch = max(1, tokens // N)")
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--math-mem-frac", type=float, default=0.5)
+    ap.add_argument("--out", type=Path, default=Path("results/bench_attention_gpu"))
+    a = ap.parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: nothing to benchmark")
+        return 0
+    if not torch.cuda.is_available():
+        print("No CUDA GPU available: this benchmark needs one; no numbers were produced.")
+        return 0
+    info = gpu_info()
+    import triton
+    meta = dict(gpu=info, torch=torch.__version__, triton=triton.__version__,
+                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    print(json.dumps(meta))
+    rows = []
+    for dt in a.dtypes:
+        for d in a.d:
+            for n in a.n:
+                rows += run_case(n, d, dt, a.heads, a.tokens, a.causal, a.math_mem_frac)
+    for r in rows:
+        r["gpu"] = info.get("nvml_name", info["torch_device"])
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    a.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {a.out.with_suffix('.csv')} and {a.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""``python -m flowmap_kernels.bench fpe [options]``: see ``flowmap_kernels.bench.fpe``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .zoo import model_names
+    p = argparse.ArgumentParser(prog="python -m flowmap_kernels.bench",
+                                description="Benchmarks of flowmap_kernels.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fpe", help="cost of one training iteration per method in forward-pass equivalents",
+                       description="FLOP-FPE, time-FPE and peak memory of one training iteration (loss + "
+                                   "backward; optimizer step and EMA update excluded) of every method, with "
+                                   "the package's backends ('auto') and the plain PyTorch ones ('naive').")
+    f.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    f.add_argument("--model", default="dit-s", choices=model_names(), help="zoo model (default dit-s)")
+    f.add_argument("--batch", type=int, default=8, help="batch size B (default 8)")
+    f.add_argument("--repeats", type=int, default=5, help="timed repetitions, median taken (default 5)")
+    f.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
+    f.add_argument("--backends", default="auto,naive", help="comma-separated backends (default auto,naive)")
+    f.add_argument("--methods", default=None, help="comma-separated subset of methods (default all)")
+    f.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    f.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads on CPU (default 1: stable timings on a shared machine; 0 = "
+                        "torch's default)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--no-time", action="store_true", help="FLOPs (and memory) only")
+    f.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    f.add_argument("--json", default=None, help="write the records as JSON to this path")
+    f.add_argument("--csv", default=None, help="write a flat CSV to this path")
+    f.add_argument("--plot", default=None, help="write a PNG bar chart to this path")
+    f.add_argument("--quiet", action="store_true", help="no per-record progress lines")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+    from .fpe import run_fpe
+    from .report import format_table, write_csv, write_json, write_plot
+    if args.threads < 0:
+        print(f"error: threads: expected >= 0, got {args.threads}", file=sys.stderr)
+        return 2
+    if args.threads and not args.device.startswith("cuda"):
+        torch.set_num_threads(args.threads)
+    try:
+        records = run_fpe(model=args.model, device=args.device, batch=args.batch, repeats=args.repeats,
+                          warmup=args.warmup, backends=[b.strip() for b in args.backends.split(",") if b.strip()],
+                          methods=None if args.methods is None else [m.strip() for m in args.methods.split(",")],
+                          seed=args.seed, measure_time=not args.no_time, measure_memory=not args.no_memory,
+                          dtype=getattr(torch, args.dtype),
+                          log=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(records))
+    if args.json:
+        write_json(records, args.json)
+    if args.csv:
+        write_csv(records, args.csv)
+    if args.plot:
+        write_plot(records, args.plot)
+    return 1 if any(r.get("error") for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
