@@ -41,7 +41,7 @@ import threading
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Union
 
 import torch
 import torch.nn.functional as F

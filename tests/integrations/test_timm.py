@@ -57,7 +57,7 @@ def test_timm_style_attention_module():
 
 
 def test_real_timm_vit():
-    timm = pytest.importorskip("timm", reason="timm is optional (pip install timm)")
+    pytest.importorskip("timm", reason="timm is optional (pip install timm)")
     from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
     model = VisionTransformer(img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=3,
