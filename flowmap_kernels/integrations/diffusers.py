@@ -198,8 +198,10 @@ class DiffusersFlowMap(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"x: expected (batch, channels, height, width), got shape {tuple(x.shape)}")
         B = x.shape[0]
-        s = torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(B)
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(B)
+        # times in float32 at least: 1000 * s in bfloat16 keeps 3 significant digits
+        tdtype = torch.promote_types(x.dtype, torch.float32)
+        s = torch.as_tensor(s, device=x.device).to(tdtype).expand(B)
+        t = torch.as_tensor(t, device=x.device).to(tdtype).expand(B)
         if y is None:
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
         elif y.shape != (B,):

@@ -159,6 +159,17 @@ def test_flowmap_adapter_jvp_matches_sdpa_math():
     assert max(err.values()) < 1e-5, err
 
 
+def test_flowmap_adapter_low_precision_keeps_float32_times():
+    fm = DiffusersFlowMap(small_dit()).to(torch.bfloat16)
+    seen = []
+    fm.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"]), with_kwargs=True)
+    x, _, _, y = dit_inputs()
+    out = fm(x.bfloat16(), torch.tensor([0.123456, 0.5], dtype=torch.bfloat16), 0.0, y)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 4, 8, 8)
+    assert seen[0].dtype == torch.float32
+    assert seen[0][1].tolist() == [500.0, 500.0]
+
+
 def test_flowmap_adapter_deepcopy_keeps_one_interval_embedder():
     fm = DiffusersFlowMap(small_dit())
     ema = copy.deepcopy(fm)
