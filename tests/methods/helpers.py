@@ -1,0 +1,67 @@
+"""Tiny float64 models and slow references for the method tests (helpers of tests/methods only)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import flowmap_kernels as fk
+from flowmap_kernels.models import MLPFlowMap
+
+
+def tiny_mlp(shape=(2,), seed=0, dtype=torch.float64, num_classes=None):
+    """MLPFlowMap with a random (not zero) last layer, so V and all its derivatives are non-trivial."""
+    torch.manual_seed(seed)
+    m = MLPFlowMap(shape, hidden=16, depth=2, emb_dim=8, num_classes=num_classes).to(dtype)
+    nn.init.normal_(m.out.weight, std=0.3)
+    nn.init.normal_(m.out.bias, std=0.1)
+    return m
+
+
+class TinyAttnFlowMap(nn.Module):
+    """V(x, s, t) through one fk.attention layer over `tokens` tokens (exercises its forward-mode rules)."""
+
+    def __init__(self, dim_x=2, tokens=5, width=8, seed=0, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.tokens, self.width = tokens, width
+        self.inp = nn.Linear(dim_x + 2, tokens * width)
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(tokens * width, dim_x)
+        self.to(dtype)
+
+    def forward(self, x, s, t, y=None):
+        b = x.shape[0]
+        h = torch.tanh(self.inp(torch.cat([x, s[:, None], t[:, None]], 1))).view(b, 1, self.tokens, self.width)
+        o = fk.attention(self.q(h), self.k(h), self.v(h))
+        return self.out(torch.tanh(o).reshape(b, -1))
+
+
+def params_grad(loss, model):
+    return torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=True)
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def grad_rel(ga, gb):
+    fa = torch.cat([(g if g is not None else torch.zeros(1)).reshape(-1) for g in ga])
+    fb = torch.cat([(g if g is not None else torch.zeros(1)).reshape(-1) for g in gb])
+    return float((fa - fb).norm() / fb.norm().clamp_min(1e-30))
+
+
+def logit_normal(n, mu, sigma, g, dtype=torch.float64):
+    return torch.sigmoid(mu + sigma * torch.randn(n, generator=g, dtype=dtype))
+
+
+def times(n, dist, mu, sigma, g, dtype=torch.float64):
+    return torch.rand(n, generator=g, dtype=dtype) if dist == "uniform" else logit_normal(n, mu, sigma, g, dtype)
+
+
+def pair(n, c, g, dtype=torch.float64):
+    a = times(n, c["time_dist"], c["time_mu"], c["time_sigma"], g, dtype)
+    b = times(n, c["time_dist"], c["time_mu"], c["time_sigma"], g, dtype)
+    s, t = torch.maximum(a, b), torch.minimum(a, b)
+    keep = torch.rand(n, generator=g, dtype=dtype) < c["ratio_neq"]
+    return s, torch.where(keep, t, s)

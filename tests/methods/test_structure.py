@@ -1,0 +1,88 @@
+"""Registry, interface attributes, config errors, where backward passes run, and that training lowers each loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flowmap_kernels as fk
+from flowmap_kernels.attention import autograd as attn_autograd
+from flowmap_kernels.methods import METHODS, get_method
+from flowmap_kernels.models import MLPFlowMap
+from tests.methods.helpers import TinyAttnFlowMap, tiny_mlp
+
+EXPECTED_FPE = {"fm": 3, "meanflow": 4, "imf": 5, "tvm": 10, "scm": 4, "lsd": 10, "esd": 10, "shortcut": 8}
+
+
+def test_registry_names_and_attributes():
+    assert set(METHODS) == set(EXPECTED_FPE)
+    for name, m in METHODS.items():
+        assert m.NAME == name and m.NOMINAL_FPE == EXPECTED_FPE[name]
+        assert isinstance(m.CALLS, str) and m.CALLS
+        assert isinstance(m.DEFAULTS, dict) and "generator" in m.DEFAULTS
+        assert m.SAMPLER in ("flowmap", "euler", "consistency")
+        assert m.TEACHER in (None, "self", "ema")
+        assert m.__doc__ and len(m.__doc__) > 200
+        assert callable(m.loss)
+
+
+def test_unknown_method_and_config_key_errors():
+    with pytest.raises(ValueError, match="unknown method 'nope'.*meanflow"):
+        get_method("nope")
+    with pytest.raises(TypeError, match="unknown config key.*'lr'"):
+        METHODS["meanflow"].loss(tiny_mlp(), torch.zeros(4, 2, dtype=torch.float64), lr=1.0)
+    with pytest.raises(ValueError, match="time_dist"):
+        METHODS["fm"].loss(tiny_mlp(), torch.zeros(4, 2, dtype=torch.float64), time_dist="beta")
+
+
+class _Counter:
+    """Counts calls of the attention backward kernels: the primal one (attention_backward, 5 matmuls a
+    tile) and the one through the JVP (attention_jvp_backward, about 15), as autograd.py calls them."""
+
+    def __init__(self, monkeypatch):
+        self.calls = {"attention_backward": 0, "attention_jvp_backward": 0}
+        for name in self.calls:
+            orig = getattr(attn_autograd.kernels, name)
+
+            def wrapped(*a, _orig=orig, _name=name, **k):
+                self.calls[_name] += 1
+                return _orig(*a, **k)
+            monkeypatch.setattr(attn_autograd.kernels, name, wrapped)
+
+
+@pytest.mark.parametrize("name,through_jvp", [("meanflow", False), ("scm", False), ("imf", False),
+                                              ("tvm", True), ("lsd", True), ("esd", True), ("fm", False)])
+def test_backward_through_the_jvp_only_where_the_method_says(name, through_jvp, monkeypatch):
+    """MeanFlow/sCM/iMF stop the gradient at the tangent: their backward must never run the backward
+    through the JVP, only the primal attention backward. TVM/LSD/ESD backpropagate through the JVP."""
+    counter = _Counter(monkeypatch)
+    model = TinyAttnFlowMap()
+    x0 = torch.randn(6, 2, dtype=torch.float64)
+    with fk.use_backend("torch"):
+        lo, _ = METHODS[name].loss(model, x0, generator=torch.Generator().manual_seed(0))
+        lo.backward()
+    assert counter.calls["attention_backward"] > 0, counter.calls
+    assert (counter.calls["attention_jvp_backward"] > 0) == through_jvp, counter.calls
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# the monitored log and the required drop: MeanFlow's adaptive weight keeps its loss near 1, so its raw
+# squared error is watched; sCM's loss is the squared normalised tangent, which falls only slowly.
+WATCH = {"meanflow": ("mse", 0.8), "scm": ("loss", 0.98)}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_few_steps_lower_the_loss(name):
+    """Fixed batch, fixed noise and times (generator reseeded each step): 40 Adam steps lower the loss."""
+    torch.manual_seed(0)
+    model = MLPFlowMap(hidden=32, depth=2, emb_dim=16)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(1)) * 0.5 + 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    key, factor = WATCH.get(name, ("loss", 0.8))
+    vals = []
+    for _ in range(40):
+        lo, logs = METHODS[name].loss(model, x0, generator=torch.Generator().manual_seed(7))
+        opt.zero_grad()
+        lo.backward()
+        opt.step()
+        vals.append(float(logs[key]))
+    assert sum(vals[-5:]) < factor * sum(vals[:5]), vals
