@@ -1,4 +1,4 @@
-"""What this install has: versions, usable backends, compiled extensions."""
+"""What this install has: versions, usable backends per op, compiled extensions and their archs."""
 from __future__ import annotations
 
 import importlib
@@ -14,14 +14,19 @@ def _version(module: str):
 
 
 def build_info() -> dict:
-    """A dict: torch/triton versions, usable backends per op, compiled extensions and their archs."""
+    """A dict: torch/triton versions, usable backends per op, compiled extensions (cpu_extension,
+    cuda_extension_built, cuda_archs) and where float64 attention runs."""
     from .attention.registry import ATTENTION
+    from .ops import REGISTRIES, extension_info
 
-    info = {
+    backends = {"attention": ATTENTION.usable()}
+    backends.update({name: reg.usable() for name, reg in REGISTRIES.items()})
+    return {
+        "version": importlib.import_module("flowmap_kernels").__version__,
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda_available": torch.cuda.is_available(),
-        "backends": {"attention": ATTENTION.usable()},
+        "backends": backends,
         "attention_float64": "torch",  # float64 never runs in Triton: the blockwise PyTorch path
+        **extension_info(),
     }
-    return info

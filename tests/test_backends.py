@@ -94,3 +94,7 @@ def test_build_info_reports_backends():
     info = fk.build_info()
     assert info["torch"] == torch.__version__
     assert "torch" in info["backends"]["attention"] and "naive" in info["backends"]["attention"]
+    for key in ("cpu_extension", "cuda_extension_built", "cuda_archs", "triton", "version"):
+        assert key in info
+    assert set(info["backends"]) >= {"attention", "modulated_layer_norm", "rms_norm", "gelu_tanh",
+                                     "gated_residual", "linear"}
