@@ -8,8 +8,10 @@ torch.no_grad on the same batch.
 - FLOP-FPE: FLOPs of the iteration / FLOPs of the forward, counted by ``counting.ExactFlopCounter``
   (torch's FlopCounterMode plus the package's custom-op formulas), products with an identically zero
   operand excluded (``flop_fpe``); ``flop_fpe_executed`` keeps them.
-- time-FPE: median wall time of the iteration / median wall time of the forward, both after warm-up,
-  the forward timed next to each method's iterations.
+- time-FPE: after warm-up, forward and iteration timed alternately; per iteration, its wall time over
+  the mean of the forwards just before and after it; the median over repeats (``time_fpe``). The same
+  with process CPU time (``time_fpe_cpu``): on a shared CPU with one thread it does not count the time
+  the process waits for a core.
 - peak memory: bytes allocated above the start (CUDA: max_memory_allocated; CPU: torch.profiler's
   allocation events), parameters and the batch excluded, gradients included.
 
@@ -35,7 +37,7 @@ __all__ = ["Variant", "variants_for", "measure_method", "run_fpe", "RECORD_FIELD
            "EXPLAIN", "UNIT_NOMINAL"]
 
 RECORD_FIELDS = ["method", "variant", "batching", "backend", "model", "device", "nominal_fpe", "flop_fpe",
-                 "flop_fpe_executed", "flop_fpe_explained", "explanation", "time_fpe", "peak_mem_bytes", "fwd_peak_mem_bytes", "peak_mem_fpe",
+                 "flop_fpe_executed", "flop_fpe_explained", "explanation", "time_fpe", "time_fpe_cpu", "peak_mem_bytes", "fwd_peak_mem_bytes", "peak_mem_fpe",
                  "iter_flops", "iter_zero_flops", "fwd_flops", "iter_time_s", "fwd_time_s", "batch",
                  "iter_batch", "calls", "cfg", "note", "error"]
 
@@ -86,17 +88,37 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
+def _timed(fn, device) -> tuple:
+    """(wall seconds, process CPU seconds) of one call of fn."""
     _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def interleaved_times(fwd: Callable, step: Callable, device, warmup: int, repeats: int) -> dict:
+    """Time forward and iteration alternately: fwd, step, fwd, step, ..., fwd (after warm-up of both).
+
+    Each iteration's ratio is taken against the mean of the forwards just before and after it, and
+    the median over repeats is reported, so slow drifts of a shared machine's load cancel. Both wall
+    time and process CPU time (meaningful on the CPU with one thread: it excludes time the process
+    waits for a core) are reported.
+    """
+    for _ in range(warmup):
+        fwd()
+        step()
+    f = [_timed(fwd, device)]
+    it = []
+    for _ in range(max(1, repeats)):
+        it.append(_timed(step, device))
+        f.append(_timed(fwd, device))
+    out = {}
+    for k, name in ((0, "wall"), (1, "cpu")):
+        ratios = [it[i][k] / max(1e-12, 0.5 * (f[i][k] + f[i + 1][k])) for i in range(len(it))]
+        out[name] = (statistics.median(ratios), statistics.median(x[k] for x in f),
+                     statistics.median(x[k] for x in it))
+    return out
 
 
 def _forward_fn(model, x0, cond, seed):
@@ -143,11 +165,9 @@ def measure_method(name: str, module, variant: Variant, model, x0, cond, *, devi
                    fwd_zero_flops=f_fwd.zero, iter_flops_by_op=f_it.by_op, iter_zero_flops_by_op=f_it.zero_by_op,
                    fwd_flops_by_op=f_fwd.by_op)
         if measure_time:
-            t_f = _median_time(fwd, device, warmup, repeats)
-            t_i = _median_time(step, device, warmup, repeats)
-            t_f2 = _median_time(fwd, device, 1, repeats)  # forward again after: drift check
-            t_f = statistics.median([t_f, t_f2])
-            rec.update(fwd_time_s=t_f, iter_time_s=t_i, time_fpe=t_i / t_f)
+            t = interleaved_times(fwd, step, device, warmup, repeats)
+            rec.update(time_fpe=t["wall"][0], fwd_time_s=t["wall"][1], iter_time_s=t["wall"][2],
+                       time_fpe_cpu=t["cpu"][0], fwd_cpu_time_s=t["cpu"][1], iter_cpu_time_s=t["cpu"][2])
         if measure_memory:
             m_f, m_i = peak_memory(fwd, device), peak_memory(step, device)
             rec.update(fwd_peak_mem_bytes=m_f, peak_mem_bytes=m_i, peak_mem_fpe=m_i / m_f if m_f else None)

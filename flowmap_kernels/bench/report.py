@@ -39,7 +39,7 @@ def format_table(records: list) -> str:
         rows[k][r["backend"]] = r
     head = f"{'method':<9} {'variant':<16} {'batching':<11} {'nominal':>7}"
     for b in backends:
-        head += f" | {b + ' FLOP':>10} {'time':>6} {'peak mem':>10}"
+        head += f" | {b + ' FLOP':>10} {'time':>6} {'cpu-t':>6} {'peak mem':>10}"
     lines = [head, "-" * len(head)]
     for k in order:
         any_r = next(iter(rows[k].values()))
@@ -47,9 +47,10 @@ def format_table(records: list) -> str:
         for b in backends:
             r = rows[k].get(b)
             if r is None or r.get("error"):
-                line += f" | {'error' if r else '-':>10} {'':>6} {'':>10}"
+                line += f" | {'error' if r else '-':>10} {'':>6} {'':>6} {'':>10}"
                 continue
             line += (f" | {_f(r.get('flop_fpe'), '10.3f')} {_f(r.get('time_fpe'), '6.2f')} "
+                     f"{_f(r.get('time_fpe_cpu'), '6.2f')} "
                      f"{fmt_bytes(r.get('peak_mem_bytes')):>10}")
         lines.append(line)
     errs = [r for r in records if r.get("error")]
@@ -59,7 +60,8 @@ def format_table(records: list) -> str:
         m = records[0]
         lines.append(f"model {m['model']} ({m.get('model_info', {}).get('model_impl', '?')}), batch {m['batch']}, "
                      f"device {m['device']}, torch {m['meta']['torch']}, triton {m['meta']['triton']}; "
-                     f"FLOP-FPE excludes products with an all-zero operand; optimizer step and EMA excluded")
+                     f"FLOP = FLOP-FPE (products with an all-zero operand excluded), time = wall-time FPE, cpu-t = "
+                     f"process-CPU-time FPE; optimizer step and EMA excluded")
     return "\n".join(lines)
 
 
