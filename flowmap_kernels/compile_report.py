@@ -319,6 +319,17 @@ def format_table(records: list) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(records: list) -> str:
+    """Records as a Markdown table (kernel, arch, dtype, D, config, registers, spill bytes, shared, wgmma)."""
+    lines = ["| kernel | arch | dtype | D | config | registers | spill bytes | shared bytes | wgmma |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['kernel']} | {r['arch']} | {r.get('dtype', '')} | {r.get('head_dim', '')} | "
+                     f"{r.get('config', '')} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
+                     f"{'yes' if r['uses_wgmma'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flowmap_kernels.compile_report", description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
@@ -326,17 +337,22 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], choices=list(DTYPE_NAMES))
     ap.add_argument("--kernels", nargs="+", default=list(TRITON_KERNELS), choices=list(TRITON_KERNELS))
     ap.add_argument("--json", type=Path, default=None, help="write the records to this JSON file")
+    ap.add_argument("--markdown", type=Path, default=None, help="write the records as a Markdown table")
+    ap.add_argument("--triton-only", action="store_true", help="leave out the other record sources")
     ap.add_argument("--no-cache", action="store_true", help=f"recompile everything (cache: {_default_cache()})")
     ap.add_argument("--workers", type=int, default=0, help="compile processes (default: one per CPU)")
     a = ap.parse_args(argv)
-    recs = collect(a.arch, head_dims=a.head_dims, dtypes=a.dtypes, kernels=a.kernels,
-                   cache=None if a.no_cache else _default_cache(), workers=a.workers)
+    recs = collect(a.arch, sources=[triton_records_source] if a.triton_only else None, head_dims=a.head_dims,
+                   dtypes=a.dtypes, kernels=a.kernels, cache=None if a.no_cache else _default_cache(),
+                   workers=a.workers)
     print(format_table(recs))
     bad = [r for r in recs if r["shared_bytes"] > SHARED_LIMIT.get(r["arch"], 1 << 30)]
     spilled = [r for r in recs if r["spill_bytes"] > 0]
     print(f"\n{len(recs)} kernels; {len(spilled)} spill; {len(bad)} over the shared-memory limit")
     if a.json:
         a.json.write_text(json.dumps(recs, indent=1))
+    if a.markdown:
+        a.markdown.write_text(format_markdown(recs) + "\n")
     return 0
 
 

@@ -63,7 +63,7 @@ TABLE: dict = {
     ("jvp_forward", "sm90"): {
         (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(128, 64, 8, 2),
         (128, 2): C(128, 32, 8, 2), (256, 2): C(64, 32, 8, 1),
-        (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 64, 4, 2), (64, 4): C(64, 32, 4, 2),
+        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 16, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 32, 4, 1),
     },
     ("jvp_forward", "sm80"): {
@@ -99,7 +99,7 @@ TABLE: dict = {
     ("jvp_backward_dkdv", "sm90"): {
         (16, 2): C(32, 64, 8, 1), (32, 2): C(32, 64, 8, 1), (64, 2): C(32, 64, 8, 1),
         (128, 2): C(32, 64, 4, 1, 3), (256, 2): C(16, 32, 4, 1),
-        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
+        (16, 4): C(16, 64, 4, 1, 3), (32, 4): C(16, 64, 4, 1, 3), (64, 4): C(16, 64, 4, 1, 3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
     ("jvp_backward_dkdv", "sm80"): {
@@ -111,7 +111,7 @@ TABLE: dict = {
     ("jvp_backward_dq", "sm90"): {
         (16, 2): C(64, 64, 8, 2), (32, 2): C(64, 64, 8, 2), (64, 2): C(64, 64, 8, 2),
         (128, 2): C(64, 32, 8, 2, 2), (256, 2): C(32, 16, 4, 1),
-        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
+        (16, 4): C(64, 32, 4, 1, 2), (32, 4): C(64, 32, 4, 1, 2), (64, 4): C(64, 16, 4, 1, 2),
         (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
     ("jvp_backward_dq", "sm80"): {
@@ -130,6 +130,10 @@ ODD_TABLE: dict = {
     ("jvp_backward_dq", "sm90"): {(128, 2): C(64, 16, 4, 1, 2)},
 }
 del C
+
+#: float32 inputs run their products as 3xTF32 (about fp32 accuracy); beyond this head dim those kernels
+#: spill registers on sm_90a, so the registry routes such problems on CUDA to the "torch" backend.
+FP32_MAX_HEAD_DIM = 32
 
 #: Tiles used in the CPU interpreter: few programs and few key blocks (cost ~10 ms per program x block).
 INTERPRETER_CONFIG = Config(64, 64, 4, 1)
