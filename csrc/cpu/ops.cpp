@@ -202,11 +202,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_jvp_forward(const Tensor& x, const Tenso
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> norm_jvp_backward(
-    const Tensor& x, const Tensor& tx, const OptT& scale, const OptT& tscale, const Tensor& stats, const Tensor& gy,
+    const Tensor& x, const Tensor& tx, const OptT& scale, const OptT& tscale, const Tensor& stats, const OptT& gy_,
     const Tensor& gt, double offset, bool center, int64_t rpc, bool has_shift) {
   const char* op = "norm_jvp_backward";
   check_rows(op, "x", x, x);
   check_rows(op, "tx", tx, x);
+  const bool has_gy = gy_.has_value() && gy_->defined();
+  const Tensor& gy = has_gy ? *gy_ : gt;  // gy absent = zero: nothing is read
   check_rows(op, "gy", gy, x);
   check_rows(op, "gt", gt, x);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == x.size(0) && stats.size(1) == 4 && stats.is_contiguous() &&
@@ -227,21 +229,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> norm_jvp_backward(
     long long rps, rpts;
     const T* S = table<T>(op, "scale", scale, x, rps);
     const T* TS = table<T>(op, "tscale", tscale, x, rpts);
-    const T *X = x.data_ptr<T>(), *TX = tx.data_ptr<T>(), *GY = gy.data_ptr<T>(), *GT = gt.data_ptr<T>();
+    const T *X = x.data_ptr<T>(), *TX = tx.data_ptr<T>(), *GT = gt.data_ptr<T>();
+    const T* GY = has_gy ? gy.data_ptr<T>() : nullptr;
     T *DX = dx.data_ptr<T>(), *DTX = dtx.data_ptr<T>();
     for_chunks(R / rpc, [&](long long k) {
       for (long long r = k * rpc; r < (k + 1) * rpc; ++r) {
-        const T *xr = X + r * rs, *txr = TX + r * trs, *gyr = GY + r * gs, *gtr = GT + r * gts;
+        const T *xr = X + r * rs, *txr = TX + r * trs, *gtr = GT + r * gts;
+        const T* gyr = GY ? GY + r * gs : nullptr;
         const T* sr = flowmap::table_row(S, r, rps, C);
         const T* tsr = flowmap::table_row(TS, r, rpts, C);
         NormStats s{st[4 * r], st[4 * r + 1], st[4 * r + 2], st[4 * r + 3]};
         flowmap::NormBwdSums sum{0.f, 0.f, 0.f, 0.f, 0.f};
         for (long long c = 0; c < C; ++c)
           flowmap::norm_jvp_bwd_accum(ld(xr, c), ld(txr, c), sr ? off + ld(sr, c) : off, tsr ? ld(tsr, c) : 0.f,
-                                      ld(gyr, c), ld(gtr, c), s, sum);
+                                      gyr ? ld(gyr, c) : 0.f, ld(gtr, c), s, sum);
         for (long long c = 0; c < C; ++c) {
           float d, dt, dsc, dtsc;
-          float g = ld(gyr, c), gtv = ld(gtr, c);
+          float g = gyr ? ld(gyr, c) : 0.f, gtv = ld(gtr, c);
           flowmap::norm_jvp_bwd_elem(ld(xr, c), ld(txr, c), sr ? off + ld(sr, c) : off, tsr ? ld(tsr, c) : 0.f, g,
                                      gtv, s, sum, (int)C, center, d, dt, dsc, dtsc);
           DX[r * C + c] = static_cast<T>(d);
@@ -335,11 +339,13 @@ std::tuple<Tensor, Tensor> gelu_jvp_forward(const Tensor& x, const Tensor& tx, c
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gelu_jvp_backward(const Tensor& x, const Tensor& tx, const OptT& bias,
-                                                             const OptT& tbias, const Tensor& gy, const Tensor& gt,
+                                                             const OptT& tbias, const OptT& gy_, const Tensor& gt,
                                                              int64_t rpc) {
   const char* op = "gelu_jvp_backward";
   check_rows(op, "x", x, x);
   check_rows(op, "tx", tx, x);
+  const bool has_gy = gy_.has_value() && gy_->defined();
+  const Tensor& gy = has_gy ? *gy_ : gt;
   check_rows(op, "gy", gy, x);
   check_rows(op, "gt", gt, x);
   const long long R = x.size(0), C = x.size(1);
@@ -353,7 +359,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gelu_jvp_backward(const Tensor& x, co
     long long rpb, rptb;
     const T* B = table<T>(op, "bias", bias, x, rpb);
     const T* TB = table<T>(op, "tbias", tbias, x, rptb);
-    const T *X = x.data_ptr<T>(), *TX = tx.data_ptr<T>(), *GY = gy.data_ptr<T>(), *GT = gt.data_ptr<T>();
+    const T *X = x.data_ptr<T>(), *TX = tx.data_ptr<T>(), *GT = gt.data_ptr<T>();
+    const T* GY = has_gy ? gy.data_ptr<T>() : nullptr;
     T *DX = dx.data_ptr<T>(), *DTX = dtx.data_ptr<T>();
     for_chunks(R / rpc, [&](long long k) {
       for (long long r = k * rpc; r < (k + 1) * rpc; ++r) {
@@ -362,7 +369,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gelu_jvp_backward(const Tensor& x, co
         for (long long c = 0; c < C; ++c) {
           float dz, dtz;
           flowmap::gelu_jvp_bwd_elem(ld(X + r * rs, c) + (br ? ld(br, c) : 0.f),
-                                     ld(TX + r * trs, c) + (tbr ? ld(tbr, c) : 0.f), ld(GY + r * gs, c),
+                                     ld(TX + r * trs, c) + (tbr ? ld(tbr, c) : 0.f), GY ? ld(GY + r * gs, c) : 0.f,
                                      ld(GT + r * gts, c), dz, dtz);
           DX[r * C + c] = static_cast<T>(dz);
           DTX[r * C + c] = static_cast<T>(dtz);
@@ -463,11 +470,13 @@ std::tuple<Tensor, Tensor> gated_jvp_forward(const Tensor& x, const Tensor& tx, 
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gated_jvp_backward(const Tensor& gate, const Tensor& tgate,
-                                                              const Tensor& y, const Tensor& ty, const Tensor& go,
+                                                              const Tensor& y, const Tensor& ty, const OptT& go_,
                                                               const Tensor& gto, int64_t rpc) {
   const char* op = "gated_jvp_backward";
   check_rows(op, "y", y, y);
   check_rows(op, "ty", ty, y);
+  const bool has_go = go_.has_value() && go_->defined();
+  const Tensor& go = has_go ? *go_ : gto;
   check_rows(op, "go", go, y);
   check_rows(op, "gto", gto, y);
   const long long R = y.size(0), C = y.size(1);
@@ -479,7 +488,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_jvp_backward(const Tensor& gate
     long long rpg, rptg;
     const T* Gt = table<T>(op, "gate", gate, y, rpg);
     const T* TG = table<T>(op, "tgate", tgate, y, rptg);
-    const T *Yp = y.data_ptr<T>(), *TYp = ty.data_ptr<T>(), *GO = go.data_ptr<T>(), *GTO = gto.data_ptr<T>();
+    const T *Yp = y.data_ptr<T>(), *TYp = ty.data_ptr<T>(), *GTO = gto.data_ptr<T>();
+    const T* GO = has_go ? go.data_ptr<T>() : nullptr;
     T *DY = dy.data_ptr<T>(), *DTY = dty.data_ptr<T>();
     for_chunks(R / rpc, [&](long long k) {
       for (long long r = k * rpc; r < (k + 1) * rpc; ++r) {
@@ -488,7 +498,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_jvp_backward(const Tensor& gate
         for (long long c = 0; c < C; ++c) {
           float d, dt, dgv, dtgv;
           flowmap::gated_jvp_bwd_elem(ld(gr, c), ld(tgr, c), ld(Yp + r * ys, c), ld(TYp + r * tys, c),
-                                      ld(GO + r * gs, c), ld(GTO + r * gts, c), d, dt, dgv, dtgv);
+                                      GO ? ld(GO + r * gs, c) : 0.f, ld(GTO + r * gts, c), d, dt, dgv, dtgv);
           DY[r * C + c] = static_cast<T>(d);
           DTY[r * C + c] = static_cast<T>(dt);
           DG[k * C + c] += dgv;

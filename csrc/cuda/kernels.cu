@@ -173,7 +173,7 @@ __global__ void norm_jvp_bwd_kernel(const T* __restrict__ x, i64 rs, const T* __
   for (i64 r = k * rpc; r < (k + 1) * rpc; ++r) {
     const T* xr = x + r * rs;
     const T* txr = tx + r * trs;
-    const T* gyr = gy + r * gys;
+    const T* gyr = gy == nullptr ? nullptr : gy + r * gys;  // gy absent = zero
     const T* gtr = gt + r * gts;
     const T* sr = flowmap::table_row(scale, r, rps, C);
     const T* tsr = flowmap::table_row(tscale, r, rpts, C);
@@ -181,13 +181,13 @@ __global__ void norm_jvp_bwd_kernel(const T* __restrict__ x, i64 rs, const T* __
     flowmap::NormBwdSums acc{0.f, 0.f, 0.f, 0.f, 0.f};
     for (i64 c = threadIdx.x; c < C; c += blockDim.x)
       flowmap::norm_jvp_bwd_accum(ldf(xr + c), ldf(txr + c), offset + ldo(sr, c, 0.f), ldo(tsr, c, 0.f),
-                                  ldf(gyr + c), ldf(gtr + c), st, acc);
+                                  ldo(gyr, c, 0.f), ldf(gtr + c), st, acc);
     float v[5] = {acc.gxh, acc.gxh_xh, acc.gt, acc.gt_xh, acc.gt_txh};
     block_sum<5>(v);
     flowmap::NormBwdSums sum{v[0], v[1], v[2], v[3], v[4]};
     const bool first = r == k * rpc;
     for (i64 c = threadIdx.x; c < C; c += blockDim.x) {
-      float d, dt, dsc, dtsc, g = ldf(gyr + c), gtv = ldf(gtr + c);
+      float d, dt, dsc, dtsc, g = ldo(gyr, c, 0.f), gtv = ldf(gtr + c);
       flowmap::norm_jvp_bwd_elem(ldf(xr + c), ldf(txr + c), offset + ldo(sr, c, 0.f), ldo(tsr, c, 0.f), g, gtv, st,
                                  sum, (int)C, center, d, dt, dsc, dtsc);
       stf(dx + r * C + c, d);
@@ -251,7 +251,7 @@ __global__ void gelu_jvp_bwd_kernel(const T* __restrict__ x, i64 rs, const T* __
     for (i64 c = threadIdx.x; c < C; c += blockDim.x) {
       float dz, dtz;
       flowmap::gelu_jvp_bwd_elem(ldf(x + r * rs + c) + ldo(bias, c, 0.f), ldf(tx + r * trs + c) + ldo(tbias, c, 0.f),
-                                 ldf(gy + r * gys + c), ldf(gt + r * gts + c), dz, dtz);
+                                 gy == nullptr ? 0.f : ldf(gy + r * gys + c), ldf(gt + r * gts + c), dz, dtz);
       stf(dx + r * C + c, dz);
       stf(dtx + r * C + c, dtz);
       acc_partial(db, k, C, c, first, dz);
@@ -322,7 +322,8 @@ __global__ void gated_jvp_bwd_kernel(const T* __restrict__ gate, i64 rpg, const 
     for (i64 c = threadIdx.x; c < C; c += blockDim.x) {
       float d, dt, dgv, dtgv;
       flowmap::gated_jvp_bwd_elem(ldf(gr + c), ldf(tgr + c), ldf(y + r * ys + c), ldf(ty + r * tys + c),
-                                  ldf(go + r * gos + c), ldf(gto + r * gtos + c), d, dt, dgv, dtgv);
+                                  go == nullptr ? 0.f : ldf(go + r * gos + c), ldf(gto + r * gtos + c), d, dt, dgv,
+                                  dtgv);
       stf(dy + r * C + c, d);
       stf(dty + r * C + c, dt);
       acc_partial(dg, k, C, c, first, dgv);

@@ -52,6 +52,11 @@ def _table_grad(p, spec: Optional[ModSpec], R: int, rpc: int, dtype):
     return spec.grad(g).to(dtype)
 
 
+def _rows_opt(g):
+    """An output gradient as (R, C) rows, or None (zero: the kernels then read nothing)."""
+    return None if g is None else rows_view(g)
+
+
 def _tab(spec, m):
     return None if m is None else spec.table(m)
 
@@ -155,9 +160,8 @@ class NormJVPFunction(torch.autograd.Function):
                                          cfg.offset, cfg.center, rpc, shift is not None, cfg.backend)
             return (dx.view(cfg.x_shape), None, _table_grad(ds, ss, R, rpc, dt), _table_grad(dh, hs, R, rpc, dt),
                     None, None, None)
-        gy = torch.zeros_like(gt) if gy is None else gy
         dx, dtx, ds, dh, dts, dth = K.norm_jvp_backward(
-            rows_view(x), rows_view(tx), _tab(ss, scale), _tab(ss, tscale), stats, rows_view(gy), rows_view(gt),
+            rows_view(x), rows_view(tx), _tab(ss, scale), _tab(ss, tscale), stats, _rows_opt(gy), rows_view(gt),
             cfg.offset, cfg.center, rpc, shift is not None, cfg.backend)
         return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(ds, ss, R, rpc, dt),
                 _table_grad(dh, hs, R, rpc, dt), _table_grad(dts, ss, R, rpc, dt), _table_grad(dth, hs, R, rpc, dt),
@@ -239,9 +243,8 @@ class GeluJVPFunction(torch.autograd.Function):
         if gt is None:
             dx, db = K.gelu_backward(rows_view(x), _tab(sp, bias), rows_view(gy), rpc, cfg.backend)
             return dx.view(cfg.x_shape), None, _table_grad(db, sp, R, rpc, dt), None, None
-        gy = torch.zeros_like(gt) if gy is None else gy
         dx, dtx, db, dtb = K.gelu_jvp_backward(rows_view(x), rows_view(tx), _tab(sp, bias), _tab(sp, tbias),
-                                               rows_view(gy), rows_view(gt), rpc, cfg.backend)
+                                               _rows_opt(gy), rows_view(gt), rpc, cfg.backend)
         return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(db, sp, R, rpc, dt),
                 _table_grad(dtb, sp, R, rpc, dt), None)
 
@@ -315,9 +318,8 @@ class GatedJVPFunction(torch.autograd.Function):
         if gto is None:
             dy, dg = K.gated_backward(_tab(sp, gate), rows_view(y), rows_view(go), rpc, cfg.backend)
             return go, None, _table_grad(dg, sp, R, rpc, dt), None, dy.view(cfg.x_shape), None, None
-        go_ = torch.zeros_like(gto) if go is None else go
         dy, dty, dg, dtg = K.gated_jvp_backward(_tab(sp, gate), _tab(sp, tgate), rows_view(y), rows_view(ty),
-                                                rows_view(go_), rows_view(gto), rpc, cfg.backend)
+                                                _rows_opt(go), rows_view(gto), rpc, cfg.backend)
         return (go, gto, _table_grad(dg, sp, R, rpc, dt), _table_grad(dtg, sp, R, rpc, dt), dy.view(cfg.x_shape),
                 dty.view(cfg.x_shape), None)
 

@@ -125,7 +125,8 @@ def norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset: float, center
     dt = _acc(x)
     R = x.shape[0]
     xh, txh, r, w = _jvp_row_terms(x, tx, stats, dt)
-    gyf, gtf = gy.to(dt), gt.to(dt)
+    gtf = gt.to(dt)
+    gyf = torch.zeros_like(gtf) if gy is None else gy.to(dt)
     s = _s(scale, R, offset, dt, x)
     g_xh = gyf * s
     if scale is not None:
@@ -190,7 +191,7 @@ def gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc: int):
     _, d1, d2 = _gelu_parts(_z(x, bias, dt))
     tz = _z(tx, tbias, dt)
     gtf = gt.to(dt)
-    dz = gy.to(dt) * d1 + gtf * tz * d2
+    dz = gtf * tz * d2 if gy is None else gy.to(dt) * d1 + gtf * tz * d2
     dtz = gtf * d1
     if bias is not None:
         db, dtb = _partial(dz, rpc), _partial(dtz, rpc)
@@ -230,7 +231,8 @@ def gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc: int):
     dt = _acc(y)
     R = y.shape[0]
     g, tg, yf, tyf = _per_row(gate, R, dt), _per_row(tgate, R, dt), y.to(dt), ty.to(dt)
-    gof, gtof = go.to(dt), gto.to(dt)
+    gtof = gto.to(dt)
+    gof = torch.zeros_like(gtof) if go is None else go.to(dt)
     dy = gof * g + gtof * tg
     dty = gtof * g
     return (dy.to(y.dtype), dty.to(y.dtype), _partial(gof * yf + gtof * tyf, rpc), _partial(gtof * yf, rpc))

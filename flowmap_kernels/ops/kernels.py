@@ -8,6 +8,7 @@ FLOPs (FlopCounterMode): the row-wise ops count 0 (as for every elementwise aten
 count exactly their matrix products: forward+JVP one product on the stacked [x; tx] (2 * 2R * K * N) plus
 x tW^T only when a weight tangent is given; the backward through (y, ty) 2 * 2R * N * K for [gy; gt] W,
 the same for dW = [gy; gt]^T [x; tx], plus gt tW and gt^T x only when the weight has a tangent.
+In the backward through (y, ty) the gradient of the primal output may be None (zero; nothing is read).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def norm_jvp_forward(x: Tensor, tx: Tensor, scale: Optional[Tensor], shift: Opti
 
 @torch.library.custom_op(f"{_LIB}::norm_jvp_backward", mutates_args=())
 def norm_jvp_backward(x: Tensor, tx: Tensor, scale: Optional[Tensor], tscale: Optional[Tensor], stats: Tensor,
-                      gy: Tensor, gt: Tensor, offset: float, center: bool, rpc: int, has_shift: bool,
+                      gy: Optional[Tensor], gt: Tensor, offset: float, center: bool, rpc: int, has_shift: bool,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _impl(backend).norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc, has_shift)
 
@@ -107,7 +108,7 @@ def gelu_jvp_forward(x: Tensor, tx: Tensor, bias: Optional[Tensor], tbias: Optio
 
 
 @torch.library.custom_op(f"{_LIB}::gelu_jvp_backward", mutates_args=())
-def gelu_jvp_backward(x: Tensor, tx: Tensor, bias: Optional[Tensor], tbias: Optional[Tensor], gy: Tensor,
+def gelu_jvp_backward(x: Tensor, tx: Tensor, bias: Optional[Tensor], tbias: Optional[Tensor], gy: Optional[Tensor],
                       gt: Tensor, rpc: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _impl(backend).gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc)
 
@@ -151,7 +152,7 @@ def gated_jvp_forward(x: Tensor, tx: Tensor, gate: Tensor, tgate: Tensor, y: Ten
 
 
 @torch.library.custom_op(f"{_LIB}::gated_jvp_backward", mutates_args=())
-def gated_jvp_backward(gate: Tensor, tgate: Tensor, y: Tensor, ty: Tensor, go: Tensor, gto: Tensor, rpc: int,
+def gated_jvp_backward(gate: Tensor, tgate: Tensor, y: Tensor, ty: Tensor, go: Optional[Tensor], gto: Tensor, rpc: int,
                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _impl(backend).gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc)
 

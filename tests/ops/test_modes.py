@@ -183,3 +183,61 @@ def test_linear_jvp_backward_flops_are_exact():
             loss.backward()
     counts = fc.get_flop_counts()["Global"]
     assert counts[torch.ops.flowmap_kernels.linear_jvp_backward] == 2 * (2 * R) * N * K * 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "extension"])
+def test_primal_functions_jvp_rules(backend):
+    """The public ops unpack dual inputs themselves; the primal Functions' own jvp rules (used when an op is
+    reached another way) must agree, and their tangents must be differentiable."""
+    from flowmap_kernels.ops import autograd as A
+    from flowmap_kernels.ops._shapes import ModSpec
+    from tests.ops.helpers import ref_gated_residual, ref_gelu_tanh
+    dt = torch.float32
+    prim, tang = make_inputs([(2, 3, 37), (2, 1, 37), (2, 1, 37)], dt, seed=11)
+    x, a, b = prim
+    spec_a, spec_b = ModSpec.of(a, x), ModSpec.of(b, x)
+    ncfg = A.NormCfg(True, 1.0, 1e-6, spec_b, spec_a, tuple(x.shape), 6, 3, backend)
+    rcfg_g = A.RowCfg(spec_a, tuple(x.shape), 6, 3, backend)
+    bias = torch.randn(37)
+    rcfg_b = A.RowCfg(ModSpec.of(bias, x), tuple(x.shape), 6, 2, backend)
+    w = torch.randn(5, 37) * 0.2
+    cases = [
+        (lambda x_, a_, b_: A.NormFunction.apply(x_, b_, a_, ncfg)[0], ref_modulated_layer_norm),
+        (lambda x_, a_, b_: A.GatedFunction.apply(x_, a_, b_.expand_as(x_) * x_, rcfg_g),
+         lambda x_, a_, b_: ref_gated_residual(x_, a_, b_.expand_as(x_) * x_)),
+        (lambda x_, a_, b_: A.GeluFunction.apply(x_ * (1 + b_), bias, rcfg_b),
+         lambda x_, a_, b_: ref_gelu_tanh(x_ * (1 + b_), bias.double())),
+        (lambda x_, a_, b_: A.LinearFunction.apply(x_ + a_, w, None, backend),
+         lambda x_, a_, b_: (x_ + a_) @ w.double().t()),
+    ]
+    from tests.ops.helpers import check_op
+    for fn, ref in cases:
+        check_op(fn, ref, prim, tang, dt)
+
+
+@pytest.mark.parametrize("backend", ["torch", "extension"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loss_on_the_tangent_only(backend, dtype):
+    """dL/dy is None (zero, not read by the kernels) when only the tangent enters the loss."""
+    from tests.ops.helpers import ref_gated_residual, ref_gelu_tanh, ref_rms_norm, TOL
+    cases = [
+        (ops.modulated_layer_norm, ref_modulated_layer_norm, [(2, 3, 72), (2, 1, 72), (2, 1, 72)]),
+        (ops.rms_norm, ref_rms_norm, [(2, 3, 72), (72,)]),
+        (ops.gelu_tanh, ref_gelu_tanh, [(2, 3, 72), (72,)]),
+        (ops.gated_residual, ref_gated_residual, [(2, 3, 72), (2, 1, 72), (2, 3, 72)]),
+    ]
+    for fn, ref, shapes in cases:
+        prim, tang = make_inputs(shapes, dtype, seed=13)
+        wt = torch.randn(shapes[0], dtype=torch.float64)
+        grads = []
+        for f, ps, ts in ((fn, prim, tang), (ref, [p.double() for p in prim], [t.double() for t in tang])):
+            ps = [p.clone().requires_grad_() for p in ps]
+            ts = [t.clone().requires_grad_() for t in ts]
+            with use_backend(backend):
+                _, ty = torch.func.jvp(f, tuple(ps), tuple(ts))
+                grads.append(torch.autograd.grad((ty.double() * wt).sum(), ps + ts, allow_unused=True))
+        for a, b in zip(*grads):
+            if b is None:
+                assert a is None or a.abs().max() == 0
+            else:
+                assert rel_err(a, b) <= TOL[dtype]
