@@ -6,12 +6,14 @@ Attention that works under torch.func.jvp with a differentiable tangent (``atten
 from .attention import attention, attention_jvp
 from .backends import BACKEND_NAMES, get_backend, set_backend, use_backend
 from .info import build_info
+from .integrations import install as install_sdpa_patch
 from .integrations import patch_sdpa
+from .integrations import uninstall as uninstall_sdpa_patch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "attention_jvp", "use_backend", "set_backend", "get_backend", "build_info", "BACKEND_NAMES",
-    "patch_sdpa",
+    "patch_sdpa", "install_sdpa_patch", "uninstall_sdpa_patch",
     "__version__",
 ]
