@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method DEFAULTS entry (JSON value), repeatable")
     p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="end this invocation after this many total steps (checkpointed; no evaluation); "
+                        "the LR schedule still follows --steps, so --resume continues the same trajectory")
     p.add_argument("--eval-samples", type=int, default=10000)
     p.add_argument("--no-eval", action="store_true", help="skip sampling/metrics/figures")
     p.add_argument("--no-progress", action="store_true")
@@ -120,22 +123,10 @@ def build_model(args, ds) -> torch.nn.Module:
     if ds.kind != "image":
         raise ValueError(f"--model dit: needs image data, {ds.name!r} is {ds.kind}")
     if not _has_dit():
-        raise ValueError("--model dit: flowmap_kernels.nn.DiT is not available")
-    from .nn import DiT
-    return _make_dit(DiT, ds, ncls)
-
-
-def _make_dit(DiT, ds, ncls):
-    c, h, w = ds.shape
-    import inspect
-    params = inspect.signature(DiT).parameters
-    kw = {}
-    for name, val in (("in_channels", c), ("input_size", h), ("img_size", h), ("image_size", h),
-                      ("patch_size", 2), ("hidden_size", 128), ("dim", 128), ("depth", 4),
-                      ("num_heads", 4), ("heads", 4), ("num_classes", ncls)):
-        if name in params:
-            kw[name] = val
-    return DiT(**kw)
+        raise ValueError("--model dit: flowmap_kernels.nn.DiT is not importable")
+    from .nn import dit_tiny
+    c, h, _ = ds.shape
+    return dit_tiny(input_size=h, in_channels=c, num_classes=ds.num_classes or 1)
 
 
 def _check_out(out: Path) -> None:
@@ -229,7 +220,8 @@ def run(args) -> dict:
         bar = tqdm(total=args.steps, initial=step, desc=f"{args.method}/{args.data}", dynamic_ncols=True)
     params = list(model.parameters())
     t0 = time.time()
-    while step < args.steps:
+    stop = min(args.steps, args.stop_after) if args.stop_after > 0 else args.steps
+    while step < stop:
         for gparam in opt.param_groups:
             gparam["lr"] = _lr_at(args, step)
         x0, y = ds.sample(args.batch, generator=data_gen, with_labels=True)
@@ -265,7 +257,7 @@ def run(args) -> dict:
             bar.update(1)
             if step % 25 == 0 or step == args.steps:
                 bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}")
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or step == stop:
             train_time += time.time() - t0
             t0 = time.time()
             st = checkpoint_state(step)
@@ -275,7 +267,7 @@ def run(args) -> dict:
     if bar is not None:
         bar.close()
     in_sync = params_in_sync(model) and params_in_sync(ema.module)
-    if not info.is_main:
+    if not info.is_main or stop < args.steps:
         return {}
     metrics = {"method": args.method, "data": args.data, "steps": args.steps, "batch_per_rank": args.batch,
                "world_size": info.world_size, "ranks_in_sync": in_sync,
