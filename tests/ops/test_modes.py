@@ -241,3 +241,19 @@ def test_loss_on_the_tangent_only(backend, dtype):
                 assert a is None or a.abs().max() == 0
             else:
                 assert rel_err(a, b) <= TOL[dtype]
+
+
+def _tangent_gradcheck(ln):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, dtype=F64, generator=g).requires_grad_()
+    tx = torch.randn(3, 7, dtype=F64, generator=g)
+    return torch.autograd.gradcheck(lambda a: torch.func.jvp(ln, (a,), (tx,))[1], (x,), raise_exception=False)
+
+
+def test_pytorch_layer_norm_tangent_derivative_is_wrong():
+    """PyTorch 2.13: the derivative of F.layer_norm's forward-mode tangent is wrong (gradcheck fails in
+    float64), which is why naive.layer_norm is written with mean/var ops. If this starts failing, PyTorch
+    has fixed it."""
+    from flowmap_kernels.ops import naive
+    assert _tangent_gradcheck(lambda a: naive.layer_norm(a, 1e-6))
+    assert not _tangent_gradcheck(lambda a: torch.nn.functional.layer_norm(a, (7,), eps=1e-6))
