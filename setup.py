@@ -119,4 +119,11 @@ def _cmdclass():
     return {"build_ext": Build.with_options(use_ninja=True)}
 
 
-setup(ext_modules=_extensions(), cmdclass=_cmdclass())
+try:
+    import torch  # noqa: F401  (the extensions build against the installed torch)
+except ImportError:  # e.g. an isolated build: install the pure-Python package, the "torch" backend serves
+    warnings.warn("flowmap_kernels: torch is not importable at build time; building without the compiled "
+                  "extensions (use pip install --no-build-isolation with torch installed)")
+    setup()
+else:
+    setup(ext_modules=_extensions(), cmdclass=_cmdclass())
