@@ -135,3 +135,21 @@ def test_adaln_zero_initialisation_outputs_zero():
     model = dit_tiny()
     x = torch.randn(2, 1, 8, 8)
     assert torch.count_nonzero(model(x, torch.zeros(2), torch.ones(2))) == 0
+
+
+def test_dit_jvp_along_parameters():
+    """Weight tangents (functional_call): tW x products appear only where the weights have tangents."""
+    torch.manual_seed(0)
+    model = dit_tiny(hidden_size=32, num_heads=2, qk_norm=True)
+    _randomise(model, 6)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(7)
+    tangents = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+    x, s, t = torch.randn(2, 1, 8, 8), torch.rand(2), torch.rand(2)
+    f = lambda p: torch.func.functional_call(model, p, (x, s, t))  # noqa: E731
+    res = {}
+    for backend in ("auto", "naive"):
+        with fk.use_backend(backend):
+            res[backend] = torch.func.jvp(f, (params,), (tangents,))
+    for a, b in zip(res["auto"], res["naive"]):
+        assert _rel(a, b) < TOL
