@@ -17,3 +17,11 @@ __all__ = [
     "patch_sdpa", "install_sdpa_patch", "uninstall_sdpa_patch",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    """Submodules on first use: fk.ops, fk.nn, fk.methods, fk.bench."""
+    if name in ("ops", "nn", "methods", "bench"):
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'flowmap_kernels' has no attribute {name!r}")
