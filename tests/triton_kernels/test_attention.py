@@ -80,6 +80,7 @@ CASES = {
     "D64-L1": ((1, 2, 1, 64), (2, 1), 64, False, None, None),
     "D32-1x17-causal": ((1, 3, 1, 32), (1, 17), 32, True, None, None),
     "D80-40x90-boolkeys-gqa": ((1, 4, 40, 80), (1, 90), 80, False, "bool_keys", None),
+    "D32-50x30-causal": ((2, 2, 50, 32), (2, 30), 32, True, None, None),  # Lq > Lk, top-left aligned
 }
 
 
@@ -228,6 +229,11 @@ def test_registry_routes_cpu_only_when_named():
     assert impl.supports(explicit=True, device=q.device, dtype=q.dtype, head_dim=16, v_head_dim=16) is None
     assert "float64" in impl.supports(explicit=True, device=q.device, dtype=torch.float64, head_dim=16,
                                       v_head_dim=16)
+    cuda = torch.device("cuda")  # supports() only reads the device type: checkable without a GPU
+    assert impl.supports(explicit=True, device=cuda, dtype=torch.bfloat16, head_dim=128, v_head_dim=128) is None
+    assert impl.supports(explicit=True, device=cuda, dtype=torch.float32, head_dim=32, v_head_dim=32) is None
+    reason = impl.supports(explicit=True, device=cuda, dtype=torch.float32, head_dim=64, v_head_dim=64)
+    assert reason is not None and "'torch'" in reason
     with pytest.raises(ValueError, match="head dim"):
         ta.forward(torch.randn(1, 1, 4, 272), torch.randn(1, 1, 4, 272), torch.randn(1, 1, 4, 16), None, False, 1.0)
 
