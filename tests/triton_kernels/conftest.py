@@ -1,8 +1,11 @@
 """Set-up for the Triton kernel tests: Triton's CPU interpreter, with its bfloat16 arithmetic fixed.
 
-TRITON_INTERPRET=1 must be in the environment before a @triton.jit decorator runs (the decorator picks
-the interpreter then), so it is set here at import time, and the kernels' module is re-imported if an
-earlier test imported it for a GPU build.
+TRITON_INTERPRET=1 must be in the environment when a @triton.jit decorator runs (the decorator picks
+the interpreter then), so it is set here at import time while the kernels' module is imported (and
+re-imported if an earlier test imported it for a GPU build). The registry reads the variable at call time
+(it lets CPU tensors reach the "triton" backend only under the interpreter), so it is set for each test
+of this folder by an autouse fixture and restored afterwards: tests elsewhere in the same session see
+the environment they started with (e.g. a named "triton" backend on CPU tensors falling back).
 
 The interpreter stores bfloat16 as raw uint16 patterns; Triton 3.9's ``create_dot`` multiplies those
 patterns as integers, and its float32 -> bfloat16 conversion truncates where a GPU rounds to nearest
@@ -15,6 +18,7 @@ import importlib
 import os
 import sys
 
+_PRIOR = os.environ.get("TRITON_INTERPRET")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
@@ -26,17 +30,59 @@ _MODULE = "flowmap_kernels.triton_kernels.attention"
 
 
 def ensure_interpreted_kernels():
-    """The kernels' module, imported (or re-imported) while TRITON_INTERPRET=1."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "TRITON_INTERPRET must be 1 for these tests"
+    """The kernels' module, imported (or re-imported) with TRITON_INTERPRET=1."""
     mod = sys.modules.get(_MODULE)
-    if mod is None:
-        return importlib.import_module(_MODULE)
-    if not isinstance(mod._attn_fwd, _interp.InterpretedFunction):
-        mod = importlib.reload(mod)
-    return mod
+    if mod is not None and isinstance(mod._attn_fwd, _interp.InterpretedFunction):
+        return mod
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module(_MODULE) if mod is None else importlib.reload(mod)
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 ensure_interpreted_kernels()
+
+
+@contextlib.contextmanager
+def interpreter_env():
+    """TRITON_INTERPRET=1 inside the block (for @triton.jit decorations and registry checks)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def interpreted_jit(fn):
+    """triton.jit(fn) as an interpreted function whatever the environment."""
+    import triton
+    with interpreter_env():
+        return triton.jit(fn)
+
+
+if _PRIOR is None:  # kernels are decorated: give the rest of the session its environment back
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+@pytest.fixture(autouse=True)
+def _interpret_env():
+    """TRITON_INTERPRET=1 during the test; the registry's cached availability of "triton" is
+    re-evaluated before and after (another test may have probed it without the interpreter)."""
+    from flowmap_kernels.attention.registry import ATTENTION
+    impl = ATTENTION.impls["triton"]
+    with interpreter_env():
+        impl._available_cache = None
+        yield
+    impl._available_cache = None
 
 _Builder = _interp.InterpreterBuilder
 _ORIGINAL = {"create_dot": _Builder.create_dot, "cast_impl": _Builder.cast_impl,
@@ -101,8 +147,9 @@ def bf16_interpreter(fixed: bool):
             setattr(_Builder, name, fn)
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="package")
 def bf16_interpreter_fix():
-    """Every test in this folder runs with the bfloat16 fix; the proof test switches it off locally."""
+    """Every test in this folder runs with the bfloat16 fix (removed after the folder); the proof test
+    switches it off locally."""
     with bf16_interpreter(True):
         yield

@@ -1,12 +1,10 @@
 """Proof that the conftest's bfloat16 fix is needed and works: a bf16 tl.dot and a float32 -> bf16 cast."""
 import torch
-import triton
 import triton.language as tl
 
-from .conftest import bf16_interpreter
+from .conftest import bf16_interpreter, interpreted_jit
 
 
-@triton.jit
 def _dot_and_cast(A, B, C, X, Y, N: tl.constexpr):
     r = tl.arange(0, N)
     a = tl.load(A + r[:, None] * N + r[None, :])
@@ -14,6 +12,9 @@ def _dot_and_cast(A, B, C, X, Y, N: tl.constexpr):
     tl.store(C + r[:, None] * N + r[None, :], tl.dot(a, b))          # bf16 x bf16 -> fp32
     x = tl.load(X + r[:, None] * N + r[None, :])                      # fp32
     tl.store(Y + r[:, None] * N + r[None, :], x.to(tl.bfloat16))      # fp32 -> bf16
+
+
+_dot_and_cast = interpreted_jit(_dot_and_cast)
 
 
 def _run(n=16):
