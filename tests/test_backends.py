@@ -61,7 +61,7 @@ def test_use_backend_is_thread_local():
 def test_triton_named_on_cpu_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     impl = ATTENTION.impls["triton"]
-    if not impl.is_available():
+    if not impl.is_available():  # triton not installed
         with pytest.raises(BackendUnavailableError, match=r"attention: backend 'triton' is not available"):
             resolve_backend(_problem(), "triton")
     else:

@@ -222,8 +222,9 @@ def test_nested_tensors_fall_back():
     assert fallback_counts() == {"nested": 1}
 
 
-def test_explicit_backend_that_cannot_run_falls_back():
+def test_explicit_backend_that_cannot_run_falls_back(monkeypatch):
     import flowmap_kernels as fk
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # else "triton" runs CPU tensors interpreted
     q, k, v = _qkv(dtype=torch.float32)
     want = ORIGINAL(q, k, v)
     with fk.use_backend("triton"), patch_sdpa(), warnings.catch_warnings():
