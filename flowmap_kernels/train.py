@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", default="tvm", help=f"one of {sorted(METHODS)}")
     p.add_argument("--data", default="checkerboard", help=f"one of {sorted(DATASETS)}")
-    p.add_argument("--steps", type=int, default=2000, help="total optimisation steps (also the target of --resume)")
-    p.add_argument("--batch", type=int, default=1024, help="batch size per rank")
+    p.add_argument("--steps", type=int, default=3000, help="total optimisation steps (also the target of --resume)")
+    p.add_argument("--batch", type=int, default=512, help="batch size per rank")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
                    help="cosine: decay to 1%% of --lr over --steps after a 2%% linear warm-up")
@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", choices=["auto", "mlp", "dit"], default="auto",
                    help="auto: MLP for 2D data, flowmap_kernels.nn.DiT for images when available")
-    p.add_argument("--width", type=int, default=256, help="MLP hidden width")
-    p.add_argument("--depth", type=int, default=4, help="MLP residual blocks")
+    p.add_argument("--width", type=int, default=128, help="MLP hidden width")
+    p.add_argument("--depth", type=int, default=3, help="MLP residual blocks")
     p.add_argument("--cond", action="store_true", help="class-conditional (labels as model(..., y=))")
     p.add_argument("--teacher", choices=["auto", "self", "ema"], default="auto",
                    help="stop-gradient teacher for tvm/lsd/esd/shortcut (auto: the method's TEACHER)")

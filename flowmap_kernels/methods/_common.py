@@ -33,16 +33,18 @@ def sample_times(n: int, dist: str, mu: float, sigma: float, *, device=None, dty
 
 
 def sample_pair(n: int, c: dict, *, device=None, dtype=torch.float32, generator=None):
-    """(s, t) with s >= t (source noisier than target): two draws from c['time_dist'], sorted; then a
-    fraction 1 - c['ratio_neq'] of the pairs is set to t = s (the flow-matching diagonal)."""
+    """(s, t) with s >= t (source noisier than target): two draws a, b from c['time_dist']; a fraction
+    c['ratio_neq'] of the pairs is (max(a, b), min(a, b)), the rest sit on the flow-matching diagonal
+    s = t = a. (MeanFlow's recipe puts the diagonal at max(a, b); that skews the diagonal towards noise,
+    density 2s for uniform draws, and starves the velocity near the data: measured on checkerboard, a
+    pure-diagonal run reached Euler-64 SWD 0.143 against 0.080 for flow matching after 1000 steps.)"""
     a = sample_times(n, c["time_dist"], c["time_mu"], c["time_sigma"], device=device, dtype=dtype, generator=generator)
     b = sample_times(n, c["time_dist"], c["time_mu"], c["time_sigma"], device=device, dtype=dtype, generator=generator)
-    s, t = torch.maximum(a, b), torch.minimum(a, b)
     ratio = c["ratio_neq"]
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio_neq: expected a fraction in [0, 1], got {ratio}")
     keep = torch.rand(n, device=device, dtype=dtype, generator=generator) < ratio
-    return s, torch.where(keep, t, s)
+    return torch.where(keep, torch.maximum(a, b), a), torch.where(keep, torch.minimum(a, b), a)
 
 
 def interpolate(x0, eps, s):

@@ -62,6 +62,6 @@ def times(n, dist, mu, sigma, g, dtype=torch.float64):
 def pair(n, c, g, dtype=torch.float64):
     a = times(n, c["time_dist"], c["time_mu"], c["time_sigma"], g, dtype)
     b = times(n, c["time_dist"], c["time_mu"], c["time_sigma"], g, dtype)
-    s, t = torch.maximum(a, b), torch.minimum(a, b)
     keep = torch.rand(n, generator=g, dtype=dtype) < c["ratio_neq"]
-    return s, torch.where(keep, t, s)
+    s = torch.where(keep, torch.maximum(a, b), a)
+    return s, torch.where(keep, torch.minimum(a, b), a)
