@@ -167,12 +167,24 @@ def current_arch(device=None) -> str:
     return arch_family(torch.cuda.get_device_capability(device))
 
 
-def get_config(kernel: str, head_dim: int, element_bytes: int, arch: str,
-               v_head_dim: Optional[int] = None) -> Config:
-    """The launch config of ``kernel`` for head dims (D, Dv), element size in bytes and arch family.
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "fp16": 2, "bf16": 2, "fp32": 4}
 
-    ``arch`` is "sm80", "sm90" or "interpret". Raises ValueError for an unknown kernel or arch.
+
+def get_config(kernel: str, head_dim: int, element_bytes, arch: str,
+               v_head_dim: Optional[int] = None) -> Config:
+    """The launch config of ``kernel`` for head dims (D, Dv), dtype and arch family.
+
+    ``element_bytes``: 2 or 4, or a dtype (torch.bfloat16, "bf16", "float32", ...). ``arch`` is
+    "sm80", "sm90" (or a compute capability like (9, 0) or "sm_90a") or "interpret".
+    Raises ValueError for an unknown kernel, dtype or arch.
     """
+    if not isinstance(element_bytes, int):
+        name = str(element_bytes).replace("torch.", "")
+        if name not in _DTYPE_BYTES:
+            raise ValueError(f"element_bytes: expected 2, 4 or a float16/bfloat16/float32 dtype, got {element_bytes!r}")
+        element_bytes = _DTYPE_BYTES[name]
+    if isinstance(arch, (tuple, list)) or (isinstance(arch, str) and arch.startswith("sm_")):
+        arch = arch_family(arch if isinstance(arch, (tuple, list)) else (int(arch[3]), 0))
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if _override:

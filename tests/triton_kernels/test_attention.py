@@ -247,6 +247,11 @@ def test_config_table_lookup():
                     assert c.block_m >= 16 and c.block_n >= 16 and c.num_warps in (4, 8)
     assert configs.head_dim_bucket(72) == 128 and configs.head_dim_bucket(48, 80) == 128
     assert configs.get_config("forward", 64, 2, "interpret") == configs.INTERPRETER_CONFIG
+    assert configs.get_config("jvp_forward", 128, torch.bfloat16, (9, 0)) == configs.get_config(
+        "jvp_forward", 128, 2, "sm90") == configs.get_config("jvp_forward", 128, "bf16", "sm_90a")
+    assert configs.get_config("jvp_forward", 72, 2, "sm90") == configs.ODD_TABLE[("jvp_forward", "sm90")][(128, 2)]
+    with pytest.raises(ValueError, match="element_bytes"):
+        configs.get_config("forward", 64, torch.int8, "sm90")
     with pytest.raises(ValueError, match="kernel"):
         configs.get_config("nope", 64, 2, "sm90")
     with pytest.raises(ValueError, match="arch"):
