@@ -47,7 +47,7 @@ EVAL_SEED = 20261122
 # starts, so 2D runs draw times uniformly; their adaptively weighted losses train better unclipped.
 PRESETS_2D = {
     "meanflow": {"cfg": {"time_dist": "uniform", "ratio_neq": 0.5}, "grad_clip": 0.0},
-    "imf": {"cfg": {"time_dist": "uniform", "ratio_neq": 0.5}, "grad_clip": 0.0},
+    "imf": {"cfg": {"time_dist": "uniform", "ratio_neq": 0.5}},
     "scm": {"cfg": {}, "grad_clip": 0.0},
 }
 CHECKPOINT = "checkpoint.pt"
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: MLP for 2D data, flowmap_kernels.nn.DiT for images when available")
     p.add_argument("--width", type=int, default=128, help="MLP hidden width")
     p.add_argument("--depth", type=int, default=3, help="MLP residual blocks")
+    p.add_argument("--time-freq", type=float, default=32.0, help="MLP: highest time-embedding frequency")
     p.add_argument("--cond", action="store_true", help="class-conditional (labels as model(..., y=))")
     p.add_argument("--teacher", choices=["auto", "self", "ema"], default="auto",
                    help="stop-gradient teacher for tvm/lsd/esd/shortcut (auto: the method's TEACHER)")
@@ -131,7 +132,7 @@ def build_model(args, ds) -> torch.nn.Module:
     if kind == "auto":
         kind = "mlp" if ds.kind == "2d" or not _has_dit() else "dit"
     if kind == "mlp":
-        return MLPFlowMap(ds.shape, hidden=args.width, depth=args.depth, num_classes=ncls)
+        return MLPFlowMap(ds.shape, hidden=args.width, depth=args.depth, num_classes=ncls, max_freq=args.time_freq)
     if ds.kind != "image":
         raise ValueError(f"--model dit: needs image data, {ds.name!r} is {ds.kind}")
     if not _has_dit():
