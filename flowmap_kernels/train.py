@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip sampling/metrics/figures")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--backend", default="auto",
+                   help="kernel backend for fk.attention and the fused ops (auto, naive, torch, triton, extension)")
     return p
 
 
@@ -189,6 +191,9 @@ def run(args) -> dict:
         raise ValueError("--device cuda: no CUDA device is available")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    from .backends import BACKEND_NAMES
+    if args.backend not in BACKEND_NAMES:
+        raise ValueError(f"--backend: expected one of {list(BACKEND_NAMES)}, got {args.backend!r}")
     info = init_distributed(args.device)
     device = torch.device(f"cuda:{info.local_rank}" if args.device == "cuda" else "cpu")
     out = Path(args.out or f"runs/{args.method}_{args.data}")
@@ -297,7 +302,8 @@ def run(args) -> dict:
                               if k not in ("teacher", "generator", "step")},
                "teacher": teacher_mode if "teacher" in method.DEFAULTS else None, "grad_clip": args.grad_clip,
                "lr": args.lr, "lr_schedule": args.lr_schedule, "ema_decay": args.ema_decay,
-               "params": sum(p.numel() for p in model.parameters()), "device": str(device)}
+               "params": sum(p.numel() for p in model.parameters()), "device": str(device),
+               "backend": args.backend}
     if not args.no_eval:
         metrics.update(evaluate(method, ds, model, ema.module, out, args, device))
     metrics["wall_time_s"] = round(time.time() - t_start, 3)
@@ -369,7 +375,11 @@ def main(argv=None) -> int:
     try:
         get_method(args.method)
         get_dataset(args.data)
-        metrics = run(args)
+        from .backends import BACKEND_NAMES, use_backend
+        if args.backend not in BACKEND_NAMES:
+            raise ValueError(f"--backend: expected one of {list(BACKEND_NAMES)}, got {args.backend!r}")
+        with use_backend(args.backend):
+            metrics = run(args)
     except (ValueError, PermissionError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
