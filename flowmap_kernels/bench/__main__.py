@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--json", default=None, help="write the records as JSON to this path")
     f.add_argument("--csv", default=None, help="write a flat CSV to this path")
     f.add_argument("--plot", default=None, help="write a PNG bar chart to this path")
+    f.add_argument("--markdown", default=None, help="write markdown tables (methods, unit costs) to this path")
     f.add_argument("--quiet", action="store_true", help="no per-record progress lines")
     return p
 
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import torch
     from .fpe import run_fpe
-    from .report import format_table, write_csv, write_json, write_plot
+    from .report import format_table, markdown_tables, write_csv, write_json, write_plot
     if args.threads < 0:
         print(f"error: threads: expected >= 0, got {args.threads}", file=sys.stderr)
         return 2
@@ -62,6 +63,9 @@ def main(argv=None) -> int:
         write_csv(records, args.csv)
     if args.plot:
         write_plot(records, args.plot)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(markdown_tables(records) + "\n")
     return 1 if any(r.get("error") for r in records) else 0
 
 

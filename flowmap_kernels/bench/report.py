@@ -136,3 +136,43 @@ def write_plot(records: list, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def markdown_tables(records: list) -> str:
+    """Markdown: the per-method table (both backends side by side) and the unit-cost table."""
+    backends = list(dict.fromkeys(r["backend"] for r in records))
+    keys = list(dict.fromkeys(_key(r) for r in records))
+    by = {(_key(r), r["backend"]): r for r in records}
+    head = "| method | variant | batching | nominal | explained as |"
+    sep = "| --- | --- | --- | ---: | --- |"
+    for b in backends:
+        head += f" FLOP-FPE {b} | FLOP-FPE executed {b} | time-FPE {b} (wall / CPU) | peak mem {b} |"
+        sep += " ---: | ---: | ---: | ---: |"
+    lines = [head, sep]
+    for k in keys:
+        r0 = next(by[(k, b)] for b in backends if (k, b) in by)
+        line = f"| {k[0]} | {k[1]} | {k[2]} | {_f(r0.get('nominal_fpe'), '.0f')} | {r0.get('explanation') or ''} |"
+        for b in backends:
+            r = by.get((k, b))
+            if r is None or r.get("error"):
+                line += " error | | | |"
+                continue
+            line += (f" {_f(r.get('flop_fpe'), '.3f')} | {_f(r.get('flop_fpe_executed'), '.3f')} | "
+                     f"{_f(r.get('time_fpe'), '.2f')} / {_f(r.get('time_fpe_cpu'), '.2f')} | "
+                     f"{fmt_bytes(r.get('peak_mem_bytes'))} |")
+        lines.append(line)
+    lines.append("")
+    units = [u for u in records[0].get("unit_fpe", {})]
+    if units:
+        lines.append("| unit | nominal | " + " | ".join(f"{b} FLOP-FPE | {b} executed" for b in backends) + " |")
+        lines.append("| --- | ---: |" + " ---: | ---: |" * len(backends))
+        from .fpe import UNIT_NOMINAL
+        first = {b: next(r for r in records if r["backend"] == b) for b in backends}
+        for u in units:
+            nom = UNIT_NOMINAL.get(u.split(":")[0])
+            row = f"| {u} | {nom} |"
+            for b in backends:
+                uf = first[b]["unit_flops"]
+                row += f" {uf[u] / uf['F']:.3f} | {uf[u + '/executed'] / uf['F/executed']:.3f} |"
+            lines.append(row)
+    return "\n".join(lines)

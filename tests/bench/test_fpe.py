@@ -15,7 +15,7 @@ import flowmap_kernels as fk
 from flowmap_kernels.bench import RECORD_FIELDS, build_model, run_fpe
 from flowmap_kernels.bench.counting import count_flops
 from flowmap_kernels.bench.meta import metadata, nvml_info
-from flowmap_kernels.bench.report import format_table, write_csv, write_json, write_plot
+from flowmap_kernels.bench.report import format_table, markdown_tables, write_csv, write_json, write_plot
 from flowmap_kernels.methods import METHODS
 
 from .helpers import build_allgrad
@@ -120,6 +120,8 @@ def test_records_fields_json_csv_plot(tmp_path):
     assert len(rows) == 3 and float(rows[0]["flop_fpe"]) == pytest.approx(recs[0]["flop_fpe"])
     write_plot(recs, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = markdown_tables(recs)
+    assert "| shortcut | default | recommended |" in md and "| JBJ:t | 6 |" in md
     table = format_table(recs)
     assert "shortcut" in table and "recommended" in table and "auto FLOP" in table
 
