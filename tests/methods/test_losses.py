@@ -62,7 +62,7 @@ def ref_imf(model, x0, g, c):
     with torch.no_grad():
         vh = model(xs, s, s)
         dV = _fd(model, xs, s, t, vh, torch.ones_like(s), torch.zeros_like(t))
-    W = model(xs, s, t) + _b(t - s, x0) * dV
+    W = model(xs, s, t) - _b(t - s, x0) * dV  # v = V - (t - s) dV/ds
     return _mse(W, v).mean()
 
 
@@ -234,3 +234,37 @@ def test_class_conditional_labels_reach_the_model():
         a, _ = METHODS[name].loss(model, x0, cond=y0, generator=torch.Generator().manual_seed(1))
         b, _ = METHODS[name].loss(model, x0, cond=y1, generator=torch.Generator().manual_seed(1))
         assert float(a) != float(b), name
+
+
+class GaussianFlowMap(torch.nn.Module):
+    """The exact average velocity for data N(0, sig^2 I): x_t = x_s a(t)/a(s), a(u) = sqrt((1-u)^2 sig^2 + u^2)."""
+
+    sig = 0.5
+
+    def a(self, u):
+        return torch.sqrt((1 - u) ** 2 * self.sig ** 2 + u ** 2)
+
+    def forward(self, x, s, t, y=None):
+        d = t - s
+        safe = torch.where(d.abs() < 1e-12, torch.ones_like(d), d)
+        ratio = (self.a(t) / self.a(s) - 1) / safe
+        inst = ((s - 1) * self.sig ** 2 + s) / self.a(s) ** 2  # a'(s)/a(s), the s = t limit
+        return x * _b(torch.where(d.abs() < 1e-12, inst, ratio), x)
+
+
+def test_consistency_rules_vanish_on_the_exact_flow_map():
+    """Sign check of every rule in the project convention, on an exactly known flow map: the
+    Lagrangian (TVM/LSD) and Eulerian (ESD) residuals and the shortcut term are zero, and iMF's
+    compound velocity W equals the marginal velocity V(x, s, s)."""
+    model = GaussianFlowMap()
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * model.sig
+    for name, key in (("tvm", "lagrangian"), ("lsd", "lagrangian"), ("esd", "eulerian"), ("shortcut", "sc")):
+        _, logs = METHODS[name].loss(model, x0, generator=torch.Generator().manual_seed(1))
+        assert float(logs[key]) < 1e-18, (name, float(logs[key]))
+    s = torch.rand(64, dtype=torch.float64) * 0.9 + 0.1
+    t = s * torch.rand(64, dtype=torch.float64)
+    xs = torch.randn(64, 2, dtype=torch.float64)
+    v = model(xs, s, s)
+    V, dV = torch.func.jvp(lambda a, b, c: model(a, b, c), (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
+    assert torch.allclose(V - _b(t - s, xs) * dV, v, atol=1e-12)  # iMF: W = V - (t - s) dV/ds = v
+    assert torch.allclose(v + _b(t - s, xs) * dV, V, atol=1e-12)  # MeanFlow's target equals V
