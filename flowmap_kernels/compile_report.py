@@ -223,6 +223,42 @@ def _compile_one(task) -> dict:
     raise ValueError(f"kernels: no launch named {name!r}")
 
 
+def _compile_in_subprocesses(tasks: list, workers: int) -> list:
+    """Run :func:`_compile_one` on ``tasks`` in ``workers`` fresh Python processes.
+
+    Fresh processes with TRITON_INTERPRET=0: Triton decorates its own language functions for the CPU
+    interpreter when triton.language is first imported with TRITON_INTERPRET=1 (as in the test suite),
+    and such a process cannot compile for a GPU target any more."""
+    if not tasks:
+        return []
+    import flowmap_kernels
+    root = str(Path(flowmap_kernels.__file__).resolve().parents[1])
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    n = max(1, min(workers, len(tasks)))
+    chunks = [tasks[i::n] for i in range(n)]
+    procs = [subprocess.Popen([sys.executable, "-m", "flowmap_kernels.compile_report", "--worker"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in chunks]
+    outs = [p.communicate(json.dumps(c)) for p, c in zip(procs, chunks)]
+    by_task = {}
+    for p, c, (out, err) in zip(procs, chunks, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"compile worker failed (exit {p.returncode}):\n{err[-4000:]}")
+        recs = json.loads(out.strip().splitlines()[-1])
+        for t, r in zip(c, recs):
+            by_task[tuple(t)] = r
+    return [by_task[tuple(t)] for t in tasks]
+
+
+def _worker_main() -> int:
+    """--worker: compile the JSON list of tasks on stdin, print the records as one JSON line."""
+    tasks = [tuple(t) for t in json.loads(sys.stdin.read())]
+    print(json.dumps([_compile_one(t) for t in tasks]))
+    return 0
+
+
 def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int] = DEFAULT_HEAD_DIMS,
                    dtypes: Iterable[str] = ("bf16", "fp16", "fp32"), kernels: Iterable[str] = TRITON_KERNELS,
                    cache: Optional[Path] = None, progress: Optional[Callable[[dict], None]] = None,
@@ -230,7 +266,7 @@ def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int]
     """Compile and measure every Triton attention kernel launch; a list of records.
 
     ``cache``: JSON file of earlier records keyed by a hash of the kernel sources, config and arguments.
-    ``workers`` > 1 compiles in that many processes (0: one per CPU).
+    Compiles run in ``workers`` fresh processes (0: one per CPU), see :func:`_compile_in_subprocesses`.
     """
     from flowmap_kernels.triton_kernels import configs
     store = {}
@@ -254,14 +290,7 @@ def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int]
                     tasks.append((_cache_key(kernel, fn, sig, consts, attrs, cfg, arch), (arch, dtype, d, kernel)))
     todo = [t for k, t in tasks if k not in store]
     keys = {t: k for k, t in tasks}
-    workers = workers or os.cpu_count() or 1
-    if workers > 1 and len(todo) > 1:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-        with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("fork")) as ex:
-            done = list(ex.map(_compile_one, todo))
-    else:
-        done = [_compile_one(t) for t in todo]
+    done = _compile_in_subprocesses(todo, workers or os.cpu_count() or 1)
     for t, rec in zip(todo, done):
         store[keys[t]] = rec
     records = [store[k] for k, _ in tasks]
@@ -331,6 +360,9 @@ def format_markdown(records: list) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--worker"]:
+        return _worker_main()
     ap = argparse.ArgumentParser(prog="python -m flowmap_kernels.compile_report", description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--head-dims", nargs="+", type=int, default=list(DEFAULT_HEAD_DIMS))

@@ -120,9 +120,9 @@ def _attn_fwd(
 ):
     """One program: BLOCK_M query rows of one (batch, query head); online softmax over key blocks."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): each axis within CUDA's limits
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     hk = h // G
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -174,7 +174,7 @@ def _attn_fwd(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    row = bh.to(tl.int64) * Lq
+    row = bh * Lq
     _store_tile(O + b * sob + h * soh, o, offs_m, offs_dv, Lq, som, sod, DV, BLOCK_DV, ALIGN)
     tl.store(LSE + row + offs_m, lse, mask=offs_m < Lq)
     if TANGENT:
@@ -198,12 +198,12 @@ def _attn_bwd_prep(
     """Per query row: CONST = delta + (e - mu c) and CROW = c, with delta = rowsum(dO * O),
     c = rowsum(G * O), e = rowsum(G * tO) (terms of an absent output dropped)."""
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): each axis within CUDA's limits
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row = bh.to(tl.int64) * Lq
+    row = bh * Lq
     o = _load_tile(O + b * sob + h * soh, offs_m, offs_dv, Lq, som, sod, DV, BLOCK_DV, ALIGN).to(tl.float32)
     const = tl.zeros([BLOCK_M], tl.float32)
     if HAS_DO:
@@ -244,9 +244,8 @@ def _attn_bwd_dkdv(
     dims, for a few recomputed products (see :func:`dkdv_parts`).
     """
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = (bhk // Hkv).to(tl.int64)
-    hk = (bhk % Hkv).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -359,9 +358,9 @@ def _attn_bwd_dq(
     just P and G V^T: 3 products), so that large head dims hold one accumulator at a time.
     """
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): each axis within CUDA's limits
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     hk = h // G
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -370,7 +369,7 @@ def _attn_bwd_dq(
     in_m = offs_m < Lq
     dt = Q.dtype.element_ty
     qk_scale = scale * 1.4426950408889634
-    row = bh.to(tl.int64) * Lq
+    row = bh * Lq
 
     q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D, ALIGN)
     lse = tl.load(LSE + row + offs_m, mask=in_m, other=float("inf"))
@@ -531,7 +530,7 @@ def _run_forward(q, k, v, tq, tk, tv, mask, causal, scale):
     p.set_align(q, k, v, tq, tk, tv, o, to)
     name = "jvp_forward" if tangent else "forward"
     cfg = p.config(name)
-    grid = (triton.cdiv(p.Lq, cfg.block_m), p.B * p.H)
+    grid = (triton.cdiv(p.Lq, cfg.block_m), p.H, p.B)
     if p.Lq > 0 and p.B * p.H > 0:
         _attn_fwd[grid](*_fwd_args(p, q, k, v, tq, tk, tv, o, to, lse, mu),
                         **p.constexprs(TANGENT=tangent, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
@@ -607,7 +606,7 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
     flags = dict(TANGENT=tangent, HAS_DO=has_do)
     pc = configs.PREP_CONFIG
     if p.Lq > 0:
-        _attn_bwd_prep[(triton.cdiv(p.Lq, pc.block_m), p.B * p.H)](
+        _attn_bwd_prep[(triton.cdiv(p.Lq, pc.block_m), p.H, p.B)](
             *_prep_args(p, o, do, to if tangent else None, dto, mu if tangent else None, const, crow),
             DV=p.DV, BLOCK_M=pc.block_m, BLOCK_DV=p.block_dv, ALIGN=p.align, **flags,
             num_warps=pc.num_warps, num_stages=pc.num_stages)
@@ -616,7 +615,7 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
     cfg = p.config(prefix + "_dkdv")
     if p.Lk > 0:
         for want_dk, want_dtk, want_dv in dkdv_parts(cfg, tangent):
-            _attn_bwd_dkdv[(triton.cdiv(p.Lk, cfg.block_n), p.B * p.Hkv)](
+            _attn_bwd_dkdv[(triton.cdiv(p.Lk, cfg.block_n), p.Hkv, p.B)](
                 *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
                            [dk, dv, dtk if tangent else dk, dtv if tangent else dv]),
                 *dk.stride(), *dv.stride(), *p.mstrides, p.Hkv, p.G, p.Lq, p.Lk, p.scale,
@@ -628,7 +627,7 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
     cfg = p.config(prefix + "_dq")
     if p.Lq > 0:
         for part in dq_parts(cfg, tangent):
-            _attn_bwd_dq[(triton.cdiv(p.Lq, cfg.block_m), p.B * p.H)](
+            _attn_bwd_dq[(triton.cdiv(p.Lq, cfg.block_m), p.H, p.B)](
                 *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
                            [dq, dtq if tangent else dq]),
                 *dq.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale,
