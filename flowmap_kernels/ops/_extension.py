@@ -49,7 +49,9 @@ def available() -> bool:
     return cpu_module() is not None or cuda_module() is not None
 
 
-def supports(device=None, dtype=None, explicit=False, **_) -> Optional[str]:
+def supports(device=None, dtype=None, explicit=False, numel=None, **_) -> Optional[str]:
+    if numel == 0:
+        return "empty input (the kernels launch at least one row): the 'torch' backend returns the empty result"
     if dtype not in _DTYPES:
         return f"dtype {dtype} runs on the 'torch' backend (the kernels take float16, bfloat16, float32)"
     if device is not None and device.type == "cpu":

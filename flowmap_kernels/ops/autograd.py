@@ -44,11 +44,13 @@ def _zeros_if_none(t, like):
 
 def _table_grad(p, spec: Optional[ModSpec], R: int, rpc: int, dtype):
     """Chunk partial sums (R // rpc, C) -> the operand's gradient in its own shape and dtype."""
-    if spec is None or p is None or p.numel() == 0 and R > 0:
+    if spec is None or p is None or p.dim() != 2:  # absent operands come back as (0,) placeholders
         return None
-    M = spec.rows
+    M, C = spec.rows, p.shape[-1]
+    if R == 0:  # empty batch: nothing contributes
+        return spec.grad(p.new_zeros(M, C)).to(dtype)
     per = (R // M) // rpc if M else 1
-    g = p.reshape(M, per, -1).sum(1) if per > 1 else p.reshape(M, -1)
+    g = p.reshape(M, per, C).sum(1) if per > 1 else p.reshape(M, C)
     return spec.grad(g).to(dtype)
 
 
@@ -383,7 +385,7 @@ class LinearJVPFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, tx, weight, bias, tweight, tbias):
         R, N = x.numel() // x.shape[-1], weight.shape[0]
-        out = K.linear_jvp_forward(x.reshape(R, -1), tx.reshape(R, -1), weight, bias, tweight, tbias)
+        out = K.linear_jvp_forward(x.reshape(R, x.shape[-1]), tx.reshape(R, x.shape[-1]), weight, bias, tweight, tbias)
         shape = x.shape[:-1] + (N,)
         return out[:R].view(shape), out[R:].view(shape)
 

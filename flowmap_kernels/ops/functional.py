@@ -71,7 +71,7 @@ def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
     x (..., C); shift, scale broadcastable to x (e.g. (B, 1, C) against (B, N, C)); same dtype/device.
     """
     check_tensor("x", x)
-    name = MODULATED_LAYER_NORM.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = MODULATED_LAYER_NORM.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         _mln_cfg(x, shift, scale, eps, "torch")
         return naive.modulated_layer_norm(x, shift, scale, eps)
@@ -93,7 +93,7 @@ def modulated_layer_norm_jvp(x, shift, scale, tx, tshift=None, tscale=None, eps:
     check_tensor("x", x)
     tx, tshift, tscale = (check_tangent(n, t, p) for n, t, p in
                           (("tx", tx, x), ("tshift", tshift, shift), ("tscale", tscale, scale)))
-    name = MODULATED_LAYER_NORM.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = MODULATED_LAYER_NORM.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         _mln_cfg(x, shift, scale, eps, "torch")
         return naive.jvp_of(naive.modulated_layer_norm, (x, shift, scale), (tx, tshift, tscale), eps=eps)
@@ -121,7 +121,7 @@ def _rms_cfg(x, weight, eps, name):
 def rms_norm(x, weight=None, eps: float = 1e-6):
     """RMSNorm (QK-norm): x * rsqrt(mean(x^2) + eps) * weight. x (..., C), weight (C,) or None."""
     check_tensor("x", x)
-    name = RMS_NORM.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = RMS_NORM.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         _rms_cfg(x, weight, eps, "torch")
         return naive.rms_norm(x, weight, eps)
@@ -141,7 +141,7 @@ def rms_norm_jvp(x, weight, tx, tweight=None, eps: float = 1e-6):
     if weight is None and tweight is not None:
         raise ValueError("tweight: given without a weight")
     tweight = check_tangent("tweight", tweight, weight) if weight is not None else None
-    name = RMS_NORM.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = RMS_NORM.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         _rms_cfg(x, weight, eps, "torch")
         return naive.jvp_of(naive.rms_norm, (x, weight), (tx, tweight), eps=eps)
@@ -168,7 +168,7 @@ def _gelu_cfg(x, bias, name):
 def gelu_tanh(x, bias=None):
     """GELU with the tanh approximation of x (+ bias (C,), fused): 0.5 z (1 + tanh(sqrt(2/pi)(z + 0.044715 z^3)))."""
     check_tensor("x", x)
-    name = GELU_TANH.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = GELU_TANH.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         _gelu_cfg(x, bias, "torch")
         return naive.gelu_tanh(x, bias)
@@ -188,7 +188,7 @@ def gelu_tanh_jvp(x, bias, tx, tbias=None):
     if bias is None and tbias is not None:
         raise ValueError("tbias: given without a bias")
     tbias = check_tangent("tbias", tbias, bias) if bias is not None else None
-    name = GELU_TANH.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = GELU_TANH.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         _gelu_cfg(x, bias, "torch")
         return naive.jvp_of(naive.gelu_tanh, (x, bias), (tx, tbias))
@@ -213,7 +213,7 @@ def _gated_cfg(x, gate, y, name):
 def gated_residual(x, gate, y):
     """x + gate * y: x, y (..., C); gate broadcastable to x (e.g. (B, 1, C))."""
     check_tensor("x", x)
-    name = GATED_RESIDUAL.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = GATED_RESIDUAL.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         _gated_cfg(x, gate, y, "torch")
         return naive.gated_residual(x, gate, y)
@@ -231,7 +231,7 @@ def gated_residual_jvp(x, gate, y, tx, tgate=None, ty=None):
     """(out, tout) = (x + gate y, tx + tgate y + gate ty)."""
     check_tensor("x", x)
     tx, tgate, ty = (check_tangent(n, t, p) for n, t, p in (("tx", tx, x), ("tgate", tgate, gate), ("ty", ty, y)))
-    name = GATED_RESIDUAL.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = GATED_RESIDUAL.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         _gated_cfg(x, gate, y, "torch")
         return naive.jvp_of(naive.gated_residual, (x, gate, y), (tx, tgate, ty))
@@ -261,7 +261,7 @@ def linear(x, weight, bias=None):
     tangents are unpacked here and the result re-packed, so the primal is not computed twice.
     """
     _linear_check(x, weight, bias)
-    name = LINEAR.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = LINEAR.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         return naive.linear(x, weight, bias)
     (xp, tx), (wp, tw), (bp, tb) = _unpack(x), _unpack(weight), _unpack(bias)
@@ -283,7 +283,7 @@ def linear_jvp(x, weight, bias, tx, tweight=None, tbias=None):
     if bias is None and tbias is not None:
         raise ValueError("tbias: given without a bias")
     tbias = check_tangent("tbias", tbias, bias) if bias is not None else None
-    name = LINEAR.resolve(None, device=x.device, dtype=x.dtype).backend
+    name = LINEAR.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
     if name == "naive":
         return naive.jvp_of(naive.linear, (x, weight, bias), (tx, tweight, tbias))
     return LinearJVPFunction.apply(x, _zeros_if_none(tx, x), weight, bias, tweight, tbias)

@@ -13,7 +13,7 @@ from . import _extension, fused_torch, naive
 AUTO_ORDER = ("extension", "torch")
 
 
-def _torch_supports(device=None, dtype=None, explicit=False, **_):
+def _torch_supports(device=None, dtype=None, explicit=False, numel=None, **_):
     return None
 
 
@@ -40,4 +40,4 @@ REGISTRIES = {r.op: r for r in (MODULATED_LAYER_NORM, RMS_NORM, GELU_TANH, GATED
 
 def resolve(op: str, x, backend=None) -> str:
     """The single dispatch point of every DiT primitive: the backend name that runs ``op`` on ``x``."""
-    return REGISTRIES[op].resolve(backend, device=x.device, dtype=x.dtype).backend
+    return REGISTRIES[op].resolve(backend, device=x.device, dtype=x.dtype, numel=x.numel()).backend
