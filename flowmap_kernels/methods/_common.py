@@ -1,6 +1,7 @@
 """Shared pieces of the flow-map losses: config merging, time sampling, JVPs, weighting."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -69,7 +70,7 @@ def jvp(model, cond, primals, tangents):
 def sq_err(a, b=None):
     """Per-sample mean over non-batch dims of (a - b)^2 -> (B,)."""
     d = a if b is None else a - b
-    return d.pow(2).flatten(1).mean(1)
+    return d.pow(2).reshape(d.shape[0], math.prod(d.shape[1:])).mean(1)
 
 
 def adaptive_weight(err: torch.Tensor, p: float, c: float) -> torch.Tensor:
