@@ -203,16 +203,22 @@ def _default_cache() -> Path:
 
 
 def _compile_one(task) -> dict:
-    """Compile and measure one launch: task = (arch, dtype, head_dim, kernel name incl. part suffix)."""
+    """Compile and measure one launch: task = (arch, dtype, head_dim, kernel name incl. part suffix
+    [, config tuple])."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from flowmap_kernels.triton_kernels import configs
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    arch, dtype, d, name = task
+    arch, dtype, d, name = task[:4]
     fam = configs.arch_family((ARCHS[arch] // 10, 0))
     base = name.split("[")[0]
-    for kernel, fn, args, ce, cfg in triton_launches(d, dtype, [base], fam):
+    if len(task) > 4:  # the parent's config (it may come from configs.override in the parent)
+        with configs.override(configs.Config(*task[4])):
+            launches = triton_launches(d, dtype, [base], fam)
+    else:
+        launches = triton_launches(d, dtype, [base], fam)
+    for kernel, fn, args, ce, cfg in launches:
         if kernel != name:
             continue
         sig, consts, attrs = _signature(fn, args, ce)
@@ -248,13 +254,13 @@ def _compile_in_subprocesses(tasks: list, workers: int) -> list:
             raise RuntimeError(f"compile worker failed (exit {p.returncode}):\n{err[-4000:]}")
         recs = json.loads(out.strip().splitlines()[-1])
         for t, r in zip(c, recs):
-            by_task[tuple(t)] = r
-    return [by_task[tuple(t)] for t in tasks]
+            by_task[repr(t)] = r
+    return [by_task[repr(t)] for t in tasks]
 
 
 def _worker_main() -> int:
     """--worker: compile the JSON list of tasks on stdin, print the records as one JSON line."""
-    tasks = [tuple(t) for t in json.loads(sys.stdin.read())]
+    tasks = [tuple(tuple(x) if isinstance(x, list) else x for x in t) for t in json.loads(sys.stdin.read())]
     print(json.dumps([_compile_one(t) for t in tasks]))
     return 0
 
@@ -287,7 +293,9 @@ def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int]
             for d in head_dims:
                 for kernel, fn, args, ce, cfg in triton_launches(d, dtype, kernels, fam):
                     sig, consts, attrs = _signature(fn, args, ce)
-                    tasks.append((_cache_key(kernel, fn, sig, consts, attrs, cfg, arch), (arch, dtype, d, kernel)))
+                    cfg_t = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, int(getattr(cfg, "split", 0)))
+                    tasks.append((_cache_key(kernel, fn, sig, consts, attrs, cfg, arch),
+                                  (arch, dtype, d, kernel, cfg_t)))
     todo = [t for k, t in tasks if k not in store]
     keys = {t: k for k, t in tasks}
     done = _compile_in_subprocesses(todo, workers or os.cpu_count() or 1)
