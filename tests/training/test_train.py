@@ -161,3 +161,17 @@ def test_torchrun_two_processes_tvm_stays_in_sync(tmp_path):
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2
     assert not torch.equal(ck["rng"][0]["data"], ck["rng"][1]["data"])  # per-rank data streams
+
+
+def test_torchrun_resume_is_exact_per_rank(tmp_path):
+    """Data-parallel resume restores every rank's RNG streams: 6 steps == 3 steps + --resume to 6."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "flowmap_kernels.train", "--method", "tvm", "--steps", "6", *TINY, "--no-eval", "--ckpt-every", "2"]
+    for extra in (["--out", str(tmp_path / "a")], ["--out", str(tmp_path / "b"), "--stop-after", "3"],
+                  ["--out", str(tmp_path / "b"), "--resume"]):
+        r = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    assert a["step"] == b["step"] == 6 and a["losses"] == b["losses"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
