@@ -5,7 +5,10 @@ attention_jvp, then the backward of a loss on (O, tO) to all six inputs, and pri
 norm(a - b) / norm(b) per (backend, dtype) for outputs, tangents and gradients.
 
     python benchmarks/attention_accuracy.py [--backends torch] [--json PATH]
-    TRITON_INTERPRET=1 python benchmarks/attention_accuracy.py --backends triton   # Triton interpreter
+    python benchmarks/attention_accuracy.py --backends triton   # Triton kernels in the CPU interpreter
+
+With "triton" on a machine without a GPU the kernels run in Triton's interpreter, with the bfloat16 fix
+of tests/triton_kernels/conftest.py (the interpreter's own bf16 arithmetic is wrong).
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+INTERPRET = "triton" in sys.argv and not os.path.exists("/dev/nvidia0")
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import torch  # noqa: E402
 
@@ -48,6 +54,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
+    if INTERPRET:
+        from tests.triton_kernels.conftest import bf16_interpreter
+        bf16_interpreter(True).__enter__()
     for backend in args.backends:
         dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
         if backend == "triton":
