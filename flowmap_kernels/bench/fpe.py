@@ -16,7 +16,7 @@ torch.no_grad on the same batch.
   allocation events), parameters and the batch excluded, gradients included.
 
 Batching: "full" runs every loss term on the full batch (the write-up's convention); "recommended"
-runs a method's own sub-batching where it has a config for it (shortcut's ``sc_fraction``; a method
+runs a method's own sub-batching where it has a config for it (the ``sc_fraction`` of shortcut and psd; a method
 module may declare ``SUBBATCH = {"full": {...}, "recommended": {...}}`` with the cfg of each).
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def variants_for(name: str, module) -> list[Variant]:
     if isinstance(sub, dict) and "full" in sub and "recommended" in sub:
         return [Variant("default", "full", dict(sub["full"]), note="method's SUBBATCH['full']"),
                 Variant("default", "recommended", dict(sub["recommended"]), note="method's SUBBATCH['recommended']")]
-    if name == "shortcut":
+    if "sc_fraction" in module.DEFAULTS:  # shortcut, psd: consistency + flow-matching sub-batches
         return [
             Variant("default", "full", {"sc_fraction": 0.5}, repeat=2,
                     note="each term on the full batch B: loss on [x0; x0] (2B) with sc_fraction 0.5, so "
@@ -295,6 +295,8 @@ EXPLAIN = {
     ("esd", "spatial_sg=False", "full"): [(1, "F"), (1, "JBJ:x1"), (1, "FB")],
     ("shortcut", "default", "full"): [(2, "F"), (2, "FB")],
     ("shortcut", "default", "recommended"): [("sc", "F"), ("sc", "F"), (1, "FB")],
+    ("psd", "default", "full"): [(2, "F"), (2, "FB")],
+    ("psd", "default", "recommended"): [("sc", "F"), ("sc", "F"), (1, "FB")],
 }
 
 
@@ -364,9 +366,9 @@ def explain(method: str, variant: str, batching: str, units: dict, batch: int, c
     useful = executed = 0
     parts = []
     for mult, unit in terms:
-        if mult == "sc":  # shortcut's consistency sub-batch: round(B * sc_fraction) samples
-            from ..methods import shortcut
-            frac = (cfg or {}).get("sc_fraction", shortcut.DEFAULTS["sc_fraction"])
+        if mult == "sc":  # the consistency sub-batch of shortcut / psd: round(B * sc_fraction) samples
+            from ..methods import get_method
+            frac = (cfg or {}).get("sc_fraction", get_method(method).DEFAULTS["sc_fraction"])
             n = int(round(batch * frac))
             num, den, label = n, batch, f"{n}/{batch}"
         else:

@@ -30,9 +30,9 @@ Interface of every module in METHODS:
 """
 from __future__ import annotations
 
-from . import esd, fm, imf, lsd, meanflow, scm, shortcut, tvm
+from . import esd, fm, imf, lsd, meanflow, psd, scm, shortcut, tvm
 
-METHODS = {m.NAME: m for m in (fm, meanflow, imf, tvm, scm, lsd, esd, shortcut)}
+METHODS = {m.NAME: m for m in (fm, meanflow, imf, tvm, scm, lsd, esd, shortcut, psd)}
 
 
 def get_method(name: str):

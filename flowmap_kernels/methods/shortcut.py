@@ -12,7 +12,8 @@ torch.no_grad (a self-teacher; no EMA) or the given teacher. No JVP. Step sizes 
 k uniform in {0, ..., log2(M) - 1} (M = 128 base steps, smallest 2h = 2/M); the source s is uniform on
 the grid {2h, 4h, ..., 1}; for the smallest step the two halves use the instantaneous velocity (h -> 0
 as in the paper's d = 0 targets). A fraction sc_fraction of the batch (paper: 1/4) gets the consistency
-term, the rest flow matching with r ~ uniform. Both terms in one forward over the concatenated batch.
+term, the rest flow matching with r ~ uniform. Both terms in one forward over the concatenated batch
+(the shared body with psd: methods/_compositional.py).
 Cost on the full batch: 2 stopped F + F + B + flow-matching F + B = 8 FPE.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ import math
 
 import torch
 
-from ._common import bcast, detached_logs, interpolate, merge_cfg, randn_like, self_or_teacher, sq_err
+from ._common import merge_cfg
+from ._compositional import compositional_loss
 
 NAME = "shortcut"
 NOMINAL_FPE = 8
@@ -33,42 +35,19 @@ DEFAULTS = {"base_steps": 128, "sc_fraction": 0.25, "sc_weight": 1.0, "teacher":
 
 def loss(model, x0, *, cond=None, **cfg):
     c = merge_cfg(DEFAULTS, cfg, NAME)
-    g = c["generator"]
-    b = x0.shape[0]
     M = int(c["base_steps"])
     if M < 2 or M & (M - 1):
         raise ValueError(f"base_steps: expected a power of two >= 2, got {M}")
-    nsc = int(round(b * c["sc_fraction"]))
-    if not 0 <= nsc <= b:
-        raise ValueError(f"sc_fraction: expected a fraction in [0, 1], got {c['sc_fraction']}")
-    kw = dict(device=x0.device, dtype=x0.dtype)
-    eps = randn_like(x0, g)
-    # flow-matching part (first b - nsc samples): r uniform, target time = r
-    r = torch.rand(b - nsc, generator=g, **kw)
-    # consistency part: 2h = 2^-k, s on the grid of multiples of 2h
     levels = int(math.log2(M))
-    k = torch.randint(0, levels, (nsc,), generator=g, device=x0.device)
-    two_h = torch.pow(2.0, -k.to(x0.dtype))
-    n_cells = torch.round(1.0 / two_h)
-    j = torch.floor(torch.rand(nsc, generator=g, **kw) * n_cells) + 1  # 1..n_cells
-    s_sc = (j * two_h).clamp(max=1.0)
-    h = two_h / 2
-    s = torch.cat([r, s_sc])
-    t = torch.cat([r, s_sc - two_h])
-    xs, v = interpolate(x0, eps, s)
-    xsc = xs[b - nsc:]
-    ysc = None if cond is None else cond[b - nsc:]
-    with torch.no_grad():
-        T = self_or_teacher(model, c["teacher"])
+
+    def sample_hops(n, g, **kw):
+        # 2h = 2^-k, s on the grid of multiples of 2h; the smallest step uses instantaneous velocities
+        k = torch.randint(0, levels, (n,), generator=g, device=kw["device"])
+        two_h = torch.pow(2.0, -k.to(kw["dtype"]))
+        j = torch.floor(torch.rand(n, generator=g, **kw) * torch.round(1.0 / two_h)) + 1  # 1..cells
+        s = (j * two_h).clamp(max=1.0)
+        u, t = s - two_h / 2, s - two_h
         smallest = k == levels - 1
-        t1 = torch.where(smallest, s_sc, s_sc - h)  # the smallest step uses instantaneous velocities
-        v1 = T(xsc, s_sc, t1, y=ysc)
-        x_mid = xsc - bcast(h, xsc) * v1
-        sm = s_sc - h
-        v2 = T(x_mid, sm, torch.where(smallest, sm, sm - h), y=ysc)
-        v_hat = (v1 + v2) / 2
-    pred = model(xs, s, t, y=cond)
-    fm = sq_err(pred[: b - nsc], v[: b - nsc])
-    sc = sq_err(pred[b - nsc:], v_hat)
-    lo = (fm.sum() + c["sc_weight"] * sc.sum()) / b
-    return lo, detached_logs(loss=lo, fm=fm.mean() if fm.numel() else 0.0, sc=sc.mean() if sc.numel() else 0.0)
+        return s, u, t, torch.where(smallest, s, u), torch.where(smallest, u, t), torch.full_like(s, 0.5)
+
+    return compositional_loss(model, x0, cond, c, sample_hops)

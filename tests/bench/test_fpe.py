@@ -28,7 +28,8 @@ EXPECTED_ALLGRAD = {("fm", "default", "full"): 3, ("meanflow", "default", "full"
                     ("imf", "default", "full"): 5, ("tvm", "default", "full"): 10, ("scm", "default", "full"): 4,
                     ("lsd", "default", "full"): 10, ("esd", "default", "full"): 12,
                     ("esd", "spatial_sg=False", "full"): 10, ("shortcut", "default", "full"): 8,
-                    ("shortcut", "default", "recommended"): Fraction(7, 2)}
+                    ("shortcut", "default", "recommended"): Fraction(7, 2), ("psd", "default", "full"): 8,
+                    ("psd", "default", "recommended"): Fraction(7, 2)}
 
 
 def _flops_only(**kw):
@@ -77,7 +78,7 @@ def _skipped_input_grad_flops(model, x0, cond):
 
 def test_dit_every_method_explained_term_by_term_and_fm_departs_by_skipped_input_gradients():
     recs = _flops_only(model="dit-tiny", batch=4, backends=("auto", "naive"))
-    assert len(recs) == 2 * 10
+    assert len(recs) == 2 * 12  # 9 methods; esd, shortcut and psd measure two variants each
     for r in recs:
         assert r["error"] is None, r
         assert r["explained_exactly"], (r["backend"], r["method"], r["variant"], r["explanation"])

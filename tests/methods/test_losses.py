@@ -149,14 +149,40 @@ def ref_shortcut(model, x0, g, c):
     return total / n
 
 
+def ref_psd(model, x0, g, c):
+    n = x0.shape[0]
+    nsc = int(round(n * c["sc_fraction"]))
+    eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+    r = torch.rand(n - nsc, generator=g, dtype=x0.dtype)
+    a = times(nsc, c["time_dist"], c["time_mu"], c["time_sigma"], g)
+    b = times(nsc, c["time_dist"], c["time_mu"], c["time_sigma"], g)
+    gamma = torch.rand(nsc, generator=g, dtype=x0.dtype)
+    S = lambda v: torch.tensor([float(v)], dtype=x0.dtype)
+    F = lambda m, x, s, t: x + (t - s) * m(x, S(s), S(t))  # the flow map
+    total = 0.0
+    for i in range(n - nsc):
+        xi = (1 - r[i]) * x0[i:i + 1] + r[i] * eps[i:i + 1]
+        total = total + _mse(model(xi, r[i:i + 1], r[i:i + 1]), eps[i:i + 1] - x0[i:i + 1]).sum()
+    for i in range(nsc):  # F(x, s, t) against the stopped composition F(F(x, s, u), u, t), in units of V
+        j = n - nsc + i
+        s, t = max(float(a[i]), float(b[i])), min(float(a[i]), float(b[i]))
+        u = t + float(gamma[i]) * (s - t)
+        xi = (1 - s) * x0[j:j + 1] + s * eps[j:j + 1]
+        with torch.no_grad():
+            target = F(model, F(model, xi, s, u), u, t)
+        total = total + c["sc_weight"] * _mse((F(model, xi, s, t) - target) / (t - s)).sum()
+    return total / n
+
+
 REFS = {"fm": ref_fm, "meanflow": ref_meanflow, "imf": ref_imf, "tvm": ref_lagrangian, "lsd": ref_lagrangian,
-        "esd": ref_esd, "shortcut": ref_shortcut}
+        "esd": ref_esd, "shortcut": ref_shortcut, "psd": ref_psd}
 
 CASES = [(name, {}) for name in REFS] + [
     ("meanflow", {"adaptive_p": 0.5, "ratio_neq": 1.0, "time_dist": "uniform"}),
     ("tvm", {"adaptive_p": 0.0, "fm_weight": 0.3, "lag_weight": 2.0}),
     ("esd", {"spatial_sg": False}),
     ("shortcut", {"sc_fraction": 0.5, "base_steps": 8}),
+    ("psd", {"sc_fraction": 0.6, "sc_weight": 0.5, "time_dist": "logit_normal", "time_mu": 0.3}),
 ]
 
 
@@ -230,7 +256,7 @@ def test_class_conditional_labels_reach_the_model():
     model = tiny_mlp(num_classes=3)
     x0 = _x0((2,))
     y0, y1 = torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.long)
-    for name in ("meanflow", "tvm", "shortcut"):
+    for name in ("meanflow", "tvm", "shortcut", "psd"):
         a, _ = METHODS[name].loss(model, x0, cond=y0, generator=torch.Generator().manual_seed(1))
         b, _ = METHODS[name].loss(model, x0, cond=y1, generator=torch.Generator().manual_seed(1))
         assert float(a) != float(b), name
@@ -254,11 +280,12 @@ class GaussianFlowMap(torch.nn.Module):
 
 def test_consistency_rules_vanish_on_the_exact_flow_map():
     """Sign check of every rule in the project convention, on an exactly known flow map: the
-    Lagrangian (TVM/LSD) and Eulerian (ESD) residuals and the shortcut term are zero, and iMF's
+    Lagrangian (TVM/LSD) and Eulerian (ESD) residuals and the shortcut / PSD terms are zero, and iMF's
     compound velocity W equals the marginal velocity V(x, s, s)."""
     model = GaussianFlowMap()
     x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * model.sig
-    for name, key in (("tvm", "lagrangian"), ("lsd", "lagrangian"), ("esd", "eulerian"), ("shortcut", "sc")):
+    for name, key in (("tvm", "lagrangian"), ("lsd", "lagrangian"), ("esd", "eulerian"), ("shortcut", "sc"),
+                      ("psd", "sc")):
         _, logs = METHODS[name].loss(model, x0, generator=torch.Generator().manual_seed(1))
         assert float(logs[key]) < 1e-18, (name, float(logs[key]))
     s = torch.rand(64, dtype=torch.float64) * 0.9 + 0.1

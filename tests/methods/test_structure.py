@@ -10,7 +10,7 @@ from flowmap_kernels.methods import METHODS, get_method
 from flowmap_kernels.models import MLPFlowMap
 from tests.methods.helpers import TinyAttnFlowMap, tiny_mlp
 
-EXPECTED_FPE = {"fm": 3, "meanflow": 4, "imf": 5, "tvm": 10, "scm": 4, "lsd": 10, "esd": 10, "shortcut": 8}
+EXPECTED_FPE = {"fm": 3, "meanflow": 4, "imf": 5, "tvm": 10, "scm": 4, "lsd": 10, "esd": 10, "shortcut": 8, "psd": 8}
 
 
 def test_registry_names_and_attributes():
