@@ -40,6 +40,20 @@ def test_end_to_end_2d_writes_everything(tmp_path):
     assert ck["step"] == 6 and len(ck["losses"]) == 6
 
 
+def test_2d_presets_apply_and_yield_to_cfg_and_no_preset(tmp_path):
+    """MeanFlow on 2D data takes PRESETS_2D (uniform times, adaptive c = 1, no clipping); --cfg wins over
+    it, --no-preset turns it off, and image data never gets it."""
+    def cfg(name, *extra):
+        assert _run(tmp_path / name, "--method", "meanflow", "--steps", "1", "--no-eval", *extra) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+    m = cfg("preset")
+    assert m["method_cfg"]["adaptive_c"] == 1.0 and m["method_cfg"]["time_dist"] == "uniform" and m["grad_clip"] == 0.0
+    assert cfg("cfg", "--cfg", "adaptive_c=0.5")["method_cfg"]["adaptive_c"] == 0.5
+    off = cfg("off", "--no-preset")
+    assert off["method_cfg"] == cfg("digits", "--data", "digits", "--model", "mlp")["method_cfg"]
+    assert off["method_cfg"]["adaptive_c"] == METHODS["meanflow"].DEFAULTS["adaptive_c"] and off["grad_clip"] == 1.0
+
+
 def test_fm_euler_step_counts_and_digits_grid(tmp_path):
     assert _run(tmp_path / "fm", "--method", "fm", "--steps", "3", "--eval-samples", "300") == 0
     m = json.loads((tmp_path / "fm" / "metrics.json").read_text())
