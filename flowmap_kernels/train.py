@@ -36,7 +36,7 @@ from .data import DATASETS, get_dataset
 from .methods import METHODS, get_method
 from .metrics import frechet_distance, sliced_wasserstein
 from .models import MLPFlowMap
-from .training import (EMA, allreduce_grads, broadcast_module, init_distributed, load_checkpoint,
+from .training import (EMA, allreduce_grads, broadcast_module, close_distributed, init_distributed, load_checkpoint,
                        params_in_sync, rng_state, save_checkpoint, set_rng_state)
 
 EVAL_SEED = 20261122
@@ -375,6 +375,7 @@ def _losses_from_ckpt(out: Path):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    finished = False
     try:
         get_method(args.method)
         get_dataset(args.data)
@@ -383,9 +384,12 @@ def main(argv=None) -> int:
             raise ValueError(f"--backend: expected one of {list(BACKEND_NAMES)}, got {args.backend!r}")
         with use_backend(args.backend):
             metrics = run(args)
+        finished = True
     except (ValueError, PermissionError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        close_distributed(barrier=finished)
     if metrics:
         nfe = metrics.get("nfe", {})
         summary = ", ".join(f"{k} step{'s' if k != '1' else ''}: {v['ema']:.4f}" for k, v in nfe.items())

@@ -16,6 +16,9 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
+_owned_group: list = []  # the default group, when init_distributed created it
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -41,7 +44,24 @@ def init_distributed(device: str) -> DistInfo:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        _owned_group.append(dist.group.WORLD)
     return DistInfo(rank, world, local)
+
+
+def close_distributed(barrier: bool = True) -> None:
+    """Leave the process group that init_distributed created (a caller's own group is left alone).
+
+    ``barrier``: wait for every rank first (the normal end of a run); leave it out on an error path,
+    where another rank may never arrive. A gloo rank that exits with its process group alive can abort
+    at interpreter shutdown ("terminate called without an active exception") and take the whole
+    torchrun job down with it."""
+    if not _owned_group:
+        return
+    _owned_group.clear()
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

@@ -129,8 +129,11 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
 
 def _worker(rank, world, port, q):
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from flowmap_kernels.training import close_distributed, init_distributed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    info = init_distributed("cpu")
+    assert info.enabled and info.rank == rank and dist.is_initialized()
     m = torch.nn.Linear(3, 2)
     for i, p in enumerate(m.parameters()):
         p.grad = torch.full_like(p, float(rank + 1 + i)) if i == 0 else None  # bias grad missing
@@ -139,8 +142,9 @@ def _worker(rank, world, port, q):
     same = params_in_sync(m)  # independently initialised: differ
     from flowmap_kernels.training import broadcast_module
     broadcast_module(m)
-    q.put((rank, calls, w.unique().tolist(), b.unique().tolist(), same, params_in_sync(m)))
-    dist.destroy_process_group()
+    synced = params_in_sync(m)
+    close_distributed()  # the group init_distributed created: left after a barrier
+    q.put((rank, calls, w.unique().tolist(), b.unique().tolist(), same, synced, dist.is_initialized()))
 
 
 def test_allreduce_grads_averages_and_sync_check():
@@ -157,10 +161,23 @@ def test_allreduce_grads_averages_and_sync_check():
     res = sorted(q.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(60)
-    for rank, calls, w, b, same_before, same_after in res:
+    for rank, calls, w, b, same_before, same_after, still_initialized in res:
         assert w == [1.5] and b == [0.0]  # mean of 1 and 2; a missing grad counts as zero
         assert calls == 2  # bucket_bytes=8 forces one all_reduce per tensor
         assert same_before is False and same_after is True
+        assert still_initialized is False
+
+
+def test_close_distributed_leaves_a_callers_group_alone():
+    import torch.distributed as dist
+    from flowmap_kernels.training import close_distributed
+    close_distributed()  # no group at all: nothing to do
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        close_distributed()
+        assert dist.is_initialized()  # not created by init_distributed: not ours to destroy
+    finally:
+        dist.destroy_process_group()
 
 
 def test_torchrun_two_processes_tvm_stays_in_sync(tmp_path):
