@@ -155,11 +155,12 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
             cfg = p.config(kernel)
             dq = torch.empty_like(q)
             args = ta._bwd_args(p, q, k, v, *tk3, do, dto if tangent else None, lse, mu if tangent else None, const,
-                                crow if tangent else None, [dq, dq])
+                                crow if tangent else None, [dq, dq, torch.empty(q.shape, dtype=torch.float32)])
             args += [*dq.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale]
-            for part in ta.dq_parts(cfg, tangent):
-                ce = p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PART=part, **flags)
-                out.append((kernel + ("", "[dq]", "[dtq]")[part], ta._attn_bwd_dq, args, ce, cfg))
+            for want in ta.dq_parts(cfg, tangent):
+                ce = p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DQ_DS=want[0], DQ_DTS=want[1],
+                                  WANT_DTQ=want[2], ADD_PARTIAL=want[3], **flags)
+                out.append((kernel + ta.DQ_SUFFIX[want], ta._attn_bwd_dq, args, ce, cfg))
         else:
             raise ValueError(f"kernels: unknown Triton kernel {kernel!r}; expected some of {TRITON_KERNELS}")
     return out

@@ -75,6 +75,21 @@ def test_float64_never_goes_to_triton():
     assert reason is not None and "torch" in reason
 
 
+@pytest.mark.parametrize("dims,ships", [((16, 16), True), ((24, 24), True), ((32, 32), True), ((48, 48), True),
+                                         ((64, 64), True), ((64, 32), True), ((40, 40), False), ((64, 56), False),
+                                         ((80, 80), False), ((128, 128), False)])
+def test_float32_triton_head_dims(dims, ships):
+    """float32 goes to Triton on CUDA only for the head dims whose tiles compile spill-free (<= 32, 48, 64)."""
+    reason = ATTENTION.impls["triton"].supports(device=torch.device("cuda"), dtype=torch.float32, head_dim=dims[0],
+                                                v_head_dim=dims[1], explicit=False, q_len=8, kv_len=8, mask_kind=None)
+    assert (reason is None) == ships, reason
+    if not ships:
+        assert "'torch' backend" in reason and str(dims[0]) in reason
+    for dt in (torch.float16, torch.bfloat16):  # 16-bit inputs ship for every head dim up to 256
+        assert ATTENTION.impls["triton"].supports(device=torch.device("cuda"), dtype=dt, head_dim=dims[0],
+                                                  v_head_dim=dims[1], explicit=False) is None
+
+
 def test_registry_resolution_order_and_reasons():
     reg = OpRegistry("toy", auto_order=("triton", "torch"))
     reg.register("triton", "T", supports=lambda explicit=False, **p: None if p["ok"] else "not ok")

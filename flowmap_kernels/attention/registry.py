@@ -18,7 +18,7 @@ def triton_interpreter() -> bool:
 
 
 def _register_triton() -> None:
-    """Triton backend: CUDA tensors, float16/bfloat16 with head dims up to 256, float32 up to 64."""
+    """Triton backend: CUDA tensors, float16/bfloat16 with head dims up to 256, float32 up to 32 and 48/64."""
     def available() -> bool:  # cached once: must not depend on the environment of the moment
         importlib.import_module("triton")
         return True
@@ -33,10 +33,11 @@ def _register_triton() -> None:
             return f"dtype {dtype} runs on the 'torch' backend"
         if max(head_dim, v_head_dim) > 256:
             return f"head dim {max(head_dim, v_head_dim)} > 256"
-        from ..triton_kernels.configs import FP32_MAX_HEAD_DIM
-        if dtype == torch.float32 and max(head_dim, v_head_dim) > FP32_MAX_HEAD_DIM and not interpreted:
-            return (f"float32 with head dim {max(head_dim, v_head_dim)} > {FP32_MAX_HEAD_DIM} runs on the 'torch' "
-                    f"backend (3xTF32 products spill registers there; see docs/triton.md)")
+        from ..triton_kernels.configs import fp32_head_dim_supported
+        if dtype == torch.float32 and not fp32_head_dim_supported(head_dim, v_head_dim) and not interpreted:
+            return (f"float32 with head dims ({head_dim}, {v_head_dim}) runs on the 'torch' backend (Triton "
+                    f"float32 covers head dims <= 32 and 48 or 64: 3xTF32 products spill registers beyond; "
+                    f"see docs/triton.md)")
         return None
 
     class _Lazy:

@@ -341,7 +341,7 @@ def _attn_bwd_dkdv(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, TQ, TK, TV, DO, DTO, LSE, MU, CONST, CROW, MASK, DQ, DTQ,
+    Q, K, V, TQ, TK, TV, DO, DTO, LSE, MU, CONST, CROW, MASK, DQ, DTQ, DQP,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     stqb, stqh, stqm, stqd, stkb, stkh, stkn, stkd, stvb, stvh, stvn, stvd,
     sdob, sdoh, sdom, sdod, sgb, sgh, sgm, sgd,
@@ -349,13 +349,16 @@ def _attn_bwd_dq(
     H, G, Lq, Lk, scale,
     D: tl.constexpr, DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     TANGENT: tl.constexpr, HAS_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
+    DQ_DS: tl.constexpr, DQ_DTS: tl.constexpr, WANT_DTQ: tl.constexpr, ADD_PARTIAL: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); loops over key blocks.
 
-    PART 0 computes dQ (, dtQ); with TANGENT, PART 1 computes only dQ and PART 2 only dtQ (which needs
-    just P and G V^T: 3 products), so that large head dims hold one accumulator at a time.
+    dQ = scale sum_n (dS K + dtS tK) and dtQ = scale sum_n dtS K. DQ_DS / DQ_DTS select the terms of dQ
+    written to DQ, WANT_DTQ writes dtQ; ADD_PARTIAL adds the float32 partial dQ at DQP (written by an
+    earlier launch) before the store. One launch does all (see :func:`dq_parts` for the splits, which hold
+    fewer resident tiles in registers at large head dims). Without TANGENT only the dS K term exists.
     """
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): each axis within CUDA's limits
@@ -374,18 +377,19 @@ def _attn_bwd_dq(
     q = _load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D, ALIGN)
     lse = tl.load(LSE + row + offs_m, mask=in_m, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    if PART != 2:
-        const = tl.load(CONST + row + offs_m, mask=in_m, other=0.0)
+    if DQ_DS or DQ_DTS:
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if DQ_DS:
+        const = tl.load(CONST + row + offs_m, mask=in_m, other=0.0)
         if HAS_DO:
             do = _load_tile(DO + b * sdob + h * sdoh, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV, ALIGN)
     if TANGENT:
         gg = _load_tile(DTO + b * sgb + h * sgh, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV, ALIGN)
         c = tl.load(CROW + row + offs_m, mask=in_m, other=0.0)
-        if PART != 2:
+        if DQ_DS:
             tq = _load_tile(TQ + b * stqb + h * stqh, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D, ALIGN)
             mu = tl.load(MU + row + offs_m, mask=in_m, other=0.0)
-        if PART != 1:
+        if WANT_DTQ:
             dtq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         tk_base = TK + b * stkb + hk * stkh
         tv_base = TV + b * stvb + hk * stvh
@@ -402,7 +406,7 @@ def _attn_bwd_dq(
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = _mask_logits(s, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True)
         p = tl.exp2(s - lse[:, None])
-        if PART != 2:
+        if DQ_DS:
             if HAS_DO:
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             else:
@@ -410,23 +414,28 @@ def _attn_bwd_dq(
         if TANGENT:
             gv = tl.dot(gg, tl.trans(v), input_precision=PREC)
             dts16 = (p * (gv - c[:, None])).to(dt)
-            if PART != 1:
+            if WANT_DTQ:
                 dtq += tl.dot(dts16, k, input_precision=PREC)
-            if PART != 2:
+            if DQ_DS or DQ_DTS:
                 tk = _load_tile(tk_base, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D, ALIGN)
+            if DQ_DS:
                 tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
                 ts = (tl.dot(tq, tl.trans(k), input_precision=PREC)
                       + tl.dot(q, tl.trans(tk), input_precision=PREC)) * scale
                 dp += tl.dot(gg, tl.trans(tv), input_precision=PREC) + gv * (ts - mu[:, None]) - c[:, None] * ts
-                ds16 = (p * (dp - const[:, None])).to(dt)
-                dq += tl.dot(ds16, k, input_precision=PREC) + tl.dot(dts16, tk, input_precision=PREC)
+                dq += tl.dot((p * (dp - const[:, None])).to(dt), k, input_precision=PREC)
+            if DQ_DTS:
+                dq += tl.dot(dts16, tk, input_precision=PREC)
         else:
             ds = p * (dp - const[:, None])
             dq += tl.dot(ds.to(dt), k, input_precision=PREC)
-    if PART != 2:
-        _store_tile(DQ + b * sdqb + h * sdqh, dq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D, ALIGN)
+    if DQ_DS or DQ_DTS:
+        dq = dq * scale
+        if ADD_PARTIAL:
+            dq += _load_tile(DQP + b * sdqb + h * sdqh, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D, ALIGN)
+        _store_tile(DQ + b * sdqb + h * sdqh, dq, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D, ALIGN)
     if TANGENT:
-        if PART != 1:
+        if WANT_DTQ:
             _store_tile(DTQ + b * sdqb + h * sdqh, dtq * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D, ALIGN)
 
 
@@ -580,9 +589,21 @@ def dkdv_parts(cfg: configs.Config, tangent: bool = True) -> tuple:
     return DKDV_PARTS[int(cfg.split)]
 
 
+#: (DQ_DS, DQ_DTS, WANT_DTQ, ADD_PARTIAL) of the query-block kernel's launches, by the config's ``split``
+DQ_PARTS = {0: ((True, True, True, False),), 2: ((True, True, False, False), (False, False, True, False)),
+            3: ((False, True, True, False), (True, False, False, True))}
+DQ_SUFFIX = {(True, True, True, False): "", (True, True, False, False): "[dq]", (False, False, True, False): "[dtq]",
+             (False, True, True, False): "[dtq,dq_dts]", (True, False, False, True): "[dq_ds]",
+             (True, False, False, False): ""}  # the primal backward
+
+
 def dq_parts(cfg: configs.Config, tangent: bool = True) -> tuple:
-    """PART of each query-block launch: 0 fused; (1, 2) = dQ | dtQ when the config splits (tangent only)."""
-    return (1, 2) if cfg.split and tangent else (0,)
+    """(DQ_DS, DQ_DTS, WANT_DTQ, ADD_PARTIAL) of each query-block launch: one fused launch, or the config's
+    split for the tangent backward (2: dQ | dtQ; 3: dtQ with dQ's dtS tK term into a float32 partial |
+    dQ's dS K term plus that partial). The primal never splits."""
+    if not tangent:
+        return ((True, False, False, False),)
+    return DQ_PARTS[int(cfg.split)]
 
 
 def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale):
@@ -626,12 +647,16 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
         dk.zero_(), dv.zero_()
     cfg = p.config(prefix + "_dq")
     if p.Lq > 0:
-        for part in dq_parts(cfg, tangent):
+        parts = dq_parts(cfg, tangent)
+        # split 3: the first launch writes its dQ terms to a float32 partial that the second adds
+        partial = torch.empty(q.shape, dtype=torch.float32, device=dev) if len(parts) > 1 and parts[-1][3] else dq
+        for want in parts:
             _attn_bwd_dq[(triton.cdiv(p.Lq, cfg.block_m), p.H, p.B)](
                 *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
-                           [dq, dtq if tangent else dq]),
+                           [dq if want[0] else partial, dtq if tangent else dq, partial]),
                 *dq.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale,
-                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PART=part, **flags),
+                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DQ_DS=want[0], DQ_DTS=want[1],
+                               WANT_DTQ=want[2], ADD_PARTIAL=want[3], **flags),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, dtq, dtk, dtv
 

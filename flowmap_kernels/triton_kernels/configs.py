@@ -63,7 +63,7 @@ TABLE: dict = {
     ("jvp_forward", "sm90"): {
         (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(128, 64, 8, 2),
         (128, 2): C(128, 32, 8, 2), (256, 2): C(64, 32, 8, 1),
-        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 16, 4, 2),
+        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 16, 4, 1),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 32, 4, 1),
     },
     ("jvp_forward", "sm80"): {
@@ -75,7 +75,7 @@ TABLE: dict = {
     ("backward_dkdv", "sm90"): {
         (16, 2): C(64, 128, 8, 2), (32, 2): C(64, 128, 8, 2), (64, 2): C(64, 128, 8, 2),
         (128, 2): C(64, 64, 8, 2), (256, 2): C(32, 32, 4, 1),
-        (16, 4): C(32, 64, 4, 2), (32, 4): C(32, 64, 4, 2), (64, 4): C(32, 64, 4, 2),
+        (16, 4): C(32, 64, 4, 2), (32, 4): C(32, 64, 4, 2), (64, 4): C(16, 64, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(16, 32, 4, 1),
     },
     ("backward_dkdv", "sm80"): {
@@ -99,7 +99,7 @@ TABLE: dict = {
     ("jvp_backward_dkdv", "sm90"): {
         (16, 2): C(32, 64, 8, 1), (32, 2): C(32, 64, 8, 1), (64, 2): C(32, 64, 8, 1),
         (128, 2): C(32, 64, 4, 1, 3), (256, 2): C(16, 64, 4, 1, 3),
-        (16, 4): C(16, 64, 4, 1, 3), (32, 4): C(16, 64, 4, 1, 3), (64, 4): C(16, 64, 4, 1, 3),
+        (16, 4): C(16, 64, 4, 1, 3), (32, 4): C(16, 64, 4, 1, 3), (64, 4): C(16, 16, 4, 1, 3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
     ("jvp_backward_dkdv", "sm80"): {
@@ -111,7 +111,7 @@ TABLE: dict = {
     ("jvp_backward_dq", "sm90"): {
         (16, 2): C(64, 64, 8, 2), (32, 2): C(64, 64, 8, 2), (64, 2): C(64, 64, 8, 2),
         (128, 2): C(64, 32, 8, 2, 2), (256, 2): C(64, 16, 4, 1, 2),
-        (16, 4): C(64, 32, 4, 1, 2), (32, 4): C(64, 32, 4, 1, 2), (64, 4): C(64, 16, 4, 1, 2),
+        (16, 4): C(64, 32, 4, 1, 2), (32, 4): C(64, 32, 4, 1, 2), (64, 4): C(64, 16, 4, 1, 3),
         (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
     ("jvp_backward_dq", "sm80"): {
@@ -131,9 +131,20 @@ ODD_TABLE: dict = {
 }
 del C
 
-#: float32 inputs run their products as 3xTF32 (about fp32 accuracy); beyond this head dim those kernels
-#: spill registers on sm_90a, so the registry routes such problems on CUDA to the "torch" backend.
-FP32_MAX_HEAD_DIM = 32
+#: float32 inputs run their products as 3xTF32 (about fp32 accuracy), which holds three times the operand
+#: registers: the shipped float32 tiles are spill-free on sm_90a for head dims up to 32, and for multiples
+#: of 16 up to 64 (48 and 64; 40 or 56 would tile 64 with masked columns and spill). The registry routes
+#: other float32 problems on CUDA to the "torch" backend (see :func:`fp32_head_dim_supported`).
+FP32_MAX_HEAD_DIM = 64
+FP32_MAX_ANY_HEAD_DIM = 32
+
+
+def fp32_head_dim_supported(head_dim: int, v_head_dim: Optional[int] = None) -> bool:
+    """Whether the float32 Triton kernels ship for head dims (D, Dv) (see :data:`FP32_MAX_HEAD_DIM`)."""
+    dims = (head_dim, v_head_dim or head_dim)
+    if max(dims) <= FP32_MAX_ANY_HEAD_DIM:
+        return True
+    return max(dims) <= FP32_MAX_HEAD_DIM and all(d % 16 == 0 for d in dims)
 
 #: Tiles used in the CPU interpreter: few programs and few key blocks (cost ~10 ms per program x block).
 INTERPRETER_CONFIG = Config(64, 64, 4, 1)

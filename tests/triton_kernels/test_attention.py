@@ -140,11 +140,13 @@ def test_small_tiles_many_key_blocks():
 
 def test_split_backward_kernels():
     """Split launches (the large-head-dim configs): dK+dtK | dV+dtV and dQ | dtQ (split=2), and
-    dK | dtK | dV+dtV (split=3) give the right gradients."""
+    dK | dtK | dV+dtV with dtQ + dQ's dtS tK term into a float32 partial | dQ's dS K term (split=3)
+    give the right gradients."""
     with configs.override(configs.Config(32, 32, 4, 1, split=2)):
         _full_check("D80-40x90-boolkeys-gqa", torch.float32, seed=6)
     with configs.override(configs.Config(32, 32, 4, 1, split=3)):
         _full_check("D48-L77-gqa-causal", torch.bfloat16, seed=7)
+        _full_check("D80-40x90-boolkeys-gqa", torch.float32, seed=8)
 
 
 def _kernel_inputs(dtype=torch.float32, causal=False, mask=None, seed=0):
@@ -232,8 +234,10 @@ def test_registry_routes_cpu_only_when_named():
     cuda = torch.device("cuda")  # supports() only reads the device type: checkable without a GPU
     assert impl.supports(explicit=True, device=cuda, dtype=torch.bfloat16, head_dim=128, v_head_dim=128) is None
     assert impl.supports(explicit=True, device=cuda, dtype=torch.float32, head_dim=32, v_head_dim=32) is None
-    reason = impl.supports(explicit=True, device=cuda, dtype=torch.float32, head_dim=64, v_head_dim=64)
-    assert reason is not None and "'torch'" in reason
+    assert impl.supports(explicit=True, device=cuda, dtype=torch.float32, head_dim=64, v_head_dim=64) is None
+    for d in (40, 128):  # fp32 tiles that would spill (tests/test_backends.py has the whole rule)
+        reason = impl.supports(explicit=True, device=cuda, dtype=torch.float32, head_dim=d, v_head_dim=d)
+        assert reason is not None and "'torch'" in reason
     with pytest.raises(ValueError, match="head dim"):
         ta.forward(torch.randn(1, 1, 4, 272), torch.randn(1, 1, 4, 272), torch.randn(1, 1, 4, 16), None, False, 1.0)
 
