@@ -649,7 +649,7 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
     if p.Lq > 0:
         parts = dq_parts(cfg, tangent)
         # split 3: the first launch writes its dQ terms to a float32 partial that the second adds
-        partial = torch.empty(q.shape, dtype=torch.float32, device=dev) if len(parts) > 1 and parts[-1][3] else dq
+        partial = torch.empty(q.shape, dtype=torch.float32, device=dev) if any(w[3] for w in parts) else dq
         for want in parts:
             _attn_bwd_dq[(triton.cdiv(p.Lq, cfg.block_m), p.H, p.B)](
                 *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
