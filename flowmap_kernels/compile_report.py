@@ -148,8 +148,7 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
                                 crow if tangent else None, [dq := torch.empty_like(k), torch.empty_like(v)] * 2)
             args += [*dq.stride(), *v.stride(), *p.mstrides, p.Hkv, p.G, p.Lq, p.Lk, p.scale]
             for want in ta.dkdv_parts(cfg, tangent):
-                ce = p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WANT_DK=want[0], WANT_DTK=want[1],
-                                  WANT_DV=want[2], **flags)
+                ce = p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **dict(zip(ta.DKDV_FLAGS, want)), **flags)
                 out.append((kernel + ta.DKDV_SUFFIX.get(want, ""), ta._attn_bwd_dkdv, args, ce, cfg))
         elif kernel.endswith("_dq"):
             cfg = p.config(kernel)
@@ -158,8 +157,7 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
                                 crow if tangent else None, [dq, dq, torch.empty(q.shape, dtype=torch.float32)])
             args += [*dq.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale]
             for want in ta.dq_parts(cfg, tangent):
-                ce = p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DQ_DS=want[0], DQ_DTS=want[1],
-                                  WANT_DTQ=want[2], ADD_PARTIAL=want[3], **flags)
+                ce = p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **dict(zip(ta.DQ_FLAGS, want)), **flags)
                 out.append((kernel + ta.DQ_SUFFIX[want], ta._attn_bwd_dq, args, ce, cfg))
         else:
             raise ValueError(f"kernels: unknown Triton kernel {kernel!r}; expected some of {TRITON_KERNELS}")

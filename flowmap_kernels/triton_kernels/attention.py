@@ -575,6 +575,7 @@ def _bwd_args(p: Plan, q, k, v, tq, tk, tv, do, dto, lse, mu, const, crow, outs)
 
 
 #: (WANT_DK, WANT_DTK, WANT_DV) of the key-block kernel's launches, by the config's ``split``
+DKDV_FLAGS = ("WANT_DK", "WANT_DTK", "WANT_DV")
 DKDV_PARTS = {0: ((True, True, True),), 2: ((True, True, False), (False, False, True)),
               3: ((True, False, False), (False, True, False), (False, False, True))}
 DKDV_SUFFIX = {(True, True, True): "", (True, True, False): "[dk,dtk]", (False, False, True): "[dv,dtv]",
@@ -590,6 +591,7 @@ def dkdv_parts(cfg: configs.Config, tangent: bool = True) -> tuple:
 
 
 #: (DQ_DS, DQ_DTS, WANT_DTQ, ADD_PARTIAL) of the query-block kernel's launches, by the config's ``split``
+DQ_FLAGS = ("DQ_DS", "DQ_DTS", "WANT_DTQ", "ADD_PARTIAL")
 DQ_PARTS = {0: ((True, True, True, False),), 2: ((True, True, False, False), (False, False, True, False)),
             3: ((False, True, True, False), (True, False, False, True))}
 DQ_SUFFIX = {(True, True, True, False): "", (True, True, False, False): "[dq]", (False, False, True, False): "[dtq]",
@@ -635,13 +637,12 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
     tq_, tk_, tv_ = (tq, tk, tv) if tangent else (None, None, None)
     cfg = p.config(prefix + "_dkdv")
     if p.Lk > 0:
-        for want_dk, want_dtk, want_dv in dkdv_parts(cfg, tangent):
+        for want in dkdv_parts(cfg, tangent):
             _attn_bwd_dkdv[(triton.cdiv(p.Lk, cfg.block_n), p.Hkv, p.B)](
                 *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
                            [dk, dv, dtk if tangent else dk, dtv if tangent else dv]),
                 *dk.stride(), *dv.stride(), *p.mstrides, p.Hkv, p.G, p.Lq, p.Lk, p.scale,
-                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WANT_DK=want_dk, WANT_DTK=want_dtk,
-                               WANT_DV=want_dv, **flags),
+                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **dict(zip(DKDV_FLAGS, want)), **flags),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         dk.zero_(), dv.zero_()
@@ -655,8 +656,7 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
                 *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
                            [dq if want[0] else partial, dtq if tangent else dq, partial]),
                 *dq.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale,
-                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DQ_DS=want[0], DQ_DTS=want[1],
-                               WANT_DTQ=want[2], ADD_PARTIAL=want[3], **flags),
+                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **dict(zip(DQ_FLAGS, want)), **flags),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, dtq, dtk, dtv
 

@@ -33,7 +33,8 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
-    split: int = 0  # tangent backward only: 0 fused; 2: dK+dtK | dV+dtV and dQ | dtQ; 3: dK | dtK | dV+dtV
+    split: int = 0  # tangent backward only: 0 fused; 2: dK+dtK | dV+dtV and dQ | dtQ;
+    #                 3: dK | dtK | dV+dtV and dtQ + dQ's dtS tK term | dQ's dS K term (attention.dq_parts)
 
 
     def as_dict(self) -> dict:
@@ -145,6 +146,7 @@ def fp32_head_dim_supported(head_dim: int, v_head_dim: Optional[int] = None) -> 
     if max(dims) <= FP32_MAX_ANY_HEAD_DIM:
         return True
     return max(dims) <= FP32_MAX_HEAD_DIM and all(d % 16 == 0 for d in dims)
+
 
 #: Tiles used in the CPU interpreter: few programs and few key blocks (cost ~10 ms per program x block).
 INTERPRETER_CONFIG = Config(64, 64, 4, 1)
