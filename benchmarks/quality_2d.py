@@ -2,12 +2,15 @@
 
     PYTHONPATH=. python benchmarks/quality_2d.py                       # meanflow, tvm, fm on checkerboard
     PYTHONPATH=. python benchmarks/quality_2d.py --methods tvm,lsd,esd,shortcut,scm,imf --data moons
+    PYTHONPATH=. python benchmarks/quality_2d.py --methods meanflow --seeds 0,1,2,3,4,5   # + a mean row
 
 Each method trains with the training loop's defaults (python -m flowmap_kernels.train; its 2D presets)
-unless --steps/--batch/--width are given, then is sampled from t = 1 to t = 0 with 1, 2 and 4 steps (flow
-matching: Euler with 1..64). The metric is the sliced Wasserstein distance to 10,000 fresh data points
-(1024 fixed random projections); the noise baseline is the same distance for standard normal samples.
-Writes <out>/quality_<data>.csv and .md, one training folder per method under <out>.
+unless --steps/--batch/--width/--eval-samples are given, then is sampled from t = 1 to t = 0 with 1, 2
+and 4 steps (flow matching: Euler with 1..64). The metric is the sliced Wasserstein distance to 10,000
+fresh data points (1024 fixed random projections); the noise baseline is the same distance for standard
+normal samples.
+With several --seeds each method trains once per seed and gets a "mean" row over them.
+Writes <out>/quality_<data>.csv and .md, one training folder per method (and seed) under <out>.
 """
 from __future__ import annotations
 
@@ -20,6 +23,35 @@ from pathlib import Path
 from flowmap_kernels import train
 
 
+def _train_one(m, seed, a, out, many):
+    folder = out / (f"{m}_{a.data}_s{seed}" if many else f"{m}_{a.data}")
+    argv_m = ["--method", m, "--data", a.data, "--out", str(folder), "--no-progress", "--seed", str(seed),
+              "--threads", str(a.threads)]
+    for flag, val in (("--steps", a.steps), ("--batch", a.batch), ("--width", a.width),
+                      ("--eval-samples", a.eval_samples)):
+        if val is not None:
+            argv_m += [flag, str(val)]
+    print(f"== {m}: python -m flowmap_kernels.train {' '.join(argv_m)}", flush=True)
+    if train.main(argv_m) != 0:
+        return None
+    met = json.loads((folder / "metrics.json").read_text())
+    row = {"method": m, "seed": seed, "steps": met["steps"], "batch": met["batch_per_rank"], "params": met["params"],
+           "train_s": met["train_time_s"], "noise_swd": round(met["baseline_noise"], 4),
+           "data_swd": round(met["data_vs_data"], 4)}
+    for k, v in met["nfe"].items():
+        row[f"nfe{k}"] = round(v["ema"], 4)
+        row[f"nfe{k}/noise"] = round(v["ratio_to_noise_ema"], 3)
+    return row
+
+
+def _mean_row(m, runs):
+    row = {"method": m, "seed": "mean"}
+    for k in runs[0]:
+        if k.startswith("nfe") or k == "train_s":
+            row[k] = round(sum(r[k] for r in runs) / len(runs), 4 if k != "train_s" else 1)
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default="meanflow,tvm,fm")
@@ -28,29 +60,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--eval-samples", type=int, default=None)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     a = p.parse_args(argv)
     out = Path(a.out)
+    seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     rows = []
     for m in [x.strip() for x in a.methods.split(",") if x.strip()]:
-        argv_m = ["--method", m, "--data", a.data, "--out", str(out / f"{m}_{a.data}"), "--no-progress",
-                  "--seed", str(a.seed), "--threads", str(a.threads)]
-        for flag, val in (("--steps", a.steps), ("--batch", a.batch), ("--width", a.width)):
-            if val is not None:
-                argv_m += [flag, str(val)]
-        print(f"== {m}: python -m flowmap_kernels.train {' '.join(argv_m)}", flush=True)
-        if train.main(argv_m) != 0:
-            rows.append({"method": m, "error": "training failed"})
-            continue
-        met = json.loads((out / f"{m}_{a.data}" / "metrics.json").read_text())
-        row = {"method": m, "steps": met["steps"], "batch": met["batch_per_rank"], "params": met["params"],
-               "train_s": met["train_time_s"], "noise_swd": round(met["baseline_noise"], 4),
-               "data_swd": round(met["data_vs_data"], 4)}
-        for k, v in met["nfe"].items():
-            row[f"nfe{k}"] = round(v["ema"], 4)
-            row[f"nfe{k}/noise"] = round(v["ratio_to_noise_ema"], 3)
-        rows.append(row)
+        runs = [row for seed in seeds if (row := _train_one(m, seed, a, out, many=len(seeds) > 1)) is not None]
+        rows += runs or [{"method": m, "error": "training failed"}]
+        if len(runs) > 1:
+            rows.append(_mean_row(m, runs))
     out.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / f"quality_{a.data}.csv", "w", newline="") as f:

@@ -3,11 +3,17 @@
 In the project convention (MeanFlow's u(z_t, r, t) has t = our source s, r = our target t):
 
     V(x_s, s, t) = v(x_s, s) + (t - s) dV/ds,   dV/ds = d_s V + grad_x V . v   (total derivative along x_s)
-    L = E sg[w] || V(x_s, s, t) - sg[ (eps - x0) + (t - s) dV/ds ] ||^2
+    L = E sg[w] || V(x_s, s, t) - sg[ v + (t - s) dV/ds ] ||^2
 
 with the marginal velocity v replaced by the conditional one, eps - x0 (marginal-from-conditional
 learning: valid because the target is linear in v, evaluated at x_s, and under stop-gradient; seed
-001 sec 4.2). dV/ds is one torch.func.jvp of the model along (x, s, t) -> (eps - x0, 1, 0).
+001 sec 4.2). dV/ds is one torch.func.jvp of the model along (x, s, t) -> (v, 1, 0).
+``velocity="batch"`` takes for v instead the marginal velocity of the minibatch's empirical
+distribution (_common.velocity; "Stable Target Field", Xu et al. 2023), in the tangent and the target:
+the same marginal velocity with far less variance (self-normalised, so consistent: its bias vanishes
+as the batch grows). The 2D preset uses it: checkerboard one-step SWD over six seeds 0.045 -> 0.036
+(with the preset's other changes), and the 2- and 4-step samples stop collapsing onto the squares'
+centres.
 
 Stop-gradient: the whole target, i.e. the JVP's tangent output. The JVP's primal output IS the
 prediction V(x_s, s, t): it keeps its autograd graph, the tangent is detached, so the backward runs
@@ -25,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (adaptive_weight, bcast, detached_logs, interpolate, jvp, merge_cfg, randn_like,
-                      sample_pair, sq_err)
+                      sample_pair, sq_err, velocity)
 
 NAME = "meanflow"
 NOMINAL_FPE = 4
@@ -33,7 +39,7 @@ CALLS = "J (primal is the prediction) + B through the primal; tangent detached"
 TEACHER = None
 SAMPLER = "flowmap"
 DEFAULTS = {"time_dist": "logit_normal", "time_mu": -0.4, "time_sigma": 1.0, "ratio_neq": 0.25,
-            "adaptive_p": 1.0, "adaptive_c": 1e-3, "generator": None}
+            "adaptive_p": 1.0, "adaptive_c": 1e-3, "velocity": "conditional", "generator": None}
 
 
 def loss(model, x0, *, cond=None, **cfg):
@@ -41,7 +47,8 @@ def loss(model, x0, *, cond=None, **cfg):
     g = c["generator"]
     eps = randn_like(x0, g)
     s, t = sample_pair(x0.shape[0], c, device=x0.device, dtype=x0.dtype, generator=g)
-    xs, v = interpolate(x0, eps, s)
+    xs, _ = interpolate(x0, eps, s)
+    v = velocity(c["velocity"], xs, s, x0, eps, cond)
     V, dV = jvp(model, cond, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
     dV = dV.detach()  # stop-gradient on the target: no backward through the JVP
     target = v + bcast(t - s, x0) * dV

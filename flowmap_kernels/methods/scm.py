@@ -17,14 +17,15 @@ min(1, step / warmup_steps) (sCM's r); the trainer passes ``step``.
 
 Times: sCM samples log(sigma) ~ N(P_mean = -1.0, P_std = 1.4) with sigma the noise-to-signal ratio; in
 our schedule sigma = s / (1 - s), so s ~ logit-normal(-1.0, 1.4). The learned adaptive weighting of
-sCM is replaced by the tangent normalisation alone. Multi-step sampling re-noises (SAMPLER =
-"consistency"). Source: seed 002 (continuous CM, FACM = MeanFlow at t = 0), seed 001 (CT).
+sCM is replaced by the tangent normalisation alone. ``velocity="batch"``: eps - x0 above becomes the
+minibatch's marginal velocity (_common.velocity, as MeanFlow's option; no gain measured on
+checkerboard). Multi-step sampling re-noises (SAMPLER = "consistency"). Source: seed 002 (continuous CM, FACM = MeanFlow at t = 0), seed 001 (CT).
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import bcast, detached_logs, interpolate, jvp, merge_cfg, randn_like, sample_times
+from ._common import bcast, detached_logs, interpolate, jvp, merge_cfg, randn_like, sample_times, velocity
 
 NAME = "scm"
 NOMINAL_FPE = 4
@@ -32,7 +33,7 @@ CALLS = "J (primal is the prediction) + B through the primal; tangent detached"
 TEACHER = None
 SAMPLER = "consistency"
 DEFAULTS = {"time_dist": "logit_normal", "time_mu": -1.0, "time_sigma": 1.4, "tangent_c": 0.1,
-            "warmup_steps": 0, "step": None, "generator": None}
+            "warmup_steps": 0, "step": None, "velocity": "conditional", "generator": None}
 
 
 def loss(model, x0, *, cond=None, **cfg):
@@ -42,7 +43,8 @@ def loss(model, x0, *, cond=None, **cfg):
     s = sample_times(x0.shape[0], c["time_dist"], c["time_mu"], c["time_sigma"], device=x0.device,
                      dtype=x0.dtype, generator=gen)
     t = torch.zeros_like(s)
-    xs, v = interpolate(x0, eps, s)
+    xs, _ = interpolate(x0, eps, s)
+    v = velocity(c["velocity"], xs, s, x0, eps, cond)
     V, dV = jvp(model, cond, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
     r = 1.0
     if c["warmup_steps"] and c["step"] is not None:

@@ -1,6 +1,8 @@
 """Tiny float64 models and slow references for the method tests (helpers of tests/methods only)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -65,3 +67,19 @@ def pair(n, c, g, dtype=torch.float64):
     keep = torch.rand(n, generator=g, dtype=dtype) < c["ratio_neq"]
     s = torch.where(keep, torch.maximum(a, b), a)
     return s, torch.where(keep, torch.minimum(a, b), a)
+
+
+def marginal_velocity(xs, s, x0, cond=None):
+    """E[eps - x0 | x_s] under the empirical distribution of the rows of x0 (same label when cond), one
+    row at a time from the Gaussian likelihoods N(x_s; (1 - s) x0_j, s^2 I) in float64."""
+    b = x0.shape[0]
+    xf, x0f = xs.reshape(b, -1).double(), x0.reshape(b, -1).double()
+    out = torch.empty_like(xf)
+    for i in range(b):
+        si = float(s[i])
+        logp = -((xf[i] - (1 - si) * x0f) ** 2).sum(1) / (2 * si ** 2)
+        if cond is not None:
+            logp = torch.where(cond == cond[i], logp, torch.full_like(logp, -math.inf))
+        w = torch.exp(logp - logp.max())
+        out[i] = (w[:, None] * (xf[i] - x0f)).sum(0) / (w.sum() * si)
+    return out.reshape(xs.shape)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flowmap_kernels.methods import METHODS
-from tests.methods.helpers import TinyAttnFlowMap, grad_rel, pair, params_grad, rel, tiny_mlp, times
+from tests.methods.helpers import TinyAttnFlowMap, grad_rel, marginal_velocity, pair, params_grad, rel, tiny_mlp, times
 
 H = 2e-6
 B = 7
@@ -35,6 +35,11 @@ def _fd(f, x, s, t, tx, ts, tt):
     return (f(x + H * tx, s + H * ts, t + H * tt) - f(x - H * tx, s - H * ts, t - H * tt)) / (2 * H)
 
 
+def _velocity(c, xs, s, x0, v):
+    """The conditional velocity v, or with c['velocity'] == 'batch' the batch's marginal one."""
+    return marginal_velocity(xs, s, x0) if c["velocity"] == "batch" else v
+
+
 def ref_fm(model, x0, g, c):
     eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     t = times(x0.shape[0], c["time_dist"], c["time_mu"], c["time_sigma"], g)
@@ -46,6 +51,7 @@ def ref_meanflow(model, x0, g, c):
     eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     s, t = pair(x0.shape[0], c, g)
     xs, v = (1 - _b(s, x0)) * x0 + _b(s, x0) * eps, eps - x0
+    v = _velocity(c, xs, s, x0, v)
     V = model(xs, s, t)
     with torch.no_grad():
         dV = _fd(model, xs, s, t, v, torch.ones_like(s), torch.zeros_like(t))
@@ -59,6 +65,7 @@ def ref_imf(model, x0, g, c):
     eps = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
     s, t = pair(x0.shape[0], c, g)
     xs, v = (1 - _b(s, x0)) * x0 + _b(s, x0) * eps, eps - x0
+    v = _velocity(c, xs, s, x0, v)
     with torch.no_grad():
         vh = model(xs, s, s)
         dV = _fd(model, xs, s, t, vh, torch.ones_like(s), torch.zeros_like(t))
@@ -71,6 +78,7 @@ def ref_scm(model, x0, g, c):
     s = times(x0.shape[0], c["time_dist"], c["time_mu"], c["time_sigma"], g)
     z = torch.zeros_like(s)
     xs, v = (1 - _b(s, x0)) * x0 + _b(s, x0) * eps, eps - x0
+    v = _velocity(c, xs, s, x0, v)
     f = lambda x, ss: x - _b(ss, x) * model(x, ss, z)  # consistency function F(x, s, 0)
     with torch.no_grad():
         dfds = (f(xs + H * v, s + H) - f(xs - H * v, s - H)) / (2 * H)  # total derivative, theta^- = sg(theta)
@@ -179,6 +187,8 @@ REFS = {"fm": ref_fm, "meanflow": ref_meanflow, "imf": ref_imf, "tvm": ref_lagra
 
 CASES = [(name, {}) for name in REFS] + [
     ("meanflow", {"adaptive_p": 0.5, "ratio_neq": 1.0, "time_dist": "uniform"}),
+    ("meanflow", {"velocity": "batch", "time_dist": "uniform", "ratio_neq": 0.5, "adaptive_c": 1.0}),
+    ("imf", {"velocity": "batch"}),
     ("tvm", {"adaptive_p": 0.0, "fm_weight": 0.3, "lag_weight": 2.0}),
     ("esd", {"spatial_sg": False}),
     ("shortcut", {"sc_fraction": 0.5, "base_steps": 8}),
@@ -205,12 +215,13 @@ def test_loss_matches_reference(name, cfg, shape):
     assert err < 1e-5, err
 
 
+@pytest.mark.parametrize("velocity", ["conditional", "batch"])
 @pytest.mark.parametrize("shape", [(2,), (1, 3, 2)], ids=["2d", "image-like"])
-def test_scm_matches_reference(shape):
+def test_scm_matches_reference(shape, velocity):
     model = tiny_mlp(shape)
     x0 = _x0(shape)
-    c = dict(METHODS["scm"].DEFAULTS)
-    lo, _ = METHODS["scm"].loss(model, x0, generator=torch.Generator().manual_seed(5))
+    c = {**METHODS["scm"].DEFAULTS, "velocity": velocity}
+    lo, _ = METHODS["scm"].loss(model, x0, generator=torch.Generator().manual_seed(5), velocity=velocity)
     value, surrogate = ref_scm(model, x0, torch.Generator().manual_seed(5), c)
     assert rel(lo.detach(), value) < 1e-7
     assert grad_rel(params_grad(lo, model), params_grad(surrogate, model)) < 1e-6

@@ -41,14 +41,14 @@ def test_end_to_end_2d_writes_everything(tmp_path):
 
 
 def test_2d_presets_apply_and_yield_to_cfg_and_no_preset(tmp_path):
-    """MeanFlow on 2D data takes PRESETS_2D (uniform times, adaptive c = 1, no clipping, time frequencies
-    <= 16); --cfg and explicit flags win over it, --no-preset turns it off, and image data never gets it."""
+    """MeanFlow on 2D data takes PRESETS_2D (uniform times, adaptive c = 1, the batch's marginal velocity,
+    no clipping, time frequencies <= 12); --cfg and explicit flags win over it, --no-preset turns it off, and image data never gets it."""
     def cfg(name, *extra):
         assert _run(tmp_path / name, "--method", "meanflow", "--steps", "1", "--no-eval", *extra) == 0
         return json.loads((tmp_path / name / "metrics.json").read_text())
     m = cfg("preset")
     assert m["method_cfg"]["adaptive_c"] == 1.0 and m["method_cfg"]["time_dist"] == "uniform" and m["grad_clip"] == 0.0
-    assert m["time_freq"] == 16.0
+    assert m["time_freq"] == 12.0 and m["method_cfg"]["velocity"] == "batch"
     assert cfg("cfg", "--cfg", "adaptive_c=0.5")["method_cfg"]["adaptive_c"] == 0.5
     flags = cfg("flags", "--time-freq", "8", "--grad-clip", "2")
     assert flags["time_freq"] == 8.0 and flags["grad_clip"] == 2.0 and flags["method_cfg"]["adaptive_c"] == 1.0
@@ -56,6 +56,7 @@ def test_2d_presets_apply_and_yield_to_cfg_and_no_preset(tmp_path):
     assert off["time_freq"] == 32.0 and cfg("tvm", "--method", "tvm")["time_freq"] == 32.0
     assert off["method_cfg"] == cfg("digits", "--data", "digits", "--model", "mlp")["method_cfg"]
     assert off["method_cfg"]["adaptive_c"] == METHODS["meanflow"].DEFAULTS["adaptive_c"] and off["grad_clip"] == 1.0
+    assert off["method_cfg"]["velocity"] == "conditional"
 
 
 def test_fm_euler_step_counts_and_digits_grid(tmp_path):
