@@ -57,9 +57,9 @@ def interpolate(x0, eps, s):
 VELOCITIES = ("conditional", "batch")
 
 
-def velocity(kind: str, xs, s, x0, eps, cond=None) -> torch.Tensor:
-    """The velocity at x_s that a target uses: 'conditional' eps - x0, or 'batch' the marginal velocity
-    of the minibatch's empirical data distribution,
+def velocity(kind: str, s, x0, eps, cond=None) -> torch.Tensor:
+    """The velocity at x_s = (1 - s) x0 + s eps that a target uses: 'conditional' eps - x0, or 'batch'
+    the marginal velocity of the minibatch's empirical data distribution,
 
         u(x_s, s) = E[eps - x0 | x_s] = sum_j w_j (x_s - x0_j) / s,
         w_j = softmax_j(-||x_s - (1 - s) x0_j||^2 / (2 s^2))   over the batch's x0_j (same label when cond),
@@ -67,8 +67,8 @@ def velocity(kind: str, xs, s, x0, eps, cond=None) -> torch.Tensor:
     the minibatch posterior of "Stable Target Field" (Xu et al. 2023): an unbiased target's variance
     reduced, consistent as the batch grows; at s -> 0 it becomes eps - x0. Written as
     (eps_i - x0_i) + sum_j w_ij (x0_i - x0_j) / s_i so that the j = i term is exact; the logits drop the
-    j-independent ||eps_i||^2 / 2. Cost O(B^2 D) (two (B, B) products). Always returns a detached tensor
-    for 'batch' (it is a target); xs, x0, eps (B, ...), s (B,)."""
+    j-independent ||eps_i||^2 / 2. Cost O(B^2 D) (two (B, B) products), computed in float32 or wider.
+    Returns a detached tensor for 'batch' (it is a target), in x0's dtype; x0, eps (B, ...), s (B,)."""
     v = eps - x0
     if kind == "conditional":
         return v
@@ -76,8 +76,9 @@ def velocity(kind: str, xs, s, x0, eps, cond=None) -> torch.Tensor:
         raise ValueError(f"velocity: expected one of {list(VELOCITIES)}, got {kind!r}")
     with torch.no_grad():
         b = x0.shape[0]
-        x0f, ef = x0.reshape(b, -1), eps.reshape(b, -1)
-        sc = s.clamp_min(torch.finfo(s.dtype).tiny ** 0.25)[:, None]
+        work = torch.promote_types(x0.dtype, torch.float32)  # 16-bit inputs: logits in float32
+        x0f, ef = x0.reshape(b, -1).to(work), eps.reshape(b, -1).to(work)
+        sc = s.to(work).clamp_min(torch.finfo(work).tiny ** 0.25)[:, None]
         sq = x0f.pow(2).sum(1)
         dist = (sq[:, None] + sq[None, :] - 2 * x0f @ x0f.T).clamp_min(0).fill_diagonal_(0)  # ||x0_i - x0_j||^2
         cross = (ef * x0f).sum(1, keepdim=True) - ef @ x0f.T  # eps_i . (x0_i - x0_j)

@@ -42,7 +42,7 @@ def loss(model, x0, *, cond=None, **cfg):
     eps = randn_like(x0, g)
     s, t = sample_pair(x0.shape[0], c, device=x0.device, dtype=x0.dtype, generator=g)
     xs, _ = interpolate(x0, eps, s)
-    v = velocity(c["velocity"], xs, s, x0, eps, cond)
+    v = velocity(c["velocity"], s, x0, eps, cond)
     with torch.no_grad():
         v_hat = model(xs, s, s, y=cond)
     V, dV = jvp(model, cond, (xs, s, t), (v_hat, torch.ones_like(s), torch.zeros_like(t)))

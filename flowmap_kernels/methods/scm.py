@@ -19,7 +19,8 @@ Times: sCM samples log(sigma) ~ N(P_mean = -1.0, P_std = 1.4) with sigma the noi
 our schedule sigma = s / (1 - s), so s ~ logit-normal(-1.0, 1.4). The learned adaptive weighting of
 sCM is replaced by the tangent normalisation alone. ``velocity="batch"``: eps - x0 above becomes the
 minibatch's marginal velocity (_common.velocity, as MeanFlow's option; no gain measured on
-checkerboard). Multi-step sampling re-noises (SAMPLER = "consistency"). Source: seed 002 (continuous CM, FACM = MeanFlow at t = 0), seed 001 (CT).
+checkerboard). Multi-step sampling re-noises (SAMPLER = "consistency"). Source: seed 002 (continuous
+CM, FACM = MeanFlow at t = 0), seed 001 (CT).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def loss(model, x0, *, cond=None, **cfg):
                      dtype=x0.dtype, generator=gen)
     t = torch.zeros_like(s)
     xs, _ = interpolate(x0, eps, s)
-    v = velocity(c["velocity"], xs, s, x0, eps, cond)
+    v = velocity(c["velocity"], s, x0, eps, cond)
     V, dV = jvp(model, cond, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
     r = 1.0
     if c["warmup_steps"] and c["step"] is not None:
