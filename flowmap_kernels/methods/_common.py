@@ -64,8 +64,8 @@ def velocity(kind: str, s, x0, eps, cond=None) -> torch.Tensor:
         u(x_s, s) = E[eps - x0 | x_s] = sum_j w_j (x_s - x0_j) / s,
         w_j = softmax_j(-||x_s - (1 - s) x0_j||^2 / (2 s^2))   over the batch's x0_j (same label when cond),
 
-    the minibatch posterior of "Stable Target Field" (Xu et al. 2023): an unbiased target's variance
-    reduced, consistent as the batch grows; at s -> 0 it becomes eps - x0. Written as
+    the minibatch posterior of "Stable Target Field" (Xu et al. 2023): a far lower-variance estimate of
+    E[eps - x0 | x_s], self-normalised (consistent as the batch grows); at s -> 0 it is eps - x0. Written as
     (eps_i - x0_i) + sum_j w_ij (x0_i - x0_j) / s_i so that the j = i term is exact; the logits drop the
     j-independent ||eps_i||^2 / 2. Cost O(B^2 D) (two (B, B) products), computed in float32 or wider.
     Returns a detached tensor for 'batch' (it is a target), in x0's dtype; x0, eps (B, ...), s (B,)."""
