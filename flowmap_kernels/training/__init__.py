@@ -6,5 +6,4 @@ from .distributed import (DistInfo, allreduce_grads, broadcast_module, close_dis
 from .ema import EMA
 
 __all__ = ["EMA", "DistInfo", "init_distributed", "close_distributed", "broadcast_module", "allreduce_grads",
-           "params_in_sync",
-           "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+           "params_in_sync", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]

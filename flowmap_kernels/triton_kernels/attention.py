@@ -648,15 +648,16 @@ def _run_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, sc
         dk.zero_(), dv.zero_()
     cfg = p.config(prefix + "_dq")
     if p.Lq > 0:
-        parts = dq_parts(cfg, tangent)
+        launches = [dict(zip(DQ_FLAGS, want)) for want in dq_parts(cfg, tangent)]
         # split 3: the first launch writes its dQ terms to a float32 partial that the second adds
-        partial = torch.empty(q.shape, dtype=torch.float32, device=dev) if any(w[3] for w in parts) else dq
-        for want in parts:
+        partial = (torch.empty(q.shape, dtype=torch.float32, device=dev)
+                   if any(f["ADD_PARTIAL"] for f in launches) else dq)
+        for f in launches:
             _attn_bwd_dq[(triton.cdiv(p.Lq, cfg.block_m), p.H, p.B)](
                 *_bwd_args(p, q, k, v, tq_, tk_, tv_, do, dto, lse, mu_t, const, crow,
-                           [dq if want[0] else partial, dtq if tangent else dq, partial]),
+                           [dq if f["DQ_DS"] else partial, dtq if tangent else dq, partial]),
                 *dq.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale,
-                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **dict(zip(DQ_FLAGS, want)), **flags),
+                **p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **f, **flags),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv, dtq, dtk, dtv
 
