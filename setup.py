@@ -3,8 +3,10 @@
 - ``flowmap_kernels._C_cpu``: torch.utils.cpp_extension.CppExtension (ninja) from csrc/cpu/*.cpp.
 - ``flowmap_kernels._C_cuda``: a pybind11 module compiled by nvcc with the static CUDA runtime, NOT linked to
   torch (torch's CUDAExtension cannot build against a CPU torch); it takes raw pointers and a stream.
-  Built for sm_80 and sm_90a (override with FLOWMAP_CUDA_ARCHS="80,90a"); FLOWMAP_SKIP_CUDA=1 skips it;
-  a failing nvcc build only warns unless FLOWMAP_REQUIRE_CUDA=1.
+  Built as SASS for sm_80 (A100), sm_86 / sm_89 (RTX 30 / 40, L4, L40), sm_90a (H100 / H200), sm_100a
+  (B200 / GB200) and sm_120 (RTX 50), plus PTX of the newest so that a later GPU can JIT it (override with
+  FLOWMAP_CUDA_ARCHS="80,90a"); FLOWMAP_SKIP_CUDA=1 skips it; a failing nvcc build only warns unless
+  FLOWMAP_REQUIRE_CUDA=1.
 Both compile the row mathematics in csrc/include/flowmap/*.h.
 Install: pip install --no-build-isolation -e .   (torch, pybind11 and ninja must be installed)
 """
@@ -22,8 +24,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join("csrc", "include")
 
 
+CUDA_ARCHS = "80,86,89,90a,100a,120"
+
+
 def _archs():
-    raw = os.environ.get("FLOWMAP_CUDA_ARCHS", "80,90a")
+    raw = os.environ.get("FLOWMAP_CUDA_ARCHS", CUDA_ARCHS)
     return [a.strip() for a in raw.split(",") if a.strip()]
 
 
@@ -42,12 +47,16 @@ class NvccExtension(Extension):
 
 
 def nvcc_command(nvcc, sources, output, archs, extra=()):
+    """nvcc command line: SASS for every arch in ``archs`` and PTX of the last one (JIT for newer GPUs)."""
     import pybind11
+    ptx = archs[-1]
+    images = [f"sm_{a}" for a in archs] + [f"compute_{ptx}"]
     cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--cudart", "static",
            "-I" + os.path.join(ROOT, INCLUDE), "-I" + pybind11.get_include(), "-I" + sysconfig.get_paths()["include"],
-           f"-DFLOWMAP_CUDA_ARCHS=\"{','.join('sm_' + a for a in archs)}\""]
+           f"-DFLOWMAP_CUDA_ARCHS=\"{','.join(images)}\""]
     for a in archs:
         cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    cmd += ["-gencode", f"arch=compute_{ptx},code=compute_{ptx}"]
     return cmd + list(extra) + list(sources) + ["-o", output]
 
 

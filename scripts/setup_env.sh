@@ -10,4 +10,4 @@ fi
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.9.0" \
     "setuptools>=68" wheel "pybind11>=2.12" ninja
-python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test,diffusers]"
+python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[train,bench,test,diffusers]"

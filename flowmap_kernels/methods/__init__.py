@@ -20,7 +20,7 @@ Interface of every module in METHODS:
         (unknown keys raise TypeError). loss is a scalar tensor to call .backward() on; logs a dict of
         detached 0-d tensors. Noise and times are drawn from torch's global RNG (or cfg generator).
     NAME           registry name
-    NOMINAL_FPE    cost per iteration in forward-pass equivalents from the write-up (REFERENCE.md sec 3)
+    NOMINAL_FPE    cost per iteration in forward-pass equivalents of the nominal model (docs/math.md section 4)
     CALLS          the call structure (F forward, B backward, J forward+JVP, BJ backward through a JVP)
     DEFAULTS       the method's hyper-parameters (time sampling, weighting, ratio of s != t, ...)
     TEACHER        None, "self" (stop-gradient copy of the current weights) or "ema" (the trainer passes

@@ -1,8 +1,8 @@
 """Eulerian self-distillation (ESD, Boffi, Albergo & Vanden-Eijnden 2025).
 
-Eulerian rule d_s F(x_s, s, t) + grad_x F(x_s, s, t) v(x_s, s) = 0 (seed 001 sec 2.3) with the
+Eulerian rule d_s F(x_s, s, t) + grad_x F(x_s, s, t) v(x_s, s) = 0 (Boffi et al., arXiv:2505.18825) with the
 velocity replaced by the network's own v_hat = sg[V(x_s, s, s)] and a stop-gradient on the spatial
-part of the Jacobian (seed 001, "Eulerian methods"). With F = x_s + (t - s) V:
+part of the Jacobian (arXiv:2505.18825, Eulerian methods). With F = x_s + (t - s) V:
 
     d_s F = -V + (t - s) d_s V,      grad_x F . v_hat = v_hat + (t - s) grad_x V . v_hat
     R = -V(x_s, s, t) + (t - s) d_s V(x_s, s, t) + sg[ v_hat + (t - s) grad_x V . v_hat ]
@@ -11,7 +11,7 @@ part of the Jacobian (seed 001, "Eulerian methods"). With F = x_s + (t - s) V:
 d_s V comes from torch.func.jvp along (0, 1, 0) and the loss backpropagates through it; the spatial
 JVP along (v_hat, 0, 0) runs under torch.no_grad (stop-gradient). spatial_sg=False instead takes one
 JVP along (v_hat, 1, 0) and backpropagates through all of it (no stop-gradient on the spatial part;
-the call structure the write-up's 10 FPE counts).
+the call structure the nominal 10 FPE counts).
 Times: (s, t) two uniform draws sorted, s >= t, all off the diagonal; r uniform. Unweighted MSE.
 """
 from __future__ import annotations

@@ -3,9 +3,9 @@
     L = E_{x0, eps, t} || V(x_t, t, t) - (eps - x0) ||^2,   x_t = (1 - t) x0 + t eps
 
 No stop-gradient, no JVP. Time t ~ logit-normal(mu, sigma) (Esser et al. 2024; the diffusion loss of
-every self-distillation method in seed 001) or uniform. Unweighted mean square error (mean over the
+every self-distillation method of arXiv:2505.18825) or uniform. Unweighted mean square error (mean over the
 non-batch dims). Sampled with Euler steps on V(x, t, t) from t = 1 to t = 0.
-Source: seeds 001 ("diffusion loss"), 002 (flow matching objective).
+Source: Lipman et al., arXiv:2210.02747 (flow matching objective).
 """
 from __future__ import annotations
 

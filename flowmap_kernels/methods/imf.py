@@ -5,8 +5,8 @@ In the project convention, with the model's own instantaneous velocity v_hat = V
     W(x_s, s, t) = V(x_s, s, t) - (t - s) sg[ d_s V + grad_x V . sg[v_hat] ]
     L = E || W(x_s, s, t) - (eps - x0) ||^2
 
-i.e. a flow-matching loss on W (seed 001, "Marginal-from-conditional learning", iMF). Sign: the
-MeanFlow identity V = v + (t - s) dV/ds gives v = V - (t - s) dV/ds; seed 001 writes "+" when it swaps
+i.e. a flow-matching loss on W (iMF, arXiv:2512.02012). Sign: the
+MeanFlow identity V = v + (t - s) dV/ds gives v = V - (t - s) dV/ds; some expositions write "+" when they swap
 the sides (checked numerically against the exact flow map of Gaussian data; with "+" training diverged:
 1-step SWD 0.48-0.66 on checkerboard, worse than noise). In iMF's own convention (source t, target r) the
 compound velocity is u + (t - r) sg(du/dt), which is the "-" here. The bracket is one
@@ -18,7 +18,7 @@ Weighting: plain mean square error by default (adaptive_p = 0; MeanFlow's adapti
 ``velocity="batch"``: the regression target eps - x0 becomes the minibatch's marginal velocity
 (_common.velocity, as MeanFlow's option; on checkerboard it did not help iMF: one-step SWD 0.084 -> 0.118).
 Times: as MeanFlow (logit-normal(-0.4, 1.0) pairs, s >= t, ratio_neq of pairs with t != s).
-Source: seed 001 (iMF section), REFERENCE.md sec 3 (F + J + B = 5 FPE).
+Source: Geng et al., arXiv:2512.02012; cost model docs/math.md section 4 (F + J + B = 5 FPE).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Lagrangian self-distillation (LSD, Boffi, Albergo & Vanden-Eijnden 2025).
 
-In the project convention (seed 001, "Lagrangian methods"; seed 003):
+In the project convention (Boffi et al., arXiv:2505.18825, Lagrangian self-distillation):
 
     L = E || d/dt F(x_s, s, t) - sg[ V(F(x_s, s, t), t, t) ] ||^2 + E_r || V(x_r, r, r) - (eps' - x0) ||^2
     d/dt F(x_s, s, t) = V(x_s, s, t) + (t - s) d_t V(x_s, s, t)

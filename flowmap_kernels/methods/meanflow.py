@@ -23,8 +23,8 @@ is recorded during the forward and freed when the detached tangent goes out of s
 Weighting: adaptive sg[w] = 1 / (||Delta||^2 + c)^p with ||Delta||^2 the per-sample mean square error
 (MeanFlow: p = 1, c = 1e-3). Times: s, t two logit-normal(-0.4, 1.0) draws sorted (s >= t); a
 fraction 1 - ratio_neq of the pairs gets t = s (MeanFlow's best ImageNet setting: 25% with r != t).
-Source: seed 001 ("The 'average velocity' perspective", "Marginal-from-conditional learning"),
-seed 002 (MeanFlow, f, dfdt = jvp(f_theta, (xt, s, t), (v, 0, 1)) in its own convention), MeanFlow paper.
+Source: Geng et al., arXiv:2505.13447 (MeanFlow; f, dfdt = jvp(f_theta, (xt, s, t), (v, 0, 1)) in its own
+convention).
 """
 from __future__ import annotations
 

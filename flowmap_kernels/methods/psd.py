@@ -7,14 +7,14 @@ velocity (project convention, F = x + (t - s) V) with the split u = t + gamma (s
     V_hat = (1 - gamma) V_sg(x_s, s, u) + gamma V_sg(x_u, u, t)
     L = E_sc || V(x_s, s, t) - sg[V_hat] ||^2 + E_fm || V(x_r, r, r) - (eps - x0) ||^2
 
-Shortcut models are the special case gamma = 1/2 on a dyadic grid of step sizes; PSD (seed 003,
-Boffi et al.'s "progressive" family; seed 001 calls it the self-distillation form of SplitMeanFlow)
+Shortcut models are the special case gamma = 1/2 on a dyadic grid of step sizes; PSD (Boffi et al.,
+arXiv:2505.18825, the "progressive" family; the self-distillation form of SplitMeanFlow)
 takes any split. The loss on V is the flow-map loss ||F - F_hat||^2 divided by (s - t)^2. No JVP.
 V_sg: the current weights under torch.no_grad (self-teacher) or the given teacher.
 Times: (s, t) two draws from time_dist sorted (s >= t), gamma ~ uniform(0, 1); a fraction sc_fraction
 of the batch gets the consistency term, the rest flow matching with r ~ uniform (shared body with
 shortcut: methods/_compositional.py). Cost on the full batch: 2 stopped F + F + B + flow-matching
-F + B = 8 FPE (REFERENCE.md sec 3).
+F + B = 8 FPE (docs/math.md section 4).
 """
 from __future__ import annotations
 

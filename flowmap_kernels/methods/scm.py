@@ -1,7 +1,7 @@
 """Continuous-time consistency training (sCM, Lu & Song 2024) as a flow map with target time 0.
 
 Consistency function f(x_s, s) = F(x_s, s, 0) = x_s - s V(x_s, s, 0) (f(x, 0) = x by construction).
-The continuous-time CT gradient (seed 002, "Continuous CM") is E[ w grad_theta f_theta^T sg(df/ds) ] with
+The continuous-time CT gradient (Lu & Song, arXiv:2410.11081) is E[ w grad_theta f_theta^T sg(df/ds) ] with
 the total derivative along the trajectory, the marginal velocity replaced by eps - x0 (consistency
 *training*, from scratch):
 
@@ -19,8 +19,8 @@ Times: sCM samples log(sigma) ~ N(P_mean = -1.0, P_std = 1.4) with sigma the noi
 our schedule sigma = s / (1 - s), so s ~ logit-normal(-1.0, 1.4). The learned adaptive weighting of
 sCM is replaced by the tangent normalisation alone. ``velocity="batch"``: eps - x0 above becomes the
 minibatch's marginal velocity (_common.velocity, as MeanFlow's option; no gain measured on
-checkerboard). Multi-step sampling re-noises (SAMPLER = "consistency"). Source: seed 002 (continuous
-CM, FACM = MeanFlow at t = 0), seed 001 (CT).
+checkerboard). Multi-step sampling re-noises (SAMPLER = "consistency"). Source: Lu & Song, arXiv:2410.11081
+(continuous-time CM; FACM = MeanFlow at t = 0), Song et al., arXiv:2303.01469 (CT).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ at 1, steps go down in time), with step 2h from source s to target s - 2h:
     V_hat = ( V_sg(x_s, s, s - h) + V_sg(x_mid, s - h, s - 2h) ) / 2
     L = E_sc || V(x_s, s, s - 2h) - sg[V_hat] ||^2 + E_fm || V(x_r, r, r) - (eps - x0) ||^2
 
-(seed 001, "Compositional methods"; seed 002, "Shortcut Models"). V_sg: the current weights under
+(Frans et al., arXiv:2410.12557; Boffi et al., arXiv:2505.18825, compositional rule). V_sg: the current weights under
 torch.no_grad (a self-teacher; no EMA) or the given teacher. No JVP. Step sizes 2h = 2^-k,
 k uniform in {0, ..., log2(M) - 1} (M = 128 base steps, smallest 2h = 2/M); the source s is uniform on
 the grid {2h, 4h, ..., 1}; for the smallest step the two halves use the instantaneous velocity (h -> 0

@@ -1,9 +1,9 @@
 """Terminal Velocity Matching (TVM, Zhou et al. 2025): Lagrangian consistency, backprop through the JVP.
 
-Terminal velocity condition (Lagrangian rule, seed 001 sec 2.2) in the project convention:
+Terminal velocity condition (Zhou et al., arXiv:2511.19797; Lagrangian rule of arXiv:2505.18825) in the project convention:
     d/dt F(x_s, s, t) = v(F(x_s, s, t), t),   d/dt F = V(x_s, s, t) + (t - s) d_t V(x_s, s, t).
 From scratch, v at the terminal point is the network's own velocity under stop-gradient, evaluated with
-EMA weights theta^- (seed 001: "stop-gradient on the weights for some of the model invocations, and
+EMA weights theta^- ("stop-gradient on the weights for some of the model invocations, and
 even EMA weights for one of them"), plus a flow-matching term:
 
     L = lag_weight * E || V + (t - s) d_t V - sg[ V_{theta^-}( sg[F(x_s, s, t)], t, t ) ] ||^2
@@ -16,7 +16,7 @@ else the current weights under torch.no_grad).
 Times: (s, t) two uniform draws sorted, s >= t, all pairs with t != s (ratio_neq = 1: the diagonal is
 trained by the flow-matching term); r ~ logit-normal(0, 1). Unweighted MSE (adaptive_p = 0).
 The TVM paper's Lipschitz/normalisation tweaks of the architecture are not part of this loss.
-Cost: J + BJ + stopped/EMA teacher F + flow-matching F + B = 10 FPE (REFERENCE.md sec 3).
+Cost: J + BJ + stopped/EMA teacher F + flow-matching F + B = 10 FPE (docs/math.md section 4).
 """
 from __future__ import annotations
 

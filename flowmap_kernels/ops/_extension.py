@@ -38,11 +38,61 @@ def cuda_module():
     return _load("_C_cuda")
 
 
-def extension_info() -> dict:
-    """{"cpu_extension": bool, "cuda_extension_built": bool, "cuda_archs": [...]} for build_info()."""
+def image_for(capability: tuple, images) -> Optional[str]:
+    """The image of a fat binary that a GPU of compute ``capability`` (major, minor) loads, or None.
+
+    ``images``: names such as "sm_80", "sm_90a", "compute_120". SASS "sm_XY" runs on capability X.Z with
+    Z >= Y; an arch-specific "sm_XYa" only on X.Y exactly; PTX "compute_XY" is JIT-compiled on any
+    capability >= X.Y. The driver prefers SASS, then the newest PTX that fits.
+    """
+    major, minor = capability
+    sass, ptx = [], []
+    for name in images:
+        kind, _, arch = name.partition("_")
+        specific = arch.endswith("a")
+        num = int(arch.rstrip("a"))
+        a_major, a_minor = divmod(num, 10)
+        if kind == "sm" and a_major == major and (a_minor == minor if specific else a_minor <= minor):
+            sass.append((a_minor, name))
+        elif kind == "compute" and not specific and (a_major, a_minor) <= (major, minor):
+            ptx.append((num, name))
+    if sass:
+        return max(sass)[1]
+    return max(ptx)[1] if ptx else None
+
+
+def cuda_images() -> list:
+    """The images compiled into the CUDA module (SASS "sm_*" and PTX "compute_*"); [] when not built."""
     cu = cuda_module()
-    archs = list(cu.archs()) if cu is not None else []
-    return {"cpu_extension": cpu_module() is not None, "cuda_extension_built": cu is not None, "cuda_archs": archs}
+    return list(cu.archs()) if cu is not None else []
+
+
+_warned_no_image: set = set()
+
+
+def cuda_image_missing(device) -> Optional[str]:
+    """None when the CUDA module has an image this device loads, else the reason (warned once per device)."""
+    cap = torch.cuda.get_device_capability(device)
+    if image_for(cap, cuda_images()) is not None:
+        return None
+    reason = (f"the CUDA module has no image for compute capability {cap[0]}.{cap[1]} (built for "
+              f"{', '.join(cuda_images())}); rebuild with FLOWMAP_CUDA_ARCHS including it")
+    if cap not in _warned_no_image:
+        _warned_no_image.add(cap)
+        import warnings
+        warnings.warn(f"flowmap_kernels: {reason}; the DiT primitives run on the 'torch' backend", stacklevel=3)
+    return reason
+
+
+def extension_info() -> dict:
+    """{"cpu_extension", "cuda_extension_built", "cuda_archs", "cuda_image_for_device"} for build_info():
+    the last is the image this machine's current GPU loads (None without a GPU or without a fitting image)."""
+    archs = cuda_images()
+    device_image = None
+    if archs and torch.cuda.is_available():
+        device_image = image_for(torch.cuda.get_device_capability(), archs)
+    return {"cpu_extension": cpu_module() is not None, "cuda_extension_built": cuda_module() is not None,
+            "cuda_archs": archs, "cuda_image_for_device": device_image}
 
 
 def available() -> bool:
@@ -57,7 +107,9 @@ def supports(device=None, dtype=None, explicit=False, numel=None, **_) -> Option
     if device is not None and device.type == "cpu":
         return None if cpu_module() is not None else "the CPU extension flowmap_kernels._C_cpu is not built"
     if device is not None and device.type == "cuda":
-        return None if cuda_module() is not None else "the CUDA module flowmap_kernels._C_cuda is not built"
+        if cuda_module() is None:
+            return "the CUDA module flowmap_kernels._C_cuda is not built"
+        return cuda_image_missing(device)
     return f"device {getattr(device, 'type', device)} is not supported (CPU or CUDA tensors)"
 
 

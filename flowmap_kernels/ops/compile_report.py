@@ -1,7 +1,7 @@
 """Compile report of the CUDA kernels (csrc/cuda/kernels.cu): registers, spills, shared memory per kernel
 and architecture, from ``nvcc -cubin -Xptxas -v`` (no GPU needed).
 
-``cuda_records(archs=("80", "90a"))`` -> list of {kernel, config, arch, registers, spill_bytes, shared_bytes,
+``cuda_records(archs=CUDA_ARCHS)`` -> list of {kernel, config, arch, registers, spill_bytes, shared_bytes,
 uses_wgmma} (config: the element type the kernel template is instantiated for; uses_wgmma is False: these
 are row-wise kernels without matrix instructions). Empty when nvcc or the sources are missing.
 """
@@ -19,6 +19,8 @@ SOURCE = os.path.join(ROOT, "csrc", "cuda", "kernels.cu")
 INCLUDE = os.path.join(ROOT, "csrc", "include")
 
 _TYPES = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}
+# the architectures setup.py builds SASS for: A100, RTX 30 / 40, H100, B200, RTX 50
+CUDA_ARCHS = ("80", "86", "89", "90a", "100a", "120")
 
 
 def _demangle(names: list) -> dict:
@@ -60,7 +62,7 @@ def parse_ptxas(text: str, arch: str) -> list:
     return out
 
 
-def cuda_records(archs: Iterable[str] = ("80", "90a")) -> list:
+def cuda_records(archs: Iterable[str] = CUDA_ARCHS) -> list:
     """Compile kernels.cu to a cubin per arch with ptxas -v and return one record per kernel instance."""
     nvcc = shutil.which("nvcc")
     if nvcc is None or not os.path.exists(SOURCE):
