@@ -6,8 +6,8 @@ In the project convention (MeanFlow's u(z_t, r, t) has t = our source s, r = our
     L = E sg[w] || V(x_s, s, t) - sg[ v + (t - s) dV/ds ] ||^2
 
 with the marginal velocity v replaced by the conditional one, eps - x0 (marginal-from-conditional
-learning: valid because the target is linear in v, evaluated at x_s, and under stop-gradient; seed
-001 sec 4.2). dV/ds is one torch.func.jvp of the model along (x, s, t) -> (v, 1, 0).
+learning: valid because the target is linear in v, evaluated at x_s, and under stop-gradient;
+arXiv:2505.13447). dV/ds is one torch.func.jvp of the model along (x, s, t) -> (v, 1, 0).
 ``velocity="batch"`` takes for v instead the marginal velocity of the minibatch's empirical
 distribution (_common.velocity; "Stable Target Field", Xu et al. 2023), in the tangent and the target:
 the same marginal velocity with far less variance (self-normalised, so consistent: its bias vanishes
