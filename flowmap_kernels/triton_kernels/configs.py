@@ -5,8 +5,9 @@ Every kernel launch takes its tile sizes from :func:`get_config`. The table is k
 ``jvp_backward_dq``; the row pre-passes use a fixed small config), by the padded head dim bucket
 (the power of two >= max(D, Dv, 16): 16, 32, 64, 128, 256; head dims that are not a multiple of 16
 use :data:`ODD_TABLE` where it has an entry), by the element size (2 bytes for
-fp16/bf16, 4 for fp32) and by the architecture family ("sm90" for compute capability 9.x and later,
-"sm80" for 8.x and anything older). The entries were chosen with ``python -m flowmap_kernels.compile_report``
+fp16/bf16, 4 for fp32) and by the tile table of the architecture family (:data:`FAMILIES`: each GPU
+generation with its real limits; consumer parts with 99 KB of shared memory per block use the A100
+tiles, Blackwell datacenter parts the Hopper tiles). The entries were chosen with ``python -m flowmap_kernels.compile_report``
 (no register spills on sm_90a up to D=128 for 16-bit inputs; see docs/triton.md for the measured table).
 
 In Triton's CPU interpreter (TRITON_INTERPRET=1) the cost is per program and per key block, not per
@@ -22,7 +23,37 @@ from typing import Iterator, Optional
 
 KERNELS = ("forward", "jvp_forward", "backward_dkdv", "backward_dq", "jvp_backward_dkdv", "jvp_backward_dq")
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
-ARCHS = ("sm80", "sm90")
+
+
+@dataclass(frozen=True)
+class ArchFamily:
+    """A GPU generation: its compile targets, limits and the tile table its launches use.
+
+    ``shared_bytes``: opt-in shared memory per block; ``registers``: per thread; ``mma``: the tensor-core
+    instruction kind Triton emits there; ``tiles``: the key of :data:`TABLE` (a family whose limits
+    admit another family's tiles shares them, and the compile report checks every launch against
+    ``shared_bytes``).
+    """
+
+    name: str
+    targets: tuple
+    shared_bytes: int
+    mma: str
+    tiles: str
+    devices: str
+    registers: int = 255
+
+
+FAMILIES = {f.name: f for f in (
+    ArchFamily("sm80", ("sm_80",), 166912, "mma.sync", "sm80", "A100, A30"),
+    ArchFamily("sm86", ("sm_86", "sm_89"), 101376, "mma.sync", "sm80", "RTX 30 / 40, A10, A40, L4, L40"),
+    ArchFamily("sm90", ("sm_90a",), 232448, "wgmma", "sm90", "H100, H200, GH200"),
+    ArchFamily("sm100", ("sm_100a",), 232448, "tcgen05", "sm90", "B200, GB200"),
+    ArchFamily("sm120", ("sm_120",), 101376, "mma.sync", "sm80", "RTX 50, RTX PRO Blackwell"),
+)}
+ARCHS = tuple(FAMILIES)
+#: compile target ("sm_86") -> family name ("sm86")
+TARGETS = {t: f.name for f in FAMILIES.values() for t in f.targets}
 
 
 @dataclass(frozen=True)
@@ -166,10 +197,31 @@ def head_dim_bucket(head_dim: int, v_head_dim: Optional[int] = None) -> int:
     return 1 << (d - 1).bit_length()
 
 
+def parse_target(target: str) -> tuple:
+    """Compute capability (major, minor) of a target name: "sm_90a" -> (9, 0), "sm_120" -> (12, 0)."""
+    digits = str(target).removeprefix("sm_").rstrip("af")
+    if not digits.isdigit() or len(digits) < 2:
+        raise ValueError(f"arch: expected a target such as 'sm_80', 'sm_90a' or 'sm_120', got {target!r}")
+    return int(digits[:-1]), int(digits[-1])
+
+
 def arch_family(capability) -> str:
-    """"sm90" for compute capability (9, x) and later, else "sm80"."""
-    major = capability[0] if isinstance(capability, (tuple, list)) else int(str(capability)[:1])
-    return "sm90" if major >= 9 else "sm80"
+    """The family whose tiles a GPU of compute ``capability`` runs ((major, minor) or "sm_XY[a]").
+
+    8.0 -> sm80; 8.x (99-163 KB) -> sm86; 9.x -> sm90; 10.x -> sm100; 12.x and every capability this table
+    does not know (11.x, 13+, pre-Ampere) -> the most conservative tiles: sm120 / sm86 (99 KB of shared
+    memory and mma.sync, which every later GPU launches) -- never a family whose tiles may not fit.
+    """
+    if isinstance(capability, str):
+        capability = parse_target(capability)
+    major, minor = int(capability[0]), int(capability[1])
+    if major == 8:
+        return "sm80" if minor == 0 else "sm86"
+    if major == 9:
+        return "sm90"
+    if major == 10:
+        return "sm100"
+    return "sm120" if major >= 11 else "sm86"
 
 
 def current_arch(device=None) -> str:
@@ -188,7 +240,8 @@ def get_config(kernel: str, head_dim: int, element_bytes, arch: str,
     """The launch config of ``kernel`` for head dims (D, Dv), dtype and arch family.
 
     ``element_bytes``: 2 or 4, or a dtype (torch.bfloat16, "bf16", "float32", ...). ``arch`` is
-    "sm80", "sm90" (or a compute capability like (9, 0) or "sm_90a") or "interpret".
+    a family of :data:`FAMILIES` ("sm80", "sm86", "sm90", "sm100", "sm120"), a compute capability like
+    (9, 0), a target like "sm_90a", or "interpret".
     Raises ValueError for an unknown kernel, dtype or arch.
     """
     if not isinstance(element_bytes, int):
@@ -197,7 +250,7 @@ def get_config(kernel: str, head_dim: int, element_bytes, arch: str,
             raise ValueError(f"element_bytes: expected 2, 4 or a float16/bfloat16/float32 dtype, got {element_bytes!r}")
         element_bytes = _DTYPE_BYTES[name]
     if isinstance(arch, (tuple, list)) or (isinstance(arch, str) and arch.startswith("sm_")):
-        arch = arch_family(arch if isinstance(arch, (tuple, list)) else (int(arch[3]), 0))
+        arch = arch_family(arch)
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if _override:
@@ -206,6 +259,7 @@ def get_config(kernel: str, head_dim: int, element_bytes, arch: str,
         return INTERPRETER_CONFIG
     if arch not in ARCHS:
         raise ValueError(f"arch: expected one of {ARCHS} or 'interpret', got {arch!r}")
+    arch = FAMILIES[arch].tiles
     bucket = head_dim_bucket(head_dim, v_head_dim)
     if bucket > 256:
         raise ValueError(f"head_dim: {max(head_dim, v_head_dim or 0)} > 256 is not supported by the Triton kernels")

@@ -1,0 +1,51 @@
+"""Architecture families of the Triton launch configurations: every GPU maps to tiles that fit it."""
+import pytest
+
+from flowmap_kernels.triton_kernels import configs
+
+
+@pytest.mark.parametrize("capability, family", [
+    ((8, 0), "sm80"), ((8, 6), "sm86"), ((8, 7), "sm86"), ((8, 9), "sm86"),
+    ((9, 0), "sm90"), ((10, 0), "sm100"), ((10, 3), "sm100"), ((12, 0), "sm120"), ((12, 1), "sm120"),
+    # unknown capabilities take the most conservative tiles (99 KB, mma.sync), never larger ones
+    ((11, 0), "sm120"), ((13, 0), "sm120"), ((7, 5), "sm86"),
+])
+def test_capability_to_family(capability, family):
+    assert configs.arch_family(capability) == family
+
+
+@pytest.mark.parametrize("target, family", [
+    ("sm_80", "sm80"), ("sm_86", "sm86"), ("sm_89", "sm86"), ("sm_90a", "sm90"), ("sm_100a", "sm100"),
+    ("sm_120", "sm120"),
+])
+def test_target_names(target, family):
+    assert configs.arch_family(target) == family
+    assert configs.TARGETS[target] == family
+
+
+def test_parse_target_errors():
+    assert configs.parse_target("sm_100a") == (10, 0) and configs.parse_target("sm_120") == (12, 0)
+    for bad in ("sm_", "gfx90a", "sm_9"):
+        with pytest.raises(ValueError, match="arch"):
+            configs.parse_target(bad)
+
+
+def test_families_state_their_limits():
+    fam = configs.FAMILIES
+    assert fam["sm80"].shared_bytes == 166912 and fam["sm90"].shared_bytes == fam["sm100"].shared_bytes == 232448
+    assert fam["sm86"].shared_bytes == fam["sm120"].shared_bytes == 101376
+    assert fam["sm90"].mma == "wgmma" and fam["sm100"].mma == "tcgen05" and fam["sm120"].mma == "mma.sync"
+    # a family may borrow another family's tiles only if it has at least as much shared memory or the
+    # compile report shows the borrowed tiles fit (tests/test_compile_report.py holds that part)
+    for f in fam.values():
+        assert f.tiles in ("sm80", "sm90") and f.registers == 255
+    assert fam["sm100"].tiles == "sm90" and fam["sm86"].tiles == fam["sm120"].tiles == "sm80"
+
+
+def test_every_family_has_a_config_for_every_kernel():
+    for arch in configs.ARCHS:
+        for kernel in configs.KERNELS:
+            for d in (16, 64, 72, 128, 256):
+                for es in (2, 4):
+                    c = configs.get_config(kernel, d, es, arch)
+                    assert c == configs.get_config(kernel, d, es, configs.FAMILIES[arch].tiles)
