@@ -15,8 +15,11 @@ FLOP counts (non-causal, batch B, heads H; halve them for --causal), algorithmic
   backward                    8 B H N^2 D        (2x forward: dQ, dK, dV, dP)
   forward+JVP                12 B H N^2 D        (3x forward: 6 products)
   backward through (O, tO)   24 B H N^2 D        (12 products)
-TFLOP/s = FLOPs / time. Batch B = max(1, tokens // N). The GPU (nvidia-ml-py), torch and triton
-versions are recorded with every row; results go to <out>.csv and <out>.json.
+Executed FLOPs count the products each implementation really runs, recomputation included: FlashAttention-2's
+backward runs 5 products (2.5x its forward), ours 7; our backward through (O, tO) runs 21 products per tile
+for 16-bit head dims <= 64 and 28 otherwise (docs/math.md section 1: the minimum is 15).
+TFLOP/s = FLOPs / time, both ways (tflops: algorithmic, tflops_executed). Batch B = max(1, tokens // N).
+The GPU (nvidia-ml-py), torch and triton versions are recorded with every row; results go to <out>.csv and <out>.json.
 
 Without a CUDA GPU this script says so and exits 0; it never fabricates numbers.
 """
@@ -26,20 +29,27 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 FLOP_FACTOR = {"forward": 4, "backward": 8, "jvp_forward": 12, "jvp_backward": 24}
+
+
+def executed_factor(impl: str, kind: str, d: int, dtype_name: str) -> int:
+    """FLOPs / (B H N^2 D) that ``impl`` executes for pass ``kind`` (2 per matrix product per tile)."""
+    if kind == "backward":
+        return 10 if impl.startswith("sdpa") else 14  # FA2: 5 products; ours: dQ in a second pass, 7
+    if kind == "jvp_backward" and impl == "triton":
+        return 42 if dtype_name in ("bf16", "fp16") and d <= 64 else 56
+    return FLOP_FACTOR[kind]
 
 
 def gpu_info() -> dict:
     """GPU name, memory and driver from nvidia-ml-py (pynvml), plus torch's view."""
     import torch
-    info = {"torch_device": torch.cuda.get_device_name(0), "capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
+    info = {"torch_device": torch.cuda.get_device_name(0),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
     try:
         import pynvml
         pynvml.nvmlInit()
@@ -81,9 +91,10 @@ def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac):
     base = dict(n=n, d=d, dtype=dtype_name, batch=B, heads=H, causal=causal)
 
     def add(impl, kind, ms, note=""):
-        flops = FLOP_FACTOR[kind] * B * H * n * n * d * (0.5 if causal else 1.0)
-        rows.append(dict(base, impl=impl, pass_=kind, ms=ms, tflops=(flops / (ms * 1e-3) / 1e12) if ms else None,
-                         note=note))
+        unit = B * H * n * n * d * (0.5 if causal else 1.0)
+        per_s = (lambda f: f * unit / (ms * 1e-3) / 1e12) if ms else (lambda f: None)
+        rows.append(dict(base, impl=impl, pass_=kind, ms=ms, tflops=per_s(FLOP_FACTOR[kind]),
+                         tflops_executed=per_s(executed_factor(impl, kind, d, dtype_name)), note=note))
         shown = f"{ms:9.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s" if ms else f"{'-':>9s}    {note}"
         print(f"N={n:6d} D={d:3d} {dtype_name} B={B:3d} H={H:3d} {impl:12s} {kind:13s} {shown}", flush=True)
 
@@ -93,15 +104,16 @@ def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac):
     add("triton", "backward", _bench(lambda: ta.backward(q, k, v, o, lse, do, None, causal, scale)))
     o2, to2, lse2, mu2 = ta.jvp_forward(q, k, v, tq, tk, tv, None, causal, scale)
     add("triton", "jvp_forward", _bench(lambda: ta.jvp_forward(q, k, v, tq, tk, tv, None, causal, scale)))
-    add("triton", "jvp_backward", _bench(lambda: ta.jvp_backward(q, k, v, tq, tk, tv, o2, to2, lse2, mu2, do, dto,
-                                                                 None, causal, scale)))
-    del o2, to2, lse2, mu2
+    add("triton", "jvp_backward", _bench(lambda: ta.jvp_backward(q, k, v, tq, tk, tv, o2, to2, lse2, mu2,  # noqa: F821
+                                                                 do, dto, None, causal, scale)))
+    del o2, to2, lse2, mu2  # free GPU memory before the math baseline (the lambda ran inside _bench)
     # SDPA flash
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         add("sdpa_flash", "forward", _bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
         qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
         of = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
-        add("sdpa_flash", "backward", _bench(lambda: torch.autograd.grad(of, (qg, kg, vg), do, retain_graph=True)))
+        add("sdpa_flash", "backward", _bench(lambda: torch.autograd.grad(of, (qg, kg, vg), do,  # noqa: F821
+                                                                         retain_graph=True)))
         del of, qg, kg, vg
     # SDPA math under torch.func.jvp (holds B H N^2 scores several times)
     need = 6 * B * H * n * n * 4

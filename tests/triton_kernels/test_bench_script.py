@@ -30,3 +30,42 @@ def test_flop_factors_match_the_custom_op_formulas():
     n_products = {"forward": (1, 1), "backward": (2, 2), "jvp_forward": (3, 3), "jvp_backward": (6, 6)}
     for kind, (a, c) in n_products.items():
         assert product_flops(q, k, v, a, c) == b.FLOP_FACTOR[kind] * 2 * 3 * 128 * 128 * 64
+
+
+def _import_benchmark(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_executed_flops_count_recomputation():
+    b = _import_benchmark("bench_attention_gpu")
+    assert b.executed_factor("sdpa_flash", "backward", 64, "bf16") == 2.5 * b.FLOP_FACTOR["forward"]
+    assert b.executed_factor("triton", "backward", 64, "bf16") == 14
+    assert b.executed_factor("triton", "jvp_backward", 64, "bf16") == 42
+    assert b.executed_factor("triton", "jvp_backward", 128, "bf16") == 56
+    assert b.executed_factor("triton", "jvp_forward", 128, "bf16") == b.FLOP_FACTOR["jvp_forward"]
+
+
+def test_gpu_check_without_gpu(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        return
+    for cmd in (["bash", str(ROOT / "scripts" / "gpu_check.sh")],
+                [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path / "g.json")]):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "no numbers were produced" in res.stdout or "nothing was measured" in res.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_check_ratios():
+    g = _import_benchmark("gpu_check")
+    rows = [dict(n=4096, d=64, impl="sdpa_flash", pass_="forward", ms=1.0),
+            dict(n=4096, d=64, impl="sdpa_flash", pass_="backward", ms=2.5),
+            dict(n=4096, d=64, impl="triton", pass_="jvp_forward", ms=1.5),
+            dict(n=4096, d=64, impl="triton", pass_="jvp_backward", ms=10.0)]
+    (r,) = g.ratios(rows)
+    assert r["jvp_forward_over_flash_forward"] == 1.5 and r["jvp_backward_over_flash_backward"] == 4.0
