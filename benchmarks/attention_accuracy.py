@@ -4,8 +4,10 @@ Runs the test suite's cases (tests/attention/cases.py) through torch.func.jvp, f
 attention_jvp, then the backward of a loss on (O, tO) to all six inputs, and prints the worst
 norm(a - b) / norm(b) per (backend, dtype) for outputs, tangents and gradients.
 
-    python benchmarks/attention_accuracy.py [--backends torch] [--json PATH]
-    python benchmarks/attention_accuracy.py --backends triton   # Triton kernels in the CPU interpreter
+    python -m benchmarks.attention_accuracy [--backends torch] [--out bench_out/attention_accuracy]
+    python -m benchmarks.attention_accuracy --backends triton   # Triton kernels in the CPU interpreter
+
+Run it as a module from the repository root: it reuses the test suite's cases and references.
 
 With "triton" on a machine without a GPU the kernels run in Triton's interpreter, with the bfloat16 fix
 of tests/triton_kernels/conftest.py (the interpreter's own bf16 arithmetic is wrong).
@@ -13,11 +15,9 @@ of tests/triton_kernels/conftest.py (the interpreter's own bf16 arithmetic is wr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 INTERPRET = "triton" in sys.argv and not os.path.exists("/dev/nvidia0")
 if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
@@ -25,6 +25,7 @@ if INTERPRET:
 import torch  # noqa: E402
 
 import flowmap_kernels as fk  # noqa: E402
+from flowmap_kernels.bench.harness import check_output, metadata, print_table, write_results  # noqa: E402
 from tests.attention.cases import Case  # noqa: E402
 from tests.attention.test_functional import CASES, PATHS  # noqa: E402
 from tests.reference import TOLERANCE, loss_on_outputs, ref_grads, rel_err  # noqa: E402
@@ -51,8 +52,9 @@ def worst_errors(backend: str, dtype: torch.dtype, cases: list[Case]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", default=["torch"])
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--out", default="bench_out/attention_accuracy", help="writes <out>.csv and <out>.json")
     args = ap.parse_args()
+    out = check_output(args.out)
     rows = []
     if INTERPRET:
         from tests.triton_kernels.conftest import bf16_interpreter
@@ -65,12 +67,8 @@ def main() -> None:
             w = worst_errors(backend, dtype, CASES)
             rows.append({"backend": backend, "dtype": str(dtype).replace("torch.", ""), **w,
                          "tolerance": TOLERANCE[dtype]})
-    print(f"{'backend':>8} {'dtype':>9} {'O':>9} {'tO':>9} {'grads':>9} {'tolerance':>9}")
-    for r in rows:
-        print(f"{r['backend']:>8} {r['dtype']:>9} {r['o']:9.1e} {r['to']:9.1e} {r['grads']:9.1e} {r['tolerance']:9.0e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    print_table(rows, ["backend", "dtype", "o", "to", "grads", "tolerance"])
+    write_results(rows, out, meta=metadata("cpu"))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ Each measurement runs in a fresh subprocess: peak memory = peak resident set (ru
 resident set once a tiny warm-up has run and the inputs exist ("above the start"); time = the faster of
 two runs of JVP + backward.
 
-    python benchmarks/attention_memory.py [--sizes 1024 2048 4096 8192 16384] [--csv PATH]
+    python benchmarks/attention_memory.py [--sizes 1024 2048 4096 8192 16384] [--out bench_out/attention_memory]
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -67,12 +66,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--backends", nargs="+", default=["torch", "naive"])
-    ap.add_argument("--csv", default="bench_out/attention_memory.csv")
+    ap.add_argument("--out", default="bench_out/attention_memory", help="writes <out>.csv and <out>.json")
     ap.add_argument("--one", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
         return
+    from flowmap_kernels.bench.harness import check_output, metadata, print_table, write_results
+    out = check_output(args.out)
     rows = []
     for n in args.sizes:
         for backend in args.backends:
@@ -80,21 +81,12 @@ def main() -> None:
                 rows.append({"backend": backend, "N": n, "peak_above_start_mib": None, "seconds": None,
                              "note": f"skipped: needs about {naive_estimate_gib(n):.0f} GiB"})
                 continue
-            out = subprocess.run([sys.executable, __file__, "--one", backend, str(n)], capture_output=True,
+            res = subprocess.run([sys.executable, __file__, "--one", backend, str(n)], capture_output=True,
                                  text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'N':>6} {'backend':>7} {'peak MiB':>10} {'seconds':>9}  note")
-    for r in rows:
-        mem = "-" if r["peak_above_start_mib"] is None else f"{r['peak_above_start_mib']:.0f}"
-        sec = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
-        print(f"{r['N']:>6} {r['backend']:>7} {mem:>10} {sec:>9}  {r.get('note', '')}")
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["N", "backend", "peak_above_start_mib", "seconds", "threads", "note"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in w.fieldnames})
-    print(f"wrote {args.csv}")
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    cols = ["N", "backend", "peak_above_start_mib", "seconds", "threads", "note"]
+    print_table(rows, cols)
+    write_results(rows, out, meta=metadata("cpu"), columns=cols)
 
 
 if __name__ == "__main__":

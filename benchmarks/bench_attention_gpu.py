@@ -26,11 +26,8 @@ Without a CUDA GPU this script says so and exits 0; it never fabricates numbers.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import sys
-import time
 from pathlib import Path
 
 FLOP_FACTOR = {"forward": 4, "backward": 8, "jvp_forward": 12, "jvp_backward": 24}
@@ -43,30 +40,6 @@ def executed_factor(impl: str, kind: str, d: int, dtype_name: str) -> int:
     if kind == "jvp_backward" and impl == "triton":
         return 42 if dtype_name in ("bf16", "fp16") and d <= 64 else 56
     return FLOP_FACTOR[kind]
-
-
-def gpu_info() -> dict:
-    """GPU name, memory and driver from nvidia-ml-py (pynvml), plus torch's view."""
-    import torch
-    info = {"torch_device": torch.cuda.get_device_name(0),
-            "capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(h)
-        info["nvml_name"] = name.decode() if isinstance(name, bytes) else name
-        info["memory_bytes"] = int(pynvml.nvmlDeviceGetMemoryInfo(h).total)
-        drv = pynvml.nvmlSystemGetDriverVersion()
-        info["driver"] = drv.decode() if isinstance(drv, bytes) else drv
-        try:
-            info["sm_clock_max_mhz"] = int(pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM))
-        except pynvml.NVMLError:
-            pass
-        pynvml.nvmlShutdown()
-    except Exception as e:  # nvml missing: keep torch's name
-        info["nvml_error"] = repr(e)
-    return info
 
 
 def _bench(fn) -> float:
@@ -154,25 +127,17 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("No CUDA GPU available: this benchmark needs one; no numbers were produced.")
         return 0
-    info = gpu_info()
-    import triton
-    meta = dict(gpu=info, torch=torch.__version__, triton=triton.__version__,
-                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    print(json.dumps(meta))
+    from flowmap_kernels.bench.harness import check_output, metadata, write_results
+    out = check_output(a.out)
+    meta = metadata("cuda")
     rows = []
     for dt in a.dtypes:
         for d in a.d:
             for n in a.n:
                 rows += run_case(n, d, dt, a.heads, a.tokens, a.causal, a.math_mem_frac)
     for r in rows:
-        r["gpu"] = info.get("nvml_name", info["torch_device"])
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    a.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {a.out.with_suffix('.csv')} and {a.out.with_suffix('.json')}")
+        r["gpu"] = meta.get("gpu_name", meta.get("cuda_device_name"))
+    write_results(rows, out, meta=meta)
     return 0
 
 

@@ -11,25 +11,20 @@ TorchDispatchMode sums input and output nbytes per operator call; the fused ops 
 is their traffic; eager ops are counted one by one). On a GPU the script also times both (CUDA events).
 
 usage: python benchmarks/bench_dit_block.py [--batch 2 --tokens 256 --hidden 384 --heads 6 --dtype float32]
-       writes <out>/dit_block.csv and <out>/dit_block.json (default out: bench_out/)
+       writes <out>.csv and <out>.json (default out: bench_out/dit_block)
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import sys
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import flowmap_kernels as fk  # noqa: E402
-from flowmap_kernels import ops  # noqa: E402
-from flowmap_kernels.nn import DiTBlock  # noqa: E402
+import flowmap_kernels as fk
+from flowmap_kernels import ops
+from flowmap_kernels.bench.harness import check_output, metadata, pick_device, print_table, write_results
+from flowmap_kernels.nn import DiTBlock
 
 NO_DATA = {
     "view", "_unsafe_view", "reshape", "as_strided", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze",
@@ -186,10 +181,11 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="bench_out/dit_block")
     args = ap.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    out = check_output(args.out)
+    device, dtype = pick_device(args.device), getattr(torch, args.dtype)
 
     block, primals, tangents = make_block(args, device, dtype)
     rows = []
@@ -211,18 +207,9 @@ def main(argv=None):
             "MB_fused", "byte_ratio", "ms_eager", "ms_fused"]
     if device.type == "cuda":
         cols[8:8] = ["cuda_kernels_eager", "cuda_kernels_fused"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "dit_block.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: r[c] for c in cols})
-    with open(os.path.join(args.out, "dit_block.json"), "w") as fh:
-        json.dump({"config": vars(args), "build": ops.extension_info(), "rows": rows}, fh, indent=1)
+    print_table(rows, cols)
+    write_results(rows, out, meta=dict(metadata(device), config=vars(args), build=ops.extension_info()),
+                  columns=cols)
     return rows
 
 

@@ -96,8 +96,7 @@ def correctness(dtypes) -> list:
 
 
 def timings(quick: bool) -> list:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_attention_gpu as bag
+    import bench_attention_gpu as bag  # a sibling script: its folder is on sys.path when run as a script
     rows = []
     for d in (64, 128):
         for n in ((4096,) if quick else (4096, 16384)):
@@ -129,10 +128,9 @@ def main(argv=None) -> int:
         print("No CUDA GPU available: gpu_check needs one; no numbers were produced.")
         return 0
     t0 = time.time()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_attention_gpu as bag
-    report = dict(meta=dict(gpu=bag.gpu_info(), torch=torch.__version__,
-                            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+    from flowmap_kernels.bench.harness import check_output, metadata
+    out = check_output(a.out)
+    report = dict(meta=metadata("cuda"))
     report["correctness"] = correctness(a.dtypes)
     report["timings"] = timings(a.quick)
     report["ratios"] = ratios(report["timings"])
@@ -140,9 +138,8 @@ def main(argv=None) -> int:
     for r in report["ratios"]:
         print(f"N={r['n']:6d} D={r['d']:3d} forward+JVP / flash forward {r['jvp_forward_over_flash_forward']}"
               f"  backward through JVP / flash backward {r['jvp_backward_over_flash_backward']}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {a.out}")
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {out}")
     return 0 if all(r["ok"] for r in report["correctness"]) else 1
 
 

@@ -1,0 +1,117 @@
+"""The one benchmark harness: device choice, timing, metadata, tables and CSV/JSON output.
+
+Every script under benchmarks/ and ``python -m flowmap_kernels.bench`` use it:
+
+    dev = pick_device(args.device)                 # "auto": CUDA when present, else CPU
+    out = check_output(args.out, ".json")          # fail before the run, not after it
+    stats = time_call(fn, dev, warmup=1, repeats=5)  # {"ms_median", "ms_min", "repeats"}
+    print_table(rows, ["N", "backend", "ms"])
+    write_results(rows, out, meta=metadata(dev))   # <out>.json {"meta", "rows"} and <out>.csv
+
+Times on CUDA come from CUDA events around each call (after synchronising), on the CPU from
+``time.perf_counter``; the median of ``repeats`` calls after ``warmup`` calls.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .meta import metadata
+
+__all__ = ["pick_device", "check_output", "time_call", "print_table", "write_results", "metadata"]
+
+
+def pick_device(name: Optional[str] = "auto") -> torch.device:
+    """``"auto"`` (or None): cuda when available, else cpu; otherwise the named device (checked)."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but no CUDA GPU is available")
+    return dev
+
+
+def check_output(path, suffix: str = "") -> Path:
+    """``path`` as a Path whose folder exists (created) and is writable; ValueError naming it otherwise.
+
+    ``suffix`` (e.g. ".json") is checked too when given: a directory of that name is an error.
+    """
+    p = Path(path)
+    target = p.with_suffix(suffix) if suffix else p
+    if target.is_dir():
+        raise ValueError(f"out: {target} is a directory; expected a file path")
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out: cannot create the folder {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"out: the folder {parent} is not writable")
+    return p
+
+
+def time_call(fn: Callable[[], object], device, warmup: int = 1, repeats: int = 5) -> dict:
+    """Median and minimum milliseconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms_median": statistics.median(times), "ms_min": min(times), "repeats": len(times)}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def print_table(rows: Sequence[dict], columns: Optional[Iterable[str]] = None) -> str:
+    """Print ``rows`` as a Markdown table (the given columns, else the first row's keys); returns the text."""
+    if not rows:
+        print("(no rows)")
+        return ""
+    cols = list(columns) if columns is not None else list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_results(rows: Sequence[dict], out, meta: Optional[dict] = None,
+                  columns: Optional[Iterable[str]] = None) -> tuple:
+    """Write ``<out>.json`` ({"meta", "rows"}) and ``<out>.csv`` (scalar columns); returns both paths."""
+    out = check_output(out)
+    jpath, cpath = out.with_suffix(".json"), out.with_suffix(".csv")
+    jpath.write_text(json.dumps({"meta": meta or {}, "rows": list(rows)}, indent=1, default=str))
+    cols = list(columns) if columns is not None else [
+        k for k in (rows[0] if rows else {}) if not isinstance(rows[0][k], (dict, list, tuple))]
+    with open(cpath, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {cpath} and {jpath}")
+    return cpath, jpath
