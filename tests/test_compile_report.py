@@ -1,10 +1,16 @@
 """Ahead-of-time compile report of the shipped Triton kernel configs (no GPU needed).
 
-Compiles every kernel launch the Triton attention backend would make, for sm_90a (the target the
-configs are tuned for) and sm_80, and checks: no register spills on sm_90a up to head dim 128 in
-bf16/fp16/fp32; shared memory within the opt-in limit of each arch; wgmma (Hopper tensor cores) used by
-every 16-bit key-loop kernel on sm_90a up to head dim 128. sm_80 and head dim 256 are reported only.
-float32 is checked for the head dims it ships with on CUDA (configs.fp32_head_dim_supported).
+Compiles every kernel launch the Triton attention backend would make, for each GPU target a user may hold
+(configs.FAMILIES: sm_80, sm_86, sm_89, sm_90a, sm_100a, sm_120) with the tiles of that target's family,
+and checks: no register spills on sm_90a up to head dim 128 in bf16/fp16/fp32, nor on sm_100a up to head
+dim 128 in bf16/fp16 (sm_100a takes its own tiles where the Hopper ones spill or trap:
+configs.FAMILY_TABLE); no launch compiling to a trap; shared memory within the opt-in limit of each target's
+family (all six targets);
+the tensor-core instruction kind of each family (wgmma on sm_90a, tcgen05 on sm_100a, mma.sync on the
+others) in every 16-bit key-loop kernel up to head dim 128. sm_80 and head dim 256 spills are reported only.
+Coverage: sm_90a bf16 at D = 16, 48, 64, 80, 128, 256, fp16 at 64, 128, fp32 at its shipped head dims;
+sm_80 bf16 at 64, 128, 256; sm_86, sm_89, sm_100a, sm_120 bf16 and fp16 at 64, 128 and 256 (the largest
+shipped head dim) and fp32 at 64 (its largest shipped head dim).
 Results are cached (~/.cache/flowmap_kernels/compile_report.json) so reruns take seconds.
 """
 import json
@@ -15,11 +21,15 @@ import sys
 import pytest
 
 from flowmap_kernels import compile_report as cr
+from flowmap_kernels.triton_kernels import configs
 from flowmap_kernels.triton_kernels.configs import fp32_head_dim_supported
 
 SM90_BF16_DIMS = (16, 48, 64, 80, 128)   # every head-dim bucket <= 128 plus non-powers of two
 SM90_FP16_DIMS = (64, 128)
 SM90_FP32_DIMS = (16, 24, 32, 48, 64)  # the float32 head dims that ship on CUDA; others go to "torch"
+OTHER_ARCHS = ("sm_86", "sm_89", "sm_100a", "sm_120")
+OTHER_16BIT_DIMS = (64, 128, 256)  # 256: the largest shipped 16-bit head dim (shared-memory check)
+OTHER_FP32_DIMS = (configs.FP32_MAX_HEAD_DIM,)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +40,9 @@ def records():
     recs += cr.triton_records(["sm_90a"], SM90_FP32_DIMS, ["fp32"], cache=cache, workers=0)
     recs += cr.triton_records(["sm_80"], (64, 128, 256), ["bf16"], cache=cache, workers=0)
     recs += cr.triton_records(["sm_90a"], (256,), ["bf16"], cache=cache, workers=0)
+    recs += cr.triton_records(OTHER_ARCHS, OTHER_16BIT_DIMS, ["bf16", "fp16"], cache=cache, workers=0)
+    recs += cr.triton_records(OTHER_ARCHS, OTHER_FP32_DIMS, ["fp32"], cache=cache, workers=0)
+    print("\n" + cr.format_arch_figures(cr.arch_figures(recs)))
     print("\n" + cr.format_table(recs))
     return recs
 
@@ -39,7 +52,9 @@ def test_every_family_is_reported(records):
     assert fams == {"forward", "backward", "jvp_forward", "jvp_backward"}
     for r in records:
         assert cr.family(r["kernel"]) in r["kernel"]
-        assert set(r) >= {"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "uses_wgmma"}
+        assert set(r) >= {"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "uses_wgmma",
+                          "mma", "wgmma_shapes", "waits_per_iteration", "async_loads", "products_per_tile",
+                          "num_stages", "num_warps", "shipped", "target", "traps"}
         assert 0 < r["registers"] <= 255 and r["spill_bytes"] >= 0
 
 
@@ -52,10 +67,72 @@ def test_no_spills_on_sm90a_up_to_head_dim_128(records):
     assert not spilled, f"register spills on sm_90a: {spilled}"
 
 
+# sm_100a runs the sm90 tiles (configs.FAMILIES["sm100"].tiles). With them one launch spills there: the
+# dK part of the split tangent key-block kernel at D = 128 (32x64/w4/s1/split3, 255 registers, 216 B of
+# spill stores + loads). 32x64/w8/s1/split3 (the sm80 entry) compiles spill-free there (214 registers).
+# Listed here, not hidden: any other spill fails the test.
+SM100A_KNOWN_SPILLS: set = set()  # the Hopper tile that spilled here has an sm100 entry in configs.FAMILY_TABLE
+
+
+def test_no_spills_on_sm100a_up_to_head_dim_128(records):
+    shipped = [r for r in records if r["arch"] == "sm_100a" and r["head_dim"] <= 128
+               and r["dtype"] in ("bf16", "fp16")]
+    assert {(r["dtype"], r["head_dim"]) for r in shipped} == {(t, d) for t in ("bf16", "fp16") for d in (64, 128)}
+    spilled = {(r["kernel"], r["dtype"], r["head_dim"]): (r["config"], r["spill_bytes"]) for r in shipped
+               if r["spill_bytes"] > 0}
+    new = {k: v for k, v in spilled.items() if k not in SM100A_KNOWN_SPILLS}
+    assert not new, f"register spills on sm_100a: {new}"
+    if spilled:
+        print(f"\nknown sm_100a spills (see SM100A_KNOWN_SPILLS): {spilled}")
+
+
+# A launch whose PTX holds a trap would abort at run time (the kernels have no device asserts). On sm_100a
+# two sm90 tiles of the 16-bit tangent kernels at D = 256 compile to a kernel whose whole body is ``trap;``
+# (4 registers, no tensor-core instruction): the forward+JVP (64x32/w8/s1) and the dV+dtV part of the
+# split tangent key-block kernel (16x64/w4/s1/split3). Listed here, not hidden: any other trap fails.
+KNOWN_TRAPS: set = set()  # the sm_100a D = 256 tiles that trapped have sm100 entries in configs.FAMILY_TABLE
+
+
+def test_no_launch_compiles_to_a_trap(records):
+    trapped = {(r["kernel"], r["arch"], r["dtype"], r["head_dim"]): r["config"] for r in records if r["traps"]}
+    new = {k: v for k, v in trapped.items() if k not in KNOWN_TRAPS}
+    assert not new, f"launches that compile to a trap: {new}"
+    if trapped:
+        print(f"\nknown trapping launches (see KNOWN_TRAPS): {trapped}")
+    # every other launch with a key loop has its products in tensor-core instructions
+    heavy = [r for r in records if not r["kernel"].endswith("_prep") and not r["traps"]]
+    assert all(r["products_per_tile"] > 0 and r["mma"] != "none" for r in heavy)
+
+
+def test_targets_come_from_the_families():
+    assert set(cr.ARCHS) == set(configs.TARGETS) == {"sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120"}
+    for t, cc in cr.ARCHS.items():
+        fam = configs.FAMILIES[configs.TARGETS[t]]
+        assert cr.SHARED_LIMIT[t] == fam.shared_bytes
+        assert cc == 10 * configs.parse_target(t)[0] + configs.parse_target(t)[1]
+        assert configs.arch_family(t) == fam.name
+
+
 def test_shared_memory_within_limits(records):
+    assert {r["arch"] for r in records} == set(cr.ARCHS)  # all six targets
     over = [(r["kernel"], r["arch"], r["dtype"], r["head_dim"], r["shared_bytes"]) for r in records
             if r["shared_bytes"] > cr.SHARED_LIMIT[r["arch"]]]
     assert not over, f"shared memory over the opt-in limit: {over}"
+    # each target ran its family's tiles (the launcher's choice), not another family's
+    for r in records:
+        if not r["kernel"].endswith("_prep"):
+            base = r["kernel"].split("[")[0]
+            want = configs.get_config(base, r["head_dim"], r["dtype"], configs.arch_family(r["arch"]))
+            assert r["config"] == str(want), r
+
+
+def test_mma_kind_per_family(records):
+    heavy = [r for r in records if r["dtype"] in ("bf16", "fp16") and r["head_dim"] <= 128
+             and not r["kernel"].endswith("_prep")]
+    assert {r["arch"] for r in heavy} == set(cr.ARCHS)
+    wrong = [(r["kernel"], r["arch"], r["head_dim"], r["mma"]) for r in heavy
+             if r["mma"] != configs.FAMILIES[configs.TARGETS[r["arch"]]].mma]
+    assert not wrong, f"tensor-core kind differs from configs.FAMILIES: {wrong}"
 
 
 def test_wgmma_on_sm90a(records):

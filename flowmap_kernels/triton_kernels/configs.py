@@ -7,7 +7,8 @@ Every kernel launch takes its tile sizes from :func:`get_config`. The table is k
 use :data:`ODD_TABLE` where it has an entry), by the element size (2 bytes for
 fp16/bf16, 4 for fp32) and by the tile table of the architecture family (:data:`FAMILIES`: each GPU
 generation with its real limits; consumer parts with 99 KB of shared memory per block use the A100
-tiles, Blackwell datacenter parts the Hopper tiles). The entries were chosen with ``python -m flowmap_kernels.compile_report``
+tiles, Blackwell datacenter parts the Hopper tiles). The entries were chosen with
+``python -m flowmap_kernels.compile_report``
 (no register spills on sm_90a up to D=128 for 16-bit inputs; see docs/triton.md for the measured table).
 
 In Triton's CPU interpreter (TRITON_INTERPRET=1) the cost is per program and per key block, not per
@@ -73,7 +74,8 @@ class Config:
                     num_stages=self.num_stages)
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}" + (f"/split{self.split}" if self.split else "")
+        split = f"/split{self.split}" if self.split else ""
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{split}"
 
 
 C = Config
@@ -154,12 +156,20 @@ TABLE: dict = {
     },
 }
 # Head dims that are not a multiple of 16 (72, 88, ...) tile the next power of two with masked columns,
-# which costs registers: on sm90 in the 128 bucket they take these smaller tiles (measured spill-free).
+# which costs registers: on sm90 in the 128 bucket they take these smaller tiles (measured spill-free, except
+# jvp_forward: its running tangent shift left no spill-free wgmma tile at D=72; 64x32/w8/s1 spills 8 B).
 ODD_TABLE: dict = {
-    ("jvp_forward", "sm90"): {(128, 2): C(64, 16, 4, 2)},
+    ("jvp_forward", "sm90"): {(128, 2): C(64, 32, 8, 1)},  # 8 B spill: the least of the wgmma tiles tried
     ("backward_dkdv", "sm90"): {(128, 2): C(32, 64, 8, 2)},
     ("jvp_backward_dkdv", "sm90"): {(128, 2): C(16, 64, 4, 1, 3)},
     ("jvp_backward_dq", "sm90"): {(128, 2): C(64, 16, 4, 1, 2)},
+}
+# Entries where a family departs from the tiles it borrows (FAMILIES[...].tiles), found by the compile report:
+# on sm_100a the Hopper tiles of these launches compile to a kernel that only traps (D = 256: every 64-row
+# jvp_forward tile; the dV+dtV part of jvp_backward_dkdv at 16x64) or spill 216 B (D = 128 [dk] part).
+FAMILY_TABLE: dict = {
+    ("jvp_forward", "sm100"): {(256, 2): C(32, 32, 4, 1)},
+    ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, 3), (256, 2): C(16, 32, 4, 1, 3)},
 }
 del C
 
@@ -259,10 +269,13 @@ def get_config(kernel: str, head_dim: int, element_bytes, arch: str,
         return INTERPRETER_CONFIG
     if arch not in ARCHS:
         raise ValueError(f"arch: expected one of {ARCHS} or 'interpret', got {arch!r}")
-    arch = FAMILIES[arch].tiles
     bucket = head_dim_bucket(head_dim, v_head_dim)
     if bucket > 256:
         raise ValueError(f"head_dim: {max(head_dim, v_head_dim or 0)} > 256 is not supported by the Triton kernels")
+    own = FAMILY_TABLE.get((kernel, arch), {}).get((bucket, element_bytes))
+    if own is not None:
+        return own
+    arch = FAMILIES[arch].tiles
     odd = head_dim % 16 != 0 or (v_head_dim or head_dim) % 16 != 0
     if odd:
         hit = ODD_TABLE.get((kernel, arch), {}).get((bucket, element_bytes))

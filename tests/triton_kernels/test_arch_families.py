@@ -48,4 +48,13 @@ def test_every_family_has_a_config_for_every_kernel():
             for d in (16, 64, 72, 128, 256):
                 for es in (2, 4):
                     c = configs.get_config(kernel, d, es, arch)
-                    assert c == configs.get_config(kernel, d, es, configs.FAMILIES[arch].tiles)
+                    own = configs.FAMILY_TABLE.get((kernel, arch), {}).get((configs.head_dim_bucket(d), es))
+                    assert c == (own or configs.get_config(kernel, d, es, configs.FAMILIES[arch].tiles))
+
+
+def test_family_entries_replace_tiles_that_trap_or_spill():
+    # sm_100a: the Hopper tiles of these launches trap (D = 256) or spill (D = 128); see the compile report
+    assert configs.get_config("jvp_forward", 256, 2, "sm_100a") != configs.get_config("jvp_forward", 256, 2, "sm_90a")
+    assert configs.get_config("jvp_backward_dkdv", 128, 2, "sm100") == configs.Config(32, 64, 8, 1, 3)
+    for (kernel, fam), entries in configs.FAMILY_TABLE.items():
+        assert kernel in configs.KERNELS and fam in configs.FAMILIES and entries

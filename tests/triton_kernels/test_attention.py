@@ -15,7 +15,6 @@ what is measured (see docs/triton.md).
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
