@@ -8,20 +8,81 @@
 ``AttentionJVPFunction``  q, k, v, tq, tk, tv -> (O, tO) in one fused pass; backward through both outputs.
 
 ``PrimalBackward`` / ``JVPBackward`` run the backward kernels; they are themselves differentiable
-(create_graph=True, torch.func.grad over jvp) through a recomputation in the naive math that runs only
-when a second derivative is actually taken, so the first-order path never pays for it.
+(create_graph=True, torch.func.grad over jvp, jacrev of jacrev, and forward-over-reverse as in
+torch.func.hessian) through a recomputation in the naive math that runs only when a second derivative is
+actually taken, so the first-order path never pays for it.
+
+Every Function has a ``vmap`` rule (torch.func.vmap, hence jacrev / jacfwd / per-sample gradients): the
+vmapped dim is folded into the batch dim and the same Function runs once on the folded tensors.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from . import kernels, naive
-from .problem import AttentionProblem
+from .problem import AttentionProblem, check_tangent_dtypes
 
 
 def _check_mask_tangent(mask_tangent) -> None:
     if mask_tangent is not None:
         raise ValueError("attn_mask: forward-mode tangents of the mask are not supported (the mask must be a constant)")
+
+
+# ---- torch.func.vmap: the vmapped dimension is folded into the batch dimension ----------------------------
+# Each Function's ``vmap`` staticmethod receives the inputs with their vmapped dims (in_dims), moves that dim
+# to the front, merges it with the batch dim (N, B, ...) -> (N * B, ...) (an unbatched input is expanded),
+# calls the same Function again on the folded tensors and splits the outputs back to (N, B, ...). Nested vmap
+# levels fold one at a time; gradients of the folding views are autograd's.
+
+def _fold(x, bdim, n: int):
+    """A (B, ...) input with a vmapped dim at ``bdim`` (None: unbatched) as a contiguous (n * B, ...) tensor
+    (contiguous: the Triton launchers index lse and mu as dense (B, Hq, Lq) arrays)."""
+    if x is None:
+        return None
+    x = x.unsqueeze(0).expand(n, *x.shape) if bdim is None else x.movedim(bdim, 0)
+    return x.reshape(n * x.shape[1], *x.shape[2:]).contiguous()
+
+
+def _fold_mask(mask, bdim, n: int, batch: int):
+    """A mask broadcastable to (B, Hq, Lq, Lk), vmapped at ``bdim``, as one broadcastable to (n * B, Hq, Lq, Lk)."""
+    if mask is None:
+        return None
+    if bdim is None:
+        if mask.dim() < 4 or mask.shape[0] == 1:
+            return mask  # no batch dim of its own: it broadcasts over n * B as it did over B
+        mask = mask.unsqueeze(0).expand(n, *mask.shape)
+    else:
+        mask = mask.movedim(bdim, 0)
+    mask = mask.reshape(n, *(1,) * (5 - mask.dim()), *mask.shape[1:])  # (n, b, h, lq, lk), b in (1, B)
+    mask = mask.expand(n, batch, *mask.shape[2:])
+    return mask.reshape(n * batch, *mask.shape[2:])
+
+
+def _fold_problem(problem: AttentionProblem, mask, mask_bdim, n: int):
+    folded = _fold_mask(mask, mask_bdim, n, problem.batch)
+    return folded, dataclasses.replace(problem, batch=n * problem.batch, mask=folded)
+
+
+def _unfold(outputs, n: int):
+    """Outputs (n * B, ...) back to (n, B, ...), vmapped at dim 0 (None stays None, out_dim None)."""
+    outs = tuple(None if o is None else o.reshape(n, o.shape[0] // n, *o.shape[1:]) for o in outputs)
+    return outs, tuple(None if o is None else 0 for o in outs)
+
+
+def _vmap_rule(fn, tensor_args: int, mask_index: int):
+    """The ``vmap`` staticmethod of a Function whose args are ``tensor_args`` batch-leading tensors (the mask
+    among them at ``mask_index``), then the problem and the backend name."""
+    def vmap(info, in_dims, *args):
+        n = info.batch_size
+        tensors, (problem, backend) = list(args[:tensor_args]), args[tensor_args:]
+        dims = in_dims[:tensor_args]
+        folded = [None if i == mask_index else _fold(x, d, n) for i, (x, d) in enumerate(zip(tensors, dims))]
+        folded[mask_index], problem = _fold_problem(problem, tensors[mask_index], dims[mask_index], n)
+        out = fn().apply(*folded, problem, backend)
+        return _unfold(out if isinstance(out, tuple) else (out,), n)
+    return staticmethod(vmap)
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -51,10 +112,13 @@ class AttentionFunction(torch.autograd.Function):
         dq, dk, dv = PrimalBackward.apply(q, k, v, o, lse, do, mask, p, ctx.backend)
         return dq, dk, dv, None, None, None
 
+    vmap = _vmap_rule(lambda: AttentionFunction, 4, 3)
+
     @staticmethod
     def jvp(ctx, tq, tk, tv, tmask, _tproblem, _tbackend):
         _check_mask_tangent(tmask)
         q, k, v, mask = ctx.saved_tensors
+        check_tangent_dtypes((q, k, v), (tq, tk, tv))
         tq = torch.zeros_like(q) if tq is None else tq
         tk = torch.zeros_like(k) if tk is None else tk
         tv = torch.zeros_like(v) if tv is None else tv
@@ -75,6 +139,7 @@ class AttentionCompiledFunction(torch.autograd.Function):
     forward = staticmethod(AttentionFunction.forward)
     setup_context = staticmethod(AttentionFunction.setup_context)
     backward = staticmethod(AttentionFunction.backward)
+    vmap = _vmap_rule(lambda: AttentionCompiledFunction, 4, 3)
 
 
 class AttentionJVPFunction(torch.autograd.Function):
@@ -108,20 +173,50 @@ class AttentionJVPFunction(torch.autograd.Function):
         grads = JVPBackward.apply(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, p, ctx.backend)
         return tuple(grads) + none3
 
+    vmap = _vmap_rule(lambda: AttentionJVPFunction, 7, 6)
+
 
 def _vjp_of_vjp(outputs_fn, primals, cotangents, grads_of_grads):
-    """Gradients of <vjp(outputs_fn)(primals; cotangents), grads_of_grads> for primals and cotangents."""
-    with torch.enable_grad():
-        xs = [x.detach().requires_grad_() for x in primals]
-        cs = [None if c is None else c.detach().requires_grad_() for c in cotangents]
-        outs = outputs_fn(*xs)
-        pairs = [(o, c) for o, c in zip(outs, cs) if c is not None]
-        first = torch.autograd.grad([o for o, _ in pairs], xs, [c for _, c in pairs], create_graph=True)
-        wanted = [(f, g) for f, g in zip(first, grads_of_grads) if g is not None]
-        inputs = xs + [c for c in cs if c is not None]
-        second = torch.autograd.grad([f for f, _ in wanted], inputs, [g for _, g in wanted], allow_unused=True)
-    it = iter(second[len(xs):])
-    return list(second[:len(xs)]), [None if c is None else next(it) for c in cs]
+    """Gradients of <vjp(outputs_fn)(primals; cotangents), grads_of_grads> for primals and cotangents.
+
+    By torch.func.vjp (no requires_grad_ on the inputs), so that it runs inside torch.func transforms
+    (jacrev of jacrev, vmap of grad) as well as under create_graph=True; None cotangents / grads are zero.
+    """
+    n = len(primals)
+    given = [i for i, c in enumerate(cotangents) if c is not None]
+
+    def first(*args):
+        outs, pull = torch.func.vjp(outputs_fn, *args[:n])
+        full = [torch.zeros_like(o) for o in outs]
+        for i, c in zip(given, args[n:]):
+            full[i] = c
+        return pull(tuple(full))
+
+    _, pull_first = torch.func.vjp(first, *primals, *(cotangents[i] for i in given))
+    second = pull_first(tuple(torch.zeros_like(x) if g is None else g for x, g in zip(primals, grads_of_grads)))
+    cot_grads = [None] * len(cotangents)
+    for i, g in zip(given, second[n:]):
+        cot_grads[i] = g
+    return list(second[:n]), cot_grads
+
+
+def _jvp_of_vjp(outputs_fn, primals, cotangents, primal_tangents, cotangent_tangents):
+    """Forward-mode derivative of vjp(outputs_fn)(primals; cotangents) along the given tangents (None = zero)."""
+    n = len(primals)
+    given = [i for i, c in enumerate(cotangents) if c is not None]
+
+    def first(*args):
+        outs, pull = torch.func.vjp(outputs_fn, *args[:n])
+        full = [torch.zeros_like(o) for o in outs]
+        for i, c in zip(given, args[n:]):
+            full[i] = c
+        return pull(tuple(full))
+
+    args = (*primals, *(cotangents[i] for i in given))
+    tangents = [torch.zeros_like(x) if t is None else t for x, t in zip(primals, primal_tangents)]
+    tangents += [torch.zeros_like(cotangents[i]) if cotangent_tangents[i] is None else cotangent_tangents[i]
+                 for i in given]
+    return torch.func.jvp(first, args, tuple(tangents))[1]
 
 
 class PrimalBackward(torch.autograd.Function):
@@ -136,6 +231,7 @@ class PrimalBackward(torch.autograd.Function):
         q, k, v, o, lse, do, mask, problem, backend = inputs
         ctx.problem = problem
         ctx.save_for_backward(q, k, v, do)
+        ctx.save_for_forward(q, k, v, do)
 
     @staticmethod
     def backward(ctx, gdq, gdk, gdv):
@@ -144,6 +240,18 @@ class PrimalBackward(torch.autograd.Function):
         (gq, gk, gv), (gdo,) = _vjp_of_vjp(lambda a, b, c: (naive.attention(a, b, c, p),), (q, k, v), (do,),
                                            (gdq, gdk, gdv))
         return gq, gk, gv, None, None, gdo, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, tmask, _tproblem, _tbackend):
+        """Forward-over-reverse (torch.func.hessian, jacfwd of jacrev): the naive recomputation's JVP; O and
+        lse are functions of (q, k, v), whose tangents it already follows."""
+        _check_mask_tangent(tmask)
+        q, k, v, do = ctx.saved_tensors
+        p = ctx.problem
+        return tuple(_jvp_of_vjp(lambda a, b, c: (naive.attention(a, b, c, p),), (q, k, v), (do,), (tq, tk, tv),
+                                 (tdo,)))
+
+    vmap = _vmap_rule(lambda: PrimalBackward, 7, 6)
 
 
 class JVPBackward(torch.autograd.Function):
@@ -159,6 +267,7 @@ class JVPBackward(torch.autograd.Function):
         q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, problem, backend = inputs
         ctx.problem = problem
         ctx.save_for_backward(q, k, v, tq, tk, tv, do, dto)
+        ctx.save_for_forward(q, k, v, tq, tk, tv, do, dto)
 
     @staticmethod
     def backward(ctx, *ggrads):
@@ -167,3 +276,14 @@ class JVPBackward(torch.autograd.Function):
         xs, (gdo, gdto) = _vjp_of_vjp(lambda *a: naive.attention_jvp(*a, p), (q, k, v, tq, tk, tv), (do, dto),
                                       ggrads)
         return (*xs, None, None, None, None, gdo, gdto, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, ttq, ttk, ttv, _to, _tto, _tlse, _tmu, tdo, tdto, tmask, _tproblem, _tbackend):
+        """Forward-over-reverse through (O, tO): the naive recomputation's JVP."""
+        _check_mask_tangent(tmask)
+        q, k, v, tq0, tk0, tv0, do, dto = ctx.saved_tensors
+        p = ctx.problem
+        return tuple(_jvp_of_vjp(lambda *a: naive.attention_jvp(*a, p), (q, k, v, tq0, tk0, tv0), (do, dto),
+                                 (tq, tk, tv, ttq, ttk, ttv), (tdo, tdto)))
+
+    vmap = _vmap_rule(lambda: JVPBackward, 13, 12)

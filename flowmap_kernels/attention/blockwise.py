@@ -1,7 +1,7 @@
 """Backend "torch": exact blockwise attention in PyTorch, memory linear in N.
 
 Scores exist one (query block x key block) tile at a time, as in the FlashAttention kernels; the
-formulas are those of REFERENCE.md section 2. Tensors use an internal 5-d layout that makes grouped-query
+formulas are those of docs/math.md section 1. Tensors use an internal 5-d layout that makes grouped-query
 attention free of copies: queries (B, Hkv, G, L, D), keys and values (B, Hkv, 1, L, D), with G query
 heads per key head. Low precisions are computed tile by tile in float32; results are cast back.
 Deterministic: a fixed loop order and no atomics.
@@ -12,7 +12,8 @@ Kernel signatures (shared with the Triton backend):
     jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale)     -> o, to, lse, mu
     jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
                                                               -> dq, dk, dv, dtq, dtk, dtv
-lse and mu are (B, Hq, Lq) in the accumulation dtype (float64 for float64 inputs, else float32); do or dto may be None (no gradient reaches that output).
+lse and mu are (B, Hq, Lq) in the accumulation dtype (float64 for float64 inputs, else float32); do or dto
+may be None (no gradient reaches that output).
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ import torch
 NEG_INF = float("-inf")
 TILE_ELEMENTS = 1 << 21  # scores per tile across batch x heads: 8 MiB in float32
 BLOCK_K = 512
+#: |lse| above which the backward recomputes a row's max and sum instead of using lse = m + log(l): a row whose
+#: keys all carry a huge finite mask value (torch.finfo(dtype).min) has an lse that cannot hold log(l) next to
+#: m (P = exp(S - lse) would be 1 instead of 1 / l). Below it float32 keeps log(l) to ulp(256) / 2 = 1.5e-5.
+LSE_LIMIT = 256.0
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -170,8 +175,40 @@ def backward(q, k, v, o, lse, do, mask, causal: bool, scale: float):
 @torch.no_grad()
 def jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do: Optional[torch.Tensor], dto: Optional[torch.Tensor],
                  mask, causal: bool, scale: float):
-    """Gradients of (O, tO) for all six inputs (REFERENCE.md section 2, backward through both outputs)."""
+    """Gradients of (O, tO) for all six inputs (docs/math.md section 1, backward through both outputs)."""
     return _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
+
+
+def _row_max_and_sum(q, k, t: _Tiles):
+    """Row max m and sum l = sum exp(S - m) of the logits, (B, Hq, Lq) in the acc dtype (one pass over keys)."""
+    m_all = torch.full(q.shape[:-1], NEG_INF, dtype=t.acc, device=q.device)
+    l_all = torch.zeros_like(m_all)
+    for i0, i1 in t.q_blocks():
+        qb = t.load(q, i0, i1, "q")
+        m = torch.full(qb.shape[:-1], NEG_INF, dtype=t.acc, device=q.device)
+        l = torch.zeros_like(m)
+        for j0, j1 in t.k_blocks(i0, i1):
+            s = t.logits(qb, t.load(k, j0, j1, "kv"), i0, i1, j0, j1)
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            m_safe = _safe_max(m_new)
+            l = l * torch.exp(m - m_safe) + torch.exp(s - m_safe.unsqueeze(-1)).sum(dim=-1)
+            m = m_new
+        t.q5(m_all)[..., i0:i1] = m
+        t.q5(l_all)[..., i0:i1] = l
+    return m_all, l_all
+
+
+def _row_stats(q, k, lse, t: _Tiles):
+    """(rowmax, rowinv) with P = exp(S - rowmax) * rowinv, as (B, Hkv, G, Lq, 1): rowmax = lse and rowinv = 1
+    (None) except for rows with |lse| > LSE_LIMIT, whose max and 1 / sum are recomputed."""
+    far = (lse.abs() > LSE_LIMIT) & torch.isfinite(lse)
+    rowmax = _safe_lse(lse)
+    if not bool(far.any()):
+        return t.rows(rowmax), None
+    m, l = _row_max_and_sum(q, k, t)
+    rowmax = torch.where(far, m, rowmax)
+    rowinv = torch.where(far, 1.0 / torch.where(l > 0, l, torch.ones_like(l)), torch.ones_like(l))
+    return t.rows(rowmax), t.rows(rowinv)
 
 
 def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale):
@@ -182,7 +219,7 @@ def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     dtq, dtk, dtv = ((torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
                      if tangent else (None, None, None))
-    lse_s = t.rows(_safe_lse(lse))
+    lse_s, inv_s = _row_stats(q, k, lse, t)
     delta = _rowdot(do, o, t) if primal else None
     if tangent:
         mu5 = t.rows(mu)
@@ -193,6 +230,7 @@ def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
         rs = slice(i0, i1)
         qb = t.load(q, i0, i1, "q")
         lb = lse_s[..., rs, :]
+        invb = None if inv_s is None else inv_s[..., rs, :]
         dob = t.load(do, i0, i1, "q") if primal else None
         if tangent:
             tqb, gb = t.load(tq, i0, i1, "q"), t.load(dto, i0, i1, "q")
@@ -203,6 +241,8 @@ def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
             cs = slice(j0, j1)
             kb, vb = t.load(k, j0, j1, "kv"), t.load(v, j0, j1, "kv")
             p = torch.exp(t.logits(qb, kb, i0, i1, j0, j1) - lb)
+            if invb is not None:
+                p = p * invb
             pT = p.transpose(-1, -2)
             dp = dob @ vb.transpose(-1, -2) if primal else 0.0
             if tangent:

@@ -8,9 +8,11 @@ import torch.autograd.forward_ad as fwAD
 
 from . import naive
 from ..backends import get_backend
-from .autograd import AttentionCompiledFunction, AttentionFunction, AttentionJVPFunction, _check_mask_tangent
+from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPFunction, _check_mask_tangent,
+                       check_tangent_dtypes)
 from .problem import AttentionProblem, make_problem
 from .registry import ATTENTION
+from ..func import forward_mode_active
 
 
 def resolve_backend(problem: AttentionProblem, backend: Optional[str] = None) -> str:
@@ -32,6 +34,36 @@ def _resolve_constant(name: str, **problem) -> str:
     return ATTENTION.resolve(name, **problem).backend
 
 
+class CompiledForwardModeWarning(UserWarning):
+    """Forward-mode AD inside a torch.compile region: attention runs the naive O(N^2)-memory math."""
+
+
+_WARNED_COMPILED_FORWARD_MODE = [False]
+
+
+@torch.compiler.assume_constant_result
+def _warn_compiled_forward_mode(batch: int, heads: int, q_len: int, kv_len: int, dtype: str) -> bool:
+    """Warn once per process (runs outside Dynamo's trace, at compile time: Dynamo cannot trace warnings.warn)."""
+    if not _WARNED_COMPILED_FORWARD_MODE[0]:
+        _WARNED_COMPILED_FORWARD_MODE[0] = True
+        import warnings
+        mib = batch * heads * q_len * kv_len * 4 / 2 ** 20
+        warnings.warn(
+            f"flowmap_kernels.attention: forward-mode AD (torch.func.jvp / forward_ad) inside a torch.compile'd "
+            f"region runs the NAIVE attention math, which materialises (B, H, Lq, Lk) score matrices: O(N^2) memory "
+            f"(here {batch}x{heads}x{q_len}x{kv_len} ({dtype}), about {mib:.1f} MiB per float32 matrix, several "
+            f"per layer). Dynamo differentiates traced code with its own formulas, so the fused kernels cannot "
+            f"serve it. Keep them by taking the JVP with flowmap_kernels.func.jvp on a model with a dual form "
+            f"(forward_jvp: the package's DiT, MLPFlowMap, nn modules) or with fk.attention_jvp.",
+            CompiledForwardModeWarning, stacklevel=2)
+    return True
+
+
+def _empty(p: AttentionProblem) -> bool:
+    """No output element, or no key to attend to (the output is zero): the naive math serves these exactly."""
+    return p.batch * p.q_heads * p.q_len * p.v_head_dim == 0 or p.kv_len == 0
+
+
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False) -> torch.Tensor:
     """scaled_dot_product_attention with forward-mode AD and backward through the tangent.
@@ -40,22 +72,27 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     O = softmax(scale * Q K^T + mask) V; ``scale`` defaults to 1/sqrt(D). ``attn_mask`` broadcasts to
     (B, Hq, Lq, Lk): bool (True = may attend) or float (added to the logits). ``is_causal`` is top-left
     aligned. With ``enable_gqa`` each key/value head serves Hq/Hkv consecutive query heads. Rows with no
-    allowed key give 0. Works under torch.func.jvp and torch.autograd.forward_ad; the tangent output is
-    differentiable with respect to the inputs and their tangents.
+    allowed key give 0 (no key at all, Lk = 0: zeros, as SDPA). Works under torch.func.jvp,
+    torch.autograd.forward_ad and torch.func.vmap (jacrev, jacfwd, hessian, per-sample gradients); the tangent
+    output is differentiable with respect to the inputs and their tangents. ``is_causal`` must be a bool and
+    ``scale`` None or a real number (TypeError otherwise); tangents must have their primal's dtype.
     """
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     name = resolve_backend(p)
-    if name == "naive":
+    if not torch.compiler.is_compiling():
+        duals = [fwAD.unpack_dual(x) for x in (query, key, value)]
+        check_tangent_dtypes([d.primal for d in duals], [d.tangent for d in duals])
+    if name == "naive" or _empty(p):
         return naive.attention(query, key, value, p)
     if torch.compiler.is_compiling():
-        if torch.autograd.forward_ad._current_level >= 0:
+        if forward_mode_active():  # (evaluated at trace time: see flowmap_kernels.func.forward_mode_active)
             # Forward-mode AD inside a compiled region (torch.func.jvp traced by torch.compile, or dual
             # tensors fed to a compiled function): AOTAutograd would take the custom ops' tangent as ZERO,
             # silently. The naive math is traced op by op with exact tangents (O(N^2) memory).
+            _warn_compiled_forward_mode(p.batch, p.q_heads, p.q_len, p.kv_len, str(query.dtype))
             return naive.attention(query, key, value, p)
         o, _ = AttentionCompiledFunction.apply(query, key, value, attn_mask, p, name)
         return o
-    duals = [fwAD.unpack_dual(x) for x in (query, key, value)]
     if any(d.tangent is not None for d in duals):
         # Forward mode (torch.func.jvp or forward_ad): one fused pass for O and tO, whose backward runs
         # through both outputs at once, instead of a forward followed by the JVP rule's own pass.
@@ -79,7 +116,7 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale
     """
     p = make_problem(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, tangents=(tq, tk, tv))
     name = resolve_backend(p)
-    if name == "naive":
+    if name == "naive" or _empty(p):
         return naive.attention_jvp(q, k, v, tq, tk, tv, p)
     tq = torch.zeros_like(q) if tq is None else tq
     tk = torch.zeros_like(k) if tk is None else tk

@@ -120,3 +120,106 @@ def _(q, k, v, *args, out_shape=None, **kwargs):
 def _(q, k, v, *args, out_shape=None, **kwargs):
     return product_flops(q, k, v, 6, 6)  # two per forward+JVP product
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packed (variable-length) attention: the same four passes over sequences packed along the token dim.
+# q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); cu_q, cu_k int32 (B + 1,) offsets;
+# lse, mu (Hq, total_q). Backends: ``varlen_registry.ATTENTION_VARLEN`` (signatures in varlen_blockwise).
+# ----------------------------------------------------------------------------------------------------
+def _varlen_impl(backend: str):
+    from .varlen_registry import ATTENTION_VARLEN
+    return ATTENTION_VARLEN.impls[backend].impl
+
+
+@torch.library.custom_op(f"{_LIB}::attention_varlen_forward", mutates_args=())
+def attention_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int,
+                             max_k: int, causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """O (total_q, Hq, Dv) and the row log-sum-exp (Hq, total_q), float32 (float64 for float64 inputs)."""
+    return _varlen_impl(backend).varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+@torch.library.custom_op(f"{_LIB}::attention_varlen_backward", mutates_args=())
+def attention_varlen_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+                              cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float,
+                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ, dK, dV from dO."""
+    return _varlen_impl(backend).varlen_backward(q, k, v, o, lse, do, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+@torch.library.custom_op(f"{_LIB}::attention_varlen_jvp_forward", mutates_args=())
+def attention_varlen_jvp_forward(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
+                                 cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool, scale: float,
+                                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """O, tO, row log-sum-exp and row mu = rowsum(P * tS) (the last two (Hq, total_q), accumulation dtype)."""
+    return _varlen_impl(backend).varlen_jvp_forward(q, k, v, tq, tk, tv, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+@torch.library.custom_op(f"{_LIB}::attention_varlen_jvp_backward", mutates_args=())
+def attention_varlen_jvp_backward(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
+                                  o: Tensor, to: Tensor, lse: Tensor, mu: Tensor, do: Optional[Tensor],
+                                  dto: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, causal: bool,
+                                  scale: float, backend: str
+                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dQ, dK, dV, dtQ, dtK, dtV from dO (optional) and dtO."""
+    return _varlen_impl(backend).varlen_jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k,
+                                                     max_q, max_k, causal, scale)
+
+
+def _varlen_rows(q):
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((q.shape[1], q.shape[0]), dtype=dtype)
+
+
+@attention_varlen_forward.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+    return _o_like(q, v), _varlen_rows(q)
+
+
+@attention_varlen_backward.register_fake
+def _(q, k, v, o, lse, do, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+    return _contiguous_like(q), _contiguous_like(k), _contiguous_like(v)
+
+
+@attention_varlen_jvp_forward.register_fake
+def _(q, k, v, tq, tk, tv, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+    return _o_like(q, v), _o_like(q, v), _varlen_rows(q), _varlen_rows(q)
+
+
+@attention_varlen_jvp_backward.register_fake
+def _(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, max_q, max_k, causal, scale, backend):
+    return tuple(_contiguous_like(x) for x in (q, k, v, tq, tk, tv))
+
+
+def varlen_product_flops(q, k, v, cu_q, cu_k, max_k: int, n_qk: int, n_pv: int) -> int:
+    """FLOPs of n_qk products of the size of Q_i K_i^T and n_pv of the size of P_i V_i, summed over the
+    sequences: 2 Hq sum_i Lq_i Lk_i (n_qk D + n_pv Dv). Offsets that cannot be read (fake or meta
+    tensors) give the bound total_q * max_k for sum_i Lq_i Lk_i."""
+    _, Hq, D = q.shape
+    Dv = v.shape[-1]
+    try:
+        qo, ko = cu_q.tolist(), cu_k.tolist()
+        pairs = sum((qo[i + 1] - qo[i]) * (ko[i + 1] - ko[i]) for i in range(len(qo) - 1))
+    except (RuntimeError, NotImplementedError):  # no data behind the offsets
+        pairs = q.shape[0] * max_k
+    return 2 * Hq * pairs * (n_qk * D + n_pv * Dv)
+
+
+@register_flop_formula(torch.ops.flowmap_kernels.attention_varlen_forward, get_raw=True)
+def _(q, k, v, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwargs):
+    return varlen_product_flops(q, k, v, cu_q, cu_k, max_k, 1, 1)
+
+
+@register_flop_formula(torch.ops.flowmap_kernels.attention_varlen_backward, get_raw=True)
+def _(q, k, v, o, lse, do, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwargs):
+    return varlen_product_flops(q, k, v, cu_q, cu_k, max_k, 2, 2)
+
+
+@register_flop_formula(torch.ops.flowmap_kernels.attention_varlen_jvp_forward, get_raw=True)
+def _(q, k, v, tq, tk, tv, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwargs):
+    return varlen_product_flops(q, k, v, cu_q, cu_k, max_k, 3, 3)
+
+
+@register_flop_formula(torch.ops.flowmap_kernels.attention_varlen_jvp_backward, get_raw=True)
+def _(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, max_q, max_k, *args, out_val=None, **kwargs):
+    return varlen_product_flops(q, k, v, cu_q, cu_k, max_k, 6, 6)

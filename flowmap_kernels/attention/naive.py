@@ -19,9 +19,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def attention_probs(q: torch.Tensor, k: torch.Tensor, p: AttentionProblem) -> torch.Tensor:
     """Row-softmax probabilities P (B, Hq, Lq, Lk) in the compute dtype; fully masked rows are 0."""
     ct = _compute_dtype(p.dtype)
-    if p.group > 1:
+    if p.group != 1:  # 0 when there are no query heads
         k = k.repeat_interleave(p.group, dim=1)
     s = (q.to(ct) @ k.to(ct).transpose(-2, -1)) * p.scale
+    if p.kv_len == 0:
+        return s  # no key: the (B, Hq, Lq, 0) probabilities are empty and O = P V is zero (as in SDPA)
     allowed = None
     if p.mask_kind == "float":
         s = s + p.mask.to(ct)
@@ -42,20 +44,20 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, p: AttentionProblem) -> to
 def attention(q, k, v, p: AttentionProblem) -> torch.Tensor:
     """O = softmax(scale * Q K^T + mask) V, (B, Hq, Lq, Dv) in the input dtype."""
     probs = attention_probs(q, k, p)
-    if p.group > 1:
+    if p.group != 1:  # 0 when there are no query heads
         v = v.repeat_interleave(p.group, dim=1)
     return (probs @ v.to(probs.dtype)).to(p.dtype)
 
 
 def attention_jvp(q, k, v, tq: Optional[torch.Tensor], tk, tv, p: AttentionProblem):
-    """(O, tO) by the closed-form tangent (REFERENCE.md section 2), as differentiable plain ops."""
+    """(O, tO) by the closed-form tangent (docs/math.md section 1), as differentiable plain ops."""
     ct = _compute_dtype(p.dtype)
     probs = attention_probs(q, k, p)
     kk, vv = k, v
     tq = torch.zeros_like(q) if tq is None else tq
     tk = torch.zeros_like(k) if tk is None else tk
     tv = torch.zeros_like(v) if tv is None else tv
-    if p.group > 1:
+    if p.group != 1:  # 0 when there are no query heads
         kk, vv, tk, tv = (x.repeat_interleave(p.group, dim=1) for x in (k, v, tk, tv))
     ts = (tq.to(ct) @ kk.to(ct).transpose(-2, -1) + q.to(ct) @ tk.to(ct).transpose(-2, -1)) * p.scale
     mu = (probs * ts).sum(dim=-1, keepdim=True)

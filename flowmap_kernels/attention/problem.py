@@ -6,6 +6,7 @@ non-tensor) that names the argument and says what was expected.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,7 +39,8 @@ class AttentionProblem:
 
     @property
     def group(self) -> int:
-        return self.q_heads // self.kv_heads
+        """Query heads per key/value head (1 when there are no heads)."""
+        return self.q_heads // self.kv_heads if self.kv_heads else 1
 
     def as_dict(self) -> dict:
         """Keyword form handed to backends' ``supports`` predicates."""
@@ -58,6 +60,14 @@ def _tensor(name: str, x) -> torch.Tensor:
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
     return x
+
+
+def check_tangent_dtypes(primals, tangents) -> None:
+    """Each tangent (None = zero) has its primal's dtype: torch.func.jvp and forward_ad accept a float64 tangent
+    for a float32 primal, which the kernels would silently mix. ValueError naming the input otherwise."""
+    for name, x, t in zip(("query", "key", "value"), primals, tangents):
+        if isinstance(t, torch.Tensor) and t.dtype != x.dtype:
+            raise ValueError(f"tangent of {name}: expected dtype {x.dtype} (the dtype of {name}), got {t.dtype}")
 
 
 def make_problem(
@@ -81,12 +91,13 @@ def make_problem(
             f"value: heads and tokens {tuple(v.shape[1:3])} must match key's {tuple(k.shape[1:3])}"
         )
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    if Hkv == 0 or Hq % Hkv != 0:
+    if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
         raise ValueError(f"query: heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     if Hq != Hkv and not enable_gqa:
         raise ValueError(
             f"key: {Hkv} heads differ from query's {Hq}; pass enable_gqa=True for grouped-query attention"
         )
+    check_tangent_dtypes((q, k, v), tangents)
     for name, t, ref in zip(("tangent of query", "tangent of key", "tangent of value"), tangents, (q, k, v)):
         if t is None:
             continue
@@ -99,11 +110,16 @@ def make_problem(
             )
     if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
         raise ValueError(f"dropout_p: only 0.0 is supported (attention dropout is not implemented), got {dropout_p}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal: expected a bool (as scaled_dot_product_attention), got {type(is_causal).__name__}"
+                        f" {is_causal!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     else:
         if isinstance(scale, torch.Tensor):
-            raise TypeError("scale: expected a Python float, got a Tensor")
+            raise TypeError("scale: expected None or a real number (a Python float), got a Tensor")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected None or a real number, got {type(scale).__name__} {scale!r}")
         scale = float(scale)
         if not math.isfinite(scale):
             raise ValueError(f"scale: expected a finite number, got {scale}")
@@ -112,7 +128,8 @@ def make_problem(
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
         if is_causal:
-            raise ValueError("attn_mask: cannot be combined with is_causal=True (as in SDPA); fold causality into the mask")
+            raise ValueError("attn_mask: cannot be combined with is_causal=True (as in SDPA); "
+                             "fold causality into the mask")
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask: device {attn_mask.device} does not match query device {q.device}")
         if attn_mask.dtype == torch.bool:
@@ -136,5 +153,5 @@ def make_problem(
             raise ValueError("attn_mask: gradients with respect to the mask are not supported; pass mask.detach()")
     return AttentionProblem(
         batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lk, head_dim=D, v_head_dim=Dv, scale=scale,
-        is_causal=bool(is_causal), mask=attn_mask, mask_kind=mask_kind, dtype=q.dtype, device=q.device,
+        is_causal=is_causal, mask=attn_mask, mask_kind=mask_kind, dtype=q.dtype, device=q.device,
     )

@@ -1,0 +1,196 @@
+"""Variable-length (packed) attention with forward-mode AD and backward through the tangent.
+
+Sequences of different lengths are packed along the token dim (the flash-attn varlen convention):
+q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), and int32 offsets cu_seqlens_q,
+cu_seqlens_k (B + 1,) such that sequence i owns query rows cu_seqlens_q[i]:cu_seqlens_q[i+1] and key rows
+cu_seqlens_k[i]:cu_seqlens_k[i+1]. Each sequence is attended exactly as scaled_dot_product_attention on
+that sequence alone (no attention across sequences, causal top-left aligned per sequence, GQA head h
+reading key head h // (Hq / Hkv)); no padded work is done.
+
+``VarlenFunction``     q, k, v -> O; backward by the primal backward kernel; its JVP rule runs
+                       ``VarlenJVPFunction`` (fallback for forward-mode levels ``attention_varlen`` cannot see).
+``VarlenJVPFunction``  q, k, v, tq, tk, tv -> (O, tO) in one fused pass; backward through both outputs.
+Both call the custom ops of :mod:`.kernels` with a backend name, so one pair serves every backend; the
+backward Functions are themselves differentiable through a naive recomputation (double backward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from . import kernels, varlen_naive
+from ..backends import get_backend
+from .autograd import _vjp_of_vjp
+from .varlen_problem import VarlenProblem, make_varlen_problem, offsets_int32
+from .varlen_registry import ATTENTION_VARLEN
+
+
+class VarlenFunction(torch.autograd.Function):
+    """O = softmax(scale Q_i K_i^T) V_i per sequence, with forward-mode and reverse-mode rules."""
+
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, problem: VarlenProblem, backend: str):
+        return kernels.attention_varlen_forward(q, k, v, cu_q, cu_k, problem.max_q, problem.max_k,
+                                                problem.is_causal, problem.scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, problem, backend = inputs
+        o, lse = output
+        ctx.problem, ctx.backend = problem, backend
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, o, lse)
+        ctx.save_for_forward(q, k, v, cu_q, cu_k)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, cu_q, cu_k, o, lse = ctx.saved_tensors
+        if do is None:
+            return (None,) * 7
+        dq, dk, dv = VarlenPrimalBackward.apply(q, k, v, o, lse, do, cu_q, cu_k, ctx.problem, ctx.backend)
+        return dq, dk, dv, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _tcu_q, _tcu_k, _tproblem, _tbackend):
+        q, k, v, cu_q, cu_k = ctx.saved_tensors
+        tq = torch.zeros_like(q) if tq is None else tq
+        tk = torch.zeros_like(k) if tk is None else tk
+        tv = torch.zeros_like(v) if tv is None else tv
+        _, to, _, _ = VarlenJVPFunction.apply(q, k, v, tq, tk, tv, cu_q, cu_k, ctx.problem, ctx.backend)
+        return to, None
+
+
+class VarlenJVPFunction(torch.autograd.Function):
+    """(O, tO) = packed attention and its tangent along (tq, tk, tv), differentiable in all six inputs."""
+
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, cu_q, cu_k, problem: VarlenProblem, backend: str):
+        return kernels.attention_varlen_jvp_forward(q, k, v, tq, tk, tv, cu_q, cu_k, problem.max_q, problem.max_k,
+                                                    problem.is_causal, problem.scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, tq, tk, tv, cu_q, cu_k, problem, backend = inputs
+        o, to, lse, mu = output
+        ctx.problem, ctx.backend = problem, backend
+        ctx.save_for_backward(q, k, v, tq, tk, tv, cu_q, cu_k, o, to, lse, mu)
+        ctx.mark_non_differentiable(lse, mu)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, do, dto, _dlse, _dmu):
+        q, k, v, tq, tk, tv, cu_q, cu_k, o, to, lse, mu = ctx.saved_tensors
+        none4 = (None,) * 4
+        if dto is None:
+            if do is None:
+                return (None,) * 10
+            dq, dk, dv = VarlenPrimalBackward.apply(q, k, v, o, lse, do, cu_q, cu_k, ctx.problem, ctx.backend)
+            return (dq, dk, dv, None, None, None) + none4
+        grads = VarlenJVPBackward.apply(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, ctx.problem,
+                                        ctx.backend)
+        return tuple(grads) + none4
+
+
+class VarlenPrimalBackward(torch.autograd.Function):
+    """(dQ, dK, dV) by the primal backward kernel; differentiable (naive recomputation)."""
+
+    @staticmethod
+    def forward(q, k, v, o, lse, do, cu_q, cu_k, problem: VarlenProblem, backend: str):
+        return kernels.attention_varlen_backward(q, k, v, o, lse, do, cu_q, cu_k, problem.max_q, problem.max_k,
+                                                 problem.is_causal, problem.scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, o, lse, do, cu_q, cu_k, problem, backend = inputs
+        ctx.problem = problem
+        ctx.save_for_backward(q, k, v, do)
+
+    @staticmethod
+    def backward(ctx, gdq, gdk, gdv):
+        q, k, v, do = ctx.saved_tensors
+        p = ctx.problem
+        (gq, gk, gv), (gdo,) = _vjp_of_vjp(lambda a, b, c: (varlen_naive.attention(a, b, c, p),), (q, k, v),
+                                           (do,), (gdq, gdk, gdv))
+        return gq, gk, gv, None, None, gdo, None, None, None, None
+
+
+class VarlenJVPBackward(torch.autograd.Function):
+    """Gradients of (O, tO) for all six inputs by the fused kernel; differentiable (naive recomputation)."""
+
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, problem: VarlenProblem, backend: str):
+        return kernels.attention_varlen_jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k,
+                                                     problem.max_q, problem.max_k, problem.is_causal,
+                                                     problem.scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, problem, backend = inputs
+        ctx.problem = problem
+        ctx.save_for_backward(q, k, v, tq, tk, tv, do, dto)
+
+    @staticmethod
+    def backward(ctx, *ggrads):
+        q, k, v, tq, tk, tv, do, dto = ctx.saved_tensors
+        p = ctx.problem
+        xs, (gdo, gdto) = _vjp_of_vjp(lambda *a: varlen_naive.attention_jvp(*a, p), (q, k, v, tq, tk, tv),
+                                      (do, dto), ggrads)
+        return (*xs, None, None, None, None, gdo, gdto, None, None, None, None)
+
+
+def resolve_varlen_backend(problem: VarlenProblem, backend=None) -> str:
+    """The backend name that will run ``problem`` (``backend`` or the one in force)."""
+    return ATTENTION_VARLEN.resolve(backend or get_backend(), **problem.as_dict()).backend
+
+
+def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                     is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:
+    """Attention over sequences packed along the token dim, with forward-mode AD.
+
+    query (total_q, Hq, D), key (total_k, Hkv, D), value (total_k, Hkv, Dv) -> (total_q, Hq, Dv), same
+    dtype. cu_seqlens_q / cu_seqlens_k: int32 (or int64) cumulative offsets (B + 1,), starting at 0 and
+    ending at total_q / total_k, on the device of ``query``. max_seqlen_q / max_seqlen_k: the longest
+    sequence (None: computed; a larger value is accepted). Per sequence i: O_i = softmax(scale Q_i K_i^T
+    (+ causal, top-left aligned)) V_i, as scaled_dot_product_attention on that sequence alone; ``scale``
+    defaults to 1/sqrt(D); with ``enable_gqa`` each key/value head serves Hq/Hkv consecutive query heads.
+    Rows of a sequence with no keys give 0. Works under torch.func.jvp and torch.autograd.forward_ad; the
+    tangent output is differentiable with respect to the inputs and their tangents.
+    """
+    duals = [fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else None for x in (query, key, value)]
+    tangents = [None if d is None else d.tangent for d in duals]
+    p = make_varlen_problem(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            is_causal, scale, enable_gqa, tangents=tangents)
+    name = resolve_varlen_backend(p)
+    if name == "naive":
+        return varlen_naive.attention(query, key, value, p)
+    cu_q, cu_k = offsets_int32(cu_seqlens_q), offsets_int32(cu_seqlens_k)
+    if any(d.tangent is not None for d in duals):
+        # Forward mode: one fused pass for O and tO whose backward runs through both outputs at once.
+        primals = [d.primal for d in duals]
+        tangents = [torch.zeros_like(d.primal) if d.tangent is None else d.tangent for d in duals]
+        o, to, _, _ = VarlenJVPFunction.apply(*primals, *tangents, cu_q, cu_k, p, name)
+        return fwAD.make_dual(o, to)
+    o, _ = VarlenFunction.apply(query, key, value, cu_q, cu_k, p, name)
+    return o
+
+
+def attention_varlen_jvp(q, k, v, tq, tk, tv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                         *, is_causal=False, scale=None, enable_gqa=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, tO): packed attention and its directional derivative along (tq, tk, tv), in one fused pass.
+
+    Arguments as in :func:`attention_varlen`; each tangent has the shape, dtype and device of its primal
+    (None means zero). Per sequence tO = tP V + P tV with tP = P * (tS - rowsum(P * tS)),
+    tS = scale (tQ K^T + Q tK^T). Differentiable with respect to all six inputs.
+    """
+    p = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                            enable_gqa, tangents=(tq, tk, tv))
+    name = resolve_varlen_backend(p)
+    if name == "naive":
+        return varlen_naive.attention_jvp(q, k, v, tq, tk, tv, p)
+    tq = torch.zeros_like(q) if tq is None else tq
+    tk = torch.zeros_like(k) if tk is None else tk
+    tv = torch.zeros_like(v) if tv is None else tv
+    o, to, _, _ = VarlenJVPFunction.apply(q, k, v, tq, tk, tv, offsets_int32(cu_seqlens_q),
+                                          offsets_int32(cu_seqlens_k), p, name)
+    return o, to

@@ -1,0 +1,72 @@
+"""The packed (variable-length) attention op's backend registry.
+
+``naive``  :mod:`.varlen_naive` (per-sequence naive math; ``attention`` / ``attention_jvp``).
+``torch``  :mod:`.varlen_blockwise` (per-sequence blockwise kernels; the four ``varlen_*`` functions).
+``triton`` the ``varlen_*`` launchers of the Triton kernels' module, with the blockwise signatures; it is
+           available only when a module under ``flowmap_kernels.triton_kernels`` defines all four.
+Selected by the same ``fk.use_backend`` / ``fk.set_backend`` names as every other op.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ..backends import OpRegistry
+from . import varlen_blockwise, varlen_naive
+from .registry import triton_interpreter
+
+ATTENTION_VARLEN = OpRegistry("attention_varlen", auto_order=("triton", "torch"))
+ATTENTION_VARLEN.register("naive", varlen_naive)
+ATTENTION_VARLEN.register("torch", varlen_blockwise)
+
+#: The four launchers a backend of the custom ops provides (signatures in :mod:`.varlen_blockwise`).
+LAUNCHERS = ("varlen_forward", "varlen_jvp_forward", "varlen_backward", "varlen_jvp_backward")
+#: Modules searched, in order, for the Triton launchers.
+TRITON_MODULES = ("flowmap_kernels.triton_kernels.varlen", "flowmap_kernels.triton_kernels.attention")
+
+
+def triton_launcher_module():
+    """The first module of :data:`TRITON_MODULES` that defines all of :data:`LAUNCHERS`, else None."""
+    for name in TRITON_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if all(hasattr(mod, f) for f in LAUNCHERS):
+            return mod
+    return None
+
+
+def _register_triton() -> None:
+    """Triton backend: CUDA tensors, float16/bfloat16 with head dims up to 256, float32 up to 32 and 48/64."""
+    def available() -> bool:  # cached once
+        importlib.import_module("triton")
+        return triton_launcher_module() is not None
+
+    def supports(device, dtype, head_dim, v_head_dim, explicit=False, **_):
+        import torch
+        interpreted = explicit and device.type == "cpu" and triton_interpreter()
+        if device.type != "cuda" and not interpreted:
+            return (f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 and the backend named "
+                    f"explicitly), got {device.type}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {dtype} runs on the 'torch' backend"
+        if max(head_dim, v_head_dim) > 256:
+            return f"head dim {max(head_dim, v_head_dim)} > 256"
+        from ..triton_kernels.configs import fp32_head_dim_supported
+        if dtype == torch.float32 and not fp32_head_dim_supported(head_dim, v_head_dim) and not interpreted:
+            return (f"float32 with head dims ({head_dim}, {v_head_dim}) runs on the 'torch' backend (Triton "
+                    f"float32 covers head dims <= 32 and 48 or 64)")
+        return None
+
+    class _Lazy:
+        """Resolves the Triton launchers on first use."""
+        def __getattr__(self, name):
+            mod = triton_launcher_module()
+            if mod is None:
+                raise AttributeError(f"no module of {TRITON_MODULES} defines the launchers {LAUNCHERS}")
+            return getattr(mod, name)
+
+    ATTENTION_VARLEN.register("triton", _Lazy(), available=available, supports=supports)
+
+
+_register_triton()

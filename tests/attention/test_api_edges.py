@@ -1,0 +1,130 @@
+"""Edges of the attention API: argument types as scaled_dot_product_attention checks them, tangents of the
+wrong dtype on every entry point and backend, zero heads and zero keys against SDPA."""
+import numpy as np
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+
+import flowmap_kernels as fk
+from tests.attention.backend_env import BACKENDS, on_backend
+from tests.reference import ref_attention, rel_err
+
+
+def _qkv(dtype=torch.float32, b=1, hq=2, hkv=2, lq=4, lk=6, d=8, dv=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+            for s in ((b, hq, lq, d), (b, hkv, lk, d), (b, hkv, lk, dv))]
+
+
+@pytest.mark.parametrize("is_causal", ["False", "True", 0, 1, np.bool_(True), None, torch.tensor(True)],
+                         ids=lambda v: f"{type(v).__name__}-{v}")
+def test_is_causal_must_be_bool(is_causal):
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="scaled_dot_product_attention"):  # SDPA refuses them too
+        F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    with pytest.raises(TypeError, match=r"is_causal: expected a bool"):
+        fk.attention(q, k, v, is_causal=is_causal)
+    with pytest.raises(TypeError, match=r"is_causal: expected a bool"):
+        fk.attention_jvp(q, k, v, q, k, v, is_causal=is_causal)
+
+
+def test_string_false_is_no_longer_causal_under_patch():
+    """is_causal="False" used to give the causal result; under patch_sdpa the call now falls back to the
+    original function, which raises SDPA's own TypeError (never a different result)."""
+    q, k, v = _qkv()
+    with fk.patch_sdpa(), pytest.warns(UserWarning), pytest.raises(TypeError, match="is_causal"):
+        F.scaled_dot_product_attention(q, k, v, is_causal="False")
+
+
+@pytest.mark.parametrize("scale", ["0.5", True, [0.5], 1j, torch.tensor(0.5)], ids=lambda v: type(v).__name__)
+def test_scale_must_be_none_or_a_real_number(scale):
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"scale: expected None or a real number"):
+        fk.attention(q, k, v, scale=scale)
+    with pytest.raises(TypeError, match=r"scale: expected None or a real number"):
+        fk.attention_jvp(q, k, v, None, None, v, scale=scale)
+
+
+@pytest.mark.parametrize("scale", [2, 0.25, np.float32(0.25), np.float64(0.7)], ids=lambda v: type(v).__name__)
+def test_real_scales_are_accepted(scale):
+    q, k, v = _qkv(torch.float64)
+    assert rel_err(fk.attention(q, k, v, scale=scale), ref_attention(q, k, v, scale=float(scale))) < 1e-12
+
+
+def _entry_points(q, k, v, t, which):
+    """The three ways of asking for a tangent, with ``t`` as the tangent of input ``which``."""
+    tangents = [torch.zeros_like(x) for x in (q, k, v)]
+    tangents[which] = t
+    explicit = [None, None, None]
+    explicit[which] = t
+
+    def func_jvp():
+        return torch.func.jvp(fk.attention, (q, k, v), tuple(tangents))
+
+    def forward_ad():
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(x, tx) for x, tx in zip((q, k, v), tangents)]
+            return fwAD.unpack_dual(fk.attention(*duals)).tangent
+
+    def explicit_jvp():
+        return fk.attention_jvp(q, k, v, *explicit)
+
+    return {"func_jvp": func_jvp, "forward_ad": forward_ad, "attention_jvp": explicit_jvp}
+
+
+@pytest.mark.parametrize("entry", ["func_jvp", "forward_ad", "attention_jvp"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["query", "key", "value"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_tangent_of_a_float32_primal_is_one_clear_error(backend, which, entry):
+    q, k, v = _qkv(torch.float32)
+    t = torch.randn_like((q, k, v)[which], dtype=torch.float64)
+    name = ("query", "key", "value")[which]
+    with on_backend(backend), pytest.raises(
+            ValueError, match=rf"tangent of {name}: expected dtype torch.float32 \(the dtype of {name}\), "
+                              rf"got torch.float64"):
+        _entry_points(q, k, v, t, which)[entry]()
+
+
+def _sdpa(q, k, v, **kw):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(hq=0, hkv=0),                      # zero heads
+    dict(hq=0, hkv=2, gqa=True),            # zero query heads, grouped-query
+    dict(lk=0),                             # zero keys: SDPA gives zeros
+    dict(lk=0, hq=4, hkv=2, gqa=True),      # zero keys, grouped-query
+    dict(hq=0, hkv=0, lk=0),
+    dict(lq=0),
+    dict(b=0),
+], ids=["H0", "Hq0-gqa", "Lk0", "Lk0-gqa", "H0-Lk0", "Lq0", "B0"])
+@pytest.mark.parametrize("mask", [None, "bool", "float", "causal"])
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_empty_shapes_match_sdpa(backend, mask, shape):
+    shape = dict(shape)
+    gqa = shape.pop("gqa", False)
+    q, k, v = (x.requires_grad_() for x in _qkv(torch.float64, **shape))
+    lq, lk = q.shape[2], k.shape[2]
+    kw = dict(enable_gqa=gqa)
+    if mask == "bool":
+        kw["attn_mask"] = torch.ones(lq, lk, dtype=torch.bool)
+    elif mask == "float":
+        kw["attn_mask"] = torch.zeros(lq, lk, dtype=torch.float64)
+    elif mask == "causal":
+        kw["is_causal"] = True
+    want = _sdpa(q, k, v, **kw)
+    tq, tk, tv = (torch.randn_like(x).requires_grad_() for x in (q, k, v))
+    with on_backend(backend):
+        o = fk.attention(q, k, v, **kw)
+        o2, to = torch.func.jvp(lambda a, b, c: fk.attention(a, b, c, **kw), (q, k, v), (tq, tk, tv))
+        o3, to3 = fk.attention_jvp(q, k, v, tq, tk, tv, **kw)
+    assert o.shape == want.shape == o2.shape == to.shape == o3.shape == to3.shape
+    assert torch.equal(o, want) and torch.equal(o2, want) and torch.equal(o3, want)
+    assert not to.any() and not to3.any()
+    if want.numel():
+        grads = torch.autograd.grad((o * torch.randn_like(o)).sum() + to.square().sum(), (q, k, v, tq),
+                                    allow_unused=True, materialize_grads=True)
+        assert all(g is not None and not g.any() for g in grads)
