@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -88,12 +89,15 @@ std::tuple<Tensor, Tensor> norm_forward(const Tensor& x, const OptT& scale, cons
     at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const T* xr = X + r * rs;
-        float sum = 0.f;
-        for (long long c = 0; c < C; ++c) sum += ld(xr, c);
+        float amax = 0.f, sum = 0.f;
+        for (long long c = 0; c < C; ++c) amax = std::fmax(amax, std::fabs(ld(xr, c)));
+        const float inv = flowmap::row_inv_scale(amax);
+        for (long long c = 0; c < C; ++c) sum += ld(xr, c) * inv;
         NormStats s{flowmap::finish_mean(sum, (int)C, center), 0.f, 0.f, 0.f};
         float sq = 0.f;
-        for (long long c = 0; c < C; ++c) { float d = ld(xr, c) - s.mean; sq += d * d; }
-        s.rstd = flowmap::finish_rstd(sq, (int)C, (float)eps);
+        for (long long c = 0; c < C; ++c) { float d = ld(xr, c) * inv - s.mean; sq += d * d; }
+        s.rstd = flowmap::finish_rstd(sq, (int)C, (float)eps, inv);
+        flowmap::finish_unscale(s, inv);
         const T* sr = flowmap::table_row(S, r, rps, C);
         const T* hr = flowmap::table_row(H, r, rph, C);
         for (long long c = 0; c < C; ++c) {
@@ -172,17 +176,20 @@ std::tuple<Tensor, Tensor, Tensor> norm_jvp_forward(const Tensor& x, const Tenso
     at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const T *xr = X + r * rs, *txr = TX + r * ts_;
-        float sx = 0.f, stx = 0.f;
-        for (long long c = 0; c < C; ++c) { sx += ld(xr, c); stx += ld(txr, c); }
+        float amax = 0.f, sx = 0.f, stx = 0.f;
+        for (long long c = 0; c < C; ++c) amax = std::fmax(amax, std::fabs(ld(xr, c)));
+        const float inv = flowmap::row_inv_scale(amax);
+        for (long long c = 0; c < C; ++c) { sx += ld(xr, c) * inv; stx += ld(txr, c); }
         NormStats s{flowmap::finish_mean(sx, (int)C, center), 0.f, flowmap::finish_mean(stx, (int)C, center), 0.f};
         float sq = 0.f, sxt = 0.f;
         for (long long c = 0; c < C; ++c) {
-          float d = ld(xr, c) - s.mean;
+          float d = ld(xr, c) * inv - s.mean;
           sq += d * d;
           sxt += d * ld(txr, c);
         }
-        s.rstd = flowmap::finish_rstd(sq, (int)C, (float)eps);
+        s.rstd = flowmap::finish_rstd(sq, (int)C, (float)eps, inv);
         s.w = flowmap::finish_w(sxt, s.rstd, (int)C);
+        flowmap::finish_unscale(s, inv);
         const T* sr = flowmap::table_row(S, r, rps, C);
         const T* hr = flowmap::table_row(H, r, rph, C);
         const T* tsr = flowmap::table_row(TS, r, rpts, C);

@@ -51,6 +51,29 @@ __device__ __forceinline__ void block_sum(float (&v)[N]) {
   __syncthreads();
 }
 
+// The max of v over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it. fmaxf drops a
+// NaN operand: a NaN row still gives NaN through its sums.
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float sh[32];
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (lane == 0) sh[wid] = v;
+  __syncthreads();
+  float m = 0.f;
+  for (int w = 0; w < nw; ++w) m = fmaxf(m, sh[w]);
+  __syncthreads();
+  return m;
+}
+
+// Power-of-two row scale of the row norm (see rownorm.h): 1 for rows with max |x| <= 1.
+template <typename T>
+__device__ __forceinline__ float row_inv_scale(const T* xr, i64 C) {
+  float m = 0.f;
+  for (i64 c = threadIdx.x; c < C; c += blockDim.x) m = fmaxf(m, fabsf(ldf(xr + c)));
+  return flowmap::row_inv_scale(block_max(m));
+}
+
 // partial[k, c] = v on the chunk's first row, += v after (the same thread owns column c for every row)
 __device__ __forceinline__ void acc_partial(float* p, i64 k, i64 C, i64 c, bool first, float v) {
   if (p == nullptr) return;
@@ -66,17 +89,19 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, i64 rs, const T* __rest
                                 i64 C, float offset, bool center, float eps) {
   const i64 r = blockIdx.x;
   const T* xr = x + r * rs;
+  const float inv = row_inv_scale(xr, C);
   float v[1] = {0.f};
-  for (i64 c = threadIdx.x; c < C; c += blockDim.x) v[0] += ldf(xr + c);
+  for (i64 c = threadIdx.x; c < C; c += blockDim.x) v[0] += ldf(xr + c) * inv;
   block_sum<1>(v);
   NormStats st{flowmap::finish_mean(v[0], (int)C, center), 0.f, 0.f, 0.f};
   float q[1] = {0.f};
   for (i64 c = threadIdx.x; c < C; c += blockDim.x) {
-    float d = ldf(xr + c) - st.mean;
+    float d = ldf(xr + c) * inv - st.mean;
     q[0] += d * d;
   }
   block_sum<1>(q);
-  st.rstd = flowmap::finish_rstd(q[0], (int)C, eps);
+  st.rstd = flowmap::finish_rstd(q[0], (int)C, eps, inv);
+  flowmap::finish_unscale(st, inv);
   const T* sr = flowmap::table_row(scale, r, rps, C);
   const T* hr = flowmap::table_row(shift, r, rph, C);
   for (i64 c = threadIdx.x; c < C; c += blockDim.x) {
@@ -99,22 +124,24 @@ __global__ void norm_jvp_fwd_kernel(const T* __restrict__ x, i64 rs, const T* __
   const i64 r = blockIdx.x;
   const T* xr = x + r * rs;
   const T* txr = tx + r * trs;
+  const float inv = row_inv_scale(xr, C);
   float v[2] = {0.f, 0.f};
   for (i64 c = threadIdx.x; c < C; c += blockDim.x) {
-    v[0] += ldf(xr + c);
+    v[0] += ldf(xr + c) * inv;
     v[1] += ldf(txr + c);
   }
   block_sum<2>(v);
   NormStats st{flowmap::finish_mean(v[0], (int)C, center), 0.f, flowmap::finish_mean(v[1], (int)C, center), 0.f};
   float q[2] = {0.f, 0.f};
   for (i64 c = threadIdx.x; c < C; c += blockDim.x) {
-    float d = ldf(xr + c) - st.mean;
+    float d = ldf(xr + c) * inv - st.mean;
     q[0] += d * d;
     q[1] += d * ldf(txr + c);
   }
   block_sum<2>(q);
-  st.rstd = flowmap::finish_rstd(q[0], (int)C, eps);
+  st.rstd = flowmap::finish_rstd(q[0], (int)C, eps, inv);
   st.w = flowmap::finish_w(q[1], st.rstd, (int)C);
+  flowmap::finish_unscale(st, inv);
   const T* sr = flowmap::table_row(scale, r, rps, C);
   const T* hr = flowmap::table_row(shift, r, rph, C);
   const T* tsr = flowmap::table_row(tscale, r, rpts, C);

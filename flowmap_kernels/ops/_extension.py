@@ -332,7 +332,8 @@ def gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc):
     dty = torch.empty_like(dy)
     dg, dtg = _partial(y, rpc, True), _partial(y, rpc, True)
     _cuda_call("gated_jvp_backward", y, _ptr(gate), _m(gate, R), _ptr(tgate), _m(tgate, R), _ptr(y), _rs(y), _ptr(ty),
-               _rs(ty), _ptr(go), _rs(go), _ptr(gto), _rs(gto), _ptr(dy), _ptr(dty), _ptr(dg), _ptr(dtg), R, C, int(rpc))
+               _rs(ty), _ptr(go), _rs(go), _ptr(gto), _rs(gto), _ptr(dy), _ptr(dty), _ptr(dg), _ptr(dtg), R, C,
+               int(rpc))
     return dy, dty, dg, dtg
 
 

@@ -82,7 +82,7 @@ def naive_norm(x, scale, shift, cfg: NormCfg):
     if cfg.center:
         xh = naive.layer_norm(x, cfg.eps)
     else:
-        xh = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.eps)
+        xh = naive.rms_norm(x, None, cfg.eps)
     y = xh * (cfg.offset + scale) if scale is not None else (xh if cfg.offset == 1.0 else xh * cfg.offset)
     return y if shift is None else y + shift
 
@@ -414,3 +414,22 @@ class LinearJVPFunction(torch.autograd.Function):
         dxs, dw, dtw = K.linear_jvp_backward(x2, tx.reshape(R, K_), weight, tweight, gy2, gt2, need_tw)
         return (dxs[:R].view(x.shape), dxs[R:].view(x.shape), dw, gy2.sum(0) if bias is not None else None,
                 dtw if need_tw else None, gt2.sum(0) if tbias is not None else None)
+
+
+# ---- torch.compile: the primal Functions without their jvp rule ----------------------------------------
+
+def _without_jvp(fn):
+    """``fn`` with the same forward, setup_context and backward but no jvp rule. Dynamo refuses to trace an
+    autograd.Function that defines ``jvp`` when an input requires grad (graph break "Unsupported custom
+    jvp"), so ``functional`` applies these while ``torch.compiler.is_compiling()`` and no forward-mode level
+    is active (with one active it traces the naive formulas, whose tangents are exact)."""
+    return type(f"{fn.__name__}Compiled", (torch.autograd.Function,),
+                {"__doc__": f"{fn.__name__} without its jvp rule (for regions that torch.compile traces).",
+                 "forward": staticmethod(fn.forward), "setup_context": staticmethod(fn.setup_context),
+                 "backward": staticmethod(fn.backward)})
+
+
+NormCompiledFunction = _without_jvp(NormFunction)
+GeluCompiledFunction = _without_jvp(GeluFunction)
+GatedCompiledFunction = _without_jvp(GatedFunction)
+LinearCompiledFunction = _without_jvp(LinearFunction)

@@ -16,9 +16,23 @@ import torch.nn.functional as F
 
 from . import naive
 from ._shapes import ModSpec, check_broadcast, check_tangent, check_tensor, chunk_rows
-from .autograd import (GatedFunction, GatedJVPFunction, GeluFunction, GeluJVPFunction, LinearFunction,
-                       LinearJVPFunction, NormCfg, NormFunction, NormJVPFunction, RowCfg, _zeros_if_none)
+from .autograd import (GatedCompiledFunction, GatedFunction, GatedJVPFunction, GeluCompiledFunction, GeluFunction,
+                       GeluJVPFunction, LinearCompiledFunction, LinearFunction, LinearJVPFunction, NormCfg,
+                       NormCompiledFunction, NormFunction, NormJVPFunction, RowCfg, _zeros_if_none)
 from .registry import GATED_RESIDUAL, GELU_TANH, LINEAR, MODULATED_LAYER_NORM, RMS_NORM, REGISTRIES
+
+
+def _compiled_forward_mode() -> bool:
+    """Forward-mode AD inside a region that torch.compile traces: Dynamo differentiates the traced ops with its
+    own formulas (never the Functions' jvp rules), so the primal ops run their naive formulas (exact
+    tangents). The explicit ``*_jvp`` forms have no such limit (flowmap_kernels.func.jvp uses them)."""
+    from ..func import forward_mode_active
+    return torch.compiler.is_compiling() and forward_mode_active()
+
+
+def _primal(fn, compiled_fn):
+    """The primal Function: its jvp-less twin while torch.compile traces (Dynamo refuses custom jvp rules)."""
+    return compiled_fn if torch.compiler.is_compiling() else fn
 
 
 def _impl(reg, name):
@@ -53,8 +67,15 @@ def _eps(eps) -> float:
 
 # ---- modulated LayerNorm -----------------------------------------------------------------------------
 
+def _check_channels(x) -> None:
+    if x.dim() >= 1 and x.shape[-1] == 0:
+        raise ValueError(f"x: the normalized (last) dim has size 0 (shape {tuple(x.shape)}); expected at least "
+                         f"one channel")
+
+
 def _mln_cfg(x, shift, scale, eps, name):
     check_tensor("x", x)
+    _check_channels(x)
     check_tensor("shift", shift, ref=x)
     check_tensor("scale", scale, ref=x)
     check_broadcast("shift", shift, x)
@@ -71,8 +92,9 @@ def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
     x (..., C); shift, scale broadcastable to x (e.g. (B, 1, C) against (B, N, C)); same dtype/device.
     """
     check_tensor("x", x)
+    _check_channels(x)
     name = MODULATED_LAYER_NORM.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
-    if name == "naive":
+    if name == "naive" or _compiled_forward_mode():
         _mln_cfg(x, shift, scale, eps, "torch")
         return naive.modulated_layer_norm(x, shift, scale, eps)
     (xp, hp, sp), tans = _split_duals(x, shift, scale)
@@ -82,7 +104,7 @@ def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
         y, ty, _ = NormJVPFunction.apply(xp, _zeros_if_none(tx, xp), sp, hp, _zeros_if_none(ts, sp),
                                          _zeros_if_none(th, hp), cfg)
         return fwAD.make_dual(y, ty)
-    return NormFunction.apply(x, scale, shift, cfg)[0]
+    return _primal(NormFunction, NormCompiledFunction).apply(x, scale, shift, cfg)[0]
 
 
 def modulated_layer_norm_jvp(x, shift, scale, tx, tshift=None, tscale=None, eps: float = 1e-6):
@@ -91,6 +113,7 @@ def modulated_layer_norm_jvp(x, shift, scale, tx, tshift=None, tscale=None, eps:
     ty = txh (1 + scale) + xh tscale + tshift with txh = r (tx - mean(tx) - xh mean(xh tx)).
     """
     check_tensor("x", x)
+    _check_channels(x)
     tx, tshift, tscale = (check_tangent(n, t, p) for n, t, p in
                           (("tx", tx, x), ("tshift", tshift, shift), ("tscale", tscale, scale)))
     name = MODULATED_LAYER_NORM.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
@@ -107,6 +130,7 @@ def modulated_layer_norm_jvp(x, shift, scale, tx, tshift=None, tscale=None, eps:
 
 def _rms_cfg(x, weight, eps, name):
     check_tensor("x", x)
+    _check_channels(x)
     spec = None
     if weight is not None:
         check_tensor("weight", weight, ref=x)
@@ -121,8 +145,9 @@ def _rms_cfg(x, weight, eps, name):
 def rms_norm(x, weight=None, eps: float = 1e-6):
     """RMSNorm (QK-norm): x * rsqrt(mean(x^2) + eps) * weight. x (..., C), weight (C,) or None."""
     check_tensor("x", x)
+    _check_channels(x)
     name = RMS_NORM.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
-    if name == "naive":
+    if name == "naive" or _compiled_forward_mode():
         _rms_cfg(x, weight, eps, "torch")
         return naive.rms_norm(x, weight, eps)
     (xp, wp), tans = _split_duals(x, weight)
@@ -131,12 +156,13 @@ def rms_norm(x, weight=None, eps: float = 1e-6):
         tx, tw = tans
         y, ty, _ = NormJVPFunction.apply(xp, _zeros_if_none(tx, xp), wp, None, _zeros_if_none(tw, wp), None, cfg)
         return fwAD.make_dual(y, ty)
-    return NormFunction.apply(x, weight, None, cfg)[0]
+    return _primal(NormFunction, NormCompiledFunction).apply(x, weight, None, cfg)[0]
 
 
 def rms_norm_jvp(x, weight, tx, tweight=None, eps: float = 1e-6):
     """(y, ty) of :func:`rms_norm` along (tx, tweight): ty = r (tx - xh mean(xh tx)) w + xh tw."""
     check_tensor("x", x)
+    _check_channels(x)
     tx = check_tangent("tx", tx, x)
     if weight is None and tweight is not None:
         raise ValueError("tweight: given without a weight")
@@ -169,7 +195,7 @@ def gelu_tanh(x, bias=None):
     """GELU with the tanh approximation of x (+ bias (C,), fused): 0.5 z (1 + tanh(sqrt(2/pi)(z + 0.044715 z^3)))."""
     check_tensor("x", x)
     name = GELU_TANH.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
-    if name == "naive":
+    if name == "naive" or _compiled_forward_mode():
         _gelu_cfg(x, bias, "torch")
         return naive.gelu_tanh(x, bias)
     (xp, bp), tans = _split_duals(x, bias)
@@ -178,7 +204,7 @@ def gelu_tanh(x, bias=None):
         tx, tb = tans
         y, ty = GeluJVPFunction.apply(xp, _zeros_if_none(tx, xp), bp, _zeros_if_none(tb, bp), cfg)
         return fwAD.make_dual(y, ty)
-    return GeluFunction.apply(x, bias, cfg)
+    return _primal(GeluFunction, GeluCompiledFunction).apply(x, bias, cfg)
 
 
 def gelu_tanh_jvp(x, bias, tx, tbias=None):
@@ -214,7 +240,7 @@ def gated_residual(x, gate, y):
     """x + gate * y: x, y (..., C); gate broadcastable to x (e.g. (B, 1, C))."""
     check_tensor("x", x)
     name = GATED_RESIDUAL.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
-    if name == "naive":
+    if name == "naive" or _compiled_forward_mode():
         _gated_cfg(x, gate, y, "torch")
         return naive.gated_residual(x, gate, y)
     (xp, gp, yp), tans = _split_duals(x, gate, y)
@@ -224,7 +250,7 @@ def gated_residual(x, gate, y):
         out, tout = GatedJVPFunction.apply(xp, _zeros_if_none(tx, xp), gp, _zeros_if_none(tg, gp), yp,
                                            _zeros_if_none(ty, yp), cfg)
         return fwAD.make_dual(out, tout)
-    return GatedFunction.apply(x, gate, y, cfg)
+    return _primal(GatedFunction, GatedCompiledFunction).apply(x, gate, y, cfg)
 
 
 def gated_residual_jvp(x, gate, y, tx, tgate=None, ty=None):
@@ -262,11 +288,11 @@ def linear(x, weight, bias=None):
     """
     _linear_check(x, weight, bias)
     name = LINEAR.resolve(None, device=x.device, dtype=x.dtype, numel=x.numel()).backend
-    if name == "naive":
+    if name == "naive" or _compiled_forward_mode():
         return naive.linear(x, weight, bias)
     (xp, tx), (wp, tw), (bp, tb) = _unpack(x), _unpack(weight), _unpack(bias)
     if tx is None and tw is None and tb is None:
-        return LinearFunction.apply(x, weight, bias, name)
+        return _primal(LinearFunction, LinearCompiledFunction).apply(x, weight, bias, name)
     if tx is not None:
         y, ty = LinearJVPFunction.apply(xp, tx, wp, bp, tw, tb)
     else:  # weight / bias tangents only: no product with a zero tx

@@ -66,14 +66,35 @@ def _s(scale, R, offset, dt, x):
     return torch.ones((), dtype=dt, device=x.device) * offset if s is None else s + offset
 
 
+def _row_inv_scale(xf: Tensor) -> Tensor:
+    """(R, 1): 2^-e with max|x| < 2^e for rows with 1 < max|x| < inf, else 1 (csrc rownorm.h's row scale).
+
+    Squares of the scaled row cannot overflow, so huge finite rows normalise correctly; multiplying by a
+    power of two is exact, and rows with max|x| <= 1 or a non-finite entry compute exactly as unscaled.
+    """
+    amax = xf.abs().amax(-1, keepdim=True)
+    e = torch.frexp(amax).exponent.clamp(max=1022 if xf.dtype == torch.float64 else 126)  # 2^-e stays normal
+    inv = torch.exp2(-e.to(xf.dtype))
+    return torch.where((amax > 1) & torch.isfinite(amax), inv, torch.ones_like(amax))
+
+
+def _row_stats(xf: Tensor, center: bool, eps: float):
+    """mean, r = rsqrt(var + eps) and xh = (x - mean) r of (R, C) rows, computed on the row scaled by
+    _row_inv_scale: xh = d r_s with d = x inv - mean_s, r_s = rsqrt(mean(d^2) + eps inv^2); mean = mean_s / inv,
+    r = r_s inv."""
+    inv = _row_inv_scale(xf)
+    xs = xf * inv
+    mean_s = xs.mean(-1, keepdim=True) if center else torch.zeros_like(inv)
+    d = xs - mean_s
+    r_s = torch.rsqrt((d * d).mean(-1, keepdim=True) + eps * inv * inv)
+    return mean_s / inv, r_s * inv, d * r_s
+
+
 def norm_forward(x, scale, shift, offset: float, center: bool, eps: float):
     dt = _acc(x)
     R = x.shape[0]
-    xf = x.to(dt)
-    mean = xf.mean(-1, keepdim=True) if center else torch.zeros(R, 1, dtype=dt, device=x.device)
-    xc = xf - mean
-    r = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
-    y = xc * r * _s(scale, R, offset, dt, x)
+    mean, r, xh = _row_stats(x.to(dt), center, eps)
+    y = xh * _s(scale, R, offset, dt, x)
     if shift is not None:
         y = y + _per_row(shift, R, dt)
     return y.to(x.dtype), torch.cat([mean, r], 1)
@@ -102,12 +123,8 @@ def norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset: float, center:
     dt = _acc(x)
     R = x.shape[0]
     xf, txf = x.to(dt), tx.to(dt)
-    zeros = torch.zeros(R, 1, dtype=dt, device=x.device)
-    mean = xf.mean(-1, keepdim=True) if center else zeros
-    tmean = txf.mean(-1, keepdim=True) if center else zeros
-    xc = xf - mean
-    r = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
-    xh = xc * r
+    tmean = txf.mean(-1, keepdim=True) if center else torch.zeros(R, 1, dtype=dt, device=x.device)
+    mean, r, xh = _row_stats(xf, center, eps)
     w = (xh * txf).mean(-1, keepdim=True)
     txh = r * (txf - tmean - xh * w)
     s = _s(scale, R, offset, dt, x)

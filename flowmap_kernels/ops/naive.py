@@ -9,14 +9,29 @@ import torch
 import torch.nn.functional as F
 
 
+def _row_scale(x):
+    """(..., 1): max|x| of each row where 1 < max|x| < inf, else 1; constant (detached).
+
+    The norms divide each row by it before squaring ((x - mean)^2 overflows float32 for |x| > ~1.8e19):
+    xh = xs_c rsqrt(mean(xs_c^2) + eps / a^2) with xs = x / a equals (x - mean) rsqrt(var + eps) for any a > 0,
+    so its derivatives with respect to a vanish.
+    """
+    amax = x.detach().abs().amax(-1, keepdim=True)
+    return torch.where((amax > 1) & torch.isfinite(amax), amax, torch.ones_like(amax))
+
+
 def layer_norm(x, eps: float = 1e-6):
-    """LayerNorm over the last dim without affine, from mean/var ops.
+    """LayerNorm over the last dim without affine, from mean/var ops (rows scaled by _row_scale).
 
     Not F.layer_norm: in PyTorch 2.13 the derivative of F.layer_norm's forward-mode tangent is wrong
-    (gradcheck of torch.func.jvp(F.layer_norm) fails in float64; see tests/ops/test_naive_layer_norm.py).
+    (gradcheck of torch.func.jvp(F.layer_norm) fails in float64; see
+    tests/ops/test_modes.py::test_pytorch_layer_norm_tangent_derivative_is_wrong), and in float32 it is wrong
+    for rows with |x| > ~1e19 (NaN beyond ~1e30).
     """
-    xc = x - x.mean(-1, keepdim=True)
-    return xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    a = _row_scale(x)
+    xs = x / a
+    xc = xs - xs.mean(-1, keepdim=True)
+    return xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps / (a * a))
 
 
 def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
@@ -25,8 +40,10 @@ def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
 
 
 def rms_norm(x, weight=None, eps: float = 1e-6):
-    """x * rsqrt(mean(x^2) + eps) (* weight)."""
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """x * rsqrt(mean(x^2) + eps) (* weight), on the row scaled by _row_scale."""
+    a = _row_scale(x)
+    xs = x / a
+    y = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + eps / (a * a))
     return y if weight is None else y * weight
 
 

@@ -45,7 +45,8 @@ def test_double_backward_of_the_primal_is_differentiable():
     xs = [p.requires_grad_() for p in prim]
     with use_backend("torch"):
         assert torch.autograd.gradgradcheck(ops.modulated_layer_norm, xs)
-        assert torch.autograd.gradgradcheck(lambda x, b: ops.gelu_tanh(x, b), xs[:1] + [prim[1][0, 0].detach().requires_grad_()])
+        assert torch.autograd.gradgradcheck(lambda x, b: ops.gelu_tanh(x, b),
+                                            xs[:1] + [prim[1][0, 0].detach().requires_grad_()])
 
 
 def test_func_grad_over_func_jvp():
@@ -75,7 +76,7 @@ def test_forward_ad_dual_tensors():
 def test_extension_is_built_and_used_under_auto(monkeypatch):
     info = ops.extension_info()
     assert info["cpu_extension"] is True
-    assert set(info) == {"cpu_extension", "cuda_extension_built", "cuda_archs"}
+    assert set(info) == {"cpu_extension", "cuda_extension_built", "cuda_archs", "cuda_image_for_device"}
     x = torch.randn(4, 8, 72)
     shift, scale = torch.randn(4, 1, 72), torch.randn(4, 1, 72)
     with use_backend("auto"):

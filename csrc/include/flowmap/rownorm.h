@@ -9,6 +9,12 @@
 //   dscale = gy xh + gt txh, dshift = gy, dtscale = gt xh, dtshift = gt
 // A pass computes row sums (NormFwdSums / NormBwdSums) with the *_accum functions; finish_* turns them
 // into row scalars; the *_elem functions give each element's outputs.
+//
+// Huge rows: (x - mean)^2 overflows fp32 for |x| > ~1.8e19, which would give r = 0 (y = shift). The forward
+// therefore works on the row divided by a power of two above its max |x| (inv = row_inv_scale(max |x|), exact):
+// xs = x inv, mean_s = mean(xs), d = xs - mean_s, r_s = rsqrt(mean(d^2) + eps inv^2), w = r_s mean(d tx);
+// then mean = mean_s / inv and r = r_s inv, so that xh = (x - mean) r = d r_s is unchanged. Rows with
+// max |x| <= 1 (inv = 1) compute exactly as before; rows with an inf or NaN keep the plain arithmetic.
 #pragma once
 #include "common.h"
 
@@ -18,11 +24,20 @@ struct NormStats {
   float mean, rstd, tmean, w;
 };
 
-// pass 1 of the forward: sum(x), sum(tx)  -> mean, tmean
+// pass 0 of the forward: max |x| -> inv (1 for rows with max |x| <= 1)
+FM_HD float row_inv_scale(float absmax) { return fm_inv_pow2_above(absmax); }
+// pass 1: sum(x inv), sum(tx)  -> mean_s, tmean
 FM_HD float finish_mean(float sum, int C, bool center) { return center ? sum / (float)C : 0.0f; }
-// pass 2: sum((x - mean)^2) -> r ;  sum((x - mean) tx) -> w = r * sum / C
-FM_HD float finish_rstd(float sum_sq, int C, float eps) { return fm_rsqrt(sum_sq / (float)C + eps); }
-FM_HD float finish_w(float sum_xc_tx, float rstd, int C) { return rstd * sum_xc_tx / (float)C; }
+// pass 2: sum((x inv - mean_s)^2) -> r_s ;  sum((x inv - mean_s) tx) -> w = r_s * sum / C
+FM_HD float finish_rstd(float sum_sq, int C, float eps, float inv) {
+  return fm_rsqrt(sum_sq / (float)C + eps * inv * inv);
+}
+FM_HD float finish_w(float sum_xc_tx, float rstd_s, int C) { return rstd_s * sum_xc_tx / (float)C; }
+// the stored row statistics: mean = mean_s / inv, r = r_s inv
+FM_HD void finish_unscale(NormStats& st, float inv) {
+  st.mean = st.mean / inv;
+  st.rstd = st.rstd * inv;
+}
 
 FM_HD float norm_mod(float offset, const float* v) { return v == nullptr ? offset : offset + *v; }
 
