@@ -8,6 +8,9 @@ function here is first called, so importing this module never needs it.
                                 (fk.attention, or the original SDPA with a warning for calls it cannot serve).
 ``set_flowmap_attention(model)`` sets it on every ``Attention`` module whose processor is the plain
                                 ``AttnProcessor`` / ``AttnProcessor2_0``; returns how many were set.
+``checkpoint_transformer_blocks(model, mode)`` activation checkpointing of the transformer blocks that
+                                works under torch.func.jvp (flowmap_kernels.checkpoint; diffusers' own
+                                ``enable_gradient_checkpointing`` uses torch's checkpoint, which does not).
 ``DiffusersFlowMap(transformer)`` wraps a ``DiTTransformer2DModel`` as ``model(x, s, t, y=None) -> V``,
                                 the interface of :mod:`flowmap_kernels.methods` (x at the noisier time s,
                                 target time t <= s, V the average velocity).
@@ -28,7 +31,8 @@ from torch import nn
 
 from .sdpa_patch import scaled_dot_product_attention
 
-__all__ = ["FlowmapAttnProcessor", "set_flowmap_attention", "DiffusersFlowMap", "require_diffusers"]
+__all__ = ["FlowmapAttnProcessor", "set_flowmap_attention", "DiffusersFlowMap", "require_diffusers",
+           "checkpoint_transformer_blocks"]
 
 
 def require_diffusers():
@@ -209,3 +213,28 @@ class DiffusersFlowMap(nn.Module):
         timestep = torch.stack((s, s - t), dim=-1) * self.time_scale
         out = self.transformer(x, timestep=timestep, class_labels=y, return_dict=False)[0]
         return out[:, : self.in_channels]
+
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def checkpoint_transformer_blocks(model: nn.Module, mode: str = "blocks", policy=None) -> int:
+    """Route every block of a diffusers transformer through :func:`flowmap_kernels.checkpoint`.
+
+    model: a diffusers transformer, or a module holding one (e.g. a :class:`DiffusersFlowMap`); the blocks
+    are the entries of its ``transformer_blocks`` and ``single_transformer_blocks`` lists. mode / policy:
+    as :func:`flowmap_kernels.apply_activation_checkpointing` ("blocks", "selective", "none"). The
+    recomputation runs in the backward: keep ``patch_sdpa`` (if the attention relies on it) active
+    there too, or use :func:`set_flowmap_attention`. Returns the number of blocks.
+    """
+    from ..activation_checkpoint import apply_activation_checkpointing
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    blocks = [b for m in model.modules() for name in BLOCK_LISTS
+              if isinstance(getattr(m, name, None), nn.ModuleList) for b in getattr(m, name)]
+    if not blocks:
+        raise ValueError(f"model: {type(model).__name__} has no {' or '.join(BLOCK_LISTS)} (not a diffusers "
+                         "transformer?); use flowmap_kernels.apply_activation_checkpointing(model, blocks=...)")
+    apply_activation_checkpointing(model, mode, blocks=blocks, policy=policy)
+    return len(blocks)

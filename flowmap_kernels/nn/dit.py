@@ -35,9 +35,18 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
 class DiT(nn.Module):
     """DiT with two time inputs (s, t). See the module docstring for the signature."""
 
+    context_parallel_config = None  # set by flowmap_kernels.distributed.context_parallel
+
     def __init__(self, input_size: int = 8, patch_size: int = 2, in_channels: int = 1, hidden_size: int = 64,
                  depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 10,
-                 out_channels: Optional[int] = None, qk_norm: bool = False, freq_dim: int = 64):
+                 out_channels: Optional[int] = None, qk_norm: bool = False, freq_dim: int = 64,
+                 checkpoint_blocks=False, guidance_dim: int = 0):
+        """checkpoint_blocks: activation checkpointing of each block (flowmap_kernels.checkpoint, works
+        under forward-mode AD): False, True / "blocks" (recompute whole blocks), "selective" (keep the
+        attention kernels' outputs) or a policy (ops to keep, see apply_activation_checkpointing).
+        guidance_dim: 1 adds the guidance scale omega as an input, ``model(..., w=omega)`` (B,), embedded
+        like a time from log(omega) and added to the conditioning (iMF arXiv:2512.02012, TVM
+        arXiv:2511.19797); w=None is omega = 1. 0 (default): no such input, the model unchanged."""
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"patch_size: {patch_size} does not divide input_size {input_size}")
@@ -53,6 +62,15 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
+        if guidance_dim not in (0, 1):
+            raise ValueError(f"guidance_dim: the DiT takes 0 or 1 (the guidance scale), got {guidance_dim!r}")
+        self.guidance_dim = guidance_dim
+        # created last: a DiT without guidance input draws the same initial weights as before
+        self.w_embedder = TimestepEmbedder(hidden_size, freq_dim) if guidance_dim else None
+        if checkpoint_blocks is not False:
+            from ..activation_checkpoint import checkpoint_mode_and_policy, apply_activation_checkpointing
+            mode, policy = checkpoint_mode_and_policy(checkpoint_blocks)
+            apply_activation_checkpointing(self, mode, policy=policy)
 
     def patchify(self, x):
         B, C, H, W = x.shape
@@ -66,24 +84,81 @@ class DiT(nn.Module):
         x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x, s, t, y: Optional[torch.Tensor] = None):
-        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] != self.input_size or x.shape[3] != self.input_size:
-            raise ValueError(f"x: expected (B, {self.in_channels}, {self.input_size}, {self.input_size}), "
-                             f"got {tuple(x.shape)}")
+    def _check_input(self, x) -> None:
+        want = (self.in_channels, self.input_size, self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x: expected (B, {', '.join(map(str, want))}), got {tuple(x.shape)}")
+
+    def _guidance(self, w, B, like):
+        """log(omega) (B,) for the guidance embedder (w=None: omega = 1); ValueError without the input."""
+        if self.w_embedder is None:
+            if w is not None:
+                raise ValueError("w: this DiT has no guidance input (build it with guidance_dim=1)")
+            return None
+        if w is None:
+            return torch.zeros(B, dtype=like.dtype, device=like.device)
+        w = torch.as_tensor(w, dtype=like.dtype, device=like.device).reshape(-1).expand(B)
+        return torch.log(w)
+
+    def forward(self, x, s, t, y: Optional[torch.Tensor] = None, w: Optional[torch.Tensor] = None):
+        self._check_input(x)
         B = x.shape[0]
         for name, v in (("s", s), ("t", t)):
             if not isinstance(v, torch.Tensor) or v.shape != (B,):
                 raise ValueError(f"{name}: expected a float tensor of shape ({B},), got "
                                  f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
         h = self.x_embedder(self.patchify(x)) + self.pos_embed.to(x.dtype)
+        cp = self.context_parallel_config
+        if cp is not None:  # context parallelism: this rank's share of the tokens through the blocks
+            h = cp.shard(h)
         c = self.s_embedder(s) + self.t_embedder(t)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, B, x.device)
         elif y is not None:
             raise ValueError("y: this DiT has num_classes=0 (unconditional)")
+        lw = self._guidance(w, B, s)
+        if lw is not None:
+            c = c + self.w_embedder(lw)
         for block in self.blocks:
             h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c))
+        h = self.final_layer(h, c)
+        if cp is not None:  # gathered after the per-token final layer: p*p*out_channels values per token, not C
+            h = cp.gather(h)
+        return self.unpatchify(h)
+
+
+    def forward_jvp(self, x, s, t, tx, ts, tt, y: Optional[torch.Tensor] = None, w: Optional[torch.Tensor] = None):
+        """(V, tV): :meth:`forward` and its derivative along (tx, ts, tt) (shapes of x, s, t), built from the
+        explicit-tangent ops (one fused pass per op for the primal and the tangent, no forward-mode AD), so it
+        runs inside torch.compile with the fused kernels. ``flowmap_kernels.func.jvp(bind(model, y=y), ...)``
+        calls it; that falls back to torch.func.jvp for models with hooks (FSDP2), activation checkpointing
+        or context parallelism, which this method does not reproduce."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(f"x: expected (B, {self.in_channels}, {self.input_size}, {self.input_size}), "
+                             f"got {tuple(x.shape)}")
+        B = x.shape[0]
+        for name, v, ref in (("s", s, None), ("t", t, None), ("tx", tx, x), ("ts", ts, s), ("tt", tt, t)):
+            want = (B,) if ref is None else tuple(ref.shape)
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
+                raise ValueError(f"{name}: expected a float tensor of shape {want}, got "
+                                 f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        if self.context_parallel_config is not None:
+            raise NotImplementedError("DiT.forward_jvp: context parallelism has no dual form; use torch.func.jvp")
+        h, th = self.x_embedder.forward_jvp(self.patchify(x), self.patchify(tx))
+        h = h + self.pos_embed.to(x.dtype)
+        (cs, tcs), (ct, tct) = self.s_embedder.forward_jvp(s, ts), self.t_embedder.forward_jvp(t, tt)
+        c, tc = cs + ct, tcs + tct
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, B, x.device)  # labels: no tangent
+        elif y is not None:
+            raise ValueError("y: this DiT has num_classes=0 (unconditional)")
+        lw = self._guidance(w, B, s)
+        if lw is not None:
+            c = c + self.w_embedder(lw)  # the guidance scale: no tangent
+        for block in self.blocks:
+            h, th = block.forward_jvp(h, c, th, tc)
+        out, tout = self.final_layer.forward_jvp(h, c, th, tc)
+        return self.unpatchify(out), self.unpatchify(tout)
 
 
 def dit_tiny(**kw) -> DiT:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..attention import attention
+from ..attention import attention, attention_jvp
 
 
 class Linear(nn.Module):
@@ -35,6 +35,10 @@ class Linear(nn.Module):
     def forward(self, x):
         return ops.linear(x, self.weight, self.bias)
 
+    def forward_jvp(self, x, tx):
+        """(y, ty) from one product on the stacked [x; tx] (``ops.linear_jvp``; the parameters carry no tangent)."""
+        return ops.linear_jvp(x, self.weight, self.bias, tx)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -50,10 +54,15 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return ops.rms_norm(x, self.weight, self.eps)
 
+    def forward_jvp(self, x, tx):
+        return ops.rms_norm_jvp(x, self.weight, tx, eps=self.eps)
+
 
 class Attention(nn.Module):
     """Multi-head self-attention: qkv projection (ops.linear), optional QK RMSNorm (ops.rms_norm) over the
     head dim, flowmap_kernels.attention, output projection. x (B, N, C) -> (B, N, C)."""
+
+    context_parallel_config = None  # set by flowmap_kernels.distributed.context_parallel: N is a shard
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
         super().__init__()
@@ -71,8 +80,24 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        o = attention(q, k, v)
+        cp = self.context_parallel_config  # set by flowmap_kernels.distributed.context_parallel
+        o = attention(q, k, v) if cp is None else cp.attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+    def forward_jvp(self, x, tx):
+        """(y, ty) of :meth:`forward` along tx from the explicit-tangent ops (``fk.attention_jvp``: one fused
+        pass for O and tO); no forward-mode AD, so torch.compile keeps the fused kernels."""
+        if self.context_parallel_config is not None:
+            raise NotImplementedError("Attention.forward_jvp: context parallelism has no dual form; use "
+                                      "torch.func.jvp (flowmap_kernels.func.jvp falls back to it)")
+        B, N, C = x.shape
+        qkv, tqkv = self.qkv.forward_jvp(x, tx)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        tq, tk, tv = tqkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_norm is not None:
+            (q, tq), (k, tk) = self.q_norm.forward_jvp(q, tq), self.k_norm.forward_jvp(k, tk)
+        o, to = attention_jvp(q, k, v, tq, tk, tv)
+        return self.proj.forward_jvp(o.transpose(1, 2).reshape(B, N, C), to.transpose(1, 2).reshape(B, N, C))
 
 
 class Mlp(nn.Module):
@@ -86,6 +111,10 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.fc2(ops.gelu_tanh(self.fc1(x), self.fc1_bias))
+
+    def forward_jvp(self, x, tx):
+        h, th = self.fc1.forward_jvp(x, tx)
+        return self.fc2.forward_jvp(*ops.gelu_tanh_jvp(h, self.fc1_bias, th))
 
 
 class DiTBlock(nn.Module):
@@ -115,6 +144,20 @@ class DiTBlock(nn.Module):
         x = ops.gated_residual(x, gate_m, self.mlp(ops.modulated_layer_norm(x, shift_m, scale_m, self.eps)))
         return x
 
+    def forward_jvp(self, x, c, tx, tc):
+        """(y, ty) of :meth:`forward` along (tx, tc): fused modulated LayerNorm, attention, GELU and gated
+        residual JVP ops, each one pass for the primal and the tangent."""
+        B, C = c.shape
+        mod, tmod = self.adaLN_modulation.forward_jvp(*silu_jvp(c, tc))
+        mods = mod.view(B, 6, 1, C).transpose(0, 1).contiguous().unbind(0)
+        tmods = tmod.view(B, 6, 1, C).transpose(0, 1).contiguous().unbind(0)
+        for (shift, scale, gate), (tshift, tscale, tgate), branch in (
+                (mods[:3], tmods[:3], self.attn), (mods[3:], tmods[3:], self.mlp)):
+            h, th = ops.modulated_layer_norm_jvp(x, shift, scale, tx, tshift, tscale, self.eps)
+            h, th = branch.forward_jvp(h, th)
+            x, tx = ops.gated_residual_jvp(x, gate, h, tx, tgate, th)
+        return x, tx
+
 
 class FinalLayer(nn.Module):
     """adaLN final layer: mLN(x; shift, scale) -> Linear to patch_size^2 * out_channels (zero-initialised)."""
@@ -132,6 +175,36 @@ class FinalLayer(nn.Module):
         B, C = c.shape
         shift, scale = self.adaLN_modulation(F.silu(c)).view(B, 2, 1, C).transpose(0, 1).contiguous().unbind(0)
         return self.linear(ops.modulated_layer_norm(x, shift, scale, self.eps))
+
+    def forward_jvp(self, x, c, tx, tc):
+        B, C = c.shape
+        mod, tmod = self.adaLN_modulation.forward_jvp(*silu_jvp(c, tc))
+        shift, scale = mod.view(B, 2, 1, C).transpose(0, 1).contiguous().unbind(0)
+        tshift, tscale = tmod.view(B, 2, 1, C).transpose(0, 1).contiguous().unbind(0)
+        return self.linear.forward_jvp(*ops.modulated_layer_norm_jvp(x, shift, scale, tx, tshift, tscale, self.eps))
+
+
+def silu_jvp(x, tx):
+    """(silu(x), tx * silu'(x)) with silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))), PyTorch's own formula."""
+    sig = torch.sigmoid(x)
+    return F.silu(x), tx * (sig * (1 + x * (1 - sig)))
+
+
+def timestep_embedding_jvp(t: torch.Tensor, tt: torch.Tensor, dim: int, max_period: float = 10000.0,
+                           time_scale: float = 1000.0):
+    """(emb, temb) of :func:`timestep_embedding` along tt (same shape as t): d cos = -sin * targ, d sin = cos * targ."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (time_scale * t.float())[:, None] * freqs[None]
+    targs = (time_scale * tt.float())[:, None] * freqs[None]
+    cos, sin = torch.cos(args), torch.sin(args)
+    emb, temb = torch.cat([cos, sin], dim=-1), torch.cat([targs * -sin, targs * cos], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        temb = torch.cat([temb, torch.zeros_like(temb[:, :1])], dim=-1)
+    if t.dtype.is_floating_point:
+        return emb.to(t.dtype), temb.to(t.dtype)
+    return emb, temb
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, time_scale: float = 1000.0):
@@ -160,6 +233,11 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         return self.fc2(F.silu(self.fc1(timestep_embedding(t, self.freq_dim).to(self.fc1.weight.dtype))))
 
+    def forward_jvp(self, t, tt):
+        emb, temb = timestep_embedding_jvp(t, tt, self.freq_dim)
+        dt = self.fc1.weight.dtype
+        return self.fc2.forward_jvp(*silu_jvp(*self.fc1.forward_jvp(emb.to(dt), temb.to(dt))))
+
 
 class LabelEmbedder(nn.Module):
     """Class label (B,) long -> (B, hidden); label ``num_classes`` (or y=None) is the null class (CFG)."""
@@ -174,3 +252,8 @@ class LabelEmbedder(nn.Module):
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         return self.table(y)
+
+    def forward_jvp(self, y: Optional[torch.Tensor], batch: int, device):
+        """(embedding, zero tangent): labels are integers and carry no tangent."""
+        emb = self.forward(y, batch, device)
+        return emb, torch.zeros_like(emb)

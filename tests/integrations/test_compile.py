@@ -77,7 +77,8 @@ def test_jvp_inside_compile_gives_exact_tangents_and_gradients():
     cj = torch.compile(lambda *a: torch.func.jvp(_attn, a[:3], a[3:]), fullgraph=True, backend="aot_eager")
     o, to = cj(q, k, v, *t)
     assert rel_err(o, eager[0]) < 1e-13 and rel_err(to, eager[1]) < 1e-13 and to.abs().max() > 0.1
-    grads = torch.compile(torch.func.grad(tangent_loss, argnums=(0, 1, 2)), fullgraph=True, backend="aot_eager")(q, k, v)
+    grad_fn = torch.func.grad(tangent_loss, argnums=(0, 1, 2))
+    grads = torch.compile(grad_fn, fullgraph=True, backend="aot_eager")(q, k, v)
     want = torch.func.grad(tangent_loss, argnums=(0, 1, 2))(q, k, v)
     assert max(rel_err(a, b) for a, b in zip(grads, want)) < 1e-12
 

@@ -38,7 +38,8 @@ def _compare(module, fn, primals, tangents, fused="auto"):
     assert _rel(ty, ty0) < TOL
     names = [n for n, _ in module.named_parameters()]
     bad = {n: _rel(a, b) for n, a, b in zip(names, g, g0) if b.abs().max() > 0 and _rel(a, b) >= TOL}
-    bad.update({n: float(a.abs().max()) for n, a, b in zip(names, g, g0) if b.abs().max() == 0 and a.abs().max() > 1e-7})
+    bad.update({n: float(a.abs().max()) for n, a, b in zip(names, g, g0)
+                if b.abs().max() == 0 and a.abs().max() > 1e-7})
     assert not bad, bad
     return y, ty
 

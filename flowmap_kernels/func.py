@@ -1,0 +1,145 @@
+"""Forward-mode derivatives that torch.compile keeps fused: ``jvp`` with the models' dual form.
+
+``jvp(f, primals, tangents)`` has torch.func.jvp's contract (returns ``(f(*primals), jvp)``) and uses the
+*dual form* of ``f`` when it has one: ``f.forward_jvp(*primals, *tangents)`` returning ``(y, ty)``, built from
+the explicit-tangent ops (``fk.attention_jvp``, ``ops.*_jvp``: one fused pass per op for the primal and the
+tangent, differentiable in both). The package's modules (``nn.Linear``, ``nn.Attention``, ``DiTBlock``,
+``FinalLayer``, ``TimestepEmbedder``, ``DiT``, ``models.MLPFlowMap``, ...) have one; ``bind(model, y=cond)``
+fixes keyword arguments and keeps it. Anything else runs torch.func.jvp, with the same results.
+
+Why: inside a region that torch.compile traces, Dynamo traces ``torch.func.jvp`` by differentiating the
+traced forward with its own formulas and never calls an autograd.Function's jvp rule, so an opaque fused
+kernel cannot get a tangent there (``fk.attention`` then falls back to the naive O(N^2) math and warns).
+The dual form contains no forward-mode AD at all: the explicit-tangent ops are ordinary reverse-mode
+autograd.Functions over custom ops, which Dynamo and AOTAutograd trace into one graph (fullgraph=True),
+forward, JVP and the backward through the JVP included.
+
+The dual form is NOT used (torch.func.jvp runs instead) when a forward-mode level is already active (an
+outer torch.func.jvp or forward_ad: the explicit ops have no jvp rule of their own), or when the module, or
+one of its submodules, has forward hooks (FSDP2's ``fully_shard``), a replaced ``forward`` (activation
+checkpointing) or context parallelism: the dual form would bypass them.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+__all__ = ["jvp", "bind", "Bound", "dual_form", "has_dual_form", "forward_mode_active"]
+
+
+class Bound:
+    """``model`` with keyword arguments fixed: ``Bound(model, y=c)(*xs) == model(*xs, y=c)``; its
+    ``forward_jvp(*primals, *tangents)`` is ``model.forward_jvp(*primals, *tangents, y=c)`` when the model has
+    a dual form (see :func:`dual_form`)."""
+
+    def __init__(self, model: Callable, **kwargs: Any):
+        if not callable(model):
+            raise TypeError(f"model: expected a callable (an nn.Module), got {type(model).__name__}")
+        self.model, self.kwargs = model, kwargs
+
+    def __call__(self, *primals):
+        return self.model(*primals, **self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"Bound({type(self.model).__name__}, kwargs={sorted(self.kwargs)})"
+
+
+def bind(model: Callable, **kwargs: Any) -> Bound:
+    """``model`` with keyword arguments (e.g. ``y=cond``) fixed, keeping its dual form for :func:`jvp`."""
+    return Bound(model, **kwargs)
+
+
+@torch.compiler.assume_constant_result
+def _forward_mode_active_at_trace() -> bool:
+    """Run eagerly while Dynamo traces (a constant of the graph): the real functorch interpreter stack holds
+    the Jvp level of a torch.func.jvp being traced. (Reading ``forward_ad._current_level`` in traced code
+    is unreliable: Dynamo caches a module attribute's first read, so a read before the traced jvp entered
+    its level, e.g. by an earlier primal call, is returned again inside it.)"""
+    return _forward_mode_active_eager()
+
+
+def _forward_mode_active_eager() -> bool:
+    if fwAD._current_level >= 0:
+        return True
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack)
+
+
+def forward_mode_active() -> bool:
+    """Whether a forward-mode AD level is active (torch.func.jvp, forward_ad.dual_level), also while
+    torch.compile traces (where it is evaluated at trace time and baked into the graph)."""
+    if torch.compiler.is_compiling():
+        return _forward_mode_active_at_trace()
+    return _forward_mode_active_eager()
+
+
+def _module_supports_dual(module: nn.Module) -> bool:
+    """No hook, replaced forward or context parallelism anywhere in ``module``: forward_jvp computes what
+    ``module(...)`` does."""
+    from torch.nn.modules import module as _m
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return False
+    for sub in module.modules():
+        if sub._forward_hooks or sub._forward_pre_hooks or "forward" in sub.__dict__:
+            return False
+        if getattr(sub, "context_parallel_config", None) is not None:
+            return False
+    return True
+
+
+def dual_form(f: Callable) -> Optional[Callable]:
+    """The callable ``(*primals, *tangents) -> (y, ty)`` that :func:`jvp` would use for ``f``, or None
+    (torch.func.jvp runs)."""
+    if forward_mode_active():  # nested in an outer forward-mode transform: the explicit ops have no jvp rule
+        return None
+    target, kwargs = (f.model, f.kwargs) if isinstance(f, Bound) else (f, {})
+    method = getattr(target, "forward_jvp", None)
+    if method is None or not callable(method):
+        return None
+    if isinstance(target, torch._dynamo.eval_frame.OptimizedModule):
+        return None  # torch.compile'd module: its compiled forward is what the caller asked for
+    if isinstance(target, nn.Module) and not _module_supports_dual(target):
+        return None
+    if not kwargs:
+        return method
+    return lambda *args: method(*args, **kwargs)
+
+
+def has_dual_form(f: Callable) -> bool:
+    """Whether :func:`jvp` runs ``f``'s dual form (no forward-mode AD; compiles with the fused kernels)."""
+    return dual_form(f) is not None
+
+
+def _as_tuple(name: str, x) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if not isinstance(x, (tuple, list)):
+        raise TypeError(f"{name}: expected a tuple of tensors, got {type(x).__name__}")
+    return tuple(x)
+
+
+def jvp(f: Callable, primals, tangents):
+    """``(f(*primals), J_f(primals) @ tangents)``, as torch.func.jvp, through ``f``'s dual form when it has one.
+
+    f: an nn.Module with ``forward_jvp`` (the package's models), ``bind(model, **kwargs)`` of one, or any
+    callable (then torch.func.jvp). primals, tangents: tuples of tensors, each tangent of its primal's shape
+    (and dtype). Both outputs are differentiable (backward through the JVP, as TVM needs).
+    """
+    primals, tangents = _as_tuple("primals", primals), _as_tuple("tangents", tangents)
+    if len(primals) != len(tangents):
+        raise ValueError(f"tangents: expected {len(primals)} tangents (one per primal), got {len(tangents)}")
+    for i, (p, t) in enumerate(zip(primals, tangents)):
+        if not isinstance(p, torch.Tensor) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"primals/tangents: entry {i} is not a pair of tensors "
+                            f"({type(p).__name__}, {type(t).__name__})")
+        if p.shape != t.shape:
+            raise ValueError(f"tangents: entry {i} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
+        if p.dtype != t.dtype:
+            raise ValueError(f"tangents: entry {i} has dtype {t.dtype}, its primal {p.dtype}")
+    dual = dual_form(f)
+    if dual is None:
+        return torch.func.jvp(f, primals, tangents)
+    return tuple(dual(*primals, *tangents))

@@ -1,0 +1,235 @@
+"""flowmap_kernels.func.jvp: the models' dual form (forward_jvp, explicit-tangent ops) against torch.func.jvp,
+in float64, module by module; both outputs' gradients; when the dual form is (not) used; methods use it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+import flowmap_kernels as fk
+from flowmap_kernels import func
+from flowmap_kernels.models import MLPFlowMap
+from flowmap_kernels.nn import (Attention, DiT, DiTBlock, FinalLayer, LabelEmbedder, Linear, Mlp, RMSNorm,
+                                TimestepEmbedder)
+from tests.reference import rel_err
+
+D = torch.float64
+
+
+def _randomise(module, std=0.3, seed=0):
+    """Non-zero everything (the adaLN-Zero and final layers start at zero, which would hide errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return module
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+def _check(module, primals, tangents, kwargs=None, tol=1e-12, grad_tol=1e-10):
+    """Dual form == torch.func.jvp (outputs, tangents, and the gradients of a loss on both w.r.t. the
+    parameters and the differentiable inputs). grad_tol: looser where the module computes in float32 inside
+    (the sinusoidal time features: the gradient w.r.t. the float64 times passes through float32)."""
+    kwargs = kwargs or {}
+    f = func.bind(module, **kwargs) if kwargs else module
+    assert func.has_dual_form(f)
+    leaves = [x for x in (*primals, *tangents) if x.is_floating_point()]
+    for x in leaves:
+        x.requires_grad_(True)
+    params = [p for p in module.parameters() if p.requires_grad]
+    got = func.jvp(f, primals, tangents)
+    want = torch.func.jvp(lambda *a: module(*a, **kwargs), primals, tangents)
+    assert len(got) == 2
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_err(a, b) < tol, rel_err(a, b)
+    assert want[1].abs().max() > 1e-3  # a tangent that could be wrong
+    w = _randn(*want[0].shape, seed=7)
+
+    def loss(y, ty):
+        return (y * w).sum() + (ty * w.flip(-1)).square().sum()
+
+    gg = torch.autograd.grad(loss(*got), params + leaves, allow_unused=True)
+    gw = torch.autograd.grad(loss(*want), params + leaves, allow_unused=True)
+    for a, b in zip(gg, gw):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) < grad_tol, rel_err(a, b)
+
+
+@pytest.fixture(autouse=True)
+def _fused_backend():
+    with fk.use_backend("torch"):
+        yield
+
+
+def test_linear_and_rmsnorm():
+    _check(_randomise(Linear(6, 5)).double(), (_randn(2, 3, 6, seed=1),), (_randn(2, 3, 6, seed=2),))
+    _check(_randomise(RMSNorm(6), std=1.0).double(), (_randn(2, 3, 6, seed=1),), (_randn(2, 3, 6, seed=2),))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention(qk_norm):
+    m = _randomise(Attention(8, 2, qk_norm=qk_norm)).double()
+    _check(m, (_randn(2, 5, 8, seed=1),), (_randn(2, 5, 8, seed=2),))
+
+
+def test_mlp_block_final_layer():
+    _check(_randomise(Mlp(8, 16)).double(), (_randn(2, 5, 8, seed=1),), (_randn(2, 5, 8, seed=2),))
+    x, c, tx, tc = (_randn(2, 5, 8, seed=1), _randn(2, 8, seed=2), _randn(2, 5, 8, seed=3), _randn(2, 8, seed=4))
+    _check(_randomise(DiTBlock(8, 2, mlp_ratio=2.0, qk_norm=True)).double(), (x, c), (tx, tc))
+    _check(_randomise(FinalLayer(8, 4)).double(), (x, c), (tx, tc))
+
+
+def test_timestep_embedder_and_labels():
+    t = torch.rand(3, generator=torch.Generator().manual_seed(0), dtype=D)
+    _check(_randomise(TimestepEmbedder(8, freq_dim=16), std=0.1).double(), (t,), (_randn(3, seed=1),), tol=1e-11,
+           grad_tol=1e-5)
+    lab = _randomise(LabelEmbedder(4, 8)).double()
+    y = torch.tensor([0, 3, 4])
+    emb, temb = lab.forward_jvp(y, 3, "cpu")
+    assert torch.equal(emb, lab(y, 3, "cpu")) and torch.equal(temb, torch.zeros_like(emb))
+
+
+def test_mlp_flow_map_has_no_dual_form_and_takes_torch_func_jvp_bit_for_bit():
+    """The 2D MLP has no attention and no fused op: func.jvp is exactly torch.func.jvp there."""
+    m = _randomise(MLPFlowMap(shape=(2,), hidden=16, depth=2, emb_dim=8, num_classes=3)).double()
+    y = torch.tensor([0, 1, 2, 0])
+    f = func.bind(m, y=y)
+    assert not func.has_dual_form(f)
+    x, s = _randn(4, 2, seed=1), torch.rand(4, generator=torch.Generator().manual_seed(2), dtype=D)
+    tt = torch.rand(4, generator=torch.Generator().manual_seed(3), dtype=D)
+    primals, tangents = (x, s, tt), (_randn(4, 2, seed=4), torch.ones(4, dtype=D), torch.zeros(4, dtype=D))
+    got = func.jvp(f, primals, tangents)
+    want = torch.func.jvp(lambda *a: m(*a, y=y), primals, tangents)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and want[1].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_dit(qk_norm):
+    m = _randomise(DiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, freq_dim=16,
+                       qk_norm=qk_norm), std=0.15).double()
+    x = _randn(2, 1, 8, 8, seed=1)
+    s, t = (torch.rand(2, generator=torch.Generator().manual_seed(i), dtype=D) for i in (2, 3))
+    _check(m, (x, s, t), (_randn(2, 1, 8, 8, seed=4), _randn(2, seed=5), _randn(2, seed=6)),
+           kwargs={"y": torch.tensor([1, 10])}, tol=1e-11, grad_tol=1e-5)
+
+
+def test_dit_with_guidance_input():
+    m = _randomise(DiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8,
+                       guidance_dim=1), std=0.2).double()
+    (x, s, t), tangents = _dit_args(4)
+    _check(m, (x, s, t), tangents, kwargs={"y": torch.tensor([3, 10]), "w": torch.tensor([1.5, 3.0], dtype=D)},
+           tol=1e-11, grad_tol=1e-5)
+
+
+def test_plain_callables_and_unsupported_modules_run_torch_func_jvp():
+    x, tx = _randn(3, 4, seed=0), _randn(3, 4, seed=1)
+
+    def f(a):
+        return a.sin() * a
+
+    assert not func.has_dual_form(f)
+    got, want = func.jvp(f, (x,), (tx,)), torch.func.jvp(f, (x,), (tx,))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    m = DiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8).double()
+    assert func.has_dual_form(func.bind(m, y=None))
+    h = m.blocks[0].register_forward_hook(lambda *a: None)  # e.g. FSDP2: the dual form would bypass it
+    assert not func.has_dual_form(m)
+    h.remove()
+    assert func.has_dual_form(m)
+    m.blocks[0].forward = m.blocks[0].forward  # a replaced forward (activation checkpointing)
+    assert not func.has_dual_form(m)
+    assert not func.has_dual_form(torch.compile(DiT(input_size=4, patch_size=2, hidden_size=16, depth=1,
+                                                    num_heads=2, freq_dim=8)))
+
+
+def test_checkpointed_dit_falls_back_with_equal_results():
+    m = _randomise(DiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8), std=0.2).double()
+    plain = func.jvp(func.bind(m, y=None), *_dit_args(4))
+    fk.apply_activation_checkpointing(m, "blocks")
+    assert not func.has_dual_form(m)
+    ck = func.jvp(func.bind(m, y=None), *_dit_args(4))
+    assert max(rel_err(a, b) for a, b in zip(ck, plain)) < 1e-12
+
+
+def _dit_args(n):
+    x = _randn(2, 1, n, n, seed=1)
+    s, t = torch.full((2,), 0.7, dtype=D), torch.full((2,), 0.2, dtype=D)
+    return (x, s, t), (_randn(2, 1, n, n, seed=2), torch.ones(2, dtype=D), torch.zeros(2, dtype=D))
+
+
+class _Sin(torch.nn.Module):
+    """A module whose dual form is deliberately wrong (zero tangent), to see which path ran."""
+
+    def forward(self, x):
+        return x.sin()
+
+    def forward_jvp(self, x, tx):
+        return x.sin(), torch.zeros_like(x)
+
+
+def test_nested_in_forward_mode_uses_torch_func_jvp():
+    """Inside an outer forward-mode level (the explicit ops have no jvp rule) torch.func.jvp runs."""
+    m = _Sin()
+    x, tx, u = _randn(2, 4, seed=0), _randn(2, 4, seed=1), _randn(2, 4, seed=2)
+    assert torch.equal(func.jvp(m, (x,), (tx,))[1], torch.zeros_like(x))  # top level: the dual form
+    _, got = torch.func.jvp(lambda a: func.jvp(m, (a,), (tx,))[1], (x,), (u,))
+    assert rel_err(got, -x.sin() * tx * u) < 1e-13  # d/dx (cos x tx) along u
+    with fwAD.dual_level():
+        assert not func.has_dual_form(m)
+
+
+def test_argument_errors():
+    m = Linear(4, 3).double()
+    x = _randn(2, 4, seed=0)
+    with pytest.raises(ValueError, match="tangents: expected 1"):
+        func.jvp(m, (x,), (x, x))
+    with pytest.raises(ValueError, match="tangents: entry 0 has shape"):
+        func.jvp(m, (x,), (x[:1],))
+    with pytest.raises(ValueError, match="tangents: entry 0 has dtype"):
+        func.jvp(m, (x,), (x.float(),))
+    with pytest.raises(TypeError, match="primals"):
+        func.jvp(m, 3, (x,))
+    with pytest.raises(TypeError, match="model"):
+        func.bind(3)
+    dit = DiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8).double()
+    (xx, s, t), (tx, ts, tt) = _dit_args(4)
+    with pytest.raises(ValueError, match="ts: expected"):
+        dit.forward_jvp(xx, s, t, tx, ts[:1], tt)
+
+
+def test_methods_take_their_jvp_through_the_dual_form(monkeypatch):
+    """meanflow / tvm / scm call DiT.forward_jvp; their losses and gradients equal the torch.func.jvp path."""
+    from flowmap_kernels.methods import meanflow, scm, tvm
+    m = _randomise(DiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8), std=0.2).double()
+    m = scm.prepare_model(m)
+    params = list(m.parameters())
+    x0, y = _randn(2, 1, 4, 4, seed=0), torch.tensor([1, 2])
+    orig = DiT.forward_jvp
+
+    def run(method):
+        torch.manual_seed(0)
+        lo, _ = method.loss(m, x0, cond=y)
+        return [lo] + list(torch.autograd.grad(lo, params, allow_unused=True))
+
+    calls = []
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    for method in (meanflow, tvm, scm):
+        monkeypatch.setattr(DiT, "forward_jvp", counting)
+        got = run(method)
+        monkeypatch.setattr(func, "dual_form", lambda f: None)  # force torch.func.jvp
+        want = run(method)
+        monkeypatch.undo()
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert rel_err(a, b) < 1e-10, (method.NAME, rel_err(a, b))
+    assert len(calls) == 3
