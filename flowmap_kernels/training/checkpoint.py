@@ -1,8 +1,17 @@
-"""Checkpoints that resume bit-for-bit and load with torch.load(weights_only=True).
+"""Checkpoints that resume bit-for-bit.
 
-Stored: model, EMA, optimizer state dicts; the step; the loss history; and every RNG the loop uses
-(torch CPU, CUDA when present, numpy's global MT19937, python's random, the data generator), per rank.
-Everything is tensors or primitive containers; numpy's key array is stored as a tensor.
+Two formats, both holding model, EMA and optimizer state; the step; the loss history; the resolved flags;
+and every RNG the loop uses (torch CPU, CUDA when present, numpy's global MT19937, python's random, the
+data generator), per rank:
+
+- ``checkpoint.pt`` (single-process and plain data-parallel runs): one file written by rank 0, loads with
+  torch.load(weights_only=True); tensors or primitive containers only (numpy's key array as a tensor).
+- sharded (FSDP2 runs, and any run resumed from one): a folder ``<root>/step-<N>/`` written with
+  torch.distributed.checkpoint (every rank writes its shards of model, optimizer and EMA; ``extras.pt``
+  holds the rest), loadable onto any world size, including a single process without a process group.
+  Atomic: written into ``<root>/.tmp-step-<N>``, renamed to ``step-<N>`` once complete, then
+  ``<root>/LATEST`` (the name of the newest complete folder) is replaced with os.replace, and only then
+  are older folders removed; a run killed at any point leaves LATEST naming a complete checkpoint.
 """
 from __future__ import annotations
 
@@ -42,7 +51,104 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+CHECKPOINT_KEYS = ("step", "model", "ema", "opt", "rng", "losses", "train_time", "world_size", "args")
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint.pt's dict; FileNotFoundError when absent, ValueError (naming the file) when it is
+    empty, truncated, not a torch file or lacks the loop's keys."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated/garbage files raise many types (EOFError, RuntimeError, ...)
+        raise ValueError(f"--resume: cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:200]})") from e
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"--resume: {path} is not a checkpoint of this training loop (missing {missing})")
+    return ck
+
+
+# ---------------------------------------------------------------- sharded (torch.distributed.checkpoint)
+LATEST = "LATEST"
+EXTRAS = "extras.pt"
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def latest_sharded(root) -> "str | None":
+    """The newest complete sharded checkpoint folder under ``root`` (named by root/LATEST), or None."""
+    pointer = os.path.join(os.fspath(root), LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(os.fspath(root), name)
+    if not name or not os.path.isfile(os.path.join(path, EXTRAS)):
+        raise ValueError(f"--resume: {pointer} names {name!r}, which is not a complete checkpoint folder")
+    return path
+
+
+def save_sharded(root, step: int, tensors: dict, extras: dict, *, is_main: bool, before_rename=None) -> str:
+    """Collective (every rank calls it): write ``tensors`` (state dicts of DTensors / tensors, e.g.
+    {"model": ..., "optim": ..., "ema": ...}) with torch.distributed.checkpoint and ``extras`` (rank 0,
+    torch.save) into root/step-<step>, atomically (see the module docstring). ``before_rename``: a hook
+    called on rank 0 after the data is written and before the folder is renamed (tests use it to
+    simulate a crash mid-save). Returns the folder."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    root = os.fspath(root)
+    name = f"step-{step:08d}"
+    tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
+    if is_main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    dcp.save(tensors, checkpoint_id=tmp)
+    if is_main:
+        torch.save(extras, os.path.join(tmp, EXTRAS))
+        if before_rename is not None:
+            before_rename(tmp)
+        if os.path.exists(final):  # the same step saved again (e.g. a resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = os.path.join(root, LATEST)
+        with open(pointer + ".tmp", "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer + ".tmp", pointer)
+        for old in os.listdir(root):
+            if old != name and (old.startswith("step-") or old.startswith(".tmp-step-")):
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_sharded_extras(path) -> dict:
+    """The extras.pt of a sharded checkpoint folder (step, losses, RNG states, EMA counters, flags)."""
+    f = os.path.join(os.fspath(path), EXTRAS)
+    try:
+        ex = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"--resume: cannot read {f} ({type(e).__name__}: {str(e)[:200]})") from e
+    missing = [k for k in ("step", "losses", "rng", "train_time", "world_size", "args", "ema")
+               if not isinstance(ex, dict) or k not in ex]
+    if missing:
+        raise ValueError(f"--resume: {f} is not a checkpoint of this training loop (missing {missing})")
+    return ex
+
+
+def load_sharded(path, tensors: dict) -> None:
+    """Collective: fill ``tensors`` (the same structure save_sharded wrote, for this run's sharding) in
+    place from the folder; resharding to another world size is done by torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        dcp.load(tensors, checkpoint_id=os.fspath(path))
+    except Exception as e:  # noqa: BLE001 - DCP wraps shape/key mismatches in CheckpointException
+        raise ValueError(f"--resume: {path} does not fit this model ({type(e).__name__}: {str(e)[:300]})") from e

@@ -1,10 +1,12 @@
 """Data parallelism without DistributedDataParallel.
 
 torch.func.jvp cannot take a DDP wrapper, and differentiating the inner module skips DDP's gradient
-synchronisation silently (REFERENCE.md sec 4). So the loop keeps the plain module, broadcasts rank 0's
+synchronisation silently. So the loop keeps the plain module, broadcasts rank 0's
 parameters at the start, and after every backward averages the gradients itself with bucketed,
-flattened all_reduce calls (every method, every parameter; a missing grad counts as zero).
-Launch with torchrun (gloo on CPU, NCCL on CUDA); without WORLD_SIZE > 1 everything is a no-op.
+flattened all_reduce calls (every method, every parameter; a missing grad counts as zero). That path stays
+because it keeps full, identical parameters on every rank, a single-file checkpoint.pt, and the
+default torchrun runs bit-identical to earlier versions. Launch with torchrun (gloo on CPU, NCCL on CUDA);
+without WORLD_SIZE > 1 everything is a no-op.
 """
 from __future__ import annotations
 
@@ -34,10 +36,19 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> DistInfo:
-    """Join the torchrun process group when WORLD_SIZE > 1 (backend: nccl for cuda, gloo for cpu)."""
+def init_distributed(device: str, single_process_group: bool = False) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (backend: nccl for cuda, gloo for cpu).
+
+    ``single_process_group``: without torchrun, create a one-rank group (an in-memory store), which
+    FSDP2 and its device mesh need (``--dp-shard 1`` in a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        if single_process_group and not dist.is_initialized():
+            if device == "cuda":
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
+            _owned_group.append(dist.group.WORLD)
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
@@ -104,11 +115,15 @@ def allreduce_grads(params, world_size: int, bucket_bytes: int = 25 * 2 ** 20) -
 
 
 def params_in_sync(module: torch.nn.Module) -> bool:
-    """True when every rank holds bitwise the same parameters as rank 0 (True when not distributed)."""
+    """True when every rank holds bitwise the same parameters as rank 0 (True when not distributed).
+    Sharded (DTensor) parameters are compared as full tensors (collective): under HSDP this catches
+    replicas that diverged; under plain FSDP the full tensors agree by construction."""
     if not (dist.is_available() and dist.is_initialized()):
         return True
+    from torch.distributed.tensor import DTensor
     with torch.no_grad():
-        flat = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+        flat = torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().reshape(-1).float()
+                          for p in module.parameters()])
         ref = flat.clone()
         dist.broadcast(ref, 0)
         same = torch.tensor([1 if torch.equal(flat, ref) else 0], device=flat.device)

@@ -1,9 +1,18 @@
-"""Exponential moving average of a model's parameters (the EMA copy is a full nn.Module)."""
+"""Exponential moving average of a model's parameters (the EMA copy is a full nn.Module).
+
+Under FSDP2 the EMA module is sharded like the model (apply_fsdp on both, same mesh): the update then
+runs on each rank's local shards, no communication."""
 from __future__ import annotations
 
 import copy
 
 import torch
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (shares its storage), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class EMA:
@@ -20,8 +29,11 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for m in (self.module, model):  # FSDP2 modules left gathered (no reshard after forward): shard them
+            if hasattr(m, "reshard") and hasattr(m, "unshard"):
+                m.reshard()
         for e, p in zip(self.module.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
+            _local(e).lerp_(_local(p.detach()), 1.0 - d)
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.copy_(b)
         self.num_updates += 1

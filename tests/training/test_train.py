@@ -42,7 +42,8 @@ def test_end_to_end_2d_writes_everything(tmp_path):
 
 def test_2d_presets_apply_and_yield_to_cfg_and_no_preset(tmp_path):
     """MeanFlow on 2D data takes PRESETS_2D (uniform times, adaptive c = 1, the batch's marginal velocity,
-    no clipping, time frequencies <= 12); --cfg and explicit flags win over it, --no-preset turns it off, and image data never gets it."""
+    no clipping, time frequencies <= 12); --cfg and explicit flags win over it, --no-preset turns it off, and image
+    data never gets it."""
     def cfg(name, *extra):
         assert _run(tmp_path / name, "--method", "meanflow", "--steps", "1", "--no-eval", *extra) == 0
         return json.loads((tmp_path / name / "metrics.json").read_text())

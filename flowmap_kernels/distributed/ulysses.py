@@ -1,0 +1,156 @@
+"""Ulysses context-parallel attention (arXiv:2309.14509): re-shard from sequence to heads and back.
+
+One all-to-all turns every rank's (B, H, L_local, D) shards of q, k, v (and their tangents, packed into the
+same message) into (B, H/W, L, D): all tokens, H/W heads, in global token order (load-balanced and
+unequal shards included). The local fused attention (``flowmap_kernels.attention`` /
+``attention_jvp``) then runs on whole sequences, and a second all-to-all returns (O, tO) to sequence
+shards. The all-to-alls are autograd.Functions whose backward is the inverse all-to-all, so the backward
+re-shards dO, dtO to heads, runs the fused backward, and re-shards the six gradients to the sequence.
+Query heads h*G .. h*G+G-1 use key head h (GQA), so splitting both head counts into W contiguous groups
+keeps every query head with its key head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import attention, attention_jvp
+from .comm import SequenceLayout, all_to_all, world_and_rank
+from .sharding import take_segments
+
+
+@dataclass(frozen=True)
+class UlyssesSpec:
+    """The group and one sequence layout per tensor moved in a call (queries and keys may differ)."""
+
+    group: object
+    layouts: tuple
+
+
+def _place_global(pieces_by_rank, layout: SequenceLayout, dim: int = 2):
+    """Concatenate the received shards (pieces_by_rank[i] from rank i, its local order) in global order."""
+    placed = []
+    for i, piece in enumerate(pieces_by_rank):
+        placed += [(g0, piece.narrow(dim, l0, n)) for l0, g0, n in layout.local_pieces(i)]
+    placed.sort(key=lambda p: p[0])
+    return torch.cat([p for _, p in placed], dim=dim)
+
+
+def seq_to_heads(xs, layouts, group, kind="all_to_all", split_heads=True):
+    """(B, H, L_local, E) shards -> (B, H/W, L, E) in global order, one all-to-all for all ``xs``.
+
+    With ``split_heads=False`` every rank receives all heads (an all-gather of the sequence, for masks
+    that broadcast over heads). All ``xs`` share a dtype.
+    """
+    world, rank = world_and_rank(group)
+    dtype = xs[0].dtype
+    heads = [x.shape[1] // world if split_heads else x.shape[1] for x in xs]
+    send = []
+    for j in range(world):
+        parts = [(x[:, j * h:(j + 1) * h] if split_heads else x).reshape(-1) for x, h in zip(xs, heads)]
+        send.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+    recv_shapes, shapes_from = [], []
+    for i in range(world):
+        shapes = [(x.shape[0], h, lay.local_length(i)) + tuple(x.shape[3:]) for x, h, lay in zip(xs, heads, layouts)]
+        shapes_from.append(shapes)
+        recv_shapes.append((sum(int(torch.Size(s).numel()) for s in shapes),))
+    recv = all_to_all(send, recv_shapes, dtype, group, kind)
+    outs = []
+    offsets = [0] * world
+    for t, (x, lay) in enumerate(zip(xs, layouts)):
+        pieces = []
+        for i in range(world):
+            shape = shapes_from[i][t]
+            n = int(torch.Size(shape).numel())
+            pieces.append(recv[i][offsets[i]:offsets[i] + n].view(shape))
+            offsets[i] += n
+        outs.append(_place_global(pieces, lay))
+    return outs
+
+
+def heads_to_seq(ys, layouts, group, kind="all_to_all"):
+    """Inverse of :func:`seq_to_heads`: (B, H/W, L, E) in global order -> (B, H, L_local, E) shards."""
+    world, rank = world_and_rank(group)
+    dtype = ys[0].dtype
+    send = []
+    for j in range(world):
+        parts = [take_segments(y, 2, lay.segments(j)).reshape(-1) for y, lay in zip(ys, layouts)]
+        send.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+    shapes = [(y.shape[0], y.shape[1], lay.local_length(rank)) + tuple(y.shape[3:]) for y, lay in zip(ys, layouts)]
+    per_rank = sum(int(torch.Size(s).numel()) for s in shapes)
+    recv = all_to_all(send, [(per_rank,)] * world, dtype, group, kind)
+    outs = []
+    offset = 0
+    for shape in shapes:
+        n = int(torch.Size(shape).numel())
+        outs.append(torch.cat([recv[i][offset:offset + n].view(shape) for i in range(world)], dim=1))
+        offset += n
+    return outs
+
+
+class SeqToHeads(torch.autograd.Function):
+    """Differentiable :func:`seq_to_heads` (backward: :func:`heads_to_seq` of the gradients)."""
+
+    @staticmethod
+    def forward(spec: UlyssesSpec, *xs):
+        return tuple(seq_to_heads(list(xs), spec.layouts, spec.group))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *gs):
+        gs = [g.contiguous() for g in gs]
+        return (None, *heads_to_seq(gs, ctx.spec.layouts, ctx.spec.group))
+
+
+class HeadsToSeq(torch.autograd.Function):
+    """Differentiable :func:`heads_to_seq` (backward: :func:`seq_to_heads` of the gradients)."""
+
+    @staticmethod
+    def forward(spec: UlyssesSpec, *ys):
+        return tuple(heads_to_seq(list(ys), spec.layouts, spec.group))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *gs):
+        gs = [g.contiguous() for g in gs]
+        return (None, *seq_to_heads(gs, ctx.spec.layouts, ctx.spec.group))
+
+
+def mask_to_heads(mask, q_heads: int, q_layout: SequenceLayout, group):
+    """This rank's (Bm, Hm or H/W, L or 1, Lk) mask from its (Bm, Hm, L_local or 1, Lk) rows."""
+    world, rank = world_and_rank(group)
+    per_head = mask.shape[1] == q_heads and q_heads > 1
+    if mask.shape[2] == 1 or q_layout.total == 0:
+        if per_head:
+            h = q_heads // world
+            return mask[:, rank * h:(rank + 1) * h]
+        return mask
+    as_bytes = mask.dtype == torch.bool
+    with torch._C._DisableFuncTorch():  # a constant: plain tensors even inside torch.func transforms
+        m = mask.to(torch.uint8) if as_bytes else mask
+        (out,) = seq_to_heads([m.contiguous()], (q_layout,), group, split_heads=per_head)
+        return out.bool() if as_bytes else out
+
+
+def ulysses_attention(q, k, v, tq, tk, tv, mask, is_causal, scale, enable_gqa, group, q_layout, k_layout):
+    """O (tangents None) or (O, tO) on this rank's sequence shards, via head-sharded fused attention."""
+    with_tangent = tq is not None
+    layouts = (q_layout, k_layout, k_layout)
+    xs = (q, k, v) + ((tq, tk, tv) if with_tangent else ())
+    spec = UlyssesSpec(group, layouts * (2 if with_tangent else 1))
+    hs = SeqToHeads.apply(spec, *xs)
+    mask_h = None if mask is None else mask_to_heads(mask, q.shape[1], q_layout, group)
+    kw = dict(attn_mask=mask_h, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    out_spec = UlyssesSpec(group, (q_layout, q_layout))
+    if with_tangent:
+        o, to = attention_jvp(*hs, **kw)
+        return HeadsToSeq.apply(out_spec, o, to)
+    o = attention(*hs, **kw)
+    return HeadsToSeq.apply(UlyssesSpec(group, (q_layout,)), o)[0]

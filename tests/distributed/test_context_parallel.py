@@ -1,0 +1,135 @@
+"""Context-parallel attention (ring and Ulysses) on 2 and 4 gloo processes against the float64 reference.
+
+One spawned job per world size runs every case (process start-up dominates on a small machine): O, tO
+and the six gradients of a loss on both outputs, under torch.func.jvp, forward_ad and the explicit _jvp
+function, plus the primal path (O and dQ, dK, dV; it must run the primal kernels only); float64 within
+1e-9 relative, float32 / bfloat16 within tests.reference.TOLERANCE. Shard / gather round trips, two
+sub-groups side by side, torch.func.grad over torch.func.jvp, the ring Function's own forward-mode rule,
+the DiT switch (with and without activation checkpointing) and argument errors run in the same jobs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flowmap_kernels.distributed as fkd
+from tests.distributed.harness import spawn
+from tests.distributed.workers import (CPCase, attention_cases, dit_checks, error_checks, ring_jvp_rule_check,
+                                      functional_grad_check, shard_gather_checks, subgroup_cases)
+from tests.reference import TOLERANCE
+
+TOL = TOLERANCE[torch.float64]  # 1e-9 relative (norm ratio)
+
+CASES = [
+    CPCase(name="causal", causal=True, q_len=13, kv_len=13),
+    CPCase(name="causal_load_balance", causal=True, load_balance=True, q_len=21, kv_len=21),
+    CPCase(name="bool_mask", mask="bool", q_len=11, kv_len=14),
+    CPCase(name="bool_mask_dead_rows_broadcast_heads", mask="bool_rows", load_balance=True, q_len=12, kv_len=12),
+    CPCase(name="float_mask", mask="float", q_len=10, kv_len=10, head_dim=4),
+    CPCase(name="keys_only_mask", mask="keys_only", batch=1, q_len=9, kv_len=15),
+    CPCase(name="gqa_causal", q_heads=8, kv_heads=4, causal=True, q_len=14, kv_len=14, head_dim=4),
+    CPCase(name="cross_attention_lq_lt_lk", batch=1, q_len=10, kv_len=17),
+    CPCase(name="causal_lq_gt_lk_load_balance", batch=1, causal=True, load_balance=True, q_len=19, kv_len=10),
+    CPCase(name="gqa_ring_only", batch=1, q_heads=6, kv_heads=3, causal=True, q_len=7, kv_len=7, head_dim=4),
+    CPCase(name="fewer_tokens_than_ranks", batch=1, causal=True, q_len=3, kv_len=3, head_dim=4),
+    CPCase(name="float32_causal_load_balance", causal=True, load_balance=True, q_len=18, kv_len=18,
+           dtype=torch.float32),
+    CPCase(name="bfloat16_bool_mask", mask="bool", q_len=16, kv_len=16, dtype=torch.bfloat16),
+]
+BY_NAME = {c.name: c for c in CASES}
+
+
+def _check_attention(results, world, cases=CASES):
+    assert results, "no case ran"
+    bad = {}
+    for (name, mode), errors in results.items():
+        assert errors["_primal_used_jvp_kernels"] == 0, (name, mode)
+        if mode == "ring":
+            assert errors["_primal_forward_calls"] >= 1, (name, mode)
+        tol = TOLERANCE[BY_NAME[name].dtype]
+        worst = {k: v for k, v in errors.items() if not k.startswith("_") and not v < tol}
+        if worst:
+            bad[(name, mode)] = worst
+    assert not bad, bad
+    modes = {(name, mode) for name, mode in results}
+    expected = {(c.name, "ring") for c in cases}
+    expected |= {(c.name, "ulysses") for c in cases if c.q_heads % world == 0 and c.kv_heads % world == 0}
+    assert modes == expected
+
+
+def _world2_job(rank, world):
+    return dict(attention=attention_cases(rank, world, CASES), shard=shard_gather_checks(rank, world),
+                errors=error_checks(rank, world), jvp_rule=ring_jvp_rule_check(rank, world),
+                func_grad=functional_grad_check(rank, world),
+                dit=dit_checks(rank, world, DIT_CONFIGS))
+
+
+SUBGROUP_CASES = [BY_NAME["causal_load_balance"], BY_NAME["gqa_causal"]]
+DIT_CONFIGS = [("ring", False, False), ("ring", True, False), ("ulysses", False, False), ("ulysses", True, False),
+               ("ring", True, "blocks"), ("ulysses", False, "selective")]
+
+
+def _world4_job(rank, world):
+    return dict(attention=attention_cases(rank, world, CASES), shard=shard_gather_checks(rank, world),
+                subgroups=subgroup_cases(rank, world, SUBGROUP_CASES))
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return spawn(_world2_job, 2, tmp_path_factory.mktemp("cp2"))
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return spawn(_world4_job, 4, tmp_path_factory.mktemp("cp4"))
+
+
+def test_attention_two_ranks(world2):
+    _check_attention(world2["attention"], 2)
+
+
+def test_attention_four_ranks(world4):
+    _check_attention(world4["attention"], 4)
+
+
+def test_attention_on_two_subgroups_of_four_ranks(world4):
+    """Each of two 2-rank groups (dist.new_group) runs its own ring / Ulysses side by side."""
+    _check_attention(world4["subgroups"], 2, SUBGROUP_CASES)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shard_and_gather(world, world2, world4):
+    res = (world2 if world == 2 else world4)["shard"]
+    assert res and all(v == 1.0 for v in res.values()), {k: v for k, v in res.items() if v != 1.0}
+
+
+def test_bad_input_errors(world2):
+    assert all(world2["errors"].values()), world2["errors"]
+
+
+def test_ring_function_forward_mode_rule(world2):
+    errs = world2["jvp_rule"]
+    assert set(errs) == {"o", "to", "dq", "dk", "dv", "dtq", "dtk", "dtv"}
+    assert max(errs.values()) < TOL, errs
+
+
+def test_func_grad_over_func_jvp(world2):
+    """Pure function transforms (torch.func.grad of a loss on torch.func.jvp), both modes."""
+    errs = world2["func_grad"]
+    assert set(errs) == {"ring", "ulysses"} and max(errs.values()) < TOL, errs
+
+
+def test_dit_context_parallel_matches_single_process(world2):
+    res = world2["dit"]
+    assert set(res) == set(DIT_CONFIGS)
+    for key, errs in res.items():
+        assert errs["switched_off"] == 1.0, key
+        assert errs["v"] < TOL and errs["tv"] < TOL and errs["grads"] < TOL, (key, errs)
+
+
+def test_no_process_group_is_a_clear_error():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fkd.context_parallel_attention(q, q, q)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fkd.shard_sequence(q)

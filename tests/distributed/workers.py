@@ -1,0 +1,325 @@
+"""Functions run on every rank of a spawned gloo group (see harness.py); each returns plain data for the test.
+
+Every rank builds the same full float64 tensors from a seed, takes its shards with ``shard_sequence``,
+runs the context-parallel op and compares its shard of O, tO and of the six gradients with the float64
+reference of tests.reference (math attention, torch.func.jvp, autograd). Errors are reduced with MAX
+over the ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.distributed as dist
+
+import flowmap_kernels.distributed as fkd
+from flowmap_kernels.attention import kernels
+from tests.reference import loss_on_outputs, ref_attention, ref_grads, rel_err
+
+
+@dataclass(frozen=True)
+class CPCase:
+    batch: int = 2
+    q_heads: int = 4
+    kv_heads: int = 4
+    q_len: int = 13
+    kv_len: int = 13
+    head_dim: int = 8
+    causal: bool = False
+    mask: Optional[str] = None   # "bool", "bool_rows" (broadcast over heads, dead rows), "float", "keys_only"
+    load_balance: bool = False
+    dtype: torch.dtype = torch.float64
+    seed: int = 0
+    name: str = field(default="", compare=False)
+
+    @property
+    def kwargs(self):
+        kw = dict(is_causal=self.causal, enable_gqa=self.q_heads != self.kv_heads)
+        return kw
+
+
+def _full_tensors(case: CPCase):
+    g = torch.Generator().manual_seed(case.seed)
+    B, Hq, Hkv, Lq, Lk, D = case.batch, case.q_heads, case.kv_heads, case.q_len, case.kv_len, case.head_dim
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    t = dict(q=r(B, Hq, Lq, D), k=r(B, Hkv, Lk, D), v=r(B, Hkv, Lk, D + 2))
+    t.update(tq=r(B, Hq, Lq, D), tk=r(B, Hkv, Lk, D), tv=r(B, Hkv, Lk, D + 2))
+    t.update(wo=r(B, Hq, Lq, D + 2), wt=r(B, Hq, Lq, D + 2))
+    mask = None
+    if case.mask == "bool":
+        mask = torch.rand(B, Hq, Lq, Lk, generator=g) > 0.4
+    elif case.mask == "bool_rows":  # broadcast over heads; rows 0 and Lq-2 have no allowed key
+        mask = torch.rand(B, 1, Lq, Lk, generator=g) > 0.5
+        mask[:, :, 0] = False
+        mask[:, :, Lq - 2] = False
+    elif case.mask == "float":
+        mask = torch.randn(1, Hq, Lq, Lk, generator=g, dtype=torch.float64)
+        mask[..., 1, :] = float("-inf")  # a fully masked row
+    elif case.mask == "keys_only":  # (1, 1, 1, Lk): broadcast over rows
+        mask = torch.rand(1, 1, 1, Lk, generator=g) > 0.3
+    if mask is not None and mask.dtype == torch.float64:
+        mask = mask.to(case.dtype)
+    t = {n: x.to(case.dtype) for n, x in t.items()}  # the reference runs on these values in float64
+    t["mask"] = mask
+    return t
+
+
+def _local_mask(mask, group, load_balance):
+    if mask is None or mask.shape[2] == 1:
+        return mask
+    return fkd.shard_sequence(mask, group, dim=2, load_balance=load_balance)
+
+
+PATHS = ("func.jvp", "forward_ad", "explicit")
+
+
+def _cp_jvp(path, q, k, v, tq, tk, tv, mask, kw):
+    if path == "func.jvp":
+        return torch.func.jvp(lambda a, b, c: fkd.context_parallel_attention(a, b, c, mask, **kw), (q, k, v),
+                              (tq, tk, tv))
+    if path == "forward_ad":
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(x, t) for x, t in ((q, tq), (k, tk), (v, tv))]
+            out = fwAD.unpack_dual(fkd.context_parallel_attention(*duals, mask, **kw))
+            return out.primal, out.tangent
+    return fkd.context_parallel_attention_jvp(q, k, v, tq, tk, tv, mask, **kw)
+
+
+def _max_over_ranks(errors: dict) -> dict:
+    keys = sorted(errors)
+    t = torch.tensor([errors[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
+def _count_kernels():
+    """Wrap the four kernel ops (as the ring calls them) to count calls; returns (counts, restore)."""
+    counts, saved = {}, {}
+    for name in ("attention_forward", "attention_backward", "attention_jvp_forward", "attention_jvp_backward"):
+        real = saved[name] = getattr(kernels, name)
+
+        def spy(*a, _real=real, _name=name):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*a)
+        setattr(kernels, name, spy)
+
+    def restore():
+        for name, real in saved.items():
+            setattr(kernels, name, real)
+    return counts, restore
+
+
+def attention_cases(rank, world, cases, modes=("ring", "ulysses"), group=None):
+    """{(case name, mode): {quantity/path: max relative error over ranks}} plus kernel-call counts.
+    ``group``: the process group to shard over (None: the default group); ``rank``, ``world`` are this
+    process's rank in it and its size."""
+    out = {}
+    for case in cases:
+        t = _full_tensors(case)
+        kw_ref = dict(case.kwargs)
+        if t["mask"] is not None:
+            kw_ref["attn_mask"] = t["mask"]
+        (ro, rto), rgrads = ref_grads(t["q"], t["k"], t["v"], t["tq"], t["tk"], t["tv"], t["wo"], t["wt"], **kw_ref)
+        lb = case.load_balance
+        shard = lambda x: fkd.shard_sequence(x, group, dim=2, load_balance=lb)  # noqa: E731
+        ro_l, rto_l = shard(ro), shard(rto)
+        rgrads_l = [shard(g) for g in rgrads]
+        wo, wt = shard(t["wo"]), shard(t["wt"])
+        mask = _local_mask(t["mask"], group, lb)
+        for mode in modes:
+            if mode == "ulysses" and (case.q_heads % world or case.kv_heads % world):
+                continue
+            kw = dict(case.kwargs, group=group, mode=mode, load_balance=lb)
+            errors = {}
+            for path in PATHS:
+                leaves = [shard(t[n]).requires_grad_() for n in ("q", "k", "v", "tq", "tk", "tv")]
+                o, to = _cp_jvp(path, *leaves, mask, kw)
+                errors[f"o/{path}"] = rel_err(o, ro_l)
+                errors[f"to/{path}"] = rel_err(to, rto_l)
+                grads = torch.autograd.grad(loss_on_outputs(o, to, wo, wt), leaves)
+                for n, a, b in zip(("dq", "dk", "dv", "dtq", "dtk", "dtv"), grads, rgrads_l):
+                    errors[f"{n}/{path}"] = rel_err(a, b)
+            # primal path: gradients of a loss on O alone, against float64 autograd of the reference
+            leaves = [shard(t[n]).requires_grad_() for n in ("q", "k", "v")]
+            full = [t[n].clone().requires_grad_() for n in ("q", "k", "v")]
+            ref_o = ref_attention(*full, **kw_ref)
+            ref_g = torch.autograd.grad((ref_o * t["wo"]).sum(), full)
+            counts, restore = _count_kernels()
+            try:
+                o = fkd.context_parallel_attention(*leaves, mask, **kw)
+                grads = torch.autograd.grad((o * wo).sum(), leaves)
+            finally:
+                restore()
+            errors["o/primal"] = rel_err(o, shard(ref_o.detach()))
+            for n, a, b in zip(("dq", "dk", "dv"), grads, ref_g):
+                errors[f"{n}/primal"] = rel_err(a, shard(b))
+            errors = _max_over_ranks(errors)  # over all processes (every group runs the same cases)
+            errors["_primal_used_jvp_kernels"] = float(counts.get("attention_jvp_forward", 0)
+                                                       + counts.get("attention_jvp_backward", 0))
+            errors["_primal_forward_calls"] = float(counts.get("attention_forward", 0))
+            out[(case.name, mode)] = errors
+    return out
+
+
+def shard_gather_checks(rank, world):
+    """Round trips and the gradient / tangent of gather_sequence; returns {check: value}."""
+    res = {}
+    g = torch.Generator().manual_seed(5)
+    for L in (world * 2 + 3, 1, world * 4):
+        for lb in (False, True):
+            x = torch.randn(2, L, 3, generator=g, dtype=torch.float64)
+            local = fkd.shard_sequence(x, dim=1, load_balance=lb)
+            n = 2 * world if lb else world
+            chunks = torch.tensor_split(x, n, dim=1)
+            want = torch.cat([chunks[rank], chunks[n - 1 - rank]], 1) if lb else chunks[rank]
+            res[f"shard_L{L}_lb{lb}"] = float(torch.equal(local, want))
+            back = fkd.gather_sequence(local, dim=1, load_balance=lb)
+            res[f"roundtrip_L{L}_lb{lb}"] = float(torch.equal(back, x))
+            # backward of gather = reduce-scatter (sum over ranks): rank-dependent upstream gradient
+            w = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64)
+            local = local.detach().requires_grad_()
+            (gl,) = torch.autograd.grad((fkd.gather_sequence(local, dim=1, load_balance=lb) * w).sum(), local)
+            total = w.clone()
+            dist.all_reduce(total)
+            res[f"gather_grad_L{L}_lb{lb}"] = float(torch.allclose(gl, fkd.shard_sequence(total, dim=1,
+                                                                                     load_balance=lb)))
+            # forward mode through gather: the tangent is gathered as well
+            tx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            _, tout = torch.func.jvp(lambda a: fkd.gather_sequence(a, dim=1, load_balance=lb),
+                                     (fkd.shard_sequence(x, dim=1, load_balance=lb),),
+                                     (fkd.shard_sequence(tx, dim=1, load_balance=lb),))
+            res[f"gather_tangent_L{L}_lb{lb}"] = float(torch.equal(tout, tx))
+    t = torch.tensor([res[k] for k in sorted(res)])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return dict(zip(sorted(res), t.tolist()))
+
+
+def _raises(fn, exc, text):
+    try:
+        fn()
+    except exc as e:
+        return text in str(e)
+    return False
+
+
+def error_checks(rank, world):
+    """Bad input gives a clear error on every rank; {check: passed}."""
+    q = torch.randn(1, 3, 4, 8, dtype=torch.float64)
+    res = {}
+    res["ulysses_heads"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, mode="ulysses"), ValueError,
+                                   "not divisible")
+    res["mode"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, mode="tree"), ValueError, "mode")
+    bad = torch.randn(1, 3, 4 + rank, 8, dtype=torch.float64)  # not a tensor_split sharding
+    res["bad_shards"] = _raises(lambda: fkd.context_parallel_attention(bad, bad, bad), ValueError, "query")
+    m = torch.ones(1, 1, 4, 5, dtype=torch.bool)  # keys must be all 4 * world
+    res["mask_shape"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, m), ValueError, "attn_mask")
+    m = torch.ones(1, 1, 4, 4 * world, dtype=torch.bool)
+    res["mask_causal"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, m, is_causal=True), ValueError,
+                                 "is_causal")
+    res["gqa_flag"] = _raises(lambda: fkd.context_parallel_attention(q, q[:, :1], q[:, :1]), ValueError,
+                              "enable_gqa")
+    res["dim"] = _raises(lambda: fkd.shard_sequence(q, dim=4), ValueError, "dim")
+    from flowmap_kernels.nn import dit_tiny
+    res["switch_needs_dit"] = _raises(lambda: fkd.context_parallel(torch.nn.Linear(2, 2)), ValueError, "DiT")
+    res["switch_ulysses_heads"] = _raises(lambda: fkd.context_parallel(dit_tiny(hidden_size=48, num_heads=3),
+                                                                      mode="ulysses"), ValueError, "num_heads")
+    res["switch_mode"] = _raises(lambda: fkd.context_parallel(dit_tiny(), mode="rings"), ValueError, "mode")
+    res["not_a_tensor"] = _raises(lambda: fkd.context_parallel_attention(q, [1.0], q), TypeError, "key")
+    res["tangent_shape"] = _raises(lambda: fkd.context_parallel_attention_jvp(q, q, q, q[..., :4], None, None),
+                                   ValueError, "tangent of query")
+    res["float_mask_dtype"] = _raises(lambda: fkd.context_parallel_attention(
+        q, q, q, torch.zeros(1, 1, 4, 4 * world, dtype=torch.float32)), ValueError, "attn_mask")
+    return res
+
+
+def dit_checks(rank, world, configs):
+    """DiT with context parallelism against the single-process model, float64: output, tangent
+    (torch.func.jvp along (v, 0, 1)) and gradients of a loss on both (averaged over the group).
+    configs: (mode, load_balance, checkpoint_blocks) triples."""
+    from flowmap_kernels.nn import dit_tiny
+    from tests.reference import rel_err as rerr
+
+    out = {}
+    for mode, lb, ckpt in configs:
+        torch.manual_seed(0)
+        model = dit_tiny(hidden_size=32, num_heads=4, depth=2, input_size=10, patch_size=2,
+                         checkpoint_blocks=ckpt).double()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+        x = torch.randn(2, 1, 10, 10, generator=g, dtype=torch.float64)
+        s, t = torch.rand(2, generator=g, dtype=torch.float64), torch.rand(2, generator=g, dtype=torch.float64)
+        y = torch.tensor([3, 7])
+        tx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            xx = x.clone().requires_grad_()
+            v, tv = torch.func.jvp(lambda a, b, c: model(a, b, c, y), (xx, s, t),
+                                   (tx, torch.zeros_like(s), torch.ones_like(t)))
+            loss = (v * tv).sum() + 0.5 * (tv ** 2).sum()
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters()] + [xx.grad.clone()]
+            return v.detach(), tv.detach(), grads
+
+        v0, tv0, g0 = run()
+        with fkd.context_parallel(model, None, mode=mode, load_balance=lb):
+            v1, tv1, g1 = run()
+        for gr in g1:
+            dist.all_reduce(gr)
+            gr /= world
+        errs = {"v": rerr(v1, v0), "tv": rerr(tv1, tv0), "grads": max(rerr(a, b) for a, b in zip(g1, g0))}
+        errs["switched_off"] = float(model.blocks[0].attn.context_parallel_config is None)
+        out[(mode, lb, ckpt)] = _max_over_ranks(errs)
+    return out
+
+
+def ring_jvp_rule_check(rank, world):
+    """The primal ring Function's own forward-mode rule (used when a forward-mode level is invisible to
+    ``context_parallel_attention``'s dual unpacking): tangent and gradients through it vs the reference."""
+    from flowmap_kernels.distributed.attention import ring_spec
+    from flowmap_kernels.distributed.ring import RingAttentionFunction
+
+    case = CPCase(causal=True, load_balance=True, q_len=11, kv_len=11, batch=1, q_heads=2, kv_heads=2)
+    t = _full_tensors(case)
+    (ro, rto), rgrads = ref_grads(t["q"], t["k"], t["v"], t["tq"], t["tk"], t["tv"], t["wo"], t["wt"], is_causal=True)
+    shard = lambda x: fkd.shard_sequence(x, None, dim=2, load_balance=True)  # noqa: E731
+    leaves = [shard(t[n]).requires_grad_() for n in ("q", "k", "v", "tq", "tk", "tv")]
+    spec, mask = ring_spec(*leaves[:3], is_causal=True, load_balance=True)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(x, tx) for x, tx in zip(leaves[:3], leaves[3:])]
+        o, _ = RingAttentionFunction.apply(*duals, mask, spec)
+        o, to = fwAD.unpack_dual(o)
+    errors = {"o": rel_err(o, shard(ro)), "to": rel_err(to, shard(rto))}
+    grads = torch.autograd.grad(loss_on_outputs(o, to, shard(t["wo"]), shard(t["wt"])), leaves)
+    for n, a, b in zip(("dq", "dk", "dv", "dtq", "dtk", "dtv"), grads, rgrads):
+        errors[n] = rel_err(a, shard(b))
+    return _max_over_ranks(errors)
+
+
+def subgroup_cases(rank, world, cases):
+    """attention_cases on two process groups of world/2 ranks each, run side by side."""
+    half = world // 2
+    groups = [dist.new_group(list(range(half))), dist.new_group(list(range(half, world)))]
+    return attention_cases(rank % half, half, cases, group=groups[rank // half])
+
+
+def functional_grad_check(rank, world):
+    """torch.func.grad of a loss on torch.func.jvp of the context-parallel attention (pure function
+    transforms, no .backward), ring and Ulysses, against the reference gradient for q."""
+    case = CPCase(causal=True, q_len=9, kv_len=9, batch=1, q_heads=2, kv_heads=2)
+    t = _full_tensors(case)
+    (_, _), rgrads = ref_grads(t["q"], t["k"], t["v"], t["tq"], t["tk"], t["tv"], t["wo"], t["wt"], is_causal=True)
+    shard = lambda x: fkd.shard_sequence(x, None, dim=2)  # noqa: E731
+    q, k, v, tq, tk, tv, wo, wt = (shard(t[n]) for n in ("q", "k", "v", "tq", "tk", "tv", "wo", "wt"))
+    errors = {}
+    for mode in ("ring", "ulysses"):
+        def loss(q_):
+            o, to = torch.func.jvp(lambda a, b, c: fkd.context_parallel_attention(a, b, c, is_causal=True, mode=mode),
+                                   (q_, k, v), (tq, tk, tv))
+            return loss_on_outputs(o, to, wo, wt)
+        errors[mode] = rel_err(torch.func.grad(loss)(q), shard(rgrads[0]))
+    return _max_over_ranks(errors)
