@@ -22,17 +22,54 @@ Interface of every module in METHODS:
     NAME           registry name
     NOMINAL_FPE    cost per iteration in forward-pass equivalents of the nominal model (docs/math.md section 4)
     CALLS          the call structure (F forward, B backward, J forward+JVP, BJ backward through a JVP)
-    DEFAULTS       the method's hyper-parameters (time sampling, weighting, ratio of s != t, ...)
+    DEFAULTS       the method's hyper-parameters (time sampling, weighting, ratio of s != t, ...); every
+                   method takes ``cfg_dropout`` (label dropout to the model's null class for
+                   classifier-free guidance, 0 = off)
     TEACHER        None, "self" (stop-gradient copy of the current weights) or "ema" (the trainer passes
                    its EMA model as cfg teacher=...); the loss falls back to "self" when teacher is None
     SAMPLER        "flowmap" (jump with V(x, s, t)), "euler" (V(x, t, t)) or "consistency" (jump to t = 0
                    and re-noise)
+    GUIDANCE       (optional) how sampling applies a guidance scale: "cfg" (default: the standard
+                   combination V_null + omega (V_c - V_null), two forwards), "input" (iMF: the scale is
+                   a model input, w=omega) or "scaled_input" (TVM: input, and the output times omega)
+    prepare_model  (optional, sCM) prepare_model(model, cfg) -> the module to train (see prepare_model)
 """
 from __future__ import annotations
 
 from . import esd, fm, imf, lsd, meanflow, psd, scm, shortcut, tvm
 
 METHODS = {m.NAME: m for m in (fm, meanflow, imf, tvm, scm, lsd, esd, shortcut, psd)}
+
+
+def guidance_input_dim(method, cfg=None, model_kind: str = "mlp") -> int:
+    """How many guidance inputs (model(..., w=)) ``method`` with config ``cfg`` needs from the network: iMF
+    with cfg_omega_max > 0: 3 for the MLP (scale and interval), 1 for the DiT (scale); TVM with a guidance
+    scale (cfg_scale != 1 or cfg_scale_range): 1; else 0. For building the network (MLPFlowMap /
+    nn.DiT guidance_dim)."""
+    c = {**method.DEFAULTS, **dict(cfg or {})}
+    if method.NAME == "imf" and c.get("cfg_omega_max", 0) > 0:
+        return 3 if model_kind == "mlp" else 1
+    if method.NAME == "tvm" and (c.get("cfg_scale", 1.0) != 1.0 or c.get("cfg_scale_range") is not None):
+        return 1
+    return 0
+
+
+def uses_null_class(method, cfg=None) -> bool:
+    """Whether training ``method`` with ``cfg`` on labelled data needs the model's null class: label dropout
+    (cfg_dropout > 0) or a guided target (MeanFlow cfg_scale != 1 or cfg_kappa != 0, iMF / TVM guidance
+    inputs). For building the network (MLPFlowMap null_class)."""
+    c = {**method.DEFAULTS, **dict(cfg or {})}
+    if c.get("cfg_dropout", 0) > 0 or guidance_input_dim(method, cfg) > 0:
+        return True
+    return method.NAME == "meanflow" and (c.get("cfg_scale", 1.0) != 1.0 or c.get("cfg_kappa", 0.0) != 0.0)
+
+
+def prepare_model(method, model, cfg=None):
+    """The network as ``method`` with config ``cfg`` trains it: the module's prepare_model when it has
+    one (sCM: TrigFlow wrapper, learned loss weighting), else ``model`` itself. Call after building the
+    network, before the optimizer and the EMA copy."""
+    prep = getattr(method, "prepare_model", None)
+    return model if prep is None else prep(model, cfg)
 
 
 def get_method(name: str):
@@ -42,4 +79,4 @@ def get_method(name: str):
     return METHODS[name]
 
 
-__all__ = ["METHODS", "get_method"]
+__all__ = ["METHODS", "get_method", "prepare_model", "guidance_input_dim", "uses_null_class"]

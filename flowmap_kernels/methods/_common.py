@@ -7,7 +7,8 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["merge_cfg", "bcast", "sample_times", "sample_pair", "interpolate", "velocity", "model_fn", "jvp",
-           "sq_err", "adaptive_weight", "detached_logs"]
+           "sq_err", "adaptive_weight", "detached_logs", "null_label", "drop_labels", "guidance_dim",
+           "sample_guidance_scale", "sample_gap_pair"]
 
 
 def merge_cfg(defaults: dict, cfg: dict, method: str) -> dict:
@@ -57,7 +58,7 @@ def interpolate(x0, eps, s):
 VELOCITIES = ("conditional", "batch")
 
 
-def velocity(kind: str, s, x0, eps, cond=None) -> torch.Tensor:
+def velocity(kind: str, s, x0, eps, cond=None, free=None) -> torch.Tensor:
     """The velocity at x_s = (1 - s) x0 + s eps that a target uses: 'conditional' eps - x0, or 'batch'
     the marginal velocity of the minibatch's empirical data distribution,
 
@@ -68,7 +69,9 @@ def velocity(kind: str, s, x0, eps, cond=None) -> torch.Tensor:
     E[eps - x0 | x_s], self-normalised (consistent as the batch grows); at s -> 0 it is eps - x0. Written as
     (eps_i - x0_i) + sum_j w_ij (x0_i - x0_j) / s_i so that the j = i term is exact; the logits drop the
     j-independent ||eps_i||^2 / 2. Cost O(B^2 D) (two (B, B) products), computed in float32 or wider.
-    Returns a detached tensor for 'batch' (it is a target), in x0's dtype; x0, eps (B, ...), s (B,)."""
+    Returns a detached tensor for 'batch' (it is a target), in x0's dtype; x0, eps (B, ...), s (B,).
+    ``free`` (B,) bool: rows whose label was dropped (classifier-free guidance) average over the whole
+    batch (the unconditional posterior); the other rows over the rows of their own label in ``cond``."""
     v = eps - x0
     if kind == "conditional":
         return v
@@ -84,29 +87,65 @@ def velocity(kind: str, s, x0, eps, cond=None) -> torch.Tensor:
         cross = (ef * x0f).sum(1, keepdim=True) - ef @ x0f.T  # eps_i . (x0_i - x0_j)
         logits = -((1 - sc) / sc) * cross - ((1 - sc) / sc).pow(2) / 2 * dist
         if cond is not None:
-            logits = logits.masked_fill(cond.reshape(b, 1) != cond.reshape(1, b), float("-inf"))
+            other = cond.reshape(b, 1) != cond.reshape(1, b)
+            if free is not None:
+                other = other & ~free.reshape(b, 1)
+            logits = logits.masked_fill(other, float("-inf"))
         w = torch.softmax(logits, dim=1)
         shift = (x0f - w @ x0f) / sc
         return v.detach() + shift.reshape(x0.shape).to(v.dtype)
 
 
-def model_fn(model, cond) -> Callable:
-    return lambda x, s, t: model(x, s, t, y=cond)
+def call(model, x, s, t, cond=None, w=None):
+    """model(x, s, t, y=cond), with the guidance input w=... only when w is given (models without a
+    guidance input never see the keyword)."""
+    return model(x, s, t, y=cond) if w is None else model(x, s, t, y=cond, w=w)
 
 
-def jvp(model, cond, primals, tangents):
-    """(V, dV) = torch.func.jvp of (x, s, t) -> model(x, s, t, y=cond) along ``tangents`` (same shapes).
+def model_fn(model, cond, w=None) -> Callable:
+    return lambda x, s, t: call(model, x, s, t, cond, w)
 
-    torch.func.jvp runs the package attention's forward-mode rule; both outputs stay in the autograd
-    graph (differentiable w.r.t. the parameters), so callers that want a stop-gradient detach.
+
+def jvp(model, cond, primals, tangents, w=None):
+    """(V, dV) = the JVP of (x, s, t) -> model(x, s, t, y=cond) along ``tangents`` (same shapes).
+
+    By ``flowmap_kernels.func.jvp``: the model's dual form (``forward_jvp``: explicit-tangent fused ops, no
+    forward-mode AD, so a torch.compile'd step keeps the fused kernels) when it has one, torch.func.jvp
+    otherwise (same results). Both outputs stay in the autograd graph (differentiable w.r.t. the
+    parameters), so callers that want a stop-gradient detach.
     """
-    return torch.func.jvp(model_fn(model, cond), tuple(primals), tuple(tangents))
+    from ..func import bind, jvp as _jvp
+    f = bind(model, y=cond) if w is None else bind(model, y=cond, w=w)  # as call(): w only when given
+    return _jvp(f, tuple(primals), tuple(tangents))
 
 
 def sq_err(a, b=None):
     """Per-sample mean over non-batch dims of (a - b)^2 -> (B,)."""
     d = a if b is None else a - b
     return d.pow(2).reshape(d.shape[0], math.prod(d.shape[1:])).mean(1)
+
+
+def sq_err_sum(a, b=None):
+    """Per-sample sum over non-batch dims of (a - b)^2 -> (B,)."""
+    d = a if b is None else a - b
+    return d.pow(2).reshape(d.shape[0], math.prod(d.shape[1:])).sum(1)
+
+
+REDUCTIONS = ("sum", "mean")
+
+
+def weighted_err(pred, target, p: float, c: float, reduce: str):
+    """(adaptively weighted per-sample loss, per-sample mean square error), both (B,).
+
+    reduce="sum" (MeanFlow's and iMF's published code): err = sum over the sample's dims of the squared
+    error, loss = sg[1 / (err + c)^p] * err; reduce="mean": the same with the per-dimension mean. The
+    two differ in scale by the sample size D: on 32x32x4 latents (D = 4096) c = 1e-3 on the sum is
+    c ~ 4 on the mean, so the choice matters whenever c is not negligible."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"adaptive_reduce: expected one of {list(REDUCTIONS)}, got {reduce!r}")
+    mse = sq_err(pred, target)
+    err = mse if reduce == "mean" else sq_err_sum(pred, target)
+    return adaptive_weight(err, p, c) * err, mse
 
 
 def adaptive_weight(err: torch.Tensor, p: float, c: float) -> torch.Tensor:
@@ -129,3 +168,78 @@ def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> 
 def self_or_teacher(model, teacher):
     """The network evaluated under stop-gradient: the given teacher (e.g. EMA weights) or the model."""
     return model if teacher is None else teacher
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classifier-free guidance: label dropout, the null class, guidance as a model input
+# ---------------------------------------------------------------------------------------------------
+
+def null_label(model, key: str = "cfg_dropout") -> int:
+    """The null-class label of a class-conditional model: ``model.null_label`` (MLPFlowMap built with
+    null_class=True) or, for flowmap_kernels.nn.DiT (whose LabelEmbedder keeps a row for it),
+    ``model.num_classes``. ValueError naming ``key`` (the setting that needs it) when the model has none."""
+    lab = getattr(model, "null_label", None)
+    if lab is None:
+        emb = getattr(model, "y_embedder", None)
+        n = getattr(emb, "num_classes", -1)
+        if emb is not None and hasattr(emb, "table") and emb.table.num_embeddings == n + 1:
+            lab = emb.num_classes
+    if lab is None:
+        raise ValueError(f"{key}: classifier-free guidance needs a model with a null class (labels "
+                         "num_classes): MLPFlowMap(..., null_class=True) or flowmap_kernels.nn.DiT; "
+                         f"{type(model).__name__} has none")
+    return int(lab)
+
+
+def drop_labels(model, cond, p: float, generator=None):
+    """Label dropout of classifier-free guidance (Ho & Salimans, arXiv:2207.12598): each label is
+    replaced by the model's null class with probability p. Returns (labels, dropped mask or None).
+    Draws one uniform per example from ``generator`` only when p > 0 and labels are given (p = 0 draws
+    nothing: runs without CFG keep their random streams)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"cfg_dropout: expected a probability in [0, 1], got {p!r}")
+    if cond is None or p == 0:
+        return cond, None
+    null = null_label(model)
+    drop = torch.rand(cond.shape[0], device=cond.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(cond, null), cond), drop
+
+
+def guidance_dim(model) -> int:
+    """How many guidance inputs the model takes through model(..., w=): ``model.guidance_dim`` (0: none)."""
+    return int(getattr(model, "guidance_dim", 0) or 0)
+
+
+def require_guidance_input(model, key: str) -> int:
+    d = guidance_dim(model)
+    if d < 1:
+        raise ValueError(f"{key}: guidance as a model input needs a model that takes w= (MLPFlowMap(..., "
+                         f"guidance_dim=1 or 3) or nn.DiT(..., guidance_dim=1)); {type(model).__name__} has none")
+    return d
+
+
+def sample_guidance_scale(n: int, omega_max: float, beta: float, *, device=None, dtype=torch.float32,
+                          generator=None) -> torch.Tensor:
+    """iMF's per-example guidance scales (arXiv:2512.02012): omega in [1, 1 + omega_max] with density
+    proportional to omega^-beta (beta = 1: log-uniform), by inverting the CDF of one uniform draw."""
+    if not omega_max >= 0:
+        raise ValueError(f"cfg_omega_max: expected a number >= 0, got {omega_max!r}")
+    u = torch.rand(n, device=device, dtype=dtype, generator=generator)
+    top = math.log1p(omega_max)
+    if beta == 1.0:
+        return torch.exp(u * top)
+    base = math.expm1((1.0 - beta) * top)
+    return torch.exp(torch.log1p(u * base) / (1.0 - beta))
+
+
+def sample_gap_pair(n: int, c: dict, *, device=None, dtype=torch.float32, generator=None):
+    """TVM's time pairs (arXiv:2511.19797, its released loss): the gap s - t = sigmoid(N(gap_mu,
+    gap_sigma^2)), the target t from logit-normal(time_mu, time_sigma) truncated to t <= 1 - gap
+    (inverse-CDF sampling of the truncated normal in logit space), source s = min(t + gap, 1).
+    Draws: one normal (gap), then one uniform (truncated target). Returns (s, t) with s >= t."""
+    gap = torch.sigmoid(c["gap_mu"] + c["gap_sigma"] * torch.randn(n, device=device, dtype=dtype, generator=generator))
+    hi = torch.logit(1 - gap)  # the largest target time, in logit space
+    cdf_hi = torch.special.ndtr((hi - c["time_mu"]) / c["time_sigma"])
+    u = torch.rand(n, device=device, dtype=dtype, generator=generator) * cdf_hi
+    t = torch.sigmoid(c["time_mu"] + c["time_sigma"] * torch.special.ndtri(u))
+    return (t + gap).clamp(max=1.0), t

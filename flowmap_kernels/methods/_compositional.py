@@ -10,7 +10,7 @@ uses the instantaneous velocity, a1 = s, a2 = u) and the weight w = (s - u) / (s
 
 V_sg: the teacher (EMA weights) or the current weights under torch.no_grad. Both terms run in one forward
 over the concatenated batch; a fraction sc_fraction of the batch gets the consistency term, the rest
-flow matching with r ~ uniform(0, 1).
+flow matching with r ~ uniform(0, 1). ``cfg_dropout``: label dropout (null class), drawn first.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ._common import bcast, detached_logs, interpolate, randn_like, self_or_teacher, sq_err
+from ._common import bcast, detached_logs, drop_labels, interpolate, randn_like, self_or_teacher, sq_err
 
 
 def compositional_loss(model, x0, cond, c: dict, sample_hops: Callable):
@@ -29,6 +29,7 @@ def compositional_loss(model, x0, cond, c: dict, sample_hops: Callable):
     if not 0 <= nsc <= b:
         raise ValueError(f"sc_fraction: expected a fraction in [0, 1], got {c['sc_fraction']}")
     kw = dict(device=x0.device, dtype=x0.dtype)
+    cond, _ = drop_labels(model, cond, c["cfg_dropout"], g)
     eps = randn_like(x0, g)
     r = torch.rand(b - nsc, generator=g, **kw)
     s_sc, u, t_sc, a1, a2, w = sample_hops(nsc, g, **kw)

@@ -13,12 +13,15 @@ JVP along (v_hat, 0, 0) runs under torch.no_grad (stop-gradient). spatial_sg=Fal
 JVP along (v_hat, 1, 0) and backpropagates through all of it (no stop-gradient on the spatial part;
 the call structure the nominal 10 FPE counts).
 Times: (s, t) two uniform draws sorted, s >= t, all off the diagonal; r uniform. Unweighted MSE.
+``cfg_dropout``: label dropout for classifier-free guidance (labels replaced by the model's null class
+with that probability, drawn before anything else; arXiv:2207.12598); sample with sampling's standard
+CFG combination (sampling.sample(..., guidance_scale=omega)).
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import (bcast, detached_logs, interpolate, jvp, merge_cfg, randn_like, sample_pair,
+from ._common import (bcast, detached_logs, drop_labels, interpolate, jvp, merge_cfg, randn_like, sample_pair,
                       sample_times, self_or_teacher, sq_err)
 
 NAME = "esd"
@@ -29,13 +32,15 @@ TEACHER = "self"
 SAMPLER = "flowmap"
 DEFAULTS = {"time_dist": "uniform", "time_mu": 0.0, "time_sigma": 1.0, "ratio_neq": 1.0,
             "fm_time_dist": "uniform", "fm_time_mu": 0.0, "fm_time_sigma": 1.0,
-            "eul_weight": 1.0, "fm_weight": 1.0, "spatial_sg": True, "teacher": None, "generator": None}
+            "eul_weight": 1.0, "fm_weight": 1.0, "spatial_sg": True, "cfg_dropout": 0.0, "teacher": None,
+            "generator": None}
 
 
 def loss(model, x0, *, cond=None, **cfg):
     c = merge_cfg(DEFAULTS, cfg, NAME)
     g = c["generator"]
     b = x0.shape[0]
+    cond, _ = drop_labels(model, cond, c["cfg_dropout"], g)
     eps = randn_like(x0, g)
     s, t = sample_pair(b, c, device=x0.device, dtype=x0.dtype, generator=g)
     xs, _ = interpolate(x0, eps, s)

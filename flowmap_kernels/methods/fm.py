@@ -6,22 +6,26 @@ No stop-gradient, no JVP. Time t ~ logit-normal(mu, sigma) (Esser et al. 2024; t
 every self-distillation method of arXiv:2505.18825) or uniform. Unweighted mean square error (mean over the
 non-batch dims). Sampled with Euler steps on V(x, t, t) from t = 1 to t = 0.
 Source: Lipman et al., arXiv:2210.02747 (flow matching objective).
+``cfg_dropout``: label dropout for classifier-free guidance (labels replaced by the model's null class
+with that probability, drawn before anything else; arXiv:2207.12598); sample with sampling's standard
+CFG combination (sampling.sample(..., guidance_scale=omega)).
 """
 from __future__ import annotations
 
-from ._common import detached_logs, interpolate, merge_cfg, randn_like, sample_times, sq_err
+from ._common import detached_logs, drop_labels, interpolate, merge_cfg, randn_like, sample_times, sq_err
 
 NAME = "fm"
 NOMINAL_FPE = 3
 CALLS = "F + B"
 TEACHER = None
 SAMPLER = "euler"
-DEFAULTS = {"time_dist": "logit_normal", "time_mu": 0.0, "time_sigma": 1.0, "generator": None}
+DEFAULTS = {"time_dist": "logit_normal", "time_mu": 0.0, "time_sigma": 1.0, "cfg_dropout": 0.0, "generator": None}
 
 
 def loss(model, x0, *, cond=None, **cfg):
     c = merge_cfg(DEFAULTS, cfg, NAME)
     g = c["generator"]
+    cond, _ = drop_labels(model, cond, c["cfg_dropout"], g)
     eps = randn_like(x0, g)
     t = sample_times(x0.shape[0], c["time_dist"], c["time_mu"], c["time_sigma"], device=x0.device,
                      dtype=x0.dtype, generator=g)

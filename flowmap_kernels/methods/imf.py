@@ -14,40 +14,103 @@ torch.func.jvp along (x, s, t) -> (v_hat, 1, 0); its tangent is detached (stop-g
 keeps its graph (it is V), so the backward runs through the primal only. v_hat is one extra forward
 under torch.no_grad. At s = t the loss is plain flow matching on V(x, s, s).
 
-Weighting: plain mean square error by default (adaptive_p = 0; MeanFlow's adaptive weight available).
+Weighting: iMF keeps MeanFlow's adaptive weight with power p = 1 (``adaptive_p``), c = 1e-3, on the
+per-sample sum of squared errors (``adaptive_reduce="sum"``; "mean" = per-dimension mean, the 2D preset
+uses p = 0 with "mean", the plain MSE this module trained with before).
 ``velocity="batch"``: the regression target eps - x0 becomes the minibatch's marginal velocity
 (_common.velocity, as MeanFlow's option; on checkerboard it did not help iMF: one-step SWD 0.084 -> 0.118).
 Times: as MeanFlow (logit-normal(-0.4, 1.0) pairs, s >= t, ratio_neq of pairs with t != s).
+Guidance as conditioning (iMF, arXiv:2512.02012, section 4; off by default): ``cfg_dropout`` replaces
+labels by the null class (paper 0.1); ``cfg_omega_max`` > 0 samples a guidance scale per example,
+omega in [1, 1 + cfg_omega_max] with density ~ omega^-cfg_beta (cfg_beta = 1: log-uniform), and feeds it
+to the model as an input (model(..., w=omega); needs a model with ``guidance_dim``, e.g.
+MLPFlowMap(guidance_dim=1 or 3)). With guidance_dim = 3 the guidance interval is an input too: t_min ~
+U(0, 1/2), t_max ~ U(1/2, 1) per example (diagonal pairs: [0, 1]), w = [omega, t_min, t_max]; with
+guidance_dim = 1 the interval is the fixed ``cfg_interval``. The regression target becomes the guided
+velocity built from the model's own velocities (no_grad; omega_e = omega inside the interval, else 1):
+
+    v_c = V(x_s, s, s | c, omega_e),   v_u = V(x_s, s, s | null, 1)
+    v_g = v + (1 - 1 / omega_e) (v_c - v_u)
+
+and v_c is also the JVP tangent v_hat (the conditional guided velocity is what the model transports);
+dropped-label examples get omega = 1 and v_g = v. (The model's guided output v_c estimates
+omega v_cond + (1 - omega) v_u, so v_g estimates the same field with the data's conditional velocity
+in place of the model's: omega (eps - x0) + (1 - omega) v_u in expectation.) Sampling: pass the scale
+to the model (sampling.sample(..., guidance_scale=omega)), one forward per step.
+Random draws in order: label dropout (only when cfg_dropout > 0 and labels given), noise, times, then
+(guidance on) the scales and (guidance_dim = 3) the interval ends t_min, t_max.
+Not implemented: iMF's auxiliary velocity head (v_hat from a second head of the same forward instead of
+an extra no-grad forward) and its in-context (token) conditioning.
 Source: Geng et al., arXiv:2512.02012; cost model docs/math.md section 4 (F + J + B = 5 FPE).
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import (adaptive_weight, bcast, detached_logs, interpolate, jvp, merge_cfg, randn_like,
-                      sample_pair, sq_err, velocity)
+from ._common import (bcast, call, detached_logs, drop_labels, interpolate, jvp, merge_cfg, null_label, randn_like,
+                      require_guidance_input, sample_guidance_scale, sample_pair, velocity, weighted_err)
 
 NAME = "imf"
 NOMINAL_FPE = 5
 CALLS = "F (no grad, v_hat = V(x,s,s)) + J (primal is the prediction) + B through the primal"
 TEACHER = None
 SAMPLER = "flowmap"
+GUIDANCE = "input"
 DEFAULTS = {"time_dist": "logit_normal", "time_mu": -0.4, "time_sigma": 1.0, "ratio_neq": 0.5,
-            "adaptive_p": 0.0, "adaptive_c": 1e-3, "velocity": "conditional", "generator": None}
+            "adaptive_p": 1.0, "adaptive_c": 1e-3, "adaptive_reduce": "sum", "velocity": "conditional",
+            "cfg_dropout": 0.0, "cfg_omega_max": 0.0, "cfg_beta": 1.0, "cfg_interval": [0.0, 1.0],
+            "generator": None}
+
+
+def guidance_inputs(model, s, t, dropped, c, g):
+    """(w the model input (B,) or (B, 3), omega_e the scale in effect at s (B,)) for iMF's guidance."""
+    k = require_guidance_input(model, "cfg_omega_max")
+    b = s.shape[0]
+    omega = sample_guidance_scale(b, c["cfg_omega_max"], c["cfg_beta"], device=s.device, dtype=s.dtype, generator=g)
+    if dropped is not None:
+        omega = torch.where(dropped, torch.ones_like(omega), omega)
+    if k == 3:
+        diag = s == t
+        kw = dict(device=s.device, dtype=s.dtype, generator=g)
+        lo = torch.where(diag, torch.zeros_like(s), 0.5 * torch.rand(b, **kw))
+        hi = torch.where(diag, torch.ones_like(s), 0.5 + 0.5 * torch.rand(b, **kw))
+        w = torch.stack([omega, lo, hi], 1)
+    else:
+        lo_f, hi_f = c["cfg_interval"]
+        if not 0.0 <= lo_f <= hi_f <= 1.0:
+            raise ValueError(f"cfg_interval: expected [lo, hi] with 0 <= lo <= hi <= 1, got {c['cfg_interval']!r}")
+        lo, hi = torch.full_like(s, lo_f), torch.full_like(s, hi_f)
+        w = omega
+    inside = (s >= lo) & (s <= hi)
+    return w, torch.where(inside, omega, torch.ones_like(omega))
 
 
 def loss(model, x0, *, cond=None, **cfg):
     c = merge_cfg(DEFAULTS, cfg, NAME)
     g = c["generator"]
+    cond_in, dropped = drop_labels(model, cond, c["cfg_dropout"], g)
     eps = randn_like(x0, g)
     s, t = sample_pair(x0.shape[0], c, device=x0.device, dtype=x0.dtype, generator=g)
     xs, _ = interpolate(x0, eps, s)
-    v = velocity(c["velocity"], s, x0, eps, cond)
-    with torch.no_grad():
-        v_hat = model(xs, s, s, y=cond)
-    V, dV = jvp(model, cond, (xs, s, t), (v_hat, torch.ones_like(s), torch.zeros_like(t)))
+    v = velocity(c["velocity"], s, x0, eps, cond, free=dropped)
+    w = None
+    if cond is not None and c["cfg_omega_max"] > 0:
+        w, omega_e = guidance_inputs(model, s, t, dropped, c, g)
+        # the model input: omega where guidance applies (the interval is an input when guidance_dim = 3)
+        w_in = w if w.dim() == 2 else omega_e
+        with torch.no_grad():
+            v_hat = call(model, xs, s, s, cond_in, w_in)  # v_c, the guided conditional velocity
+            w_one = torch.ones_like(w_in)  # omega = 1 (and, guidance_dim = 3, the interval [0, 1])
+            if w_in.dim() == 2:
+                w_one[:, 1] = 0.0
+            v_u = call(model, xs, s, s, torch.full_like(cond, null_label(model, "cfg_omega_max")), w_one)
+            v = v + bcast(1 - 1 / omega_e, v) * (v_hat - v_u)
+        w = w_in
+    else:
+        with torch.no_grad():
+            v_hat = model(xs, s, s, y=cond_in)
+    V, dV = jvp(model, cond_in, (xs, s, t), (v_hat, torch.ones_like(s), torch.zeros_like(t)), w=w)
     W = V - bcast(t - s, x0) * dV.detach()
-    err = sq_err(W, v)
-    w = adaptive_weight(err, c["adaptive_p"], c["adaptive_c"])
-    lo = (w * err).mean()
+    werr, err = weighted_err(W, v, c["adaptive_p"], c["adaptive_c"], c["adaptive_reduce"])
+    lo = werr.mean()
     return lo, detached_logs(loss=lo, mse=err.mean())

@@ -10,6 +10,8 @@ a self-teacher, TEACHER = "self"; no EMA) and the defaults. The derivative term 
 the loss backpropagates through the torch.func.jvp along (0, 0, 1).
 Times: (s, t) two uniform draws sorted (s >= t, all off the diagonal); r uniform. Unweighted MSE.
 Cost: J + BJ + stopped self-teacher F + flow-matching F + B = 10 FPE.
+``cfg_dropout``: label dropout for classifier-free guidance (labels replaced by the model's null class
+with that probability, drawn first; arXiv:2207.12598); sample with sampling's standard CFG combination.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ SAMPLER = "flowmap"
 DEFAULTS = {"time_dist": "uniform", "time_mu": 0.0, "time_sigma": 1.0, "ratio_neq": 1.0,
             "fm_time_dist": "uniform", "fm_time_mu": 0.0, "fm_time_sigma": 1.0,
             "lag_weight": 1.0, "fm_weight": 1.0, "adaptive_p": 0.0, "adaptive_c": 1e-3,
-            "teacher": None, "generator": None}
+            "cfg_dropout": 0.0, "teacher": None, "generator": None}
 
 
 def loss(model, x0, *, cond=None, **cfg):

@@ -20,9 +20,26 @@ prediction V(x_s, s, t): it keeps its autograd graph, the tangent is detached, s
 through the primal only and never through the JVP (J + B = 4 FPE, not J + BJ). (The tangent's graph
 is recorded during the forward and freed when the detached tangent goes out of scope.)
 
-Weighting: adaptive sg[w] = 1 / (||Delta||^2 + c)^p with ||Delta||^2 the per-sample mean square error
-(MeanFlow: p = 1, c = 1e-3). Times: s, t two logit-normal(-0.4, 1.0) draws sorted (s >= t); a
-fraction 1 - ratio_neq of the pairs gets t = s (MeanFlow's best ImageNet setting: 25% with r != t).
+Weighting: adaptive sg[w] = 1 / (||Delta||^2 + c)^p, loss w ||Delta||^2, with ||Delta||^2 the
+per-sample SUM of squared errors (``adaptive_reduce="sum"``, MeanFlow's published code; p = 1, c = 1e-3)
+or, with ``adaptive_reduce="mean"``, the per-dimension mean (the 2D preset: on D-dimensional samples c on
+the mean is c * D on the sum, e.g. c = 1e-3 on 32x32x4 latents would act like c ~ 4).
+Times: s, t two logit-normal(-0.4, 1.0) draws sorted (s >= t); a fraction 1 - ratio_neq of the pairs gets
+t = s (MeanFlow's best ImageNet setting: 25% with r != t).
+
+Classifier-free guidance (MeanFlow, arXiv:2505.13447, section 4.2 and its improved-CFG appendix), off by
+default: ``cfg_dropout`` replaces labels by the model's null class with that probability (the paper: 0.1);
+``cfg_scale`` omega != 1 or ``cfg_kappa`` != 0 trains the guided field directly: the velocity v (JVP
+tangent and target) becomes
+
+    v_g = omega v + kappa sg[V(x_s, s, s | c)] + (1 - omega - kappa) sg[V(x_s, s, s | null)]
+
+(the paper's u^cfg(z_t, t, t) is our V(x_s, s, s), its instantaneous velocity; effective guidance scale
+omega / (1 - kappa); kappa = 0 is v_g = omega (eps - x0) + (1 - omega) u_uncond), for conditional
+examples whose source time s lies in ``cfg_interval`` [lo, hi] (the paper's guidance interval on its t =
+our s); dropped-label examples and times outside keep v. The two (one when kappa = 0) extra forwards
+run under no_grad. One-step sampling of such a model needs no guidance at test time.
+Random draws in order: label dropout (only when cfg_dropout > 0 and labels are given), noise, times.
 Source: Geng et al., arXiv:2505.13447 (MeanFlow; f, dfdt = jvp(f_theta, (xt, s, t), (v, 0, 1)) in its own
 convention).
 """
@@ -30,8 +47,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (adaptive_weight, bcast, detached_logs, interpolate, jvp, merge_cfg, randn_like,
-                      sample_pair, sq_err, velocity)
+from ._common import (bcast, detached_logs, drop_labels, interpolate, jvp, merge_cfg, null_label, randn_like,
+                      sample_pair, velocity, weighted_err)
 
 NAME = "meanflow"
 NOMINAL_FPE = 4
@@ -39,20 +56,40 @@ CALLS = "J (primal is the prediction) + B through the primal; tangent detached"
 TEACHER = None
 SAMPLER = "flowmap"
 DEFAULTS = {"time_dist": "logit_normal", "time_mu": -0.4, "time_sigma": 1.0, "ratio_neq": 0.25,
-            "adaptive_p": 1.0, "adaptive_c": 1e-3, "velocity": "conditional", "generator": None}
+            "adaptive_p": 1.0, "adaptive_c": 1e-3, "adaptive_reduce": "sum", "velocity": "conditional",
+            "cfg_dropout": 0.0, "cfg_scale": 1.0, "cfg_kappa": 0.0, "cfg_interval": [0.0, 1.0], "generator": None}
+
+
+def guided_velocity(model, xs, s, v, cond, dropped, c):
+    """MeanFlow's guided velocity v_g (module docstring) under no_grad; v where guidance does not apply."""
+    lo, hi = c["cfg_interval"]
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"cfg_interval: expected [lo, hi] with 0 <= lo <= hi <= 1, got {c['cfg_interval']!r}")
+    omega, kappa = float(c["cfg_scale"]), float(c["cfg_kappa"])
+    with torch.no_grad():
+        null = torch.full_like(cond, null_label(model, "cfg_scale"))
+        vg = omega * v + (1.0 - omega - kappa) * model(xs, s, s, y=null)
+        if kappa != 0.0:
+            vg = vg + kappa * model(xs, s, s, y=cond)
+        use = (s >= lo) & (s <= hi)
+        if dropped is not None:
+            use = use & ~dropped
+        return torch.where(bcast(use, v), vg, v)
 
 
 def loss(model, x0, *, cond=None, **cfg):
     c = merge_cfg(DEFAULTS, cfg, NAME)
     g = c["generator"]
+    cond_in, dropped = drop_labels(model, cond, c["cfg_dropout"], g)
     eps = randn_like(x0, g)
     s, t = sample_pair(x0.shape[0], c, device=x0.device, dtype=x0.dtype, generator=g)
     xs, _ = interpolate(x0, eps, s)
-    v = velocity(c["velocity"], s, x0, eps, cond)
-    V, dV = jvp(model, cond, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
+    v = velocity(c["velocity"], s, x0, eps, cond, free=dropped)
+    if cond is not None and (c["cfg_scale"] != 1.0 or c["cfg_kappa"] != 0.0):
+        v = guided_velocity(model, xs, s, v, cond, dropped, c)
+    V, dV = jvp(model, cond_in, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
     dV = dV.detach()  # stop-gradient on the target: no backward through the JVP
     target = v + bcast(t - s, x0) * dV
-    err = sq_err(V, target)
-    w = adaptive_weight(err, c["adaptive_p"], c["adaptive_c"])
-    lo = (w * err).mean()
+    werr, err = weighted_err(V, target, c["adaptive_p"], c["adaptive_c"], c["adaptive_reduce"])
+    lo = werr.mean()
     return lo, detached_logs(loss=lo, mse=err.mean())

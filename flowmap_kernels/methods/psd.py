@@ -15,6 +15,9 @@ Times: (s, t) two draws from time_dist sorted (s >= t), gamma ~ uniform(0, 1); a
 of the batch gets the consistency term, the rest flow matching with r ~ uniform (shared body with
 shortcut: methods/_compositional.py). Cost on the full batch: 2 stopped F + F + B + flow-matching
 F + B = 8 FPE (docs/math.md section 4).
+``cfg_dropout``: label dropout for classifier-free guidance (labels replaced by the model's null class
+with that probability, drawn before anything else; arXiv:2207.12598); sample with sampling's standard
+CFG combination (sampling.sample(..., guidance_scale=omega)).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ CALLS = "2 stopped F (two hops) + F + B (consistency part) + flow-matching F + B
 TEACHER = "self"
 SAMPLER = "flowmap"
 DEFAULTS = {"time_dist": "uniform", "time_mu": 0.0, "time_sigma": 1.0, "sc_fraction": 0.25, "sc_weight": 1.0,
-            "teacher": None, "generator": None}
+            "cfg_dropout": 0.0, "teacher": None, "generator": None}
 
 
 def loss(model, x0, *, cond=None, **cfg):

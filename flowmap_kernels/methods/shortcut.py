@@ -7,14 +7,19 @@ at 1, steps go down in time), with step 2h from source s to target s - 2h:
     V_hat = ( V_sg(x_s, s, s - h) + V_sg(x_mid, s - h, s - 2h) ) / 2
     L = E_sc || V(x_s, s, s - 2h) - sg[V_hat] ||^2 + E_fm || V(x_r, r, r) - (eps - x0) ||^2
 
-(Frans et al., arXiv:2410.12557; Boffi et al., arXiv:2505.18825, compositional rule). V_sg: the current weights under
-torch.no_grad (a self-teacher; no EMA) or the given teacher. No JVP. Step sizes 2h = 2^-k,
+(Frans et al., arXiv:2410.12557; Boffi et al., arXiv:2505.18825, compositional rule). V_sg: the EMA
+weights (TEACHER = "ema": the paper's released code builds the self-consistency targets with the EMA
+parameters) passed by the trainer as cfg teacher=, else the current weights under torch.no_grad (the
+2D preset: teacher "self"). No JVP. Step sizes 2h = 2^-k,
 k uniform in {0, ..., log2(M) - 1} (M = 128 base steps, smallest 2h = 2/M); the source s is uniform on
 the grid {2h, 4h, ..., 1}; for the smallest step the two halves use the instantaneous velocity (h -> 0
-as in the paper's d = 0 targets). A fraction sc_fraction of the batch (paper: 1/4) gets the consistency
-term, the rest flow matching with r ~ uniform. Both terms in one forward over the concatenated batch
-(the shared body with psd: methods/_compositional.py).
+as in the paper's d = 0 targets). A fraction sc_fraction of the batch gets the consistency term (1/8,
+the released code's bootstrap_every = 8; the 2D preset keeps 1/4), the rest flow matching with r ~
+uniform. Both terms in one forward over the concatenated batch (the shared body with psd: methods/_compositional.py).
 Cost on the full batch: 2 stopped F + F + B + flow-matching F + B = 8 FPE.
+``cfg_dropout``: label dropout for classifier-free guidance (labels replaced by the model's null class
+with that probability, drawn before anything else; arXiv:2207.12598); sample with sampling's standard
+CFG combination (sampling.sample(..., guidance_scale=omega)).
 """
 from __future__ import annotations
 
@@ -28,9 +33,10 @@ from ._compositional import compositional_loss
 NAME = "shortcut"
 NOMINAL_FPE = 8
 CALLS = "2 stopped F (two half steps) + F + B (consistency part) + flow-matching F + B"
-TEACHER = "self"
+TEACHER = "ema"
 SAMPLER = "flowmap"
-DEFAULTS = {"base_steps": 128, "sc_fraction": 0.25, "sc_weight": 1.0, "teacher": None, "generator": None}
+DEFAULTS = {"base_steps": 128, "sc_fraction": 0.125, "sc_weight": 1.0, "cfg_dropout": 0.0, "teacher": None,
+            "generator": None}
 
 
 def loss(model, x0, *, cond=None, **cfg):

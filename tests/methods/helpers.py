@@ -10,10 +10,11 @@ import flowmap_kernels as fk
 from flowmap_kernels.models import MLPFlowMap
 
 
-def tiny_mlp(shape=(2,), seed=0, dtype=torch.float64, num_classes=None):
-    """MLPFlowMap with a random (not zero) last layer, so V and all its derivatives are non-trivial."""
+def tiny_mlp(shape=(2,), seed=0, dtype=torch.float64, num_classes=None, **kw):
+    """MLPFlowMap with a random (not zero) last layer, so V and all its derivatives are non-trivial
+    (``kw``: null_class, guidance_dim, ...)."""
     torch.manual_seed(seed)
-    m = MLPFlowMap(shape, hidden=16, depth=2, emb_dim=8, num_classes=num_classes).to(dtype)
+    m = MLPFlowMap(shape, hidden=16, depth=2, emb_dim=8, num_classes=num_classes, **kw).to(dtype)
     nn.init.normal_(m.out.weight, std=0.3)
     nn.init.normal_(m.out.bias, std=0.1)
     return m
@@ -61,7 +62,24 @@ def times(n, dist, mu, sigma, g, dtype=torch.float64):
     return torch.rand(n, generator=g, dtype=dtype) if dist == "uniform" else logit_normal(n, mu, sigma, g, dtype)
 
 
+def gap_pair(n, c, g, dtype=torch.float64):
+    """TVM's pairs, drawn in the method's order (a normal for the gap, a uniform for the truncated
+    target) and transformed with scipy's normal CDF / quantile in float64."""
+    from scipy.stats import norm
+    gap = torch.sigmoid(c["gap_mu"] + c["gap_sigma"] * torch.randn(n, generator=g, dtype=dtype))
+    u = torch.rand(n, generator=g, dtype=dtype)
+    s, t = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    for i in range(n):
+        hi = math.log((1 - float(gap[i])) / float(gap[i]))
+        q = float(u[i]) * norm.cdf((hi - c["time_mu"]) / c["time_sigma"])
+        ti = 1 / (1 + math.exp(-(c["time_mu"] + c["time_sigma"] * norm.ppf(q))))
+        t[i], s[i] = ti, min(ti + float(gap[i]), 1.0)
+    return s, t
+
+
 def pair(n, c, g, dtype=torch.float64):
+    if c["time_dist"] == "tvm":
+        return gap_pair(n, c, g, dtype)
     a = times(n, c["time_dist"], c["time_mu"], c["time_sigma"], g, dtype)
     b = times(n, c["time_dist"], c["time_mu"], c["time_sigma"], g, dtype)
     keep = torch.rand(n, generator=g, dtype=dtype) < c["ratio_neq"]
@@ -69,7 +87,7 @@ def pair(n, c, g, dtype=torch.float64):
     return s, torch.where(keep, torch.minimum(a, b), a)
 
 
-def marginal_velocity(xs, s, x0, cond=None):
+def marginal_velocity(xs, s, x0, cond=None, free=None):
     """E[eps - x0 | x_s] under the empirical distribution of the rows of x0 (same label when cond), one
     row at a time from the Gaussian likelihoods N(x_s; (1 - s) x0_j, s^2 I) in float64."""
     b = x0.shape[0]
@@ -78,7 +96,7 @@ def marginal_velocity(xs, s, x0, cond=None):
     for i in range(b):
         si = float(s[i])
         logp = -((xf[i] - (1 - si) * x0f) ** 2).sum(1) / (2 * si ** 2)
-        if cond is not None:
+        if cond is not None and not (free is not None and bool(free[i])):
             logp = torch.where(cond == cond[i], logp, torch.full_like(logp, -math.inf))
         w = torch.exp(logp - logp.max())
         out[i] = (w[:, None] * (xf[i] - x0f)).sum(0) / (w.sum() * si)

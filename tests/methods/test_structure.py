@@ -6,7 +6,7 @@ import torch
 
 import flowmap_kernels as fk
 from flowmap_kernels.attention import autograd as attn_autograd
-from flowmap_kernels.methods import METHODS, get_method
+from flowmap_kernels.methods import METHODS, get_method, prepare_model
 from flowmap_kernels.models import MLPFlowMap
 from tests.methods.helpers import TinyAttnFlowMap, tiny_mlp
 
@@ -55,7 +55,7 @@ def test_backward_through_the_jvp_only_where_the_method_says(name, through_jvp, 
     """MeanFlow/sCM/iMF stop the gradient at the tangent: their backward must never run the backward
     through the JVP, only the primal attention backward. TVM/LSD/ESD backpropagate through the JVP."""
     counter = _Counter(monkeypatch)
-    model = TinyAttnFlowMap()
+    model = prepare_model(METHODS[name], TinyAttnFlowMap())  # sCM: its learned loss weighting attached
     x0 = torch.randn(6, 2, dtype=torch.float64)
     with fk.use_backend("torch"):
         lo, _ = METHODS[name].loss(model, x0, generator=torch.Generator().manual_seed(0))
@@ -63,19 +63,21 @@ def test_backward_through_the_jvp_only_where_the_method_says(name, through_jvp, 
     assert counter.calls["attention_backward"] > 0, counter.calls
     assert (counter.calls["attention_jvp_backward"] > 0) == through_jvp, counter.calls
     assert all(p.grad is not None for p in model.parameters())
+    assert (name == "scm") == hasattr(model, "loss_weight")
 
 
 # the monitored log and the required drop: MeanFlow's adaptive weight keeps its loss near 1, so its raw
-# squared error is watched; sCM's loss is the squared normalised tangent, which falls only slowly;
+# squared error is watched; sCM's squared normalised tangent (its "mse"; the loss adds the learned
+# weighting) falls only slowly;
 # iMF's semigradient on one fixed batch falls for ~25 steps and then oscillates (moving JVP target).
-WATCH = {"meanflow": ("mse", 0.8, 40), "scm": ("loss", 0.98, 40), "imf": ("loss", 0.8, 24)}
+WATCH = {"meanflow": ("mse", 0.8, 40), "scm": ("mse", 0.98, 40), "imf": ("mse", 0.8, 24)}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_few_steps_lower_the_loss(name):
     """Fixed batch, fixed noise and times (generator reseeded each step): 40 Adam steps lower the loss."""
     torch.manual_seed(0)
-    model = MLPFlowMap(hidden=32, depth=2, emb_dim=16)
+    model = prepare_model(METHODS[name], MLPFlowMap(hidden=32, depth=2, emb_dim=16))
     x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(1)) * 0.5 + 1.0
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     key, factor, steps = WATCH.get(name, ("loss", 0.8, 40))
