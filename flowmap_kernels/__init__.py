@@ -1,9 +1,11 @@
 """flowmap_kernels: forward-mode-AD kernels for training flow maps.
 
 Attention that works under torch.func.jvp with a differentiable tangent (``attention``,
-``attention_jvp``), fused JVP primitives for DiT blocks, flow-map losses and training loops.
+``attention_jvp``; packed variable-length sequences: ``attention_varlen``, ``attention_varlen_jvp``),
+fused JVP primitives for DiT blocks, flow-map losses and training loops.
 """
-from .attention import attention, attention_jvp
+from .attention import attention, attention_jvp, attention_varlen, attention_varlen_jvp
+from .activation_checkpoint import apply_activation_checkpointing, checkpoint
 from .backends import BACKEND_NAMES, get_backend, set_backend, use_backend
 from .info import build_info
 from .integrations import install as install_sdpa_patch
@@ -13,8 +15,10 @@ from .integrations import uninstall as uninstall_sdpa_patch
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "attention_jvp", "use_backend", "set_backend", "get_backend", "build_info", "BACKEND_NAMES",
+    "attention", "attention_jvp", "attention_varlen", "attention_varlen_jvp",
+    "use_backend", "set_backend", "get_backend", "build_info", "BACKEND_NAMES",
     "patch_sdpa", "install_sdpa_patch", "uninstall_sdpa_patch",
+    "checkpoint", "apply_activation_checkpointing",
     "__version__",
 ]
 

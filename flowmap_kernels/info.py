@@ -17,9 +17,10 @@ def build_info() -> dict:
     """A dict: torch/triton versions, usable backends per op, compiled extensions (cpu_extension,
     cuda_extension_built, cuda_archs) and where float64 attention runs."""
     from .attention.registry import ATTENTION
+    from .attention.varlen_registry import ATTENTION_VARLEN
     from .ops import REGISTRIES, extension_info
 
-    backends = {"attention": ATTENTION.usable()}
+    backends = {"attention": ATTENTION.usable(), "attention_varlen": ATTENTION_VARLEN.usable()}
     backends.update({name: reg.usable() for name, reg in REGISTRIES.items()})
     return {
         "version": importlib.import_module("flowmap_kernels").__version__,

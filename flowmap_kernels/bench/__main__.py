@@ -39,10 +39,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import torch
-    from .fpe import run_fpe
+    from .fpe import check_output_paths, run_fpe
     from .report import format_table, markdown_tables, write_csv, write_json, write_plot
     if args.threads < 0:
         print(f"error: threads: expected >= 0, got {args.threads}", file=sys.stderr)
+        return 2
+    try:  # before the run (minutes), not after it
+        check_output_paths({"--json": args.json, "--csv": args.csv, "--plot": args.plot, "--markdown": args.markdown})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.threads and not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)

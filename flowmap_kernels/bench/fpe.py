@@ -15,7 +15,7 @@ torch.no_grad on the same batch.
 - peak memory: bytes allocated above the start (CUDA: max_memory_allocated; CPU: torch.profiler's
   allocation events), parameters and the batch excluded, gradients included.
 
-Batching: "full" runs every loss term on the full batch (the write-up's convention); "recommended"
+Batching: "full" runs every loss term on the full batch (the nominal model's convention); "recommended"
 runs a method's own sub-batching where it has a config for it (the ``sc_fraction`` of shortcut and psd; a method
 module may declare ``SUBBATCH = {"full": {...}, "recommended": {...}}`` with the cfg of each).
 """
@@ -34,10 +34,11 @@ from .counting import count_flops, linear_jvp_is_fused, peak_memory
 from .zoo import build_model
 
 __all__ = ["Variant", "variants_for", "measure_method", "run_fpe", "RECORD_FIELDS", "unit_flops", "explain",
-           "EXPLAIN", "UNIT_NOMINAL"]
+           "EXPLAIN", "UNIT_NOMINAL", "check_output_paths"]
 
 RECORD_FIELDS = ["method", "variant", "batching", "backend", "model", "device", "nominal_fpe", "flop_fpe",
-                 "flop_fpe_executed", "flop_fpe_explained", "explanation", "time_fpe", "time_fpe_cpu", "peak_mem_bytes", "fwd_peak_mem_bytes", "peak_mem_fpe",
+                 "flop_fpe_executed", "flop_fpe_explained", "explanation", "time_fpe", "time_fpe_cpu", "peak_mem_bytes",
+                 "fwd_peak_mem_bytes", "peak_mem_fpe",
                  "iter_flops", "iter_zero_flops", "fwd_flops", "iter_time_s", "fwd_time_s", "batch",
                  "iter_batch", "calls", "cfg", "note", "error"]
 
@@ -53,6 +54,28 @@ class Variant:
     note: str = ""
 
 
+def check_output_paths(paths: dict) -> None:
+    """Fail before a run, not after it: every ``{flag: path}`` (None skipped) must name a file that can be
+    written (its folder exists and is writable; the path is not a folder; two flags not the same file).
+    ValueError naming the flag otherwise. Nothing is created or truncated."""
+    import os
+    seen: dict = {}
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        full = os.path.abspath(os.fspath(path))
+        if not os.fspath(path) or os.path.isdir(full):
+            raise ValueError(f"{flag}: expected a file path, got the folder {path!r}")
+        folder = os.path.dirname(full)
+        if not os.path.isdir(folder):
+            raise ValueError(f"{flag}: folder {folder!r} of {path!r} does not exist")
+        if os.path.exists(full) and not os.access(full, os.W_OK) or not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag}: cannot write {path!r} (permission denied)")
+        if full in seen:
+            raise ValueError(f"{flag}: same file as {seen[full]} ({path!r})")
+        seen[full] = flag
+
+
 def variants_for(name: str, module) -> list[Variant]:
     """The configurations measured for method ``name`` (its module from flowmap_kernels.methods)."""
     sub = getattr(module, "SUBBATCH", None)
@@ -64,13 +87,14 @@ def variants_for(name: str, module) -> list[Variant]:
             Variant("default", "full", {"sc_fraction": 0.5}, repeat=2,
                     note="each term on the full batch B: loss on [x0; x0] (2B) with sc_fraction 0.5, so "
                          "B consistency + B flow-matching samples"),
-            Variant("default", "recommended", {}, note="paper's sc_fraction 1/4 of the batch B, rest flow matching"),
+            Variant("default", "recommended", {}, note="the method's sc_fraction (shortcut 1/8, psd 1/4) of the "
+                                                                  "batch B, rest flow matching"),
         ]
     if name == "esd":
         return [
             Variant("default", "full", {}, note="spatial_sg=True: extra no-grad spatial JVP"),
             Variant("spatial_sg=False", "full", {"spatial_sg": False},
-                    note="one JVP along (v_hat, 1, 0), backprop through all of it (write-up's structure)"),
+                    note="one JVP along (v_hat, 1, 0), backprop through all of it (the nominal model's structure)"),
         ]
     notes = {
         "meanflow": "no sub-batch cfg: ratio_neq only moves pairs onto s = t; the JVP still runs on the full batch",
@@ -80,6 +104,9 @@ def variants_for(name: str, module) -> list[Variant]:
         "scm": "one term",
         "fm": "one term",
     }
+    if name == "scm":  # its learned weight w(s) is a separate small MLP on the time, not a call of the network
+        return [Variant("default", "full", {"adaptive_weighting": False},
+                        note="one term; the learned time weighting (a 2-layer MLP on s) left out")]
     return [Variant("default", "full", {}, note=notes.get(name, ""))]
 
 
@@ -271,7 +298,7 @@ def _one_line(r: dict) -> str:
 
 # ---- unit costs and the term-by-term explanation ---------------------------------------------------
 #
-# Units, each one call of the model on the batch B (write-up cost in brackets):
+# Units, each one call of the model on the batch B (nominal cost in brackets):
 #   F        forward under torch.no_grad                                               [1]
 #   FB       forward + backward of a loss of the output                                [1 + 2 = 3]
 #   J:d      torch.func.jvp (forward + JVP) under torch.no_grad, tangent direction d    [2]

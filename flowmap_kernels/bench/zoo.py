@@ -11,7 +11,6 @@ weight would otherwise be excluded from the FLOP count as a zero-operand product
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
