@@ -176,13 +176,9 @@ class AttentionJVPFunction(torch.autograd.Function):
     vmap = _vmap_rule(lambda: AttentionJVPFunction, 7, 6)
 
 
-def _vjp_of_vjp(outputs_fn, primals, cotangents, grads_of_grads):
-    """Gradients of <vjp(outputs_fn)(primals; cotangents), grads_of_grads> for primals and cotangents.
-
-    By torch.func.vjp (no requires_grad_ on the inputs), so that it runs inside torch.func transforms
-    (jacrev of jacrev, vmap of grad) as well as under create_graph=True; None cotangents / grads are zero.
-    """
-    n = len(primals)
+def _vjp_fn(outputs_fn, n: int, cotangents):
+    """(first, given): first(*primals, *given cotangents) = vjp(outputs_fn) at the n primals, the missing
+    cotangents taken as zeros; given = the indices of the cotangents that are not None."""
     given = [i for i, c in enumerate(cotangents) if c is not None]
 
     def first(*args):
@@ -191,7 +187,17 @@ def _vjp_of_vjp(outputs_fn, primals, cotangents, grads_of_grads):
         for i, c in zip(given, args[n:]):
             full[i] = c
         return pull(tuple(full))
+    return first, given
 
+
+def _vjp_of_vjp(outputs_fn, primals, cotangents, grads_of_grads):
+    """Gradients of <vjp(outputs_fn)(primals; cotangents), grads_of_grads> for primals and cotangents.
+
+    By torch.func.vjp (no requires_grad_ on the inputs), so that it runs inside torch.func transforms
+    (jacrev of jacrev, vmap of grad) as well as under create_graph=True; None cotangents / grads are zero.
+    """
+    n = len(primals)
+    first, given = _vjp_fn(outputs_fn, n, cotangents)
     _, pull_first = torch.func.vjp(first, *primals, *(cotangents[i] for i in given))
     second = pull_first(tuple(torch.zeros_like(x) if g is None else g for x, g in zip(primals, grads_of_grads)))
     cot_grads = [None] * len(cotangents)
@@ -202,16 +208,7 @@ def _vjp_of_vjp(outputs_fn, primals, cotangents, grads_of_grads):
 
 def _jvp_of_vjp(outputs_fn, primals, cotangents, primal_tangents, cotangent_tangents):
     """Forward-mode derivative of vjp(outputs_fn)(primals; cotangents) along the given tangents (None = zero)."""
-    n = len(primals)
-    given = [i for i, c in enumerate(cotangents) if c is not None]
-
-    def first(*args):
-        outs, pull = torch.func.vjp(outputs_fn, *args[:n])
-        full = [torch.zeros_like(o) for o in outs]
-        for i, c in zip(given, args[n:]):
-            full[i] = c
-        return pull(tuple(full))
-
+    first, given = _vjp_fn(outputs_fn, len(primals), cotangents)
     args = (*primals, *(cotangents[i] for i in given))
     tangents = [torch.zeros_like(x) if t is None else t for x, t in zip(primals, primal_tangents)]
     tangents += [torch.zeros_like(cotangents[i]) if cotangent_tangents[i] is None else cotangent_tangents[i]

@@ -17,35 +17,39 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def triton_supports(device, dtype, head_dim, v_head_dim, explicit=False, **_):
+    """None when the Triton kernels take this problem, else why not (shared by attention and attention_varlen):
+    CUDA tensors (CPU ones only in the interpreter, backend named), float16/bfloat16 with head dims up to
+    256, float32 up to 32 and 48/64 (anything in the interpreter)."""
+    import torch
+    interpreted = explicit and device.type == "cpu" and triton_interpreter()
+    if device.type != "cuda" and not interpreted:
+        return (f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 and the backend named "
+                f"explicitly), got {device.type}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} runs on the 'torch' backend"
+    if max(head_dim, v_head_dim) > 256:
+        return f"head dim {max(head_dim, v_head_dim)} > 256"
+    from ..triton_kernels.configs import fp32_head_dim_supported
+    if dtype == torch.float32 and not fp32_head_dim_supported(head_dim, v_head_dim) and not interpreted:
+        return (f"float32 with head dims ({head_dim}, {v_head_dim}) runs on the 'torch' backend (Triton "
+                f"float32 covers head dims <= 32 and 48 or 64: 3xTF32 products spill registers beyond; "
+                f"see docs/triton.md)")
+    return None
+
+
 def _register_triton() -> None:
     """Triton backend: CUDA tensors, float16/bfloat16 with head dims up to 256, float32 up to 32 and 48/64."""
     def available() -> bool:  # cached once: must not depend on the environment of the moment
         importlib.import_module("triton")
         return True
 
-    def supports(device, dtype, head_dim, v_head_dim, explicit=False, **_):
-        import torch
-        interpreted = explicit and device.type == "cpu" and triton_interpreter()
-        if device.type != "cuda" and not interpreted:
-            return (f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 and the backend named "
-                    f"explicitly), got {device.type}")
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"dtype {dtype} runs on the 'torch' backend"
-        if max(head_dim, v_head_dim) > 256:
-            return f"head dim {max(head_dim, v_head_dim)} > 256"
-        from ..triton_kernels.configs import fp32_head_dim_supported
-        if dtype == torch.float32 and not fp32_head_dim_supported(head_dim, v_head_dim) and not interpreted:
-            return (f"float32 with head dims ({head_dim}, {v_head_dim}) runs on the 'torch' backend (Triton "
-                    f"float32 covers head dims <= 32 and 48 or 64: 3xTF32 products spill registers beyond; "
-                    f"see docs/triton.md)")
-        return None
-
     class _Lazy:
         """Imports the Triton launchers on first use."""
         def __getattr__(self, name):
             return getattr(importlib.import_module("flowmap_kernels.triton_kernels.attention"), name)
 
-    ATTENTION.register("triton", _Lazy(), available=available, supports=supports)
+    ATTENTION.register("triton", _Lazy(), available=available, supports=triton_supports)
 
 
 _register_triton()

@@ -12,7 +12,7 @@ import importlib
 
 from ..backends import OpRegistry
 from . import varlen_blockwise, varlen_naive
-from .registry import triton_interpreter
+from .registry import triton_supports
 
 ATTENTION_VARLEN = OpRegistry("attention_varlen", auto_order=("triton", "torch"))
 ATTENTION_VARLEN.register("naive", varlen_naive)
@@ -42,22 +42,6 @@ def _register_triton() -> None:
         importlib.import_module("triton")
         return triton_launcher_module() is not None
 
-    def supports(device, dtype, head_dim, v_head_dim, explicit=False, **_):
-        import torch
-        interpreted = explicit and device.type == "cpu" and triton_interpreter()
-        if device.type != "cuda" and not interpreted:
-            return (f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 and the backend named "
-                    f"explicitly), got {device.type}")
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"dtype {dtype} runs on the 'torch' backend"
-        if max(head_dim, v_head_dim) > 256:
-            return f"head dim {max(head_dim, v_head_dim)} > 256"
-        from ..triton_kernels.configs import fp32_head_dim_supported
-        if dtype == torch.float32 and not fp32_head_dim_supported(head_dim, v_head_dim) and not interpreted:
-            return (f"float32 with head dims ({head_dim}, {v_head_dim}) runs on the 'torch' backend (Triton "
-                    f"float32 covers head dims <= 32 and 48 or 64)")
-        return None
-
     class _Lazy:
         """Resolves the Triton launchers on first use."""
         def __getattr__(self, name):
@@ -66,7 +50,7 @@ def _register_triton() -> None:
                 raise AttributeError(f"no module of {TRITON_MODULES} defines the launchers {LAUNCHERS}")
             return getattr(mod, name)
 
-    ATTENTION_VARLEN.register("triton", _Lazy(), available=available, supports=supports)
+    ATTENTION_VARLEN.register("triton", _Lazy(), available=available, supports=triton_supports)
 
 
 _register_triton()
