@@ -57,6 +57,13 @@ def _models(kind):
     torch.manual_seed(0)
     if kind == "mlp":
         m = MLPFlowMap((2,), hidden=16, depth=2, emb_dim=8, max_freq=8.0)
+    elif kind == "diffusers":  # a third-party DiT through the integration (its transformer_blocks sharded)
+        from diffusers import DiTTransformer2DModel
+        from flowmap_kernels.integrations.diffusers import DiffusersFlowMap, set_flowmap_attention
+        dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                    num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=10)
+        set_flowmap_attention(dit)
+        m = DiffusersFlowMap(dit)
     else:
         m = dit_tiny(input_size=4, hidden_size=16, depth=2, num_heads=2, num_classes=0)
     m = m.double()
@@ -99,7 +106,11 @@ def _grads_vs_unsharded(rank, world, kind, methods, mesh_shape):
     return out
 
 
-@pytest.mark.parametrize("kind,methods", [("mlp", ("tvm", "meanflow", "esd")), ("dit", ("tvm", "meanflow"))])
+@pytest.mark.parametrize("kind,methods", [("mlp", ("tvm", "meanflow", "esd")), ("dit", ("tvm", "meanflow")),
+                                          pytest.param("diffusers", ("tvm",), marks=pytest.mark.xfail(
+                                              strict=True, raises=AssertionError,
+                                              reason="known gap: the diffusers flow-map adapter under fully_shard "
+                                                     "mixes Tensor and DTensor in addmm (left open)"))])
 def test_fsdp_jvp_gradients_equal_unsharded_float64(kind, methods):
     """fully_shard per block + root on 2 ranks; torch.func.jvp (and, for tvm/esd, backward through it)."""
     for rank_out in _spawn(_grads_vs_unsharded, 2, kind, methods, (1, 2, 1)):
