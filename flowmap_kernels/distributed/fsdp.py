@@ -141,7 +141,23 @@ def apply_fsdp(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tru
         mesh = data_parallel_mesh(mesh)
     if mesh.ndim not in (1, 2):
         raise ValueError(f"mesh: expected a 1-D (FSDP) or 2-D (HSDP) DeviceMesh, got {mesh.ndim} dims")
-    for b in block_list:
-        fully_shard(b, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    for unit in outside_units(block_list) + block_list:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     return model
+
+
+def outside_units(blocks: list) -> list:
+    """Submodules of the blocks that run outside their block's forward, so they need units of their own
+    (innermost first): modules shared by several blocks (e.g. DiffusersFlowMap's interval embedder), and a
+    diffusers block's ``norm1.emb`` (DiTTransformer2DModel computes its conditioning with
+    ``transformer_blocks[0].norm1.emb`` before the blocks run)."""
+    owner, shared = {}, []
+    for b in blocks:
+        for m in b.modules():
+            if m is not b and owner.setdefault(id(m), b) is not b and all(m is not x for x in shared):
+                shared.append(m)
+    top_shared = [m for m in shared if not any(o is not m and any(c is m for c in o.modules()) for o in shared)]
+    embs = [b.norm1.emb for b in blocks
+            if isinstance(getattr(getattr(b, "norm1", None), "emb", None), nn.Module)]
+    return top_shared + [e for e in embs if not any(e is m for m in top_shared)]

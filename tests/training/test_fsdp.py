@@ -107,10 +107,7 @@ def _grads_vs_unsharded(rank, world, kind, methods, mesh_shape):
 
 
 @pytest.mark.parametrize("kind,methods", [("mlp", ("tvm", "meanflow", "esd")), ("dit", ("tvm", "meanflow")),
-                                          pytest.param("diffusers", ("tvm",), marks=pytest.mark.xfail(
-                                              strict=True, raises=AssertionError,
-                                              reason="known gap: the diffusers flow-map adapter under fully_shard "
-                                                     "mixes Tensor and DTensor in addmm (left open)"))])
+                                          ("diffusers", ("tvm", "meanflow"))])
 def test_fsdp_jvp_gradients_equal_unsharded_float64(kind, methods):
     """fully_shard per block + root on 2 ranks; torch.func.jvp (and, for tvm/esd, backward through it)."""
     for rank_out in _spawn(_grads_vs_unsharded, 2, kind, methods, (1, 2, 1)):
