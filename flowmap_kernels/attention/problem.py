@@ -70,6 +70,20 @@ def check_tangent_dtypes(primals, tangents) -> None:
             raise ValueError(f"tangent of {name}: expected dtype {x.dtype} (the dtype of {name}), got {t.dtype}")
 
 
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale: 1/sqrt(head_dim) for None, else a finite real number (TypeError / ValueError)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, torch.Tensor):
+        raise TypeError("scale: expected None or a real number (a Python float), got a Tensor")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected None or a real number, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    return scale
+
+
 def make_problem(
     q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
     enable_gqa: bool = False, tangents: tuple = (),
@@ -113,16 +127,7 @@ def make_problem(
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal: expected a bool (as scaled_dot_product_attention), got {type(is_causal).__name__}"
                         f" {is_causal!r}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    else:
-        if isinstance(scale, torch.Tensor):
-            raise TypeError("scale: expected None or a real number (a Python float), got a Tensor")
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale: expected None or a real number, got {type(scale).__name__} {scale!r}")
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale: expected a finite number, got {scale}")
+    scale = check_scale(scale, D)
     mask_kind = None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):

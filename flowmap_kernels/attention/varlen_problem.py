@@ -8,12 +8,10 @@ Checking the offsets reads them on the host (one device synchronisation per call
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 import torch
 
-from .problem import SUPPORTED_DTYPES
+from .problem import SUPPORTED_DTYPES, check_scale
 
 OFFSET_DTYPES = (torch.int32, torch.int64)
 
@@ -100,19 +98,6 @@ def _max_len(name: str, given, actual: int) -> int:
     return given
 
 
-def _check_scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, torch.Tensor):
-        raise TypeError("scale: expected a Python float, got a Tensor")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale: expected None or a real number, got {type(scale).__name__} {scale!r}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale: expected a finite number, got {scale}")
-    return scale
-
-
 def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                         is_causal: bool = False, scale=None, enable_gqa: bool = False,
                         tangents: tuple = ()) -> VarlenProblem:
@@ -156,7 +141,7 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, 
         raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__name__} {is_causal!r}")
     return VarlenProblem(
         batch=batch, q_heads=Hq, kv_heads=Hkv, total_q=total_q, total_k=total_k, max_q=max_q, max_k=max_k,
-        head_dim=D, v_head_dim=Dv, scale=_check_scale(scale, D), is_causal=is_causal,
+        head_dim=D, v_head_dim=Dv, scale=check_scale(scale, D), is_causal=is_causal,
         q_offsets=tuple(qo), k_offsets=tuple(ko), dtype=q.dtype, device=q.device,
     )
 
