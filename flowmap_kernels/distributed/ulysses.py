@@ -89,38 +89,34 @@ def heads_to_seq(ys, layouts, group, kind="all_to_all"):
     return outs
 
 
-class SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """Differentiable re-sharding: seq_to_heads (to_heads) or heads_to_seq of the tensors, and the
+    other one, its inverse, of the gradients."""
+
+    @staticmethod
+    def forward(spec: UlyssesSpec, to_heads: bool, *xs):
+        fn = seq_to_heads if to_heads else heads_to_seq
+        return tuple(fn(list(xs), spec.layouts, spec.group))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec, ctx.to_heads = inputs[0], inputs[1]
+
+    @staticmethod
+    def backward(ctx, *gs):
+        gs = [g.contiguous() for g in gs]
+        inverse = heads_to_seq if ctx.to_heads else seq_to_heads
+        return (None, None, *inverse(gs, ctx.spec.layouts, ctx.spec.group))
+
+
+def _seq_to_heads(spec: UlyssesSpec, *xs):
     """Differentiable :func:`seq_to_heads` (backward: :func:`heads_to_seq` of the gradients)."""
-
-    @staticmethod
-    def forward(spec: UlyssesSpec, *xs):
-        return tuple(seq_to_heads(list(xs), spec.layouts, spec.group))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.spec = inputs[0]
-
-    @staticmethod
-    def backward(ctx, *gs):
-        gs = [g.contiguous() for g in gs]
-        return (None, *heads_to_seq(gs, ctx.spec.layouts, ctx.spec.group))
+    return _AllToAll.apply(spec, True, *xs)
 
 
-class HeadsToSeq(torch.autograd.Function):
+def _heads_to_seq(spec: UlyssesSpec, *ys):
     """Differentiable :func:`heads_to_seq` (backward: :func:`seq_to_heads` of the gradients)."""
-
-    @staticmethod
-    def forward(spec: UlyssesSpec, *ys):
-        return tuple(heads_to_seq(list(ys), spec.layouts, spec.group))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.spec = inputs[0]
-
-    @staticmethod
-    def backward(ctx, *gs):
-        gs = [g.contiguous() for g in gs]
-        return (None, *seq_to_heads(gs, ctx.spec.layouts, ctx.spec.group))
+    return _AllToAll.apply(spec, False, *ys)
 
 
 def mask_to_heads(mask, q_heads: int, q_layout: SequenceLayout, group):
@@ -145,12 +141,12 @@ def ulysses_attention(q, k, v, tq, tk, tv, mask, is_causal, scale, enable_gqa, g
     layouts = (q_layout, k_layout, k_layout)
     xs = (q, k, v) + ((tq, tk, tv) if with_tangent else ())
     spec = UlyssesSpec(group, layouts * (2 if with_tangent else 1))
-    hs = SeqToHeads.apply(spec, *xs)
+    hs = _seq_to_heads(spec, *xs)
     mask_h = None if mask is None else mask_to_heads(mask, q.shape[1], q_layout, group)
     kw = dict(attn_mask=mask_h, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     out_spec = UlyssesSpec(group, (q_layout, q_layout))
     if with_tangent:
         o, to = attention_jvp(*hs, **kw)
-        return HeadsToSeq.apply(out_spec, o, to)
+        return _heads_to_seq(out_spec, o, to)
     o = attention(*hs, **kw)
-    return HeadsToSeq.apply(UlyssesSpec(group, (q_layout,)), o)[0]
+    return _heads_to_seq(UlyssesSpec(group, (q_layout,)), o)[0]
