@@ -10,7 +10,7 @@ norm(a - b) / norm(b) per (backend, dtype) for outputs, tangents and gradients.
 Run it as a module from the repository root: it reuses the test suite's cases and references.
 
 With "triton" on a machine without a GPU the kernels run in Triton's interpreter, with the bfloat16 fix
-of tests/triton_kernels/conftest.py (the interpreter's own bf16 arithmetic is wrong).
+of tests/attention/triton/conftest.py (the interpreter's own bf16 arithmetic is wrong).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def main() -> None:
     out = check_output(args.out)
     rows = []
     if INTERPRET:
-        from tests.triton_kernels.conftest import bf16_interpreter
+        from tests.attention.triton.conftest import bf16_interpreter
         bf16_interpreter(True).__enter__()
     for backend in args.backends:
         dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]

@@ -30,7 +30,7 @@ def triton_supports(device, dtype, head_dim, v_head_dim, explicit=False, **_):
         return f"dtype {dtype} runs on the 'torch' backend"
     if max(head_dim, v_head_dim) > 256:
         return f"head dim {max(head_dim, v_head_dim)} > 256"
-    from ..triton_kernels.configs import fp32_head_dim_supported
+    from .triton.configs import fp32_head_dim_supported
     if dtype == torch.float32 and not fp32_head_dim_supported(head_dim, v_head_dim) and not interpreted:
         return (f"float32 with head dims ({head_dim}, {v_head_dim}) runs on the 'torch' backend (Triton "
                 f"float32 covers head dims <= 32 and 48 or 64: 3xTF32 products spill registers beyond; "
@@ -47,7 +47,7 @@ def _register_triton() -> None:
     class _Lazy:
         """Imports the Triton launchers on first use."""
         def __getattr__(self, name):
-            return getattr(importlib.import_module("flowmap_kernels.triton_kernels.attention"), name)
+            return getattr(importlib.import_module("flowmap_kernels.attention.triton.kernels"), name)
 
     ATTENTION.register("triton", _Lazy(), available=available, supports=triton_supports)
 

@@ -3,7 +3,7 @@
 ``naive``  :mod:`.varlen_naive` (per-sequence naive math; ``attention`` / ``attention_jvp``).
 ``torch``  :mod:`.varlen_blockwise` (per-sequence blockwise kernels; the four ``varlen_*`` functions).
 ``triton`` the ``varlen_*`` launchers of the Triton kernels' module, with the blockwise signatures; it is
-           available only when a module under ``flowmap_kernels.triton_kernels`` defines all four.
+           available only when a module under ``flowmap_kernels.attention.triton`` defines all four.
 Selected by the same ``fk.use_backend`` / ``fk.set_backend`` names as every other op.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ ATTENTION_VARLEN.register("torch", varlen_blockwise)
 #: The four launchers a backend of the custom ops provides (signatures in :mod:`.varlen_blockwise`).
 LAUNCHERS = ("varlen_forward", "varlen_jvp_forward", "varlen_backward", "varlen_jvp_backward")
 #: Modules searched, in order, for the Triton launchers.
-TRITON_MODULES = ("flowmap_kernels.triton_kernels.varlen", "flowmap_kernels.triton_kernels.attention")
+TRITON_MODULES = ("flowmap_kernels.attention.triton.varlen", "flowmap_kernels.attention.triton.kernels")
 
 
 def triton_launcher_module():

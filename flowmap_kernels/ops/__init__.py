@@ -5,7 +5,7 @@
 PyTorch), "extension" (compiled kernels: CPU extension / CUDA module); "auto" = extension, then torch.
 """
 from . import kernels  # noqa: F401  (registers the custom ops and FLOP formulas)
-from ._extension import extension_info
+from .extension import extension_info
 from .functional import (gated_residual, gated_residual_jvp, gelu_tanh, gelu_tanh_jvp, linear, linear_jvp,
                          modulated_layer_norm, modulated_layer_norm_jvp, resolve_backend, rms_norm, rms_norm_jvp)
 from .registry import GATED_RESIDUAL, GELU_TANH, LINEAR, MODULATED_LAYER_NORM, REGISTRIES, RMS_NORM

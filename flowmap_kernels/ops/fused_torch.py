@@ -1,6 +1,6 @@
 """The "torch" backend: the fused forward / JVP / backward formulas of every op in PyTorch eager.
 
-These functions have exactly the signatures of the compiled kernels (``_extension.py``) and compute the
+These functions have exactly the signatures of the compiled kernels (``extension.py``) and compute the
 same mathematics (``csrc/include/flowmap/*.h``) in float32 (float64 for float64 inputs), so they serve
 float64 and installs without the extension. Layout (see ``_shapes.py``): ``x`` is (R, C) with unit
 stride along C; a per-channel operand is a contiguous (M, C) table, row r using table row r // (R // M).

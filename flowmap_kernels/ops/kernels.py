@@ -1,7 +1,7 @@
 """The fused kernels as torch custom ops (one op per pass), with fake implementations and FLOP formulas.
 
 Each op takes the backend name ("torch" or "extension") and runs that backend's function of the same
-name (``fused_torch.py`` / ``_extension.py``; signatures documented in ``fused_torch.py``), so the profiler,
+name (``fused_torch.py`` / ``extension.py``; signatures documented in ``fused_torch.py``), so the profiler,
 FlopCounterMode and torch.compile see one op per fused pass. Absent optional outputs are empty tensors.
 
 FLOPs (FlopCounterMode): the row-wise ops count 0 (as for every elementwise aten op). The linear JVP ops
@@ -25,8 +25,8 @@ _LIB = "flowmap_kernels"
 
 def _impl(backend: str):
     if backend == "extension":
-        from . import _extension
-        return _extension
+        from . import extension
+        return extension
     if backend == "torch":
         return fused_torch
     raise ValueError(f"backend: {backend!r} has no fused kernels")

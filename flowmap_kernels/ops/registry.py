@@ -8,7 +8,7 @@ stacked-[x; tx] implementation.
 from __future__ import annotations
 
 from ..backends import OpRegistry
-from . import _extension, fused_torch, naive
+from . import extension, fused_torch, naive
 
 AUTO_ORDER = ("extension", "torch")
 
@@ -21,7 +21,7 @@ def _make(op: str) -> OpRegistry:
     reg = OpRegistry(op, auto_order=AUTO_ORDER)
     reg.register("naive", naive)
     reg.register("torch", fused_torch, supports=_torch_supports)
-    reg.register("extension", _extension, available=_extension.available, supports=_extension.supports)
+    reg.register("extension", extension, available=extension.available, supports=extension.supports)
     return reg
 
 

@@ -2,7 +2,7 @@
 
 The "triton" backend serves CPU tensors only with TRITON_INTERPRET=1 and the backend named explicitly; its
 kernels module must have been decorated under the interpreter, and Triton 3.9's interpreter needs the
-bfloat16 fix of tests/triton_kernels/conftest.py. Parametrize with ``BACKENDS`` (the triton entry carries
+bfloat16 fix of tests/attention/triton/conftest.py. Parametrize with ``BACKENDS`` (the triton entry carries
 the ``interpreter`` marker).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def on_backend(backend: str):
             yield
         return
     from flowmap_kernels.attention.registry import ATTENTION
-    from tests.triton_kernels.conftest import bf16_interpreter, ensure_interpreted_kernels, interpreter_env
+    from tests.attention.triton.conftest import bf16_interpreter, ensure_interpreted_kernels, interpreter_env
     ensure_interpreted_kernels()
     impl = ATTENTION.impls["triton"]
     with interpreter_env(), bf16_interpreter(True):

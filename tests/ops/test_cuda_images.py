@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowmap_kernels.ops import _extension as ext
+from flowmap_kernels.ops import extension as ext
 
 BUILT_ARCHS = ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120"]
 IMAGES = BUILT_ARCHS + ["compute_120"]

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from flowmap_kernels.ops import _extension as E
+from flowmap_kernels.ops import extension as E
 
 REAL = E.cuda_module()
 STREAM = 0xC0FFEE

@@ -83,9 +83,9 @@ def test_extension_is_built_and_used_under_auto(monkeypatch):
         for name in ("modulated_layer_norm", "rms_norm", "gelu_tanh", "gated_residual"):
             assert ops.resolve_backend(name, x) == "extension"
         calls = []
-        from flowmap_kernels.ops import _extension
-        real = _extension.cpu_module()
-        monkeypatch.setattr(_extension, "cpu_module", lambda: calls.append(1) or real)
+        from flowmap_kernels.ops import extension
+        real = extension.cpu_module()
+        monkeypatch.setattr(extension, "cpu_module", lambda: calls.append(1) or real)
         torch.func.jvp(lambda a: ops.modulated_layer_norm(a, shift, scale), (x,), (torch.randn_like(x),))
         assert calls, "the CPU extension was not called under 'auto'"
 

@@ -79,7 +79,3 @@ def cuda_records(archs: Iterable[str] = CUDA_ARCHS) -> list:
             records += parse_ptxas(res.stderr + res.stdout, f"sm_{arch}")
     return records
 
-
-if __name__ == "__main__":
-    for r in cuda_records():
-        print(r)

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from flowmap_kernels.ops import compile_report
+from flowmap_kernels.compile_report import cuda as compile_report
 
 KERNELS = {"norm_fwd_kernel", "norm_bwd_kernel", "norm_jvp_fwd_kernel", "norm_jvp_bwd_kernel", "gelu_fwd_kernel",
            "gelu_bwd_kernel", "gelu_jvp_fwd_kernel", "gelu_jvp_bwd_kernel", "gated_fwd_kernel", "gated_bwd_kernel",

@@ -3,7 +3,7 @@ in the key loop, async loads, and the per-pass summary with its first-order time
 
 The counting functions run on small handcrafted TTIR / PTX texts (each can fail on a wrong count), then on
 the real compile of the shipped sm_90a launches for bf16 at D = 64 and 128 (cached, see
-tests/test_compile_report.py). The products per tile of each pass are recorded (printed), and only the
+tests/compile_report/test_triton.py). The products per tile of each pass are recorded (printed), and only the
 bounds that hold by construction are asserted: each pass executes at least its mathematical minimum
 (docs/math.md section 1) and the forward passes reach it.
 """
@@ -242,7 +242,7 @@ def test_cli_summary_and_json(tmp_path):
 
 
 def test_is_shipped():
-    from flowmap_kernels.triton_kernels import configs
+    from flowmap_kernels.attention.triton import configs
     cfg = configs.get_config("forward", 64, "bf16", "sm90")
     assert cr.is_shipped("forward", "bf16", 64, "sm_90a", cfg)
     assert cr.is_shipped("backward_prep", "bf16", 64, "sm_90a", configs.PREP_CONFIG)

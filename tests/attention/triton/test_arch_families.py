@@ -1,7 +1,7 @@
 """Architecture families of the Triton launch configurations: every GPU maps to tiles that fit it."""
 import pytest
 
-from flowmap_kernels.triton_kernels import configs
+from flowmap_kernels.attention.triton import configs
 
 
 @pytest.mark.parametrize("capability, family", [
@@ -36,7 +36,7 @@ def test_families_state_their_limits():
     assert fam["sm86"].shared_bytes == fam["sm120"].shared_bytes == 101376
     assert fam["sm90"].mma == "wgmma" and fam["sm100"].mma == "tcgen05" and fam["sm120"].mma == "mma.sync"
     # a family may borrow another family's tiles only if it has at least as much shared memory or the
-    # compile report shows the borrowed tiles fit (tests/test_compile_report.py holds that part)
+    # compile report shows the borrowed tiles fit (tests/compile_report/test_triton.py holds that part)
     for f in fam.values():
         assert f.tiles in ("sm80", "sm90") and f.registers == 255
     assert fam["sm100"].tiles == "sm90" and fam["sm86"].tiles == fam["sm120"].tiles == "sm80"

@@ -21,8 +21,8 @@ import sys
 import pytest
 
 from flowmap_kernels import compile_report as cr
-from flowmap_kernels.triton_kernels import configs
-from flowmap_kernels.triton_kernels.configs import fp32_head_dim_supported
+from flowmap_kernels.attention.triton import configs
+from flowmap_kernels.attention.triton.configs import fp32_head_dim_supported
 
 SM90_BF16_DIMS = (16, 48, 64, 80, 128)   # every head-dim bucket <= 128 plus non-powers of two
 SM90_FP16_DIMS = (64, 128)

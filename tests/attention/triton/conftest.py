@@ -11,7 +11,7 @@ The interpreter stores bfloat16 as raw uint16 patterns; Triton 3.9's ``create_do
 patterns as integers, and its float32 -> bfloat16 conversion truncates where a GPU rounds to nearest
 even. :func:`bf16_interpreter_fix` replaces both with correct versions (bf16 widened to float32 by a
 16-bit shift; float32 -> bf16 by round-to-nearest-even on the bit pattern); the fix is proved by
-tests/triton_kernels/test_interpreter_bf16.py.
+tests/attention/triton/test_interpreter_bf16.py.
 """
 import contextlib
 import importlib
@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter as _interp  # noqa: E402
 
-_MODULE = "flowmap_kernels.triton_kernels.attention"
+_MODULE = "flowmap_kernels.attention.triton.kernels"
 
 
 def ensure_interpreted_kernels():

@@ -21,7 +21,7 @@ import torch
 
 import flowmap_kernels as fk
 from flowmap_kernels.attention.registry import ATTENTION
-from flowmap_kernels.triton_kernels import configs
+from flowmap_kernels.attention.triton import configs
 from tests.reference import TOLERANCE, loss_on_outputs, ref_attention, ref_grads, ref_jvp, rel_err
 
 from .conftest import ensure_interpreted_kernels

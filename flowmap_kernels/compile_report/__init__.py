@@ -28,7 +28,7 @@ the mathematical minimum and a predicted time ratio to FlashAttention-2 from a f
 
 Records are dicts ``{kernel, family, config, arch, dtype, head_dim, registers, spill_bytes, shared_bytes,
 uses_wgmma, mma, ..., source}``. Sources are pluggable (:data:`RECORD_SOURCES`): the Triton attention
-kernels, and ``flowmap_kernels.ops.compile_report.cuda_records(archs)`` (CUDA C++ kernels) when that module
+kernels, and ``flowmap_kernels.compile_report.cuda.cuda_records(archs)`` (CUDA C++ kernels) when that module
 exists. Results are cached by a hash of the kernel sources, config, Triton version and
 :data:`RECORD_VERSION` (``--no-cache`` to disable).
 """
@@ -53,7 +53,7 @@ FAMILIES = ("jvp_backward", "jvp_forward", "backward", "forward")  # longest mat
 def _targets() -> tuple:
     """(ARCHS, SHARED_LIMIT) derived from configs.FAMILIES: compile target -> capability x 10, and
     target -> its family's opt-in shared memory per block (bytes)."""
-    from flowmap_kernels.triton_kernels import configs
+    from flowmap_kernels.attention.triton import configs
     archs, limits = {}, {}
     for fam in configs.FAMILIES.values():
         for t in fam.targets:
@@ -91,11 +91,11 @@ def _aot_module():
 
     Loaded under a private name so that an interpreted copy (TRITON_INTERPRET=1, tests) is untouched.
     """
-    name = "flowmap_kernels.triton_kernels._attention_aot"
+    name = "flowmap_kernels.attention.triton._kernels_aot"
     if name in sys.modules:
         return sys.modules[name]
-    import flowmap_kernels.triton_kernels as pkg
-    path = Path(pkg.__file__).parent / "attention.py"
+    pkg = importlib.import_module("flowmap_kernels.attention.triton")
+    path = Path(pkg.__file__).parent / "kernels.py"
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
@@ -140,7 +140,7 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
     Uses the launchers' own argument builders on small CPU tensors (B=1, H=2, L=``length``).
     """
     import torch
-    from flowmap_kernels.triton_kernels import configs
+    from flowmap_kernels.attention.triton import configs
     ta = _aot_module()
     dt = getattr(torch, DTYPE_NAMES.get(dtype_name, dtype_name))
     B, H, L, D = 1, 2, length, head_dim
@@ -357,7 +357,7 @@ def _measure(compiled, arch: str) -> dict:
 
 def _cache_key(kernel, fn, sig, consts, attrs, cfg, arch) -> str:
     import triton
-    from flowmap_kernels.triton_kernels import configs
+    from flowmap_kernels.attention.triton import configs
     src = Path(_aot_module().__file__).read_bytes() + Path(configs.__file__).read_bytes()
     blob = repr((kernel, sorted(sig.items()), sorted(consts.items()), sorted(attrs.items()), str(cfg), arch,
                  triton.__version__, RECORD_VERSION)).encode()
@@ -375,7 +375,7 @@ def _compile_one(task) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from flowmap_kernels.triton_kernels import configs
+    from flowmap_kernels.attention.triton import configs
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     arch, dtype, d, name = task[:4]
     fam = configs.arch_family(arch)
@@ -403,7 +403,7 @@ def is_shipped(kernel: str, dtype: str, head_dim: int, arch: str, cfg) -> bool:
     """Whether a launch (base kernel name, config) is what the "auto" backend runs on ``arch``: the
     config :func:`configs.get_config` returns there (the row pre-passes: ``configs.PREP_CONFIG``), for a
     dtype / head dim the registry routes to Triton (float32: :func:`configs.fp32_head_dim_supported`)."""
-    from flowmap_kernels.triton_kernels import configs
+    from flowmap_kernels.attention.triton import configs
     if dtype == "fp32" and not configs.fp32_head_dim_supported(head_dim):
         return False
     if kernel.endswith("_prep"):
@@ -585,7 +585,7 @@ def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int]
     ``cache``: JSON file of earlier records keyed by a hash of the kernel sources, config and arguments.
     Compiles run in ``workers`` fresh processes (0: one per CPU), see :func:`_compile_in_subprocesses`.
     """
-    from flowmap_kernels.triton_kernels import configs
+    from flowmap_kernels.attention.triton import configs
     store = {}
     if cache is not None and cache.exists():
         try:
@@ -626,9 +626,9 @@ def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int]
 
 
 def cuda_records_source(archs, **_) -> list:
-    """Records of the CUDA C++ kernels (flowmap_kernels.ops.compile_report.cuda_records) when present."""
+    """Records of the CUDA C++ kernels (flowmap_kernels.compile_report.cuda.cuda_records) when present."""
     try:
-        mod = importlib.import_module("flowmap_kernels.ops.compile_report")
+        mod = importlib.import_module("flowmap_kernels.compile_report.cuda")
     except ImportError:
         return []
     recs = []
@@ -688,7 +688,7 @@ def format_markdown(records: list) -> str:
 def arch_figures(records: Iterable[dict]) -> list:
     """Per compile target: launches, max registers, spilling launches and their largest spill, max shared
     bytes against the family's limit, and the tensor-core kinds emitted (Triton launch records only)."""
-    from flowmap_kernels.triton_kernels import configs
+    from flowmap_kernels.attention.triton import configs
     out = {}
     for r in records:
         if r.get("source", "triton") != "triton":
@@ -758,5 +758,3 @@ def main(argv=None) -> int:
         a.markdown.write_text(format_markdown(recs) + "\n")
     return 0
 
-if __name__ == "__main__":
-    sys.exit(main())
