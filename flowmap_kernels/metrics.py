@@ -17,8 +17,9 @@
         fraction of 2D samples inside checkerboard's squares / 3 std of eight_gaussians' centres / near
         the moons' arcs.
     class_accuracy(x, labels, data)
-        fraction of class-conditional 2D samples whose nearest class region is their label (eight_gaussians,
-        moons), overall and per class.
+        fraction of class-conditional samples whose nearest class region is their label (eight_gaussians,
+        moons; digits: the label the shipped classifier of flowmap_kernels.digits_features reads), overall
+        and per class.
 """
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ def _moon_distances(x: np.ndarray) -> np.ndarray:
 
 
 SUPPORT_DATASETS = ("checkerboard", "eight_gaussians", "moons")
-CLASS_DATASETS = ("eight_gaussians", "moons")
+CLASS_DATASETS = ("eight_gaussians", "moons", "digits")
 
 
 def in_support_fraction(x, data: str, margin: float = 0.0) -> float:
@@ -195,19 +196,23 @@ def in_support_fraction(x, data: str, margin: float = 0.0) -> float:
 
 
 def nearest_class(x, data: str) -> np.ndarray:
-    """The class region each 2D point falls in: the nearest mixture centre (eight_gaussians, labels
-    0..7 counter-clockwise from angle 0) or the nearest moon curve (moons: 0 upper, 1 lower)."""
+    """The class region each point falls in: the nearest mixture centre (eight_gaussians, labels
+    0..7 counter-clockwise from angle 0), the nearest moon curve (moons: 0 upper, 1 lower), or the digit
+    the shipped classifier reads (digits, :mod:`flowmap_kernels.digits_features`)."""
     x = _as2d(x, "x")
     if data not in CLASS_DATASETS:
         raise ValueError(f"data: expected one of {list(CLASS_DATASETS)}, got {data!r}")
+    if data == "digits":
+        from .digits_features import classify
+        return classify(x)
     if data == "eight_gaussians":
         return np.linalg.norm(x[:, None, :] - _eight_centres()[None], axis=2).argmin(1)
     return _moon_distances(x).argmin(1)
 
 
 def class_accuracy(x, labels, data: str) -> dict:
-    """Fidelity of class-conditional samples: the fraction of samples drawn for label c whose nearest
-    class region (nearest_class) is c. Returns {"accuracy": overall, "per_class": {c: fraction}} over
+    """Fidelity of class-conditional samples: the fraction of samples drawn for label c whose class
+    region (nearest_class) is c. Returns {"accuracy": overall, "per_class": {c: fraction}} over
     the labels present; non-finite samples count as wrong."""
     x = _as2d(x, "x")
     labels = np.asarray(labels).reshape(-1)

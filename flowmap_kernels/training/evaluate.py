@@ -2,7 +2,9 @@
 (flow matching), from the EMA and the raw weights; metric against fresh data; .npy files and figures.
 
 Metric: sliced Wasserstein distance (2D data) or Frechet distance on raw pixels (digits), with the same
-metric for standard normal noise as the baseline. Everything is drawn from generators seeded with
+metric for standard normal noise as the baseline. Digits also get the Frechet distance on the shipped
+feature extractor (``fd_features``, :mod:`flowmap_kernels.digits_features`) and, with ``--cond``, the
+fraction of samples that extractor's classifier assigns to their label (``class_accuracy_ema``). Everything is drawn from generators seeded with
 EVAL_SEED, so two runs with the same weights give the same numbers.
 """
 from __future__ import annotations
@@ -48,6 +50,10 @@ def evaluate(method, ds, model, ema_model, out: Path, cfg, device, losses) -> di
         res.update(metric="fd", baseline_noise=frechet_distance(torch.randn((2000, *ds.shape), generator=g).numpy(),
                                                                 ref.numpy()),
                    data_vs_data=frechet_distance(ds.sample(2000, generator=g).numpy(), ref.numpy()))
+        from .. import digits_features
+        res["fd_features"] = {
+            "baseline_noise": digits_features.frechet_features(torch.randn((2000, *ds.shape), generator=g), ref),
+            "data_vs_data": digits_features.frechet_features(ds.sample(2000, generator=g), ref)}
     ncls = ds.num_classes if cfg.cond else None
     cond = (torch.arange(noise.shape[0]) % ncls).to(device) if ncls else None
     metric = sliced_wasserstein if ds.kind == "2d" else frechet_distance
@@ -62,6 +68,9 @@ def evaluate(method, ds, model, ema_model, out: Path, cfg, device, losses) -> di
             entry[name] = metric(x.numpy(), ref.numpy())
             if name == "ema" and ds.name in SUPPORT_DATASETS:
                 entry["in_support_ema"] = in_support_fraction(x.numpy(), ds.name)
+            if name == "ema" and ds.kind != "2d":
+                from .. import digits_features
+                entry["fd_features_ema"] = digits_features.frechet_features(x, ref)
             if name == "ema" and cond is not None and ds.name in CLASS_DATASETS:
                 ca = class_accuracy(x.numpy(), cond.cpu().numpy(), ds.name)
                 entry["class_accuracy_ema"] = ca["accuracy"]

@@ -68,6 +68,10 @@ def test_fm_euler_step_counts_and_digits_grid(tmp_path):
                 "--eval-samples", "300", "--cond") == 0
     m = json.loads((tmp_path / "dg" / "metrics.json").read_text())
     assert m["metric"] == "fd" and m["nfe"]["1"]["ema"] > 0
+    fd = m["fd_features"]  # the shipped extractor's Frechet distance beside the raw-pixel one
+    assert 0 <= fd["data_vs_data"] < 0.1 * fd["baseline_noise"]
+    assert m["nfe"]["1"]["fd_features_ema"] > fd["data_vs_data"]
+    assert 0 <= m["nfe"]["1"]["class_accuracy_ema"] <= 1 and len(m["nfe"]["1"]["class_accuracy_per_class_ema"]) == 10
     assert (tmp_path / "dg" / "samples_nfe1.png").stat().st_size > 1000
 
 
