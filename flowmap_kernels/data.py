@@ -5,6 +5,7 @@ ship inside scikit-learn (``sklearn.datasets.load_digits``).
 
     ds = get_dataset("checkerboard")      # names: DATASETS
     x = ds.sample(512, generator=g)       # (512, 2) float32; digits: (512, 1, 8, 8) in [-1, 1]
+                                          # digits_latent: (512, 2, 4, 4) autoencoder latents (ds.decode)
 
 Every dataset is an infinite sampler: a batch is a pure function of the generator state, so saving
 ``generator.get_state()`` is enough to resume the data stream exactly.
@@ -26,9 +27,12 @@ class Dataset:
 
     name: str
     shape: tuple
-    kind: str  # "2d" or "image"
+    kind: str  # "2d" or "image" (image-shaped (C, H, W): pixels, or latents when ``decode`` is set)
     _sample: Callable
     num_classes: Optional[int] = None
+    #: latents -> pixel images, and the dataset those pixels are compared with (latent data only)
+    decode: Optional[Callable] = None
+    pixels: Optional[str] = None
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None, with_labels: bool = False):
         """n samples, float32 (n, *shape); with ``with_labels`` also int64 labels (n,) (or None)."""
@@ -86,11 +90,28 @@ def _digits(n, g):
     return x[idx], y[idx]
 
 
+def _digits_latent(n, g):
+    if "z" not in _DIGITS:
+        from .digits import encode
+        _DIGITS["z"] = encode(_digits_tensors()[0])  # (1797, 2, 4, 4), encoded once
+    z, y = _DIGITS["z"], _digits_tensors()[1]
+    idx = torch.randint(0, z.shape[0], (n,), generator=g)
+    return z[idx], y[idx]
+
+
+def _decode_digits(z):
+    from .digits import decode
+    return decode(z)
+
+
 DATASETS = {
     "checkerboard": Dataset("checkerboard", (2,), "2d", _checkerboard),
     "moons": Dataset("moons", (2,), "2d", _moons, num_classes=2),
     "eight_gaussians": Dataset("eight_gaussians", (2,), "2d", _eight_gaussians, num_classes=8),
     "digits": Dataset("digits", (1, 8, 8), "image", _digits, num_classes=10),
+    # the digits in the latent space of the shipped autoencoder (flowmap_kernels.digits): latent image path
+    "digits_latent": Dataset("digits_latent", (2, 4, 4), "image", _digits_latent, num_classes=10,
+                             decode=_decode_digits, pixels="digits"),
 }
 
 

@@ -18,7 +18,7 @@
         the moons' arcs.
     class_accuracy(x, labels, data)
         fraction of class-conditional samples whose nearest class region is their label (eight_gaussians,
-        moons; digits: the label the shipped classifier of flowmap_kernels.digits_features reads), overall
+        moons; digits: the label the shipped classifier of flowmap_kernels.digits reads), overall
         and per class.
 """
 from __future__ import annotations
@@ -198,12 +198,12 @@ def in_support_fraction(x, data: str, margin: float = 0.0) -> float:
 def nearest_class(x, data: str) -> np.ndarray:
     """The class region each point falls in: the nearest mixture centre (eight_gaussians, labels
     0..7 counter-clockwise from angle 0), the nearest moon curve (moons: 0 upper, 1 lower), or the digit
-    the shipped classifier reads (digits, :mod:`flowmap_kernels.digits_features`)."""
+    the shipped classifier reads (digits, :mod:`flowmap_kernels.digits`)."""
     x = _as2d(x, "x")
     if data not in CLASS_DATASETS:
         raise ValueError(f"data: expected one of {list(CLASS_DATASETS)}, got {data!r}")
     if data == "digits":
-        from .digits_features import classify
+        from .digits import classify
         return classify(x)
     if data == "eight_gaussians":
         return np.linalg.norm(x[:, None, :] - _eight_centres()[None], axis=2).argmin(1)

@@ -1,9 +1,10 @@
 """Evaluation of a trained flow map: samples at 1, 2, 4 steps (flow-map samplers) or Euler at 1..64 steps
 (flow matching), from the EMA and the raw weights; metric against fresh data; .npy files and figures.
 
-Metric: sliced Wasserstein distance (2D data) or Frechet distance on raw pixels (digits), with the same
+Metric: sliced Wasserstein distance (2D data) or Frechet distance on raw pixels (digits; latent data is
+decoded to pixels first and also reports the autoencoder's own floor), with the same
 metric for standard normal noise as the baseline. Digits also get the Frechet distance on the shipped
-feature extractor (``fd_features``, :mod:`flowmap_kernels.digits_features`) and, with ``--cond``, the
+feature extractor (``fd_features``, :mod:`flowmap_kernels.digits`) and, with ``--cond``, the
 fraction of samples that extractor's classifier assigns to their label (``class_accuracy_ema``). Everything is drawn from generators seeded with
 EVAL_SEED, so two runs with the same weights give the same numbers.
 """
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import sampling
+from ..data import get_dataset
 from ..metrics import (CLASS_DATASETS, SUPPORT_DATASETS, class_accuracy, frechet_distance, in_support_fraction,
                        sliced_wasserstein)
 
@@ -45,15 +47,21 @@ def evaluate(method, ds, model, ema_model, out: Path, cfg, device, losses) -> di
                    data_vs_data=sliced_wasserstein(fresh.numpy(), ref.numpy()))
         np.save(out / "reference.npy", ref.numpy())
     else:
-        ref = ds.sample(n, generator=g)  # with replacement from the 1797 digits
+        # pixel data, or latents decoded to pixels and compared with the pixel dataset
+        pixel_ds = get_dataset(ds.pixels) if ds.decode is not None else ds
+        ref = pixel_ds.sample(n, generator=g)  # with replacement from the 1797 digits
         noise = torch.randn((min(n, 2000), *ds.shape), generator=g)
-        res.update(metric="fd", baseline_noise=frechet_distance(torch.randn((2000, *ds.shape), generator=g).numpy(),
-                                                                ref.numpy()),
-                   data_vs_data=frechet_distance(ds.sample(2000, generator=g).numpy(), ref.numpy()))
-        from .. import digits_features
-        res["fd_features"] = {
-            "baseline_noise": digits_features.frechet_features(torch.randn((2000, *ds.shape), generator=g), ref),
-            "data_vs_data": digits_features.frechet_features(ds.sample(2000, generator=g), ref)}
+        pixel_noise = torch.randn((2000, *pixel_ds.shape), generator=g)
+        fresh = pixel_ds.sample(2000, generator=g)
+        res.update(metric="fd", baseline_noise=frechet_distance(pixel_noise.numpy(), ref.numpy()),
+                   data_vs_data=frechet_distance(fresh.numpy(), ref.numpy()))
+        from .. import digits
+        res["fd_features"] = {"baseline_noise": digits.frechet_features(pixel_noise, ref),
+                              "data_vs_data": digits.frechet_features(fresh, ref)}
+        if ds.decode is not None:  # what the autoencoder alone costs: its reconstructions of fresh data
+            recon = ds.decode(ds.sample(2000, generator=g))
+            res["autoencoder_floor"] = {"fd": frechet_distance(recon.numpy(), ref.numpy()),
+                                        "fd_features": digits.frechet_features(recon, ref)}
     ncls = ds.num_classes if cfg.cond else None
     cond = (torch.arange(noise.shape[0]) % ncls).to(device) if ncls else None
     metric = sliced_wasserstein if ds.kind == "2d" else frechet_distance
@@ -65,14 +73,15 @@ def evaluate(method, ds, model, ema_model, out: Path, cfg, device, losses) -> di
             x = sampling.sample(method, net, noise.to(device), k, cond=cond, generator=sg,
                                 guidance_scale=getattr(cfg, "guidance_scale", None),
                                 guidance_interval=getattr(cfg, "guidance_interval", (0.0, 1.0))).cpu()
+            if ds.decode is not None:
+                x = ds.decode(x)
             entry[name] = metric(x.numpy(), ref.numpy())
             if name == "ema" and ds.name in SUPPORT_DATASETS:
                 entry["in_support_ema"] = in_support_fraction(x.numpy(), ds.name)
             if name == "ema" and ds.kind != "2d":
-                from .. import digits_features
-                entry["fd_features_ema"] = digits_features.frechet_features(x, ref)
-            if name == "ema" and cond is not None and ds.name in CLASS_DATASETS:
-                ca = class_accuracy(x.numpy(), cond.cpu().numpy(), ds.name)
+                entry["fd_features_ema"] = digits.frechet_features(x, ref)
+            if name == "ema" and cond is not None and (ds.pixels or ds.name) in CLASS_DATASETS:
+                ca = class_accuracy(x.numpy(), cond.cpu().numpy(), ds.pixels or ds.name)
                 entry["class_accuracy_ema"] = ca["accuracy"]
                 entry["class_accuracy_per_class_ema"] = {str(c): v for c, v in ca["per_class"].items()}
             if name == "ema":

@@ -75,6 +75,24 @@ def test_fm_euler_step_counts_and_digits_grid(tmp_path):
     assert (tmp_path / "dg" / "samples_nfe1.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_latent_digits_dit_trains_every_method(tmp_path, method):
+    """The latent image path: the DiT on the shipped autoencoder's latents (2x4x4), every method; the
+    samples are decoded to pixels and compared with the digits (the autoencoder's own floor reported)."""
+    evaluate = method == "tvm"
+    args = ["--method", method, "--data", "digits_latent", "--model", "dit", "--batch", "16", "--steps", "2"]
+    assert _run(tmp_path, *args, *(["--eval-samples", "300", "--cond"] if evaluate else ["--no-eval"])) == 0
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2 and all(np.isfinite(ck["losses"]))
+    if evaluate:
+        m = json.loads((tmp_path / "metrics.json").read_text())
+        assert m["data"] == "digits_latent" and m["metric"] == "fd"
+        floor = m["autoencoder_floor"]
+        assert m["data_vs_data"] <= floor["fd"] < 0.1 * m["baseline_noise"]  # pixels: blur costs a little
+        assert floor["fd_features"] < 2 * m["fd_features"]["data_vs_data"] < m["fd_features"]["baseline_noise"]
+        assert (tmp_path / "samples_nfe1.png").stat().st_size > 1000  # decoded 8x8 digits
+
+
 def _final(tmp):
     ck = torch.load(Path(tmp) / "checkpoint.pt", weights_only=True)
     return ck
@@ -137,12 +155,10 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
     assert not (tmp_path / "metrics.json").exists()
 
 
-def _worker(rank, world, port, q):
+def _worker(rank, world):
     import torch.distributed as dist
     from flowmap_kernels.training import close_distributed, init_distributed
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    info = init_distributed("cpu")
+    info = init_distributed("cpu")  # from the torchrun-style environment the harness sets
     assert info.enabled and info.rank == rank and dist.is_initialized()
     m = torch.nn.Linear(3, 2)
     for i, p in enumerate(m.parameters()):
@@ -154,23 +170,13 @@ def _worker(rank, world, port, q):
     broadcast_module(m)
     synced = params_in_sync(m)
     close_distributed()  # the group init_distributed created: left after a barrier
-    q.put((rank, calls, w.unique().tolist(), b.unique().tolist(), same, synced, dist.is_initialized()))
+    return rank, calls, w.unique().tolist(), b.unique().tolist(), same, synced, dist.is_initialized()
 
 
-def test_allreduce_grads_averages_and_sync_check():
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    res = sorted(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(60)
+def test_allreduce_grads_averages_and_sync_check(tmp_path):
+    from tests.distributed.harness import spawn
+    res = spawn(_worker, 2, tmp_path, timeout=120, group=False, all_ranks=True)
+    assert [r[0] for r in res] == [0, 1]
     for rank, calls, w, b, same_before, same_after, still_initialized in res:
         assert w == [1.5] and b == [0.0]  # mean of 1 and 2; a missing grad counts as zero
         assert calls == 2  # bucket_bytes=8 forces one all_reduce per tensor
