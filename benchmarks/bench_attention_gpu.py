@@ -51,7 +51,7 @@ def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from flowmap_kernels.attention.triton import kernels as ta
+    from flowmap_kernels.attention.triton import launch as ta
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     B, H = max(1, tokens // n), heads

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -58,27 +59,102 @@ TARGETS = {t: f.name for f in FAMILIES.values() for t in f.targets}
 
 
 @dataclass(frozen=True)
+class KeyBlockPart:
+    """One launch of the key-block kernel (dK, dV and their tangents): the outputs it writes.
+
+    ``suffix`` names the launch in the compile report (``jvp_backward_dkdv[dk]``; "" for a launch writing
+    all of them); ``dk``, ``dtk``: dK, dtK; ``dv``: dV (and dtV with tangents: they share their products).
+    """
+
+    suffix: str
+    dk: bool
+    dtk: bool
+    dv: bool
+
+    def constexprs(self) -> dict:
+        return dict(WANT_DK=self.dk, WANT_DTK=self.dtk, WANT_DV=self.dv)
+
+
+@dataclass(frozen=True)
+class QueryBlockPart:
+    """One launch of the query-block kernel (dQ and dtQ): the terms it writes.
+
+    dQ = scale sum_n (dS K + dtS tK): ``dq_ds`` the dS K term, ``dq_dts`` the dtS tK term; ``dtq``: dtQ.
+    ``to_partial``: its dQ terms go to a float32 partial dQ that a later launch with ``add_partial`` adds.
+    """
+
+    suffix: str
+    dq_ds: bool
+    dq_dts: bool
+    dtq: bool
+    to_partial: bool = False
+    add_partial: bool = False
+
+    def constexprs(self) -> dict:
+        return dict(DQ_DS=self.dq_ds, DQ_DTS=self.dq_dts, WANT_DTQ=self.dtq, ADD_PARTIAL=self.add_partial)
+
+
+@dataclass(frozen=True)
+class LaunchParts:
+    """How the tangent backward divides its outputs over launches of the key-block kernel (``key_block``)
+    and of the query-block kernel (``query_block``): split launches hold fewer fp32 accumulators and
+    resident tiles in registers at large head dims, for a few recomputed products. ``tag`` ends the name
+    of a config that splits ("32x64/w4/s1/split3"). The primal backward never splits (:data:`PRIMAL`)."""
+
+    tag: str
+    key_block: tuple
+    query_block: tuple
+
+
+#: One launch of each kernel, every output.
+FUSED = LaunchParts("", (KeyBlockPart("", True, True, True),), (QueryBlockPart("", True, True, True),))
+#: dK+dtK | dV+dtV, and dQ | dtQ.
+BY_OUTPUT = LaunchParts(
+    "split2",
+    (KeyBlockPart("dk,dtk", True, True, False), KeyBlockPart("dv,dtv", False, False, True)),
+    (QueryBlockPart("dq", True, True, False), QueryBlockPart("dtq", False, False, True)))
+#: dK | dtK | dV+dtV, and dtQ with dQ's dtS tK term (into a float32 partial) | dQ's dS K term plus that partial.
+BY_TERM = LaunchParts(
+    "split3",
+    (KeyBlockPart("dk", True, False, False), KeyBlockPart("dtk", False, True, False),
+     KeyBlockPart("dv,dtv", False, False, True)),
+    (QueryBlockPart("dtq,dq_dts", False, True, True, to_partial=True),
+     QueryBlockPart("dq_ds", True, False, False, add_partial=True)))
+#: The primal backward (no tangent terms): dK and dV in one launch, dQ in one.
+PRIMAL = LaunchParts("", (KeyBlockPart("", True, False, True),), (QueryBlockPart("", True, False, False),))
+#: Launch parts of the tangent backward by the tag in a config's name.
+PARTS = {p.tag: p for p in (FUSED, BY_OUTPUT, BY_TERM)}
+
+
+@dataclass(frozen=True)
 class Config:
-    """Tile sizes: BLOCK_M query rows and BLOCK_N key rows per tile; num_warps, num_stages as in Triton."""
+    """Tile sizes: BLOCK_M query rows and BLOCK_N key rows per tile; num_warps, num_stages as in Triton;
+    ``parts``: the launches of the tangent backward (:class:`LaunchParts`; read by the backward kernels)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    split: int = 0  # tangent backward only: 0 fused; 2: dK+dtK | dV+dtV and dQ | dtQ;
-    #                 3: dK | dtK | dV+dtV and dtQ + dQ's dtS tK term | dQ's dS K term (attention.dq_parts)
-
+    parts: LaunchParts = FUSED
 
     def as_dict(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
                     num_stages=self.num_stages)
 
     def __str__(self) -> str:
-        split = f"/split{self.split}" if self.split else ""
-        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{split}"
+        tag = f"/{self.parts.tag}" if self.parts.tag else ""
+        return f"{self.block_m}x{self.block_n}/w{self.num_warps}/s{self.num_stages}{tag}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Config":
+        """The config named ``name`` (its ``str``: "32x64/w4/s1/split3")."""
+        m = re.fullmatch(r"(\d+)x(\d+)/w(\d+)/s(\d+)(?:/(\w+))?", name)
+        if m is None or (m.group(5) or "") not in PARTS:
+            raise ValueError(f"config: expected a name such as '32x64/w4/s1' or '32x64/w4/s1/split3', got {name!r}")
+        return cls(*(int(g) for g in m.groups()[:4]), PARTS[m.group(5) or ""])
 
 
-C = Config
+C, S2, S3 = Config, BY_OUTPUT, BY_TERM  # S2, S3: the split tangent backward ("/split2", "/split3")
 # TABLE[(kernel, arch)][(head_dim_bucket, element_bytes)] -> Config.
 # A missing element size falls back to the 2-byte entry of the same bucket.
 TABLE: dict = {
@@ -132,25 +208,25 @@ TABLE: dict = {
     },
     ("jvp_backward_dkdv", "sm90"): {
         (16, 2): C(32, 64, 8, 1), (32, 2): C(32, 64, 8, 1), (64, 2): C(32, 64, 8, 1),
-        (128, 2): C(32, 64, 4, 1, 3), (256, 2): C(16, 64, 4, 1, 3),
-        (16, 4): C(16, 64, 4, 1, 3), (32, 4): C(16, 64, 4, 1, 3), (64, 4): C(16, 16, 4, 1, 3),
+        (128, 2): C(32, 64, 4, 1, S3), (256, 2): C(16, 64, 4, 1, S3),
+        (16, 4): C(16, 64, 4, 1, S3), (32, 4): C(16, 64, 4, 1, S3), (64, 4): C(16, 16, 4, 1, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
     ("jvp_backward_dkdv", "sm80"): {
         (16, 2): C(32, 64, 8, 2), (32, 2): C(32, 64, 8, 2), (64, 2): C(32, 64, 8, 2),
-        (128, 2): C(32, 64, 8, 1, 3), (256, 2): C(16, 32, 4, 1),
+        (128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1),
         (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
     ("jvp_backward_dq", "sm90"): {
         (16, 2): C(64, 64, 8, 2), (32, 2): C(64, 64, 8, 2), (64, 2): C(64, 64, 8, 2),
-        (128, 2): C(64, 32, 8, 2, 2), (256, 2): C(64, 16, 4, 1, 2),
-        (16, 4): C(64, 32, 4, 1, 2), (32, 4): C(64, 32, 4, 1, 2), (64, 4): C(64, 16, 4, 1, 3),
+        (128, 2): C(64, 32, 8, 2, S2), (256, 2): C(64, 16, 4, 1, S2),
+        (16, 4): C(64, 32, 4, 1, S2), (32, 4): C(64, 32, 4, 1, S2), (64, 4): C(64, 16, 4, 1, S3),
         (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
     ("jvp_backward_dq", "sm80"): {
         (16, 2): C(64, 32, 8, 2), (32, 2): C(64, 32, 8, 2), (64, 2): C(64, 32, 8, 2),
-        (128, 2): C(32, 32, 4, 1, 2), (256, 2): C(32, 16, 4, 1),
+        (128, 2): C(32, 32, 4, 1, S2), (256, 2): C(32, 16, 4, 1),
         (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
         (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
@@ -161,17 +237,17 @@ TABLE: dict = {
 ODD_TABLE: dict = {
     ("jvp_forward", "sm90"): {(128, 2): C(64, 32, 8, 1)},  # 8 B spill: the least of the wgmma tiles tried
     ("backward_dkdv", "sm90"): {(128, 2): C(32, 64, 8, 2)},
-    ("jvp_backward_dkdv", "sm90"): {(128, 2): C(16, 64, 4, 1, 3)},
-    ("jvp_backward_dq", "sm90"): {(128, 2): C(64, 16, 4, 1, 2)},
+    ("jvp_backward_dkdv", "sm90"): {(128, 2): C(16, 64, 4, 1, S3)},
+    ("jvp_backward_dq", "sm90"): {(128, 2): C(64, 16, 4, 1, S2)},
 }
 # Entries where a family departs from the tiles it borrows (FAMILIES[...].tiles), found by the compile report:
 # on sm_100a the Hopper tiles of these launches compile to a kernel that only traps (D = 256: every 64-row
 # jvp_forward tile; the dV+dtV part of jvp_backward_dkdv at 16x64) or spill 216 B (D = 128 [dk] part).
 FAMILY_TABLE: dict = {
     ("jvp_forward", "sm100"): {(256, 2): C(32, 32, 4, 1)},
-    ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, 3), (256, 2): C(16, 32, 4, 1, 3)},
+    ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1, S3)},
 }
-del C
+del C, S2, S3
 
 #: float32 inputs run their products as 3xTF32 (about fp32 accuracy), which holds three times the operand
 #: registers: the shipped float32 tiles are spill-free on sm_90a for head dims up to 32, and for multiples
