@@ -27,6 +27,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from ._autodiff import TANGENT_GRAD
+
 __all__ = ["jvp", "bind", "Bound", "dual_form", "has_dual_form", "forward_mode_active"]
 
 
@@ -121,13 +123,18 @@ def _as_tuple(name: str, x) -> tuple:
     return tuple(x)
 
 
-def jvp(f: Callable, primals, tangents):
+def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True):
     """``(f(*primals), J_f(primals) @ tangents)``, as torch.func.jvp, through ``f``'s dual form when it has one.
 
     f: an nn.Module with ``forward_jvp`` (the package's models), ``bind(model, **kwargs)`` of one, or any
     callable (then torch.func.jvp). primals, tangents: tuples of tensors, each tangent of its primal's shape
-    (and dtype). Both outputs are differentiable (backward through the JVP, as TVM needs).
+    (and dtype). Both outputs are differentiable (backward through the JVP, as TVM needs); with
+    ``tangent_grad=False`` the JVP comes back detached (a stop-gradient, as MeanFlow and sCM use) and, in the
+    dual form, every fused op's backward takes its primal path: no backward through the tangent is traced,
+    also under torch.compile (where a later ``.detach()`` cannot be seen by the ops' backward).
     """
+    if not isinstance(tangent_grad, bool):
+        raise TypeError(f"tangent_grad: expected a bool, got {type(tangent_grad).__name__}")
     primals, tangents = _as_tuple("primals", primals), _as_tuple("tangents", tangents)
     if len(primals) != len(tangents):
         raise ValueError(f"tangents: expected {len(primals)} tangents (one per primal), got {len(tangents)}")
@@ -141,5 +148,17 @@ def jvp(f: Callable, primals, tangents):
             raise ValueError(f"tangents: entry {i} has dtype {t.dtype}, its primal {p.dtype}")
     dual = dual_form(f)
     if dual is None:
-        return torch.func.jvp(f, primals, tangents)
-    return tuple(dual(*primals, *tangents))
+        y, ty = torch.func.jvp(f, primals, tangents)
+        return (y, ty) if tangent_grad else (y, _detach(ty))
+    if tangent_grad:
+        return tuple(dual(*primals, *tangents))
+    TANGENT_GRAD.enabled = False
+    try:
+        y, ty = dual(*primals, *tangents)
+    finally:
+        TANGENT_GRAD.enabled = True
+    return y, _detach(ty)
+
+
+def _detach(t):
+    return tuple(x.detach() for x in t) if isinstance(t, tuple) else t.detach()

@@ -69,6 +69,30 @@ void for_chunks(long long n, F f) {
   });
 }
 
+// f(r) for every row r, rows in parallel (the passes without a reduction over rows).
+template <typename F>
+void for_rows(long long R, F f) {
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) f(r);
+  });
+}
+
+// f(k, r) for every row r of every chunk k of `rpc` consecutive rows, chunks in parallel (the backward
+// passes: parameter gradients are summed per chunk, so one chunk runs on one thread).
+template <typename F>
+void for_chunk_rows(long long R, long long rpc, F f) {
+  for_chunks(R / rpc, [&](long long k) {
+    for (long long r = k * rpc; r < (k + 1) * rpc; ++r) f(k, r);
+  });
+}
+
+// An optional output gradient (absent = zero: nothing is read): the tensor, else `fallback`, which only
+// stands in for the shape checks and strides.
+const Tensor& grad_or(const OptT& g, const Tensor& fallback, bool& present) {
+  present = g.has_value() && g->defined();
+  return present ? *g : fallback;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // row norm
 
@@ -86,28 +110,26 @@ std::tuple<Tensor, Tensor> norm_forward(const Tensor& x, const OptT& scale, cons
     const T* H = table<T>("norm_forward", "shift", shift, x, rph);
     const T* X = x.data_ptr<T>();
     T* Y = y.data_ptr<T>();
-    at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const T* xr = X + r * rs;
-        float amax = 0.f, sum = 0.f;
-        for (long long c = 0; c < C; ++c) amax = std::fmax(amax, std::fabs(ld(xr, c)));
-        const float inv = flowmap::row_inv_scale(amax);
-        for (long long c = 0; c < C; ++c) sum += ld(xr, c) * inv;
-        NormStats s{flowmap::finish_mean(sum, (int)C, center), 0.f, 0.f, 0.f};
-        float sq = 0.f;
-        for (long long c = 0; c < C; ++c) { float d = ld(xr, c) * inv - s.mean; sq += d * d; }
-        s.rstd = flowmap::finish_rstd(sq, (int)C, (float)eps, inv);
-        flowmap::finish_unscale(s, inv);
-        const T* sr = flowmap::table_row(S, r, rps, C);
-        const T* hr = flowmap::table_row(H, r, rph, C);
-        for (long long c = 0; c < C; ++c) {
-          float yv;
-          flowmap::norm_fwd_elem(ld(xr, c), sr ? off + ld(sr, c) : off, hr ? ld(hr, c) : 0.f, s, yv);
-          Y[r * C + c] = static_cast<T>(yv);
-        }
-        st[2 * r] = s.mean;
-        st[2 * r + 1] = s.rstd;
+    for_rows(R, [&](long long r) {
+      const T* xr = X + r * rs;
+      float amax = 0.f, sum = 0.f;
+      for (long long c = 0; c < C; ++c) amax = std::fmax(amax, std::fabs(ld(xr, c)));
+      const float inv = flowmap::row_inv_scale(amax);
+      for (long long c = 0; c < C; ++c) sum += ld(xr, c) * inv;
+      NormStats s{flowmap::finish_mean(sum, (int)C, center), 0.f, 0.f, 0.f};
+      float sq = 0.f;
+      for (long long c = 0; c < C; ++c) { float d = ld(xr, c) * inv - s.mean; sq += d * d; }
+      s.rstd = flowmap::finish_rstd(sq, (int)C, (float)eps, inv);
+      flowmap::finish_unscale(s, inv);
+      const T* sr = flowmap::table_row(S, r, rps, C);
+      const T* hr = flowmap::table_row(H, r, rph, C);
+      for (long long c = 0; c < C; ++c) {
+        float yv;
+        flowmap::norm_fwd_elem(ld(xr, c), sr ? off + ld(sr, c) : off, hr ? ld(hr, c) : 0.f, s, yv);
+        Y[r * C + c] = static_cast<T>(yv);
       }
+      st[2 * r] = s.mean;
+      st[2 * r + 1] = s.rstd;
     });
   });
   return {y, stats};
@@ -133,22 +155,20 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& x, const OptT& sc
     const T* S = table<T>("norm_backward", "scale", scale, x, rps);
     const T *X = x.data_ptr<T>(), *G = gy.data_ptr<T>();
     T* DX = dx.data_ptr<T>();
-    for_chunks(R / rpc, [&](long long k) {
-      for (long long r = k * rpc; r < (k + 1) * rpc; ++r) {
-        const T *xr = X + r * rs, *gr = G + r * gs;
-        const T* sr = flowmap::table_row(S, r, rps, C);
-        NormStats s{st[r * sw], st[r * sw + 1], 0.f, 0.f};
-        flowmap::NormBwdSums1 sum{0.f, 0.f};
-        for (long long c = 0; c < C; ++c)
-          flowmap::norm_bwd_accum(ld(xr, c), sr ? off + ld(sr, c) : off, ld(gr, c), s, sum);
-        for (long long c = 0; c < C; ++c) {
-          float d, dsc;
-          float g = ld(gr, c);
-          flowmap::norm_bwd_elem(ld(xr, c), sr ? off + ld(sr, c) : off, g, s, sum, (int)C, center, d, dsc);
-          DX[r * C + c] = static_cast<T>(d);
-          if (DS) DS[k * C + c] += dsc;
-          if (DH) DH[k * C + c] += g;
-        }
+    for_chunk_rows(R, rpc, [&](long long k, long long r) {
+      const T *xr = X + r * rs, *gr = G + r * gs;
+      const T* sr = flowmap::table_row(S, r, rps, C);
+      NormStats s{st[r * sw], st[r * sw + 1], 0.f, 0.f};
+      flowmap::NormBwdSums1 sum{0.f, 0.f};
+      for (long long c = 0; c < C; ++c)
+        flowmap::norm_bwd_accum(ld(xr, c), sr ? off + ld(sr, c) : off, ld(gr, c), s, sum);
+      for (long long c = 0; c < C; ++c) {
+        float d, dsc;
+        float g = ld(gr, c);
+        flowmap::norm_bwd_elem(ld(xr, c), sr ? off + ld(sr, c) : off, g, s, sum, (int)C, center, d, dsc);
+        DX[r * C + c] = static_cast<T>(d);
+        if (DS) DS[k * C + c] += dsc;
+        if (DH) DH[k * C + c] += g;
       }
     });
   });
@@ -173,36 +193,34 @@ std::tuple<Tensor, Tensor, Tensor> norm_jvp_forward(const Tensor& x, const Tenso
     const T* TH = table<T>("norm_jvp_forward", "tshift", tshift, x, rpth);
     const T *X = x.data_ptr<T>(), *TX = tx.data_ptr<T>();
     T *Y = y.data_ptr<T>(), *TY = ty.data_ptr<T>();
-    at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const T *xr = X + r * rs, *txr = TX + r * ts_;
-        float amax = 0.f, sx = 0.f, stx = 0.f;
-        for (long long c = 0; c < C; ++c) amax = std::fmax(amax, std::fabs(ld(xr, c)));
-        const float inv = flowmap::row_inv_scale(amax);
-        for (long long c = 0; c < C; ++c) { sx += ld(xr, c) * inv; stx += ld(txr, c); }
-        NormStats s{flowmap::finish_mean(sx, (int)C, center), 0.f, flowmap::finish_mean(stx, (int)C, center), 0.f};
-        float sq = 0.f, sxt = 0.f;
-        for (long long c = 0; c < C; ++c) {
-          float d = ld(xr, c) * inv - s.mean;
-          sq += d * d;
-          sxt += d * ld(txr, c);
-        }
-        s.rstd = flowmap::finish_rstd(sq, (int)C, (float)eps, inv);
-        s.w = flowmap::finish_w(sxt, s.rstd, (int)C);
-        flowmap::finish_unscale(s, inv);
-        const T* sr = flowmap::table_row(S, r, rps, C);
-        const T* hr = flowmap::table_row(H, r, rph, C);
-        const T* tsr = flowmap::table_row(TS, r, rpts, C);
-        const T* thr = flowmap::table_row(TH, r, rpth, C);
-        for (long long c = 0; c < C; ++c) {
-          float yv, tyv;
-          flowmap::norm_jvp_elem(ld(xr, c), ld(txr, c), sr ? off + ld(sr, c) : off, hr ? ld(hr, c) : 0.f,
-                                 tsr ? ld(tsr, c) : 0.f, thr ? ld(thr, c) : 0.f, s, yv, tyv);
-          Y[r * C + c] = static_cast<T>(yv);
-          TY[r * C + c] = static_cast<T>(tyv);
-        }
-        st[4 * r] = s.mean; st[4 * r + 1] = s.rstd; st[4 * r + 2] = s.tmean; st[4 * r + 3] = s.w;
+    for_rows(R, [&](long long r) {
+      const T *xr = X + r * rs, *txr = TX + r * ts_;
+      float amax = 0.f, sx = 0.f, stx = 0.f;
+      for (long long c = 0; c < C; ++c) amax = std::fmax(amax, std::fabs(ld(xr, c)));
+      const float inv = flowmap::row_inv_scale(amax);
+      for (long long c = 0; c < C; ++c) { sx += ld(xr, c) * inv; stx += ld(txr, c); }
+      NormStats s{flowmap::finish_mean(sx, (int)C, center), 0.f, flowmap::finish_mean(stx, (int)C, center), 0.f};
+      float sq = 0.f, sxt = 0.f;
+      for (long long c = 0; c < C; ++c) {
+        float d = ld(xr, c) * inv - s.mean;
+        sq += d * d;
+        sxt += d * ld(txr, c);
       }
+      s.rstd = flowmap::finish_rstd(sq, (int)C, (float)eps, inv);
+      s.w = flowmap::finish_w(sxt, s.rstd, (int)C);
+      flowmap::finish_unscale(s, inv);
+      const T* sr = flowmap::table_row(S, r, rps, C);
+      const T* hr = flowmap::table_row(H, r, rph, C);
+      const T* tsr = flowmap::table_row(TS, r, rpts, C);
+      const T* thr = flowmap::table_row(TH, r, rpth, C);
+      for (long long c = 0; c < C; ++c) {
+        float yv, tyv;
+        flowmap::norm_jvp_elem(ld(xr, c), ld(txr, c), sr ? off + ld(sr, c) : off, hr ? ld(hr, c) : 0.f,
+                               tsr ? ld(tsr, c) : 0.f, thr ? ld(thr, c) : 0.f, s, yv, tyv);
+        Y[r * C + c] = static_cast<T>(yv);
+        TY[r * C + c] = static_cast<T>(tyv);
+      }
+      st[4 * r] = s.mean; st[4 * r + 1] = s.rstd; st[4 * r + 2] = s.tmean; st[4 * r + 3] = s.w;
     });
   });
   return {y, ty, stats};
@@ -214,8 +232,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> norm_jvp_backward(
   const char* op = "norm_jvp_backward";
   check_rows(op, "x", x, x);
   check_rows(op, "tx", tx, x);
-  const bool has_gy = gy_.has_value() && gy_->defined();
-  const Tensor& gy = has_gy ? *gy_ : gt;  // gy absent = zero: nothing is read
+  bool has_gy;
+  const Tensor& gy = grad_or(gy_, gt, has_gy);
   check_rows(op, "gy", gy, x);
   check_rows(op, "gt", gt, x);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == x.size(0) && stats.size(1) == 4 && stats.is_contiguous() &&
@@ -239,27 +257,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> norm_jvp_backward(
     const T *X = x.data_ptr<T>(), *TX = tx.data_ptr<T>(), *GT = gt.data_ptr<T>();
     const T* GY = has_gy ? gy.data_ptr<T>() : nullptr;
     T *DX = dx.data_ptr<T>(), *DTX = dtx.data_ptr<T>();
-    for_chunks(R / rpc, [&](long long k) {
-      for (long long r = k * rpc; r < (k + 1) * rpc; ++r) {
-        const T *xr = X + r * rs, *txr = TX + r * trs, *gtr = GT + r * gts;
-        const T* gyr = GY ? GY + r * gs : nullptr;
-        const T* sr = flowmap::table_row(S, r, rps, C);
-        const T* tsr = flowmap::table_row(TS, r, rpts, C);
-        NormStats s{st[4 * r], st[4 * r + 1], st[4 * r + 2], st[4 * r + 3]};
-        flowmap::NormBwdSums sum{0.f, 0.f, 0.f, 0.f, 0.f};
-        for (long long c = 0; c < C; ++c)
-          flowmap::norm_jvp_bwd_accum(ld(xr, c), ld(txr, c), sr ? off + ld(sr, c) : off, tsr ? ld(tsr, c) : 0.f,
-                                      gyr ? ld(gyr, c) : 0.f, ld(gtr, c), s, sum);
-        for (long long c = 0; c < C; ++c) {
-          float d, dt, dsc, dtsc;
-          float g = gyr ? ld(gyr, c) : 0.f, gtv = ld(gtr, c);
-          flowmap::norm_jvp_bwd_elem(ld(xr, c), ld(txr, c), sr ? off + ld(sr, c) : off, tsr ? ld(tsr, c) : 0.f, g,
-                                     gtv, s, sum, (int)C, center, d, dt, dsc, dtsc);
-          DX[r * C + c] = static_cast<T>(d);
-          DTX[r * C + c] = static_cast<T>(dt);
-          if (DS) { DS[k * C + c] += dsc; DTS[k * C + c] += dtsc; }
-          if (DH) { DH[k * C + c] += g; DTH[k * C + c] += gtv; }
-        }
+    for_chunk_rows(R, rpc, [&](long long k, long long r) {
+      const T *xr = X + r * rs, *txr = TX + r * trs, *gtr = GT + r * gts;
+      const T* gyr = GY ? GY + r * gs : nullptr;
+      const T* sr = flowmap::table_row(S, r, rps, C);
+      const T* tsr = flowmap::table_row(TS, r, rpts, C);
+      NormStats s{st[4 * r], st[4 * r + 1], st[4 * r + 2], st[4 * r + 3]};
+      flowmap::NormBwdSums sum{0.f, 0.f, 0.f, 0.f, 0.f};
+      for (long long c = 0; c < C; ++c)
+        flowmap::norm_jvp_bwd_accum(ld(xr, c), ld(txr, c), sr ? off + ld(sr, c) : off, tsr ? ld(tsr, c) : 0.f,
+                                    gyr ? ld(gyr, c) : 0.f, ld(gtr, c), s, sum);
+      for (long long c = 0; c < C; ++c) {
+        float d, dt, dsc, dtsc;
+        float g = gyr ? ld(gyr, c) : 0.f, gtv = ld(gtr, c);
+        flowmap::norm_jvp_bwd_elem(ld(xr, c), ld(txr, c), sr ? off + ld(sr, c) : off, tsr ? ld(tsr, c) : 0.f, g,
+                                   gtv, s, sum, (int)C, center, d, dt, dsc, dtsc);
+        DX[r * C + c] = static_cast<T>(d);
+        DTX[r * C + c] = static_cast<T>(dt);
+        if (DS) { DS[k * C + c] += dsc; DTS[k * C + c] += dtsc; }
+        if (DH) { DH[k * C + c] += g; DTH[k * C + c] += gtv; }
       }
     });
   });
@@ -278,12 +294,10 @@ Tensor gelu_forward(const Tensor& x, const OptT& bias) {
     const T* B = table<T>("gelu_forward", "bias", bias, x, rpb);
     const T* X = x.data_ptr<T>();
     T* Y = y.data_ptr<T>();
-    at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const T* br = flowmap::table_row(B, r, rpb, C);
-        for (long long c = 0; c < C; ++c)
-          Y[r * C + c] = static_cast<T>(flowmap::gelu_value(ld(X + r * rs, c) + (br ? ld(br, c) : 0.f)));
-      }
+    for_rows(R, [&](long long r) {
+      const T* br = flowmap::table_row(B, r, rpb, C);
+      for (long long c = 0; c < C; ++c)
+        Y[r * C + c] = static_cast<T>(flowmap::gelu_value(ld(X + r * rs, c) + (br ? ld(br, c) : 0.f)));
     });
   });
   return y;
@@ -302,15 +316,13 @@ std::tuple<Tensor, Tensor> gelu_backward(const Tensor& x, const OptT& bias, cons
     const T* B = table<T>("gelu_backward", "bias", bias, x, rpb);
     const T *X = x.data_ptr<T>(), *G = gy.data_ptr<T>();
     T* DX = dx.data_ptr<T>();
-    for_chunks(R / rpc, [&](long long k) {
-      for (long long r = k * rpc; r < (k + 1) * rpc; ++r) {
-        const T* br = flowmap::table_row(B, r, rpb, C);
-        for (long long c = 0; c < C; ++c) {
-          float dz;
-          flowmap::gelu_bwd_elem(ld(X + r * rs, c) + (br ? ld(br, c) : 0.f), ld(G + r * gs, c), dz);
-          DX[r * C + c] = static_cast<T>(dz);
-          if (DB) DB[k * C + c] += dz;
-        }
+    for_chunk_rows(R, rpc, [&](long long k, long long r) {
+      const T* br = flowmap::table_row(B, r, rpb, C);
+      for (long long c = 0; c < C; ++c) {
+        float dz;
+        flowmap::gelu_bwd_elem(ld(X + r * rs, c) + (br ? ld(br, c) : 0.f), ld(G + r * gs, c), dz);
+        DX[r * C + c] = static_cast<T>(dz);
+        if (DB) DB[k * C + c] += dz;
       }
     });
   });
@@ -328,17 +340,15 @@ std::tuple<Tensor, Tensor> gelu_jvp_forward(const Tensor& x, const Tensor& tx, c
     const T* TB = table<T>("gelu_jvp_forward", "tbias", tbias, x, rptb);
     const T *X = x.data_ptr<T>(), *TX = tx.data_ptr<T>();
     T *Y = y.data_ptr<T>(), *TY = ty.data_ptr<T>();
-    at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const T* br = flowmap::table_row(B, r, rpb, C);
-        const T* tbr = flowmap::table_row(TB, r, rptb, C);
-        for (long long c = 0; c < C; ++c) {
-          float yv, tyv;
-          flowmap::gelu_jvp_elem(ld(X + r * rs, c) + (br ? ld(br, c) : 0.f),
-                                 ld(TX + r * trs, c) + (tbr ? ld(tbr, c) : 0.f), yv, tyv);
-          Y[r * C + c] = static_cast<T>(yv);
-          TY[r * C + c] = static_cast<T>(tyv);
-        }
+    for_rows(R, [&](long long r) {
+      const T* br = flowmap::table_row(B, r, rpb, C);
+      const T* tbr = flowmap::table_row(TB, r, rptb, C);
+      for (long long c = 0; c < C; ++c) {
+        float yv, tyv;
+        flowmap::gelu_jvp_elem(ld(X + r * rs, c) + (br ? ld(br, c) : 0.f),
+                               ld(TX + r * trs, c) + (tbr ? ld(tbr, c) : 0.f), yv, tyv);
+        Y[r * C + c] = static_cast<T>(yv);
+        TY[r * C + c] = static_cast<T>(tyv);
       }
     });
   });
@@ -351,8 +361,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gelu_jvp_backward(const Tensor& x, co
   const char* op = "gelu_jvp_backward";
   check_rows(op, "x", x, x);
   check_rows(op, "tx", tx, x);
-  const bool has_gy = gy_.has_value() && gy_->defined();
-  const Tensor& gy = has_gy ? *gy_ : gt;
+  bool has_gy;
+  const Tensor& gy = grad_or(gy_, gt, has_gy);
   check_rows(op, "gy", gy, x);
   check_rows(op, "gt", gt, x);
   const long long R = x.size(0), C = x.size(1);
@@ -369,19 +379,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gelu_jvp_backward(const Tensor& x, co
     const T *X = x.data_ptr<T>(), *TX = tx.data_ptr<T>(), *GT = gt.data_ptr<T>();
     const T* GY = has_gy ? gy.data_ptr<T>() : nullptr;
     T *DX = dx.data_ptr<T>(), *DTX = dtx.data_ptr<T>();
-    for_chunks(R / rpc, [&](long long k) {
-      for (long long r = k * rpc; r < (k + 1) * rpc; ++r) {
-        const T* br = flowmap::table_row(B, r, rpb, C);
-        const T* tbr = flowmap::table_row(TB, r, rptb, C);
-        for (long long c = 0; c < C; ++c) {
-          float dz, dtz;
-          flowmap::gelu_jvp_bwd_elem(ld(X + r * rs, c) + (br ? ld(br, c) : 0.f),
-                                     ld(TX + r * trs, c) + (tbr ? ld(tbr, c) : 0.f), GY ? ld(GY + r * gs, c) : 0.f,
-                                     ld(GT + r * gts, c), dz, dtz);
-          DX[r * C + c] = static_cast<T>(dz);
-          DTX[r * C + c] = static_cast<T>(dtz);
-          if (DB) { DB[k * C + c] += dz; DTB[k * C + c] += dtz; }
-        }
+    for_chunk_rows(R, rpc, [&](long long k, long long r) {
+      const T* br = flowmap::table_row(B, r, rpb, C);
+      const T* tbr = flowmap::table_row(TB, r, rptb, C);
+      for (long long c = 0; c < C; ++c) {
+        float dz, dtz;
+        flowmap::gelu_jvp_bwd_elem(ld(X + r * rs, c) + (br ? ld(br, c) : 0.f),
+                                   ld(TX + r * trs, c) + (tbr ? ld(tbr, c) : 0.f), GY ? ld(GY + r * gs, c) : 0.f,
+                                   ld(GT + r * gts, c), dz, dtz);
+        DX[r * C + c] = static_cast<T>(dz);
+        DTX[r * C + c] = static_cast<T>(dtz);
+        if (DB) { DB[k * C + c] += dz; DTB[k * C + c] += dtz; }
       }
     });
   });
@@ -401,14 +409,12 @@ Tensor gated_forward(const Tensor& x, const Tensor& gate, const Tensor& y) {
     const T* Gt = table<T>("gated_forward", "gate", gate, x, rpg);
     const T *X = x.data_ptr<T>(), *Yp = y.data_ptr<T>();
     T* O = out.data_ptr<T>();
-    at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const T* gr = flowmap::table_row(Gt, r, rpg, C);
-        for (long long c = 0; c < C; ++c) {
-          float o, to;
-          flowmap::gated_jvp_elem(ld(X + r * rs, c), 0.f, ld(gr, c), 0.f, ld(Yp + r * ys, c), 0.f, o, to);
-          O[r * C + c] = static_cast<T>(o);
-        }
+    for_rows(R, [&](long long r) {
+      const T* gr = flowmap::table_row(Gt, r, rpg, C);
+      for (long long c = 0; c < C; ++c) {
+        float o, to;
+        flowmap::gated_jvp_elem(ld(X + r * rs, c), 0.f, ld(gr, c), 0.f, ld(Yp + r * ys, c), 0.f, o, to);
+        O[r * C + c] = static_cast<T>(o);
       }
     });
   });
@@ -427,16 +433,14 @@ std::tuple<Tensor, Tensor> gated_backward(const Tensor& gate, const Tensor& y, c
     const T* Gt = table<T>("gated_backward", "gate", gate, y, rpg);
     const T *Yp = y.data_ptr<T>(), *GO = go.data_ptr<T>();
     T* DY = dy.data_ptr<T>();
-    for_chunks(R / rpc, [&](long long k) {
-      for (long long r = k * rpc; r < (k + 1) * rpc; ++r) {
-        const T* gr = flowmap::table_row(Gt, r, rpg, C);
-        for (long long c = 0; c < C; ++c) {
-          float d, dt, dgv, dtg;
-          flowmap::gated_jvp_bwd_elem(ld(gr, c), 0.f, ld(Yp + r * ys, c), 0.f, ld(GO + r * gs, c), 0.f, d, dt, dgv,
-                                      dtg);
-          DY[r * C + c] = static_cast<T>(d);
-          DG[k * C + c] += dgv;
-        }
+    for_chunk_rows(R, rpc, [&](long long k, long long r) {
+      const T* gr = flowmap::table_row(Gt, r, rpg, C);
+      for (long long c = 0; c < C; ++c) {
+        float d, dt, dgv, dtg;
+        flowmap::gated_jvp_bwd_elem(ld(gr, c), 0.f, ld(Yp + r * ys, c), 0.f, ld(GO + r * gs, c), 0.f, d, dt, dgv,
+                                    dtg);
+        DY[r * C + c] = static_cast<T>(d);
+        DG[k * C + c] += dgv;
       }
     });
   });
@@ -459,17 +463,15 @@ std::tuple<Tensor, Tensor> gated_jvp_forward(const Tensor& x, const Tensor& tx, 
     const T* TG = table<T>(op, "tgate", tgate, x, rptg);
     const T *X = x.data_ptr<T>(), *TX = tx.data_ptr<T>(), *Yp = y.data_ptr<T>(), *TYp = ty.data_ptr<T>();
     T *O = out.data_ptr<T>(), *TO = tout.data_ptr<T>();
-    at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const T* gr = flowmap::table_row(Gt, r, rpg, C);
-        const T* tgr = flowmap::table_row(TG, r, rptg, C);
-        for (long long c = 0; c < C; ++c) {
-          float o, to;
-          flowmap::gated_jvp_elem(ld(X + r * rs, c), ld(TX + r * trs, c), ld(gr, c), ld(tgr, c), ld(Yp + r * ys, c),
-                                  ld(TYp + r * tys, c), o, to);
-          O[r * C + c] = static_cast<T>(o);
-          TO[r * C + c] = static_cast<T>(to);
-        }
+    for_rows(R, [&](long long r) {
+      const T* gr = flowmap::table_row(Gt, r, rpg, C);
+      const T* tgr = flowmap::table_row(TG, r, rptg, C);
+      for (long long c = 0; c < C; ++c) {
+        float o, to;
+        flowmap::gated_jvp_elem(ld(X + r * rs, c), ld(TX + r * trs, c), ld(gr, c), ld(tgr, c), ld(Yp + r * ys, c),
+                                ld(TYp + r * tys, c), o, to);
+        O[r * C + c] = static_cast<T>(o);
+        TO[r * C + c] = static_cast<T>(to);
       }
     });
   });
@@ -482,8 +484,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_jvp_backward(const Tensor& gate
   const char* op = "gated_jvp_backward";
   check_rows(op, "y", y, y);
   check_rows(op, "ty", ty, y);
-  const bool has_go = go_.has_value() && go_->defined();
-  const Tensor& go = has_go ? *go_ : gto;
+  bool has_go;
+  const Tensor& go = grad_or(go_, gto, has_go);
   check_rows(op, "go", go, y);
   check_rows(op, "gto", gto, y);
   const long long R = y.size(0), C = y.size(1);
@@ -498,19 +500,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gated_jvp_backward(const Tensor& gate
     const T *Yp = y.data_ptr<T>(), *TYp = ty.data_ptr<T>(), *GTO = gto.data_ptr<T>();
     const T* GO = has_go ? go.data_ptr<T>() : nullptr;
     T *DY = dy.data_ptr<T>(), *DTY = dty.data_ptr<T>();
-    for_chunks(R / rpc, [&](long long k) {
-      for (long long r = k * rpc; r < (k + 1) * rpc; ++r) {
-        const T* gr = flowmap::table_row(Gt, r, rpg, C);
-        const T* tgr = flowmap::table_row(TG, r, rptg, C);
-        for (long long c = 0; c < C; ++c) {
-          float d, dt, dgv, dtgv;
-          flowmap::gated_jvp_bwd_elem(ld(gr, c), ld(tgr, c), ld(Yp + r * ys, c), ld(TYp + r * tys, c),
-                                      GO ? ld(GO + r * gs, c) : 0.f, ld(GTO + r * gts, c), d, dt, dgv, dtgv);
-          DY[r * C + c] = static_cast<T>(d);
-          DTY[r * C + c] = static_cast<T>(dt);
-          DG[k * C + c] += dgv;
-          DTG[k * C + c] += dtgv;
-        }
+    for_chunk_rows(R, rpc, [&](long long k, long long r) {
+      const T* gr = flowmap::table_row(Gt, r, rpg, C);
+      const T* tgr = flowmap::table_row(TG, r, rptg, C);
+      for (long long c = 0; c < C; ++c) {
+        float d, dt, dgv, dtgv;
+        flowmap::gated_jvp_bwd_elem(ld(gr, c), ld(tgr, c), ld(Yp + r * ys, c), ld(TYp + r * tys, c),
+                                    GO ? ld(GO + r * gs, c) : 0.f, ld(GTO + r * gts, c), d, dt, dgv, dtgv);
+        DY[r * C + c] = static_cast<T>(d);
+        DTY[r * C + c] = static_cast<T>(dt);
+        DG[k * C + c] += dgv;
+        DTG[k * C + c] += dtgv;
       }
     });
   });

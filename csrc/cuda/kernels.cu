@@ -384,6 +384,15 @@ void dispatch(int dtype, const char* what, F f) {
   }
 }
 
+// Launch KERNEL<T> on (GRID, BLOCK) in the stream `s` for the dtype code `dtype` of the enclosing launcher
+// (T names the element type inside the argument list), then raise any launch error as OP's.
+#define FM_LAUNCH(OP, KERNEL, GRID, BLOCK, ...)      \
+  dispatch(dtype, OP, [&](auto t) {                  \
+    using T = decltype(t);                           \
+    KERNEL<T><<<GRID, BLOCK, 0, s>>>(__VA_ARGS__);   \
+  });                                                \
+  check(OP)
+
 template <typename T>
 const T* P(ptr p) { return reinterpret_cast<const T*>(p); }
 template <typename T>
@@ -396,138 +405,88 @@ inline const float* FP(ptr p) { return reinterpret_cast<const float*>(p); }
 void norm_forward(ptr x, i64 rs, ptr scale, i64 rps, ptr shift, i64 rph, ptr y, ptr stats, i64 R, i64 C, float offset,
                   bool center, float eps, int dtype, cudaStream_t s) {
   if (R == 0) return;
-  dispatch(dtype, "norm_forward", [&](auto t) {
-    using T = decltype(t);
-    norm_fwd_kernel<T><<<(unsigned)R, row_threads(C), 0, s>>>(P<T>(x), rs, P<T>(scale), rps, P<T>(shift), rph, W<T>(y),
-                                                              FW(stats), C, offset, center, eps);
-  });
-  check("norm_forward");
+  FM_LAUNCH("norm_forward", norm_fwd_kernel, (unsigned)R, row_threads(C), P<T>(x), rs, P<T>(scale), rps, P<T>(shift),
+            rph, W<T>(y), FW(stats), C, offset, center, eps);
 }
 
 void norm_backward(ptr x, i64 rs, ptr scale, i64 rps, ptr stats, ptr gy, i64 gys, ptr dx, ptr ds, ptr dh, i64 R, i64 C,
                    float offset, bool center, i64 rpc, int dtype, cudaStream_t s) {
   if (R == 0) return;
-  dispatch(dtype, "norm_backward", [&](auto t) {
-    using T = decltype(t);
-    norm_bwd_kernel<T><<<(unsigned)(R / rpc), row_threads(C), 0, s>>>(P<T>(x), rs, P<T>(scale), rps, FP(stats),
-                                                                      P<T>(gy), gys, W<T>(dx), FW(ds), FW(dh), C,
-                                                                      offset, center, rpc);
-  });
-  check("norm_backward");
+  FM_LAUNCH("norm_backward", norm_bwd_kernel, (unsigned)(R / rpc), row_threads(C), P<T>(x), rs, P<T>(scale), rps,
+            FP(stats), P<T>(gy), gys, W<T>(dx), FW(ds), FW(dh), C, offset, center, rpc);
 }
 
 void norm_jvp_forward(ptr x, i64 rs, ptr tx, i64 trs, ptr scale, i64 rps, ptr shift, i64 rph, ptr tscale, i64 rpts,
                       ptr tshift, i64 rpth, ptr y, ptr ty, ptr stats, i64 R, i64 C, float offset, bool center, float eps,
                       int dtype, cudaStream_t s) {
   if (R == 0) return;
-  dispatch(dtype, "norm_jvp_forward", [&](auto t) {
-    using T = decltype(t);
-    norm_jvp_fwd_kernel<T><<<(unsigned)R, row_threads(C), 0, s>>>(
-        P<T>(x), rs, P<T>(tx), trs, P<T>(scale), rps, P<T>(shift), rph, P<T>(tscale), rpts, P<T>(tshift), rpth, W<T>(y),
-        W<T>(ty), FW(stats), C, offset, center, eps);
-  });
-  check("norm_jvp_forward");
+  FM_LAUNCH("norm_jvp_forward", norm_jvp_fwd_kernel, (unsigned)R, row_threads(C), P<T>(x), rs, P<T>(tx), trs,
+            P<T>(scale), rps, P<T>(shift), rph, P<T>(tscale), rpts, P<T>(tshift), rpth, W<T>(y), W<T>(ty), FW(stats),
+            C, offset, center, eps);
 }
 
 void norm_jvp_backward(ptr x, i64 rs, ptr tx, i64 trs, ptr scale, i64 rps, ptr tscale, i64 rpts, ptr stats, ptr gy,
                        i64 gys, ptr gt, i64 gts, ptr dx, ptr dtx, ptr ds, ptr dh, ptr dts, ptr dth, i64 R, i64 C,
                        float offset, bool center, i64 rpc, int dtype, cudaStream_t s) {
   if (R == 0) return;
-  dispatch(dtype, "norm_jvp_backward", [&](auto t) {
-    using T = decltype(t);
-    norm_jvp_bwd_kernel<T><<<(unsigned)(R / rpc), row_threads(C), 0, s>>>(
-        P<T>(x), rs, P<T>(tx), trs, P<T>(scale), rps, P<T>(tscale), rpts, FP(stats), P<T>(gy), gys, P<T>(gt), gts,
-        W<T>(dx), W<T>(dtx), FW(ds), FW(dh), FW(dts), FW(dth), C, offset, center, rpc);
-  });
-  check("norm_jvp_backward");
+  FM_LAUNCH("norm_jvp_backward", norm_jvp_bwd_kernel, (unsigned)(R / rpc), row_threads(C), P<T>(x), rs, P<T>(tx), trs,
+            P<T>(scale), rps, P<T>(tscale), rpts, FP(stats), P<T>(gy), gys, P<T>(gt), gts, W<T>(dx), W<T>(dtx),
+            FW(ds), FW(dh), FW(dts), FW(dth), C, offset, center, rpc);
 }
 
 void gelu_forward(ptr x, i64 rs, ptr bias, ptr y, i64 R, i64 C, int dtype, cudaStream_t s) {
   if (R * C == 0) return;
-  dispatch(dtype, "gelu_forward", [&](auto t) {
-    using T = decltype(t);
-    gelu_fwd_kernel<T><<<elem_blocks(R * C), 256, 0, s>>>(P<T>(x), rs, P<T>(bias), W<T>(y), R, C);
-  });
-  check("gelu_forward");
+  FM_LAUNCH("gelu_forward", gelu_fwd_kernel, elem_blocks(R * C), 256, P<T>(x), rs, P<T>(bias), W<T>(y), R, C);
 }
 
 void gelu_backward(ptr x, i64 rs, ptr bias, ptr gy, i64 gys, ptr dx, ptr db, i64 R, i64 C, i64 rpc, int dtype,
                    cudaStream_t s) {
   if (R * C == 0) return;
-  dispatch(dtype, "gelu_backward", [&](auto t) {
-    using T = decltype(t);
-    gelu_bwd_kernel<T><<<(unsigned)(R / rpc), row_threads(C), 0, s>>>(P<T>(x), rs, P<T>(bias), P<T>(gy), gys, W<T>(dx),
-                                                                      FW(db), C, rpc);
-  });
-  check("gelu_backward");
+  FM_LAUNCH("gelu_backward", gelu_bwd_kernel, (unsigned)(R / rpc), row_threads(C), P<T>(x), rs, P<T>(bias), P<T>(gy),
+            gys, W<T>(dx), FW(db), C, rpc);
 }
 
 void gelu_jvp_forward(ptr x, i64 rs, ptr tx, i64 trs, ptr bias, ptr tbias, ptr y, ptr ty, i64 R, i64 C, int dtype,
                       cudaStream_t s) {
   if (R * C == 0) return;
-  dispatch(dtype, "gelu_jvp_forward", [&](auto t) {
-    using T = decltype(t);
-    gelu_jvp_fwd_kernel<T><<<elem_blocks(R * C), 256, 0, s>>>(P<T>(x), rs, P<T>(tx), trs, P<T>(bias), P<T>(tbias),
-                                                              W<T>(y), W<T>(ty), R, C);
-  });
-  check("gelu_jvp_forward");
+  FM_LAUNCH("gelu_jvp_forward", gelu_jvp_fwd_kernel, elem_blocks(R * C), 256, P<T>(x), rs, P<T>(tx), trs, P<T>(bias),
+            P<T>(tbias), W<T>(y), W<T>(ty), R, C);
 }
 
 void gelu_jvp_backward(ptr x, i64 rs, ptr tx, i64 trs, ptr bias, ptr tbias, ptr gy, i64 gys, ptr gt, i64 gts, ptr dx,
                        ptr dtx, ptr db, ptr dtb, i64 R, i64 C, i64 rpc, int dtype, cudaStream_t s) {
   if (R * C == 0) return;
-  dispatch(dtype, "gelu_jvp_backward", [&](auto t) {
-    using T = decltype(t);
-    gelu_jvp_bwd_kernel<T><<<(unsigned)(R / rpc), row_threads(C), 0, s>>>(
-        P<T>(x), rs, P<T>(tx), trs, P<T>(bias), P<T>(tbias), P<T>(gy), gys, P<T>(gt), gts, W<T>(dx), W<T>(dtx), FW(db),
-        FW(dtb), C, rpc);
-  });
-  check("gelu_jvp_backward");
+  FM_LAUNCH("gelu_jvp_backward", gelu_jvp_bwd_kernel, (unsigned)(R / rpc), row_threads(C), P<T>(x), rs, P<T>(tx), trs,
+            P<T>(bias), P<T>(tbias), P<T>(gy), gys, P<T>(gt), gts, W<T>(dx), W<T>(dtx), FW(db), FW(dtb), C, rpc);
 }
 
 void gated_forward(ptr x, i64 rs, ptr gate, i64 rpg, ptr y, i64 ys, ptr out, i64 R, i64 C, int dtype, cudaStream_t s) {
   if (R * C == 0) return;
-  dispatch(dtype, "gated_forward", [&](auto t) {
-    using T = decltype(t);
-    gated_fwd_kernel<T><<<elem_blocks(R * C), 256, 0, s>>>(P<T>(x), rs, P<T>(gate), rpg, P<T>(y), ys, W<T>(out), R, C);
-  });
-  check("gated_forward");
+  FM_LAUNCH("gated_forward", gated_fwd_kernel, elem_blocks(R * C), 256, P<T>(x), rs, P<T>(gate), rpg, P<T>(y), ys,
+            W<T>(out), R, C);
 }
 
 void gated_backward(ptr gate, i64 rpg, ptr y, i64 ys, ptr go, i64 gos, ptr dy, ptr dg, i64 R, i64 C, i64 rpc,
                     int dtype, cudaStream_t s) {
   if (R * C == 0) return;
-  dispatch(dtype, "gated_backward", [&](auto t) {
-    using T = decltype(t);
-    gated_bwd_kernel<T><<<(unsigned)(R / rpc), row_threads(C), 0, s>>>(P<T>(gate), rpg, P<T>(y), ys, P<T>(go), gos,
-                                                                       W<T>(dy), FW(dg), C, rpc);
-  });
-  check("gated_backward");
+  FM_LAUNCH("gated_backward", gated_bwd_kernel, (unsigned)(R / rpc), row_threads(C), P<T>(gate), rpg, P<T>(y), ys,
+            P<T>(go), gos, W<T>(dy), FW(dg), C, rpc);
 }
 
 void gated_jvp_forward(ptr x, i64 rs, ptr tx, i64 trs, ptr gate, i64 rpg, ptr tgate, i64 rptg, ptr y, i64 ys, ptr ty,
                        i64 tys, ptr out, ptr tout, i64 R, i64 C, int dtype, cudaStream_t s) {
   if (R * C == 0) return;
-  dispatch(dtype, "gated_jvp_forward", [&](auto t) {
-    using T = decltype(t);
-    gated_jvp_fwd_kernel<T><<<elem_blocks(R * C), 256, 0, s>>>(P<T>(x), rs, P<T>(tx), trs, P<T>(gate), rpg,
-                                                               P<T>(tgate), rptg, P<T>(y), ys, P<T>(ty), tys, W<T>(out),
-                                                               W<T>(tout), R, C);
-  });
-  check("gated_jvp_forward");
+  FM_LAUNCH("gated_jvp_forward", gated_jvp_fwd_kernel, elem_blocks(R * C), 256, P<T>(x), rs, P<T>(tx), trs,
+            P<T>(gate), rpg, P<T>(tgate), rptg, P<T>(y), ys, P<T>(ty), tys, W<T>(out), W<T>(tout), R, C);
 }
 
 void gated_jvp_backward(ptr gate, i64 rpg, ptr tgate, i64 rptg, ptr y, i64 ys, ptr ty, i64 tys, ptr go, i64 gos,
                         ptr gto, i64 gtos, ptr dy, ptr dty, ptr dg, ptr dtg, i64 R, i64 C, i64 rpc, int dtype,
                         cudaStream_t s) {
   if (R * C == 0) return;
-  dispatch(dtype, "gated_jvp_backward", [&](auto t) {
-    using T = decltype(t);
-    gated_jvp_bwd_kernel<T><<<(unsigned)(R / rpc), row_threads(C), 0, s>>>(
-        P<T>(gate), rpg, P<T>(tgate), rptg, P<T>(y), ys, P<T>(ty), tys, P<T>(go), gos, P<T>(gto), gtos, W<T>(dy),
-        W<T>(dty), FW(dg), FW(dtg), C, rpc);
-  });
-  check("gated_jvp_backward");
+  FM_LAUNCH("gated_jvp_backward", gated_jvp_bwd_kernel, (unsigned)(R / rpc), row_threads(C), P<T>(gate), rpg,
+            P<T>(tgate), rptg, P<T>(y), ys, P<T>(ty), tys, P<T>(go), gos, P<T>(gto), gtos, W<T>(dy), W<T>(dty),
+            FW(dg), FW(dtg), C, rpc);
 }
 
 }  // namespace flowmap_cuda

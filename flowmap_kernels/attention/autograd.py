@@ -10,7 +10,9 @@
 ``PrimalBackward`` / ``JVPBackward`` run the backward kernels; they are themselves differentiable
 (create_graph=True, torch.func.grad over jvp, jacrev of jacrev, and forward-over-reverse as in
 torch.func.hessian) through a recomputation in the naive math that runs only when a second derivative is
-actually taken, so the first-order path never pays for it.
+actually taken, so the first-order path never pays for it: the strategy of ``_autodiff`` (``vjp_of_vjp`` /
+``jvp_of_vjp``), which the DiT primitives' backward passes share (``_autodiff.differentiable_backward``;
+these two keep Functions of their own for their vmap rules and the mask argument).
 
 Every Function has a ``vmap`` rule (torch.func.vmap, hence jacrev / jacfwd / per-sample gradients): the
 vmapped dim is folded into the batch dim and the same Function runs once on the folded tensors.
@@ -21,6 +23,7 @@ import dataclasses
 
 import torch
 
+from .._autodiff import jvp_of_vjp, record_tangent_output, vjp_of_vjp, zeros_if_none
 from . import kernels, naive
 from .problem import AttentionProblem, check_tangent_dtypes
 
@@ -119,9 +122,7 @@ class AttentionFunction(torch.autograd.Function):
         _check_mask_tangent(tmask)
         q, k, v, mask = ctx.saved_tensors
         check_tangent_dtypes((q, k, v), (tq, tk, tv))
-        tq = torch.zeros_like(q) if tq is None else tq
-        tk = torch.zeros_like(k) if tk is None else tk
-        tv = torch.zeros_like(v) if tv is None else tv
+        tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
         _, to, _, _ = AttentionJVPFunction.apply(q, k, v, tq, tk, tv, mask, ctx.problem, ctx.backend)
         return to, None
 
@@ -148,7 +149,7 @@ class AttentionJVPFunction(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, tq, tk, tv, mask, problem: AttentionProblem, backend: str):
         o, to, lse, mu = kernels.attention_jvp_forward(
-            q, k, v, tq, tk, tv, mask, problem.is_causal, problem.scale, backend)
+            q, k, v, tq, tk, tv, mask, problem.is_causal, problem.scale, backend, problem.tangent_fp32)
         return o, to, lse, mu
 
     @staticmethod
@@ -158,6 +159,7 @@ class AttentionJVPFunction(torch.autograd.Function):
         ctx.problem, ctx.backend = problem, backend
         ctx.save_for_backward(q, k, v, tq, tk, tv, mask, o, to, lse, mu)
         ctx.mark_non_differentiable(lse, mu)
+        record_tangent_output(ctx, to)
         ctx.set_materialize_grads(False)
 
     @staticmethod
@@ -165,55 +167,17 @@ class AttentionJVPFunction(torch.autograd.Function):
         q, k, v, tq, tk, tv, mask, o, to, lse, mu = ctx.saved_tensors
         p = ctx.problem
         none3 = (None, None, None)
-        if dto is None:
+        if dto is None or not ctx.tangent_grad:
             if do is None:
                 return (None,) * 9
             dq, dk, dv = PrimalBackward.apply(q, k, v, o, lse, do, mask, p, ctx.backend)
             return (dq, dk, dv) + none3 + none3
+        if dto.dtype != q.dtype:  # a float32 tangent output (tangent_dtype): the backward kernels take the
+            to, dto = to.to(q.dtype), dto.to(q.dtype)  # inputs' dtype (products in it, accumulation in fp32)
         grads = JVPBackward.apply(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, p, ctx.backend)
         return tuple(grads) + none3
 
     vmap = _vmap_rule(lambda: AttentionJVPFunction, 7, 6)
-
-
-def _vjp_fn(outputs_fn, n: int, cotangents):
-    """(first, given): first(*primals, *given cotangents) = vjp(outputs_fn) at the n primals, the missing
-    cotangents taken as zeros; given = the indices of the cotangents that are not None."""
-    given = [i for i, c in enumerate(cotangents) if c is not None]
-
-    def first(*args):
-        outs, pull = torch.func.vjp(outputs_fn, *args[:n])
-        full = [torch.zeros_like(o) for o in outs]
-        for i, c in zip(given, args[n:]):
-            full[i] = c
-        return pull(tuple(full))
-    return first, given
-
-
-def _vjp_of_vjp(outputs_fn, primals, cotangents, grads_of_grads):
-    """Gradients of <vjp(outputs_fn)(primals; cotangents), grads_of_grads> for primals and cotangents.
-
-    By torch.func.vjp (no requires_grad_ on the inputs), so that it runs inside torch.func transforms
-    (jacrev of jacrev, vmap of grad) as well as under create_graph=True; None cotangents / grads are zero.
-    """
-    n = len(primals)
-    first, given = _vjp_fn(outputs_fn, n, cotangents)
-    _, pull_first = torch.func.vjp(first, *primals, *(cotangents[i] for i in given))
-    second = pull_first(tuple(torch.zeros_like(x) if g is None else g for x, g in zip(primals, grads_of_grads)))
-    cot_grads = [None] * len(cotangents)
-    for i, g in zip(given, second[n:]):
-        cot_grads[i] = g
-    return list(second[:n]), cot_grads
-
-
-def _jvp_of_vjp(outputs_fn, primals, cotangents, primal_tangents, cotangent_tangents):
-    """Forward-mode derivative of vjp(outputs_fn)(primals; cotangents) along the given tangents (None = zero)."""
-    first, given = _vjp_fn(outputs_fn, len(primals), cotangents)
-    args = (*primals, *(cotangents[i] for i in given))
-    tangents = [torch.zeros_like(x) if t is None else t for x, t in zip(primals, primal_tangents)]
-    tangents += [torch.zeros_like(cotangents[i]) if cotangent_tangents[i] is None else cotangent_tangents[i]
-                 for i in given]
-    return torch.func.jvp(first, args, tuple(tangents))[1]
 
 
 class PrimalBackward(torch.autograd.Function):
@@ -234,8 +198,8 @@ class PrimalBackward(torch.autograd.Function):
     def backward(ctx, gdq, gdk, gdv):
         q, k, v, do = ctx.saved_tensors
         p = ctx.problem
-        (gq, gk, gv), (gdo,) = _vjp_of_vjp(lambda a, b, c: (naive.attention(a, b, c, p),), (q, k, v), (do,),
-                                           (gdq, gdk, gdv))
+        (gq, gk, gv), (gdo,) = vjp_of_vjp(lambda a, b, c: (naive.attention(a, b, c, p),), (q, k, v), (do,),
+                                          (gdq, gdk, gdv))
         return gq, gk, gv, None, None, gdo, None, None, None
 
     @staticmethod
@@ -245,7 +209,7 @@ class PrimalBackward(torch.autograd.Function):
         _check_mask_tangent(tmask)
         q, k, v, do = ctx.saved_tensors
         p = ctx.problem
-        return tuple(_jvp_of_vjp(lambda a, b, c: (naive.attention(a, b, c, p),), (q, k, v), (do,), (tq, tk, tv),
+        return tuple(jvp_of_vjp(lambda a, b, c: (naive.attention(a, b, c, p),), (q, k, v), (do,), (tq, tk, tv),
                                  (tdo,)))
 
     vmap = _vmap_rule(lambda: PrimalBackward, 7, 6)
@@ -270,8 +234,8 @@ class JVPBackward(torch.autograd.Function):
     def backward(ctx, *ggrads):
         q, k, v, tq, tk, tv, do, dto = ctx.saved_tensors
         p = ctx.problem
-        xs, (gdo, gdto) = _vjp_of_vjp(lambda *a: naive.attention_jvp(*a, p), (q, k, v, tq, tk, tv), (do, dto),
-                                      ggrads)
+        xs, (gdo, gdto) = vjp_of_vjp(lambda *a: naive.attention_jvp(*a, p), (q, k, v, tq, tk, tv), (do, dto),
+                                     ggrads)
         return (*xs, None, None, None, None, gdo, gdto, None, None, None)
 
     @staticmethod
@@ -280,7 +244,7 @@ class JVPBackward(torch.autograd.Function):
         _check_mask_tangent(tmask)
         q, k, v, tq0, tk0, tv0, do, dto = ctx.saved_tensors
         p = ctx.problem
-        return tuple(_jvp_of_vjp(lambda *a: naive.attention_jvp(*a, p), (q, k, v, tq0, tk0, tv0), (do, dto),
+        return tuple(jvp_of_vjp(lambda *a: naive.attention_jvp(*a, p), (q, k, v, tq0, tk0, tv0), (do, dto),
                                  (tq, tk, tv, ttq, ttk, ttv), (tdo, tdto)))
 
     vmap = _vmap_rule(lambda: JVPBackward, 13, 12)

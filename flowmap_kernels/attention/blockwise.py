@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from .._autodiff import acc_dtype as _acc_dtype
+
 NEG_INF = float("-inf")
 TILE_ELEMENTS = 1 << 21  # scores per tile across batch x heads: 8 MiB in float32
 BLOCK_K = 512
@@ -28,10 +30,6 @@ BLOCK_K = 512
 #: keys all carry a huge finite mask value (torch.finfo(dtype).min) has an lse that cannot hold log(l) next to
 #: m (P = exp(S - lse) would be 1 instead of 1 / l). Below it float32 keeps log(l) to ulp(256) / 2 = 1.5e-5.
 LSE_LIMIT = 256.0
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Tiles:
@@ -105,13 +103,14 @@ def _safe_lse(lse):
     return torch.where(lse == NEG_INF, torch.full_like(lse, float("inf")), lse)
 
 
-def _stream(q, k, v, tq, tk, tv, mask, causal, scale):
-    """One pass over key blocks with an online softmax; tangents optional. Returns o, to, lse, mu."""
+def _stream(q, k, v, tq, tk, tv, mask, causal, scale, tangent_dtype=None):
+    """One pass over key blocks with an online softmax; tangents optional. Returns o, to, lse, mu (to in
+    ``tangent_dtype``, default the inputs' dtype)."""
     t = _Tiles(q, k, mask, causal, scale)
     with_tangent = tq is not None
     Dv = v.shape[-1]
     o = torch.empty(q.shape[:-1] + (Dv,), dtype=q.dtype, device=q.device)
-    to = torch.empty_like(o) if with_tangent else None
+    to = torch.empty_like(o, dtype=tangent_dtype or q.dtype) if with_tangent else None
     lse = torch.empty(q.shape[:-1], dtype=t.acc, device=q.device)
     mu = torch.empty_like(lse) if with_tangent else None
     o5, lse5 = t.q5(o), t.q5(lse)
@@ -146,7 +145,7 @@ def _stream(q, k, v, tq, tk, tv, mask, causal, scale):
         lse5[..., i0:i1] = m + torch.log(l)
         if with_tangent:
             mub = r.unsqueeze(-1) / l_safe
-            t.q5(to)[..., i0:i1, :] = (tacc / l_safe - mub * ob).to(o.dtype)
+            t.q5(to)[..., i0:i1, :] = (tacc / l_safe - mub * ob).to(to.dtype)
             t.q5(mu)[..., i0:i1] = mub.squeeze(-1)
     return o, to, lse, mu
 
@@ -158,8 +157,8 @@ def forward(q, k, v, mask, causal: bool, scale: float):
 
 
 @torch.no_grad()
-def jvp_forward(q, k, v, tq, tk, tv, mask, causal: bool, scale: float):
-    return _stream(q, k, v, tq, tk, tv, mask, causal, scale)
+def jvp_forward(q, k, v, tq, tk, tv, mask, causal: bool, scale: float, tangent_dtype=None):
+    return _stream(q, k, v, tq, tk, tv, mask, causal, scale, tangent_dtype)
 
 
 def _rowdot(a, b, t: _Tiles):

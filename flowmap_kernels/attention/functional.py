@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
+from .._autodiff import make_dual, unpack_duals, zeros_if_none
 from . import naive
 from ..backends import get_backend
 from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPFunction, _check_mask_tangent,
@@ -80,8 +80,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     name = resolve_backend(p)
     if not torch.compiler.is_compiling():
-        duals = [fwAD.unpack_dual(x) for x in (query, key, value)]
-        check_tangent_dtypes([d.primal for d in duals], [d.tangent for d in duals])
+        primals, tangents = unpack_duals(query, key, value)
+        check_tangent_dtypes(primals, tangents)
     if name == "naive" or _empty(p):
         return naive.attention(query, key, value, p)
     if torch.compiler.is_compiling():
@@ -93,33 +93,33 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
             return naive.attention(query, key, value, p)
         o, _ = AttentionCompiledFunction.apply(query, key, value, attn_mask, p, name)
         return o
-    if any(d.tangent is not None for d in duals):
+    if any(t is not None for t in tangents):
         # Forward mode (torch.func.jvp or forward_ad): one fused pass for O and tO, whose backward runs
         # through both outputs at once, instead of a forward followed by the JVP rule's own pass.
         if attn_mask is not None:
-            _check_mask_tangent(fwAD.unpack_dual(attn_mask).tangent)
-        primals = [d.primal for d in duals]
-        tangents = [torch.zeros_like(d.primal) if d.tangent is None else d.tangent for d in duals]
+            _check_mask_tangent(unpack_duals(attn_mask)[1][0])
+        tangents = [zeros_if_none(t, x) for t, x in zip(tangents, primals)]
         o, to, _, _ = AttentionJVPFunction.apply(*primals, *tangents, attn_mask, p, name)
-        return fwAD.make_dual(o, to)
+        return make_dual(o, to)
     o, _ = AttentionFunction.apply(query, key, value, attn_mask, p, name)
     return o
 
 
 def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale=None,
-                  enable_gqa=False) -> tuple[torch.Tensor, torch.Tensor]:
+                  enable_gqa=False, tangent_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, tO): attention and its directional derivative along (tq, tk, tv), in one fused pass.
 
     Shapes as in :func:`attention`; each tangent has the shape, dtype and device of its primal (None
     means zero). tO = tP V + P tV with tP = P * (tS - rowsum(P * tS)), tS = scale (tQ K^T + Q tK^T).
     Differentiable with respect to all six inputs (the backward runs through both outputs at once).
+    ``tangent_dtype=torch.float32`` with float16/bfloat16 inputs returns tO in float32, as the kernels
+    accumulate it, instead of rounded to the inputs' dtype (every backend; O keeps the inputs' dtype).
     """
-    p = make_problem(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, tangents=(tq, tk, tv))
+    p = make_problem(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, tangents=(tq, tk, tv),
+                     tangent_dtype=tangent_dtype)
     name = resolve_backend(p)
     if name == "naive" or _empty(p):
         return naive.attention_jvp(q, k, v, tq, tk, tv, p)
-    tq = torch.zeros_like(q) if tq is None else tq
-    tk = torch.zeros_like(k) if tk is None else tk
-    tv = torch.zeros_like(v) if tv is None else tv
+    tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
     o, to, _, _ = AttentionJVPFunction.apply(q, k, v, tq, tk, tv, attn_mask, p, name)
     return o, to

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .._autodiff import acc_dtype
 from .registry import ATTENTION
 
 _LIB = "flowmap_kernels"
@@ -45,8 +46,11 @@ def attention_backward(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, 
 @torch.library.custom_op(f"{_LIB}::attention_jvp_forward", mutates_args=())
 def attention_jvp_forward(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
                           mask: Optional[Tensor], causal: bool, scale: float,
-                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """O, tO, row log-sum-exp and row mu = rowsum(P * tS) (the last two in the accumulation dtype)."""
+                          backend: str, tangent_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """O, tO, row log-sum-exp and row mu = rowsum(P * tS) (the last two in the accumulation dtype); tO in
+    float32 with ``tangent_fp32`` (16-bit inputs), else in the inputs' dtype."""
+    if tangent_fp32:
+        return _impl(backend).jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale, tangent_dtype=torch.float32)
     return _impl(backend).jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale)
 
 
@@ -64,7 +68,7 @@ def _o_like(q, v):
 
 
 def _rows(q):
-    return q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return q.new_empty(q.shape[:-1], dtype=acc_dtype(q))
 
 
 @attention_forward.register_fake
@@ -85,8 +89,9 @@ def _(q, k, v, o, lse, do, mask, causal, scale, backend):
 
 
 @attention_jvp_forward.register_fake
-def _(q, k, v, tq, tk, tv, mask, causal, scale, backend):
-    return _o_like(q, v), _o_like(q, v), _rows(q), _rows(q)
+def _(q, k, v, tq, tk, tv, mask, causal, scale, backend, tangent_fp32=False):
+    to = _o_like(q, v)
+    return _o_like(q, v), to.float() if tangent_fp32 else to, _rows(q), _rows(q)
 
 
 @attention_jvp_backward.register_fake
@@ -167,8 +172,7 @@ def attention_varlen_jvp_backward(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, t
 
 
 def _varlen_rows(q):
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty((q.shape[1], q.shape[0]), dtype=dtype)
+    return q.new_empty((q.shape[1], q.shape[0]), dtype=acc_dtype(q))
 
 
 @attention_varlen_forward.register_fake

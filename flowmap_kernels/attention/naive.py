@@ -9,11 +9,8 @@ from typing import Optional
 
 import torch
 
+from .._autodiff import acc_dtype as _compute_dtype, zeros_if_none
 from .problem import AttentionProblem
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, p: AttentionProblem) -> torch.Tensor:
@@ -54,9 +51,7 @@ def attention_jvp(q, k, v, tq: Optional[torch.Tensor], tk, tv, p: AttentionProbl
     ct = _compute_dtype(p.dtype)
     probs = attention_probs(q, k, p)
     kk, vv = k, v
-    tq = torch.zeros_like(q) if tq is None else tq
-    tk = torch.zeros_like(k) if tk is None else tk
-    tv = torch.zeros_like(v) if tv is None else tv
+    tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
     if p.group != 1:  # 0 when there are no query heads
         kk, vv, tk, tv = (x.repeat_interleave(p.group, dim=1) for x in (k, v, tk, tv))
     ts = (tq.to(ct) @ kk.to(ct).transpose(-2, -1) + q.to(ct) @ tk.to(ct).transpose(-2, -1)) * p.scale
@@ -64,4 +59,4 @@ def attention_jvp(q, k, v, tq: Optional[torch.Tensor], tk, tv, p: AttentionProbl
     tp = probs * (ts - mu)
     o = probs @ vv.to(ct)
     to = tp @ vv.to(ct) + probs @ tv.to(ct)
-    return o.to(p.dtype), to.to(p.dtype)
+    return o.to(p.dtype), to.to(p.tangent_dtype or p.dtype)

@@ -36,6 +36,13 @@ class AttentionProblem:
     mask_kind: Optional[str]
     dtype: torch.dtype
     device: torch.device
+    #: dtype of the tangent output tO of the forward+JVP pass: ``dtype``, or float32 for 16-bit inputs
+    tangent_dtype: Optional[torch.dtype] = None
+
+    @property
+    def tangent_fp32(self) -> bool:
+        """Whether tO is returned in float32 although the inputs are 16-bit (not rounded to their dtype)."""
+        return self.tangent_dtype == torch.float32 and self.dtype != torch.float32
 
     @property
     def group(self) -> int:
@@ -70,6 +77,30 @@ def check_tangent_dtypes(primals, tangents) -> None:
             raise ValueError(f"tangent of {name}: expected dtype {x.dtype} (the dtype of {name}), got {t.dtype}")
 
 
+def check_like_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Key and value have the query's dtype and device (ValueError naming the input otherwise)."""
+    for name, x in (("key", k), ("value", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}: dtype {x.dtype} does not match query dtype {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: device {x.device} does not match query device {q.device}")
+
+
+def check_tangents(primals, tangents) -> None:
+    """Each tangent is None (zero) or a tensor of its primal's shape, dtype and device (TypeError /
+    ValueError naming it otherwise)."""
+    for name, t, ref in zip(("tangent of query", "tangent of key", "tangent of value"), tangents, primals):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+        if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+            raise ValueError(
+                f"{name}: expected shape {tuple(ref.shape)}, {ref.dtype} on {ref.device}; "
+                f"got {tuple(t.shape)}, {t.dtype} on {t.device}"
+            )
+
+
 def check_scale(scale, head_dim: int) -> float:
     """The softmax scale: 1/sqrt(head_dim) for None, else a finite real number (TypeError / ValueError)."""
     if scale is None:
@@ -84,17 +115,25 @@ def check_scale(scale, head_dim: int) -> float:
     return scale
 
 
+def check_tangent_dtype(tangent_dtype, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """``tangent_dtype`` of attention_jvp: None (the inputs' dtype), the inputs' dtype, or float32 for 16-bit
+    inputs; ValueError otherwise."""
+    if tangent_dtype is None or tangent_dtype == dtype:
+        return None
+    if tangent_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    raise ValueError(f"tangent_dtype: expected None, {dtype} (the inputs' dtype) or torch.float32 for "
+                     f"float16/bfloat16 inputs, got {tangent_dtype}")
+
+
 def make_problem(
     q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
-    enable_gqa: bool = False, tangents: tuple = (),
+    enable_gqa: bool = False, tangents: tuple = (), tangent_dtype: Optional[torch.dtype] = None,
 ) -> AttentionProblem:
-    """Check SDPA arguments (and optional tangents ``(tq, tk, tv)``) and describe the call."""
+    """Check SDPA arguments (and optional tangents ``(tq, tk, tv)`` and the tangent output dtype) and
+    describe the call."""
     q, k, v = _tensor("query", q), _tensor("key", k), _tensor("value", v)
-    for name, x in (("key", k), ("value", v)):
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name}: dtype {x.dtype} does not match query dtype {q.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name}: device {x.device} does not match query device {q.device}")
+    check_like_query(q, k, v)
     B, Hq, Lq, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"key/value: batch size must match query's {B}, got {k.shape[0]} and {v.shape[0]}")
@@ -112,16 +151,7 @@ def make_problem(
             f"key: {Hkv} heads differ from query's {Hq}; pass enable_gqa=True for grouped-query attention"
         )
     check_tangent_dtypes((q, k, v), tangents)
-    for name, t, ref in zip(("tangent of query", "tangent of key", "tangent of value"), tangents, (q, k, v)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
-            raise ValueError(
-                f"{name}: expected shape {tuple(ref.shape)}, {ref.dtype} on {ref.device}; "
-                f"got {tuple(t.shape)}, {t.dtype} on {t.device}"
-            )
+    check_tangents((q, k, v), tangents)
     if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
         raise ValueError(f"dropout_p: only 0.0 is supported (attention dropout is not implemented), got {dropout_p}")
     if not isinstance(is_causal, bool):
@@ -159,4 +189,5 @@ def make_problem(
     return AttentionProblem(
         batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lk, head_dim=D, v_head_dim=Dv, scale=scale,
         is_causal=is_causal, mask=attn_mask, mask_kind=mask_kind, dtype=q.dtype, device=q.device,
+        tangent_dtype=check_tangent_dtype(tangent_dtype, q.dtype),
     )

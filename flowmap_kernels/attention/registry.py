@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import importlib
-import os
 
+from .._autodiff import triton_interpreter
 from ..backends import OpRegistry
 from . import blockwise, naive
 
 ATTENTION = OpRegistry("attention", auto_order=("triton", "torch"))
 ATTENTION.register("naive", naive)
 ATTENTION.register("torch", blockwise)
-
-
-def triton_interpreter() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_supports(device, dtype, head_dim, v_head_dim, explicit=False, **_):
@@ -47,7 +42,7 @@ def _register_triton() -> None:
     class _Lazy:
         """Imports the Triton launchers on first use."""
         def __getattr__(self, name):
-            return getattr(importlib.import_module("flowmap_kernels.attention.triton.kernels"), name)
+            return getattr(importlib.import_module("flowmap_kernels.attention.triton.launch"), name)
 
     ATTENTION.register("triton", _Lazy(), available=available, supports=triton_supports)
 

@@ -16,22 +16,29 @@ backward Functions are themselves differentiable through a naive recomputation (
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from . import kernels, varlen_naive
 from ..backends import get_backend
-from .autograd import _vjp_of_vjp
+from .._autodiff import make_dual, unpack_duals, vjp_of_vjp, zeros_if_none
 from .varlen_problem import VarlenProblem, make_varlen_problem, offsets_int32
 from .varlen_registry import ATTENTION_VARLEN
+
+
+def _kernel_forward(op: str):
+    """The ``forward`` of a Function that is one varlen kernel op of :mod:`.kernels`: its inputs are the op's
+    tensors, then the VarlenProblem and the backend name; the op gets the tensors, the problem's options
+    (longest query and key sequence, causality, scale) and the backend name, the order all four ops share."""
+    def forward(*inputs):
+        *tensors, problem, backend = inputs
+        return getattr(kernels, op)(*tensors, problem.max_q, problem.max_k, problem.is_causal, problem.scale,
+                                    backend)
+    return staticmethod(forward)
 
 
 class VarlenFunction(torch.autograd.Function):
     """O = softmax(scale Q_i K_i^T) V_i per sequence, with forward-mode and reverse-mode rules."""
 
-    @staticmethod
-    def forward(q, k, v, cu_q, cu_k, problem: VarlenProblem, backend: str):
-        return kernels.attention_varlen_forward(q, k, v, cu_q, cu_k, problem.max_q, problem.max_k,
-                                                problem.is_causal, problem.scale, backend)
+    forward = _kernel_forward("attention_varlen_forward")  # (q, k, v, cu_q, cu_k, problem, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -54,9 +61,7 @@ class VarlenFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tq, tk, tv, _tcu_q, _tcu_k, _tproblem, _tbackend):
         q, k, v, cu_q, cu_k = ctx.saved_tensors
-        tq = torch.zeros_like(q) if tq is None else tq
-        tk = torch.zeros_like(k) if tk is None else tk
-        tv = torch.zeros_like(v) if tv is None else tv
+        tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
         _, to, _, _ = VarlenJVPFunction.apply(q, k, v, tq, tk, tv, cu_q, cu_k, ctx.problem, ctx.backend)
         return to, None
 
@@ -64,10 +69,7 @@ class VarlenFunction(torch.autograd.Function):
 class VarlenJVPFunction(torch.autograd.Function):
     """(O, tO) = packed attention and its tangent along (tq, tk, tv), differentiable in all six inputs."""
 
-    @staticmethod
-    def forward(q, k, v, tq, tk, tv, cu_q, cu_k, problem: VarlenProblem, backend: str):
-        return kernels.attention_varlen_jvp_forward(q, k, v, tq, tk, tv, cu_q, cu_k, problem.max_q, problem.max_k,
-                                                    problem.is_causal, problem.scale, backend)
+    forward = _kernel_forward("attention_varlen_jvp_forward")  # (q, k, v, tq, tk, tv, cu_q, cu_k, problem, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -95,10 +97,7 @@ class VarlenJVPFunction(torch.autograd.Function):
 class VarlenPrimalBackward(torch.autograd.Function):
     """(dQ, dK, dV) by the primal backward kernel; differentiable (naive recomputation)."""
 
-    @staticmethod
-    def forward(q, k, v, o, lse, do, cu_q, cu_k, problem: VarlenProblem, backend: str):
-        return kernels.attention_varlen_backward(q, k, v, o, lse, do, cu_q, cu_k, problem.max_q, problem.max_k,
-                                                 problem.is_causal, problem.scale, backend)
+    forward = _kernel_forward("attention_varlen_backward")  # (q, k, v, o, lse, do, cu_q, cu_k, problem, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -110,19 +109,16 @@ class VarlenPrimalBackward(torch.autograd.Function):
     def backward(ctx, gdq, gdk, gdv):
         q, k, v, do = ctx.saved_tensors
         p = ctx.problem
-        (gq, gk, gv), (gdo,) = _vjp_of_vjp(lambda a, b, c: (varlen_naive.attention(a, b, c, p),), (q, k, v),
-                                           (do,), (gdq, gdk, gdv))
+        (gq, gk, gv), (gdo,) = vjp_of_vjp(lambda a, b, c: (varlen_naive.attention(a, b, c, p),), (q, k, v),
+                                          (do,), (gdq, gdk, gdv))
         return gq, gk, gv, None, None, gdo, None, None, None, None
 
 
 class VarlenJVPBackward(torch.autograd.Function):
     """Gradients of (O, tO) for all six inputs by the fused kernel; differentiable (naive recomputation)."""
 
-    @staticmethod
-    def forward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, problem: VarlenProblem, backend: str):
-        return kernels.attention_varlen_jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k,
-                                                     problem.max_q, problem.max_k, problem.is_causal,
-                                                     problem.scale, backend)
+    # (q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, problem, backend)
+    forward = _kernel_forward("attention_varlen_jvp_backward")
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -134,8 +130,8 @@ class VarlenJVPBackward(torch.autograd.Function):
     def backward(ctx, *ggrads):
         q, k, v, tq, tk, tv, do, dto = ctx.saved_tensors
         p = ctx.problem
-        xs, (gdo, gdto) = _vjp_of_vjp(lambda *a: varlen_naive.attention_jvp(*a, p), (q, k, v, tq, tk, tv),
-                                      (do, dto), ggrads)
+        xs, (gdo, gdto) = vjp_of_vjp(lambda *a: varlen_naive.attention_jvp(*a, p), (q, k, v, tq, tk, tv),
+                                     (do, dto), ggrads)
         return (*xs, None, None, None, None, gdo, gdto, None, None, None, None)
 
 
@@ -157,20 +153,18 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     Rows of a sequence with no keys give 0. Works under torch.func.jvp and torch.autograd.forward_ad; the
     tangent output is differentiable with respect to the inputs and their tangents.
     """
-    duals = [fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else None for x in (query, key, value)]
-    tangents = [None if d is None else d.tangent for d in duals]
+    primals, tangents = unpack_duals(query, key, value)
     p = make_varlen_problem(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             is_causal, scale, enable_gqa, tangents=tangents)
     name = resolve_varlen_backend(p)
     if name == "naive":
         return varlen_naive.attention(query, key, value, p)
     cu_q, cu_k = offsets_int32(cu_seqlens_q), offsets_int32(cu_seqlens_k)
-    if any(d.tangent is not None for d in duals):
+    if any(t is not None for t in tangents):
         # Forward mode: one fused pass for O and tO whose backward runs through both outputs at once.
-        primals = [d.primal for d in duals]
-        tangents = [torch.zeros_like(d.primal) if d.tangent is None else d.tangent for d in duals]
+        tangents = [zeros_if_none(t, x) for t, x in zip(tangents, primals)]
         o, to, _, _ = VarlenJVPFunction.apply(*primals, *tangents, cu_q, cu_k, p, name)
-        return fwAD.make_dual(o, to)
+        return make_dual(o, to)
     o, _ = VarlenFunction.apply(query, key, value, cu_q, cu_k, p, name)
     return o
 
@@ -188,9 +182,7 @@ def attention_varlen_jvp(q, k, v, tq, tk, tv, cu_seqlens_q, cu_seqlens_k, max_se
     name = resolve_varlen_backend(p)
     if name == "naive":
         return varlen_naive.attention_jvp(q, k, v, tq, tk, tv, p)
-    tq = torch.zeros_like(q) if tq is None else tq
-    tk = torch.zeros_like(k) if tk is None else tk
-    tv = torch.zeros_like(v) if tv is None else tv
+    tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
     o, to, _, _ = VarlenJVPFunction.apply(q, k, v, tq, tk, tv, offsets_int32(cu_seqlens_q),
                                           offsets_int32(cu_seqlens_k), p, name)
     return o, to

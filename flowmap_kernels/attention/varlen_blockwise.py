@@ -22,14 +22,11 @@ from typing import Optional
 
 import torch
 
+from .._autodiff import acc_dtype as _acc_dtype
 from . import blockwise
 from .varlen_naive import heads_first, tokens_first
 
 NEG_INF = float("-inf")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _segments(cu_q: torch.Tensor, cu_k: torch.Tensor):

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .._autodiff import acc_dtype, zeros_if_none
 from . import naive
 from .problem import make_problem
 from .varlen_problem import VarlenProblem
@@ -32,7 +33,7 @@ def _sequence_problem(qs, ks, vs, p: VarlenProblem):
 
 def _no_keys(qs, ks, vs, p: VarlenProblem) -> torch.Tensor:
     """(1, Hq, Lq, Dv) zeros from (Lq x 0) scores times (0 x Dv) values."""
-    ct = torch.float64 if p.dtype == torch.float64 else torch.float32
+    ct = acc_dtype(p.dtype)
     ks, vs = (x.repeat_interleave(p.group, dim=1) for x in (ks, vs))
     return ((qs.to(ct) @ ks.to(ct).transpose(-1, -2)) @ vs.to(ct)).to(p.dtype)
 
@@ -58,9 +59,7 @@ def attention(q, k, v, p: VarlenProblem) -> torch.Tensor:
 
 def attention_jvp(q, k, v, tq: Optional[torch.Tensor], tk, tv, p: VarlenProblem):
     """(O, tO) per sequence by the closed-form tangent of the naive math, as differentiable plain ops."""
-    tq = torch.zeros_like(q) if tq is None else tq
-    tk = torch.zeros_like(k) if tk is None else tk
-    tv = torch.zeros_like(v) if tv is None else tv
+    tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
     outs, touts = [], []
     for qa, qb, ka, kb in p.segments():
         qs, ks, vs = heads_first(q[qa:qb]), heads_first(k[ka:kb]), heads_first(v[ka:kb])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from .problem import SUPPORTED_DTYPES, check_scale
+from .problem import SUPPORTED_DTYPES, check_like_query, check_scale, check_tangents
 
 OFFSET_DTYPES = (torch.int32, torch.int64)
 
@@ -103,11 +103,7 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, 
                         tangents: tuple = ()) -> VarlenProblem:
     """Check packed attention arguments (and optional tangents ``(tq, tk, tv)``) and describe the call."""
     q, k, v = _packed("query", q), _packed("key", k), _packed("value", v)
-    for name, x in (("key", k), ("value", v)):
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name}: dtype {x.dtype} does not match query dtype {q.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name}: device {x.device} does not match query device {q.device}")
+    check_like_query(q, k, v)
     total_q, Hq, D = q.shape
     total_k, Hkv, Dv = v.shape
     if k.shape[2] != D:
@@ -119,14 +115,7 @@ def make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, 
     if Hq != Hkv and not enable_gqa:
         raise ValueError(f"key: {Hkv} heads differ from query's {Hq}; pass enable_gqa=True for grouped-query "
                          f"attention")
-    for name, t, ref in zip(("tangent of query", "tangent of key", "tangent of value"), tangents, (q, k, v)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-        if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
-            raise ValueError(f"{name}: expected shape {tuple(ref.shape)}, {ref.dtype} on {ref.device}; "
-                             f"got {tuple(t.shape)}, {t.dtype} on {t.device}")
+    check_tangents((q, k, v), tangents)
     qo = _offsets("cu_seqlens_q", cu_seqlens_q, total_q, q.device)
     ko = _offsets("cu_seqlens_k", cu_seqlens_k, total_k, q.device)
     if len(ko) != len(qo):

@@ -21,7 +21,7 @@ ATTENTION_VARLEN.register("torch", varlen_blockwise)
 #: The four launchers a backend of the custom ops provides (signatures in :mod:`.varlen_blockwise`).
 LAUNCHERS = ("varlen_forward", "varlen_jvp_forward", "varlen_backward", "varlen_jvp_backward")
 #: Modules searched, in order, for the Triton launchers.
-TRITON_MODULES = ("flowmap_kernels.attention.triton.varlen", "flowmap_kernels.attention.triton.kernels")
+TRITON_MODULES = ("flowmap_kernels.attention.triton.varlen", "flowmap_kernels.attention.triton.launch")
 
 
 def triton_launcher_module():

@@ -2,56 +2,35 @@
 
 Each op has a primal Function whose ``jvp`` rule calls a second Function returning ``(y, ty)`` from one
 fused pass; that Function's backward runs one fused pass through both outputs and returns gradients for
-every primal and tangent input, so the tangent is differentiable (reverse-over-forward). Under
-``create_graph=True`` (a differentiable backward) the gradients are recomputed with the naive formulas.
-Tangents that are None are zero; a zero weight tangent is never multiplied.
+every primal and tangent input, so the tangent is differentiable (reverse-over-forward). Every backward
+runs its fused kernels through ``_autodiff.differentiable_backward`` (as attention's PrimalBackward /
+JVPBackward do): the gradients are themselves differentiable (create_graph=True, torch.func.grad over jvp,
+forward-over-reverse) through a recomputation in the naive formulas that runs only when a second
+derivative is taken. Tangents that are None are zero; a zero weight tangent is never multiplied.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from .._autodiff import differentiable_backward, record_tangent_output, zeros_if_none
 from . import kernels as K
 from . import naive
-from ._shapes import ModSpec, rows_view
+from .problem import ElementwiseProblem, NormProblem, OperandLayout, rows_view
 
 
-def _naive_backward(fn, inputs, grad_outputs):
-    """Differentiable gradients of ``fn(*inputs)`` (create_graph=True) for the inputs that require grad."""
-    with torch.enable_grad():
-        idx = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
-        res = [None] * len(inputs)
-        if not idx:
-            return tuple(res)
-        outs = fn(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None]
-        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in idx], [g for _, g in pairs],
-                                    create_graph=True, allow_unused=True)
-        for i, g in zip(idx, grads):
-            res[i] = g
-    return tuple(res)
-
-
-def _zeros_if_none(t, like):
-    if like is None:
-        return None
-    return torch.zeros_like(like) if t is None else t
-
-
-def _table_grad(p, spec: Optional[ModSpec], R: int, rpc: int, dtype):
+def _table_grad(p, layout: Optional[OperandLayout], R: int, rpc: int, dtype):
     """Chunk partial sums (R // rpc, C) -> the operand's gradient in its own shape and dtype."""
-    if spec is None or p is None or p.dim() != 2:  # absent operands come back as (0,) placeholders
+    if layout is None or p is None or p.dim() != 2:  # absent operands come back as (0,) placeholders
         return None
-    M, C = spec.rows, p.shape[-1]
+    M, C = layout.rows, p.shape[-1]
     if R == 0:  # empty batch: nothing contributes
-        return spec.grad(p.new_zeros(M, C)).to(dtype)
+        return layout.grad(p.new_zeros(M, C)).to(dtype)
     per = (R // M) // rpc if M else 1
     g = p.reshape(M, per, C).sum(1) if per > 1 else p.reshape(M, C)
-    return spec.grad(g).to(dtype)
+    return layout.grad(g).to(dtype)
 
 
 def _rows_opt(g):
@@ -59,26 +38,47 @@ def _rows_opt(g):
     return None if g is None else rows_view(g)
 
 
-def _tab(spec, m):
-    return None if m is None else spec.table(m)
+def _tab(layout, m):
+    return None if m is None else layout.table(m)
+
+
+def _keep(ctx, problem, saved, forward=(), stats=None) -> None:
+    """setup_context of the row-op Functions: the problem, the tensors the backward (``saved``, then the
+    statistics) and the jvp rule (``forward``) read; statistics are outputs without gradient."""
+    ctx.cfg = problem
+    ctx.save_for_backward(*saved, *(() if stats is None else (stats,)))
+    if forward:
+        ctx.save_for_forward(*forward)
+    if stats is not None:
+        ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
+
+
+# ---- the first-order fused passes (shared by each primal Function and its JVP Function's backward) ----------
+
+def _norm_grads(x, scale, shift, gy, stats, cfg: NormProblem):
+    """(dx, dscale, dshift) of the row norm from its output gradient; ``stats`` = [mean, r] rows."""
+    dx, ds, dh = K.norm_backward(rows_view(x), _tab(cfg.scale_layout, scale), stats, rows_view(gy), cfg.offset,
+                                 cfg.center, cfg.rpc, shift is not None, cfg.backend)
+    return (dx.view(cfg.x_shape), _table_grad(ds, cfg.scale_layout, cfg.rows, cfg.rpc, x.dtype),
+            _table_grad(dh, cfg.shift_layout, cfg.rows, cfg.rpc, x.dtype))
+
+
+def _gelu_grads(x, bias, gy, cfg: ElementwiseProblem):
+    """(dx, dbias) of GELU from its output gradient."""
+    dx, db = K.gelu_backward(rows_view(x), _tab(cfg.layout, bias), rows_view(gy), cfg.rpc, cfg.backend)
+    return dx.view(cfg.x_shape), _table_grad(db, cfg.layout, cfg.rows, cfg.rpc, x.dtype)
+
+
+def _gated_grads(gate, y, go, cfg: ElementwiseProblem):
+    """(dgate, dy) of the gated residual from its output gradient (dx is the output gradient itself)."""
+    dy, dg = K.gated_backward(_tab(cfg.layout, gate), rows_view(y), rows_view(go), cfg.rpc, cfg.backend)
+    return _table_grad(dg, cfg.layout, cfg.rows, cfg.rpc, y.dtype), dy.view(cfg.x_shape)
 
 
 # ---- row norm (modulated LayerNorm, RMSNorm) ---------------------------------------------------------
 
-@dataclass(frozen=True, eq=False)
-class NormCfg:
-    center: bool
-    offset: float
-    eps: float
-    scale_spec: Optional[ModSpec]
-    shift_spec: Optional[ModSpec]
-    x_shape: tuple
-    rows: int
-    rpc: int
-    backend: str
-
-
-def naive_norm(x, scale, shift, cfg: NormCfg):
+def naive_norm(x, scale, shift, cfg: NormProblem):
     if cfg.center:
         xh = naive.layer_norm(x, cfg.eps)
     else:
@@ -91,19 +91,15 @@ class NormFunction(torch.autograd.Function):
     """y = xh * (offset + scale) + shift, xh = LayerNorm (center) or RMSNorm of x over the last dim."""
 
     @staticmethod
-    def forward(x, scale, shift, cfg: NormCfg):
-        y, stats = K.norm_forward(rows_view(x), _tab(cfg.scale_spec, scale), _tab(cfg.shift_spec, shift),
+    def forward(x, scale, shift, cfg: NormProblem):
+        y, stats = K.norm_forward(rows_view(x), _tab(cfg.scale_layout, scale), _tab(cfg.shift_layout, shift),
                                   cfg.offset, cfg.center, cfg.eps, cfg.backend)
         return y.view(cfg.x_shape), stats
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, scale, shift, cfg = inputs
-        ctx.cfg = cfg
-        ctx.save_for_backward(x, scale, shift, output[1])
-        ctx.save_for_forward(x, scale, shift)
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)
+        _keep(ctx, cfg, (x, scale, shift), (x, scale, shift), stats=output[1])
 
     @staticmethod
     def backward(ctx, gy, _gstats):
@@ -111,18 +107,14 @@ class NormFunction(torch.autograd.Function):
         cfg = ctx.cfg
         if gy is None:
             return None, None, None, None
-        if torch.is_grad_enabled():
-            return _naive_backward(lambda a, b, c: naive_norm(a, b, c, cfg), (x, scale, shift), (gy,)) + (None,)
-        dx, ds, dh = K.norm_backward(rows_view(x), _tab(cfg.scale_spec, scale), stats, rows_view(gy), cfg.offset,
-                                     cfg.center, cfg.rpc, shift is not None, cfg.backend)
-        return (dx.view(cfg.x_shape), _table_grad(ds, cfg.scale_spec, cfg.rows, cfg.rpc, x.dtype),
-                _table_grad(dh, cfg.shift_spec, cfg.rows, cfg.rpc, x.dtype), None)
+        return differentiable_backward(lambda *a: _norm_grads(*a, cfg), lambda a, b, c: naive_norm(a, b, c, cfg),
+                                       (x, scale, shift), (gy,), (stats,)) + (None,)
 
     @staticmethod
     def jvp(ctx, tx, tscale, tshift, _tcfg):
         x, scale, shift = ctx.saved_tensors
-        y, ty, _ = NormJVPFunction.apply(x, _zeros_if_none(tx, x), scale, shift, _zeros_if_none(tscale, scale),
-                                         _zeros_if_none(tshift, shift), ctx.cfg)
+        y, ty, _ = NormJVPFunction.apply(x, zeros_if_none(tx, x), scale, shift, zeros_if_none(tscale, scale),
+                                         zeros_if_none(tshift, shift), ctx.cfg)
         return ty, None
 
 
@@ -130,8 +122,8 @@ class NormJVPFunction(torch.autograd.Function):
     """(y, ty) of the row norm along (tx, tscale, tshift); backward through both outputs in one pass."""
 
     @staticmethod
-    def forward(x, tx, scale, shift, tscale, tshift, cfg: NormCfg):
-        ss, hs = cfg.scale_spec, cfg.shift_spec
+    def forward(x, tx, scale, shift, tscale, tshift, cfg: NormProblem):
+        ss, hs = cfg.scale_layout, cfg.shift_layout
         y, ty, stats = K.norm_jvp_forward(rows_view(x), rows_view(tx), _tab(ss, scale), _tab(hs, shift),
                                           _tab(ss, tscale), _tab(hs, tshift), cfg.offset, cfg.center, cfg.eps,
                                           cfg.backend)
@@ -139,63 +131,48 @@ class NormJVPFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, tx, scale, shift, tscale, tshift, cfg = inputs
-        ctx.cfg = cfg
-        ctx.save_for_backward(x, tx, scale, shift, tscale, tshift, output[2])
-        ctx.mark_non_differentiable(output[2])
-        ctx.set_materialize_grads(False)
+        *tensors, cfg = inputs
+        _keep(ctx, cfg, tensors, stats=output[2])
+        record_tangent_output(ctx, output[1])
 
     @staticmethod
     def backward(ctx, gy, gt, _gstats):
+        gt = gt if ctx.tangent_grad else None
         x, tx, scale, shift, tscale, tshift, stats = ctx.saved_tensors
         cfg = ctx.cfg
-        none7 = (None,) * 7
         if gy is None and gt is None:
-            return none7
-        if torch.is_grad_enabled():
-            def f(a, ta, s, h, ts, th):
-                return naive.jvp_of(lambda a_, s_, h_: naive_norm(a_, s_, h_, cfg), (a, s, h), (ta, ts, th))
-            return _naive_backward(f, (x, tx, scale, shift, tscale, tshift), (gy, gt)) + (None,)
-        ss, hs, R, rpc, dt = cfg.scale_spec, cfg.shift_spec, cfg.rows, cfg.rpc, x.dtype
-        if gt is None:
-            dx, ds, dh = K.norm_backward(rows_view(x), _tab(ss, scale), stats[:, :2].contiguous(), rows_view(gy),
-                                         cfg.offset, cfg.center, rpc, shift is not None, cfg.backend)
-            return (dx.view(cfg.x_shape), None, _table_grad(ds, ss, R, rpc, dt), _table_grad(dh, hs, R, rpc, dt),
-                    None, None, None)
-        dx, dtx, ds, dh, dts, dth = K.norm_jvp_backward(
-            rows_view(x), rows_view(tx), _tab(ss, scale), _tab(ss, tscale), stats, _rows_opt(gy), rows_view(gt),
-            cfg.offset, cfg.center, rpc, shift is not None, cfg.backend)
-        return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(ds, ss, R, rpc, dt),
-                _table_grad(dh, hs, R, rpc, dt), _table_grad(dts, ss, R, rpc, dt), _table_grad(dth, hs, R, rpc, dt),
-                None)
+            return (None,) * 7
+        ss, hs, R, rpc, dt = cfg.scale_layout, cfg.shift_layout, cfg.rows, cfg.rpc, x.dtype
+
+        def fused(x, tx, scale, shift, tscale, tshift, gy, gt, stats):
+            if gt is None:
+                dx, ds, dh = _norm_grads(x, scale, shift, gy, stats[:, :2].contiguous(), cfg)
+                return dx, None, ds, dh, None, None
+            dx, dtx, ds, dh, dts, dth = K.norm_jvp_backward(
+                rows_view(x), rows_view(tx), _tab(ss, scale), _tab(ss, tscale), stats, _rows_opt(gy), rows_view(gt),
+                cfg.offset, cfg.center, rpc, shift is not None, cfg.backend)
+            return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(ds, ss, R, rpc, dt),
+                    _table_grad(dh, hs, R, rpc, dt), _table_grad(dts, ss, R, rpc, dt), _table_grad(dth, hs, R, rpc, dt))
+
+        def naive_jvp(a, ta, s, h, ts, th):
+            return naive.jvp_of(lambda a_, s_, h_: naive_norm(a_, s_, h_, cfg), (a, s, h), (ta, ts, th))
+        return differentiable_backward(fused, naive_jvp, (x, tx, scale, shift, tscale, tshift), (gy, gt),
+                                       (stats,)) + (None,)
 
 
 # ---- GELU (tanh) with optional bias ------------------------------------------------------------------
-
-@dataclass(frozen=True, eq=False)
-class RowCfg:
-    """Config of the elementwise ops: ``spec`` describes the bias (GELU) or the gate (gated residual)."""
-    spec: Optional[ModSpec]
-    x_shape: tuple
-    rows: int
-    rpc: int
-    backend: str
-
 
 class GeluFunction(torch.autograd.Function):
     """y = gelu_tanh(x + bias)."""
 
     @staticmethod
-    def forward(x, bias, cfg: RowCfg):
-        return K.gelu_forward(rows_view(x), _tab(cfg.spec, bias), cfg.backend).view(cfg.x_shape)
+    def forward(x, bias, cfg: ElementwiseProblem):
+        return K.gelu_forward(rows_view(x), _tab(cfg.layout, bias), cfg.backend).view(cfg.x_shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, bias, cfg = inputs
-        ctx.cfg = cfg
-        ctx.save_for_backward(x, bias)
-        ctx.save_for_forward(x, bias)
-        ctx.set_materialize_grads(False)
+        _keep(ctx, cfg, (x, bias), (x, bias))
 
     @staticmethod
     def backward(ctx, gy):
@@ -203,15 +180,12 @@ class GeluFunction(torch.autograd.Function):
         cfg = ctx.cfg
         if gy is None:
             return None, None, None
-        if torch.is_grad_enabled():
-            return _naive_backward(naive.gelu_tanh, (x, bias), (gy,)) + (None,)
-        dx, db = K.gelu_backward(rows_view(x), _tab(cfg.spec, bias), rows_view(gy), cfg.rpc, cfg.backend)
-        return dx.view(cfg.x_shape), _table_grad(db, cfg.spec, cfg.rows, cfg.rpc, x.dtype), None
+        return differentiable_backward(lambda *a: _gelu_grads(*a, cfg), naive.gelu_tanh, (x, bias), (gy,)) + (None,)
 
     @staticmethod
     def jvp(ctx, tx, tbias, _tcfg):
         x, bias = ctx.saved_tensors
-        _, ty = GeluJVPFunction.apply(x, _zeros_if_none(tx, x), bias, _zeros_if_none(tbias, bias), ctx.cfg)
+        _, ty = GeluJVPFunction.apply(x, zeros_if_none(tx, x), bias, zeros_if_none(tbias, bias), ctx.cfg)
         return ty
 
 
@@ -219,36 +193,38 @@ class GeluJVPFunction(torch.autograd.Function):
     """(y, ty) = gelu_tanh(z), gelu_tanh'(z) (tx + tbias) with z = x + bias; backward through both."""
 
     @staticmethod
-    def forward(x, tx, bias, tbias, cfg: RowCfg):
-        y, ty = K.gelu_jvp_forward(rows_view(x), rows_view(tx), _tab(cfg.spec, bias), _tab(cfg.spec, tbias),
+    def forward(x, tx, bias, tbias, cfg: ElementwiseProblem):
+        y, ty = K.gelu_jvp_forward(rows_view(x), rows_view(tx), _tab(cfg.layout, bias), _tab(cfg.layout, tbias),
                                    cfg.backend)
         return y.view(cfg.x_shape), ty.view(cfg.x_shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, tx, bias, tbias, cfg = inputs
-        ctx.cfg = cfg
-        ctx.save_for_backward(x, tx, bias, tbias)
-        ctx.set_materialize_grads(False)
+        *tensors, cfg = inputs
+        _keep(ctx, cfg, tensors)
+        record_tangent_output(ctx, output[1])
 
     @staticmethod
     def backward(ctx, gy, gt):
+        gt = gt if ctx.tangent_grad else None
         x, tx, bias, tbias = ctx.saved_tensors
         cfg = ctx.cfg
         if gy is None and gt is None:
             return (None,) * 5
-        if torch.is_grad_enabled():
-            def f(a, ta, b, tb):
-                return naive.jvp_of(naive.gelu_tanh, (a, b), (ta, tb))
-            return _naive_backward(f, (x, tx, bias, tbias), (gy, gt)) + (None,)
-        sp, R, rpc, dt = cfg.spec, cfg.rows, cfg.rpc, x.dtype
-        if gt is None:
-            dx, db = K.gelu_backward(rows_view(x), _tab(sp, bias), rows_view(gy), rpc, cfg.backend)
-            return dx.view(cfg.x_shape), None, _table_grad(db, sp, R, rpc, dt), None, None
-        dx, dtx, db, dtb = K.gelu_jvp_backward(rows_view(x), rows_view(tx), _tab(sp, bias), _tab(sp, tbias),
-                                               _rows_opt(gy), rows_view(gt), rpc, cfg.backend)
-        return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(db, sp, R, rpc, dt),
-                _table_grad(dtb, sp, R, rpc, dt), None)
+        sp, R, rpc, dt = cfg.layout, cfg.rows, cfg.rpc, x.dtype
+
+        def fused(x, tx, bias, tbias, gy, gt):
+            if gt is None:
+                dx, db = _gelu_grads(x, bias, gy, cfg)
+                return dx, None, db, None
+            dx, dtx, db, dtb = K.gelu_jvp_backward(rows_view(x), rows_view(tx), _tab(sp, bias), _tab(sp, tbias),
+                                                   _rows_opt(gy), rows_view(gt), rpc, cfg.backend)
+            return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(db, sp, R, rpc, dt),
+                    _table_grad(dtb, sp, R, rpc, dt))
+
+        def naive_jvp(a, ta, b, tb):
+            return naive.jvp_of(naive.gelu_tanh, (a, b), (ta, tb))
+        return differentiable_backward(fused, naive_jvp, (x, tx, bias, tbias), (gy, gt)) + (None,)
 
 
 # ---- gated residual ----------------------------------------------------------------------------------
@@ -257,16 +233,13 @@ class GatedFunction(torch.autograd.Function):
     """out = x + gate * y."""
 
     @staticmethod
-    def forward(x, gate, y, cfg: RowCfg):
-        return K.gated_forward(rows_view(x), _tab(cfg.spec, gate), rows_view(y), cfg.backend).view(cfg.x_shape)
+    def forward(x, gate, y, cfg: ElementwiseProblem):
+        return K.gated_forward(rows_view(x), _tab(cfg.layout, gate), rows_view(y), cfg.backend).view(cfg.x_shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, gate, y, cfg = inputs
-        ctx.cfg = cfg
-        ctx.save_for_backward(gate, y)
-        ctx.save_for_forward(x, gate, y)
-        ctx.set_materialize_grads(False)
+        _keep(ctx, cfg, (gate, y), (x, gate, y))
 
     @staticmethod
     def backward(ctx, go):
@@ -274,17 +247,14 @@ class GatedFunction(torch.autograd.Function):
         cfg = ctx.cfg
         if go is None:
             return None, None, None, None
-        if torch.is_grad_enabled():
-            dg, dy = _naive_backward(lambda g, y_: g * y_, (gate, y), (go,))
-            return go, dg, dy, None
-        dy, dg = K.gated_backward(_tab(cfg.spec, gate), rows_view(y), rows_view(go), cfg.rpc, cfg.backend)
-        return go, _table_grad(dg, cfg.spec, cfg.rows, cfg.rpc, y.dtype), dy.view(cfg.x_shape), None
+        dg, dy = differentiable_backward(lambda *a: _gated_grads(*a, cfg), lambda g, y_: g * y_, (gate, y), (go,))
+        return go, dg, dy, None
 
     @staticmethod
     def jvp(ctx, tx, tgate, ty, _tcfg):
         x, gate, y = ctx.saved_tensors
-        _, tout = GatedJVPFunction.apply(x, _zeros_if_none(tx, x), gate, _zeros_if_none(tgate, gate), y,
-                                         _zeros_if_none(ty, y), ctx.cfg)
+        _, tout = GatedJVPFunction.apply(x, zeros_if_none(tx, x), gate, zeros_if_none(tgate, gate), y,
+                                         zeros_if_none(ty, y), ctx.cfg)
         return tout
 
 
@@ -292,8 +262,8 @@ class GatedJVPFunction(torch.autograd.Function):
     """(out, tout) = (x + gate y, tx + tgate y + gate ty); backward through both outputs."""
 
     @staticmethod
-    def forward(x, tx, gate, tgate, y, ty, cfg: RowCfg):
-        sp = cfg.spec
+    def forward(x, tx, gate, tgate, y, ty, cfg: ElementwiseProblem):
+        sp = cfg.layout
         out, tout = K.gated_jvp_forward(rows_view(x), rows_view(tx), _tab(sp, gate), _tab(sp, tgate), rows_view(y),
                                         rows_view(ty), cfg.backend)
         return out.view(cfg.x_shape), tout.view(cfg.x_shape)
@@ -301,29 +271,31 @@ class GatedJVPFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, tx, gate, tgate, y, ty, cfg = inputs
-        ctx.cfg = cfg
-        ctx.save_for_backward(gate, tgate, y, ty)
-        ctx.set_materialize_grads(False)
+        _keep(ctx, cfg, (gate, tgate, y, ty))
+        record_tangent_output(ctx, output[1])
 
     @staticmethod
     def backward(ctx, go, gto):
+        gto = gto if ctx.tangent_grad else None
         gate, tgate, y, ty = ctx.saved_tensors
         cfg = ctx.cfg
         if go is None and gto is None:
             return (None,) * 7
-        if torch.is_grad_enabled():
-            def f(g, tg, y_, ty_):
-                return g * y_, tg * y_ + g * ty_
-            dg, dtg, dy, dty = _naive_backward(f, (gate, tgate, y, ty), (go, gto))
-            return go, gto, dg, dtg, dy, dty, None
-        sp, R, rpc, dt = cfg.spec, cfg.rows, cfg.rpc, y.dtype
-        if gto is None:
-            dy, dg = K.gated_backward(_tab(sp, gate), rows_view(y), rows_view(go), rpc, cfg.backend)
-            return go, None, _table_grad(dg, sp, R, rpc, dt), None, dy.view(cfg.x_shape), None, None
-        dy, dty, dg, dtg = K.gated_jvp_backward(_tab(sp, gate), _tab(sp, tgate), rows_view(y), rows_view(ty),
-                                                _rows_opt(go), rows_view(gto), rpc, cfg.backend)
-        return (go, gto, _table_grad(dg, sp, R, rpc, dt), _table_grad(dtg, sp, R, rpc, dt), dy.view(cfg.x_shape),
-                dty.view(cfg.x_shape), None)
+        sp, R, rpc, dt = cfg.layout, cfg.rows, cfg.rpc, y.dtype
+
+        def fused(gate, tgate, y, ty, go, gto):
+            if gto is None:
+                dg, dy = _gated_grads(gate, y, go, cfg)
+                return dg, None, dy, None
+            dy, dty, dg, dtg = K.gated_jvp_backward(_tab(sp, gate), _tab(sp, tgate), rows_view(y), rows_view(ty),
+                                                    _rows_opt(go), rows_view(gto), rpc, cfg.backend)
+            return (_table_grad(dg, sp, R, rpc, dt), _table_grad(dtg, sp, R, rpc, dt), dy.view(cfg.x_shape),
+                    dty.view(cfg.x_shape))
+
+        def naive_jvp(g, tg, y_, ty_):
+            return g * y_, tg * y_ + g * ty_
+        dg, dtg, dy, dty = differentiable_backward(fused, naive_jvp, (gate, tgate, y, ty), (go, gto))
+        return go, gto, dg, dtg, dy, dty, None
 
 
 # ---- linear ------------------------------------------------------------------------------------------
@@ -393,27 +365,30 @@ class LinearJVPFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, tx, weight, bias, tweight, tbias = inputs
         ctx.save_for_backward(x, tx, weight, bias, tweight, tbias)
+        record_tangent_output(ctx, output[1])
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, gy, gt):
+        gt = gt if ctx.tangent_grad else None
         x, tx, weight, bias, tweight, tbias = ctx.saved_tensors
         if gy is None and gt is None:
             return (None,) * 6
-        if torch.is_grad_enabled():
-            return _naive_backward(naive_linear_jvp, (x, tx, weight, bias, tweight, tbias), (gy, gt))
-        K_, N = x.shape[-1], weight.shape[0]
-        R = x.numel() // K_
-        x2 = x.reshape(R, K_)
-        if gt is None:
-            g2 = gy.reshape(R, N)
-            return ((gy @ weight), None, g2.t() @ x2, g2.sum(0) if bias is not None else None, None, None)
-        gt2 = gt.reshape(R, N)
-        gy2 = torch.zeros_like(gt2) if gy is None else gy.reshape(R, N)
         need_tw = tweight is not None and ctx.needs_input_grad[4]
-        dxs, dw, dtw = K.linear_jvp_backward(x2, tx.reshape(R, K_), weight, tweight, gy2, gt2, need_tw)
-        return (dxs[:R].view(x.shape), dxs[R:].view(x.shape), dw, gy2.sum(0) if bias is not None else None,
-                dtw if need_tw else None, gt2.sum(0) if tbias is not None else None)
+
+        def fused(x, tx, weight, bias, tweight, tbias, gy, gt):
+            K_, N = x.shape[-1], weight.shape[0]
+            R = x.numel() // K_
+            x2 = x.reshape(R, K_)
+            if gt is None:
+                g2 = gy.reshape(R, N)
+                return ((gy @ weight), None, g2.t() @ x2, g2.sum(0) if bias is not None else None, None, None)
+            gt2 = gt.reshape(R, N)
+            gy2 = torch.zeros_like(gt2) if gy is None else gy.reshape(R, N)
+            dxs, dw, dtw = K.linear_jvp_backward(x2, tx.reshape(R, K_), weight, tweight, gy2, gt2, need_tw)
+            return (dxs[:R].view(x.shape), dxs[R:].view(x.shape), dw, gy2.sum(0) if bias is not None else None,
+                    dtw if need_tw else None, gt2.sum(0) if tbias is not None else None)
+        return differentiable_backward(fused, naive_linear_jvp, (x, tx, weight, bias, tweight, tbias), (gy, gt))
 
 
 # ---- torch.compile: the primal Functions without their jvp rule ----------------------------------------

@@ -7,6 +7,7 @@ pointers, sizes, row strides and the current CUDA stream). Both compile the row 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Optional
@@ -177,6 +178,26 @@ def _contig(*ts):
     return tuple(None if t is None else t.contiguous() for t in ts)
 
 
+def _rows_out(x, n: int = 1):
+    """``n`` new (R, C) tensors of x's dtype and device (the kernels' row outputs)."""
+    return tuple(torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device) for _ in range(n))
+
+
+def _dispatch(device_arg: int = 0):
+    """Decorator of the kernel wrappers: CPU tensors (argument ``device_arg``) run the CPU extension's function
+    of the same name and arguments (several results as a tuple); CUDA tensors the decorated marshalling."""
+    def wrap(cuda_fn):
+        @functools.wraps(cuda_fn)
+        def run(*args):
+            x = args[device_arg]
+            if _is_cpu(x):
+                out = getattr(_cpu(x), cuda_fn.__name__)(*args)
+                return out if isinstance(out, torch.Tensor) else tuple(out)
+            return cuda_fn(*args)
+        return run
+    return wrap
+
+
 def _partial(x, rpc, present):
     if not present:
         return x.new_empty((0,), dtype=torch.float32)
@@ -185,37 +206,33 @@ def _partial(x, rpc, present):
 
 # ---- row norm ------------------------------------------------------------------------------------
 
+@_dispatch()
 def norm_forward(x, scale, shift, offset, center, eps):
-    if _is_cpu(x):
-        return tuple(_cpu(x).norm_forward(x, scale, shift, offset, center, eps))
     scale, shift = _contig(scale, shift)
     R, C = x.shape
-    y = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    (y,) = _rows_out(x)
     stats = x.new_empty((R, 2), dtype=torch.float32)
     _cuda_call("norm_forward", x, _ptr(x), _rs(x), _ptr(scale), _m(scale, R), _ptr(shift), _m(shift, R),
                _ptr(y), _ptr(stats), R, C, float(offset), bool(center), float(eps))
     return y, stats
 
 
+@_dispatch()
 def norm_backward(x, scale, stats, gy, offset, center, rpc, has_shift):
-    if _is_cpu(x):
-        return tuple(_cpu(x).norm_backward(x, scale, stats, gy, offset, center, rpc, has_shift))
     (scale,) = _contig(scale)
     R, C = x.shape
-    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    (dx,) = _rows_out(x)
     ds, dh = _partial(x, rpc, scale is not None), _partial(x, rpc, has_shift)
     _cuda_call("norm_backward", x, _ptr(x), _rs(x), _ptr(scale), _m(scale, R), _ptr(stats), _ptr(gy), _rs(gy),
                _ptr(dx), _ptr(ds), _ptr(dh), R, C, float(offset), bool(center), int(rpc))
     return dx, ds, dh
 
 
+@_dispatch()
 def norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset, center, eps):
-    if _is_cpu(x):
-        return tuple(_cpu(x).norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset, center, eps))
     scale, shift, tscale, tshift = _contig(scale, shift, tscale, tshift)
     R, C = x.shape
-    y = torch.empty((R, C), dtype=x.dtype, device=x.device)
-    ty = torch.empty_like(y)
+    y, ty = _rows_out(x, 2)
     stats = x.new_empty((R, 4), dtype=torch.float32)
     _cuda_call("norm_jvp_forward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(scale), _m(scale, R),
                _ptr(shift), _m(shift, R), _ptr(tscale), _m(tscale, R), _ptr(tshift), _m(tshift, R),
@@ -223,14 +240,11 @@ def norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset, center, eps):
     return y, ty, stats
 
 
+@_dispatch()
 def norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc, has_shift):
-    if _is_cpu(x):
-        return tuple(_cpu(x).norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc,
-                                               has_shift))
     scale, tscale = _contig(scale, tscale)
     R, C = x.shape
-    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
-    dtx = torch.empty_like(dx)
+    dx, dtx = _rows_out(x, 2)
     ds, dh = _partial(x, rpc, scale is not None), _partial(x, rpc, has_shift)
     dts, dth = _partial(x, rpc, scale is not None), _partial(x, rpc, has_shift)
     _cuda_call("norm_jvp_backward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(scale), _m(scale, R),
@@ -241,46 +255,40 @@ def norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc, 
 
 # ---- GELU ------------------------------------------------------------------------------------------
 
+@_dispatch()
 def gelu_forward(x, bias):
-    if _is_cpu(x):
-        return _cpu(x).gelu_forward(x, bias)
     (bias,) = _contig(bias)
     R, C = x.shape
-    y = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    (y,) = _rows_out(x)
     _cuda_call("gelu_forward", x, _ptr(x), _rs(x), _ptr(bias), _ptr(y), R, C)
     return y
 
 
+@_dispatch()
 def gelu_backward(x, bias, gy, rpc):
-    if _is_cpu(x):
-        return tuple(_cpu(x).gelu_backward(x, bias, gy, rpc))
     (bias,) = _contig(bias)
     R, C = x.shape
-    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    (dx,) = _rows_out(x)
     db = _partial(x, rpc, bias is not None)
     _cuda_call("gelu_backward", x, _ptr(x), _rs(x), _ptr(bias), _ptr(gy), _rs(gy), _ptr(dx), _ptr(db), R, C, int(rpc))
     return dx, db
 
 
+@_dispatch()
 def gelu_jvp_forward(x, tx, bias, tbias):
-    if _is_cpu(x):
-        return tuple(_cpu(x).gelu_jvp_forward(x, tx, bias, tbias))
     bias, tbias = _contig(bias, tbias)
     R, C = x.shape
-    y = torch.empty((R, C), dtype=x.dtype, device=x.device)
-    ty = torch.empty_like(y)
+    y, ty = _rows_out(x, 2)
     _cuda_call("gelu_jvp_forward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(bias), _ptr(tbias), _ptr(y), _ptr(ty),
                R, C)
     return y, ty
 
 
+@_dispatch()
 def gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc):
-    if _is_cpu(x):
-        return tuple(_cpu(x).gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc))
     bias, tbias = _contig(bias, tbias)
     R, C = x.shape
-    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
-    dtx = torch.empty_like(dx)
+    dx, dtx = _rows_out(x, 2)
     db, dtb = _partial(x, rpc, bias is not None), _partial(x, rpc, bias is not None)
     _cuda_call("gelu_jvp_backward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(bias), _ptr(tbias), _ptr(gy), _rs(gy),
                _ptr(gt), _rs(gt), _ptr(dx), _ptr(dtx), _ptr(db), _ptr(dtb), R, C, int(rpc))
@@ -289,47 +297,41 @@ def gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc):
 
 # ---- gated residual --------------------------------------------------------------------------------
 
+@_dispatch()
 def gated_forward(x, gate, y):
-    if _is_cpu(x):
-        return _cpu(x).gated_forward(x, gate, y)
     (gate,) = _contig(gate)
     R, C = x.shape
-    out = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    (out,) = _rows_out(x)
     _cuda_call("gated_forward", x, _ptr(x), _rs(x), _ptr(gate), _m(gate, R), _ptr(y), _rs(y), _ptr(out), R, C)
     return out
 
 
+@_dispatch(device_arg=1)
 def gated_backward(gate, y, go, rpc):
-    if _is_cpu(y):
-        return tuple(_cpu(y).gated_backward(gate, y, go, rpc))
     (gate,) = _contig(gate)
     R, C = y.shape
-    dy = torch.empty((R, C), dtype=y.dtype, device=y.device)
+    (dy,) = _rows_out(y)
     dg = _partial(y, rpc, True)
     _cuda_call("gated_backward", y, _ptr(gate), _m(gate, R), _ptr(y), _rs(y), _ptr(go), _rs(go), _ptr(dy), _ptr(dg),
                R, C, int(rpc))
     return dy, dg
 
 
+@_dispatch()
 def gated_jvp_forward(x, tx, gate, tgate, y, ty):
-    if _is_cpu(x):
-        return tuple(_cpu(x).gated_jvp_forward(x, tx, gate, tgate, y, ty))
     gate, tgate = _contig(gate, tgate)
     R, C = x.shape
-    out = torch.empty((R, C), dtype=x.dtype, device=x.device)
-    tout = torch.empty_like(out)
+    out, tout = _rows_out(x, 2)
     _cuda_call("gated_jvp_forward", x, _ptr(x), _rs(x), _ptr(tx), _rs(tx), _ptr(gate), _m(gate, R), _ptr(tgate),
                _m(tgate, R), _ptr(y), _rs(y), _ptr(ty), _rs(ty), _ptr(out), _ptr(tout), R, C)
     return out, tout
 
 
+@_dispatch(device_arg=2)
 def gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc):
-    if _is_cpu(y):
-        return tuple(_cpu(y).gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc))
     gate, tgate = _contig(gate, tgate)
     R, C = y.shape
-    dy = torch.empty((R, C), dtype=y.dtype, device=y.device)
-    dty = torch.empty_like(dy)
+    dy, dty = _rows_out(y, 2)
     dg, dtg = _partial(y, rpc, True), _partial(y, rpc, True)
     _cuda_call("gated_jvp_backward", y, _ptr(gate), _m(gate, R), _ptr(tgate), _m(tgate, R), _ptr(y), _rs(y), _ptr(ty),
                _rs(ty), _ptr(go), _rs(go), _ptr(gto), _rs(gto), _ptr(dy), _ptr(dty), _ptr(dg), _ptr(dtg), R, C,

@@ -2,7 +2,7 @@
 
 These functions have exactly the signatures of the compiled kernels (``extension.py``) and compute the
 same mathematics (``csrc/include/flowmap/*.h``) in float32 (float64 for float64 inputs), so they serve
-float64 and installs without the extension. Layout (see ``_shapes.py``): ``x`` is (R, C) with unit
+float64 and installs without the extension. Layout (see ``problem.py``): ``x`` is (R, C) with unit
 stride along C; a per-channel operand is a contiguous (M, C) table, row r using table row r // (R // M).
 Gradients of a table come back as fp32 partial sums (R // rpc, C) over chunks of ``rpc`` consecutive rows
 (the caller sums chunks of a group); ``rpc`` divides every group size.
@@ -24,12 +24,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._autodiff import acc_dtype as _acc
+
 _K = math.sqrt(2.0 / math.pi)
 _A = 0.044715
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _f(t: Optional[Tensor], dt) -> Optional[Tensor]:

@@ -1,7 +1,8 @@
 """The fused kernels as torch custom ops (one op per pass), with fake implementations and FLOP formulas.
 
-Each op takes the backend name ("torch" or "extension") and runs that backend's function of the same
-name (``fused_torch.py`` / ``extension.py``; signatures documented in ``fused_torch.py``), so the profiler,
+Each op takes the backend name ("torch" or "extension") and runs the function of the same name of the
+implementation registered under that name in the op's registry (``registry.py``: ``fused_torch.py`` /
+``extension.py``; signatures documented in ``fused_torch.py``), as ``attention/kernels.py`` does, so the profiler,
 FlopCounterMode and torch.compile see one op per fused pass. Absent optional outputs are empty tensors.
 
 FLOPs (FlopCounterMode): the row-wise ops count 0 (as for every elementwise aten op). The linear JVP ops
@@ -18,49 +19,51 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import fused_torch
+from .._autodiff import acc_dtype as _acc
+from .registry import GATED_RESIDUAL, GELU_TANH, MODULATED_LAYER_NORM
 
 _LIB = "flowmap_kernels"
 
 
-def _impl(backend: str):
-    if backend == "extension":
-        from . import extension
-        return extension
-    if backend == "torch":
-        return fused_torch
-    raise ValueError(f"backend: {backend!r} has no fused kernels")
+# The registry each family of passes is looked up in (the norm passes serve modulated_layer_norm and rms_norm,
+# whose registries hold the same implementations).
+_REGISTRY_OF = {"norm": MODULATED_LAYER_NORM, "gelu": GELU_TANH, "gated": GATED_RESIDUAL}
+
+
+def _impl(backend: str, fused_pass: str):
+    """The function ``fused_pass`` (e.g. "norm_forward") of the implementation registered under ``backend``."""
+    entry = _REGISTRY_OF[fused_pass.split("_")[0]].impls.get(backend)
+    fn = None if entry is None else getattr(entry.impl, fused_pass, None)
+    if fn is None:
+        raise ValueError(f"backend: {backend!r} has no fused kernels")
+    return fn
 
 
 # ---- row norm --------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{_LIB}::norm_forward", mutates_args=())
 def norm_forward(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], offset: float, center: bool,
                  eps: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _impl(backend).norm_forward(x, scale, shift, offset, center, eps)
+    return _impl(backend, "norm_forward")(x, scale, shift, offset, center, eps)
 
 
 @torch.library.custom_op(f"{_LIB}::norm_backward", mutates_args=())
 def norm_backward(x: Tensor, scale: Optional[Tensor], stats: Tensor, gy: Tensor, offset: float, center: bool,
                   rpc: int, has_shift: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl(backend).norm_backward(x, scale, stats, gy, offset, center, rpc, has_shift)
+    return _impl(backend, "norm_backward")(x, scale, stats, gy, offset, center, rpc, has_shift)
 
 
 @torch.library.custom_op(f"{_LIB}::norm_jvp_forward", mutates_args=())
 def norm_jvp_forward(x: Tensor, tx: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                      tscale: Optional[Tensor], tshift: Optional[Tensor], offset: float, center: bool, eps: float,
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl(backend).norm_jvp_forward(x, tx, scale, shift, tscale, tshift, offset, center, eps)
+    return _impl(backend, "norm_jvp_forward")(x, tx, scale, shift, tscale, tshift, offset, center, eps)
 
 
 @torch.library.custom_op(f"{_LIB}::norm_jvp_backward", mutates_args=())
 def norm_jvp_backward(x: Tensor, tx: Tensor, scale: Optional[Tensor], tscale: Optional[Tensor], stats: Tensor,
                       gy: Optional[Tensor], gt: Tensor, offset: float, center: bool, rpc: int, has_shift: bool,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _impl(backend).norm_jvp_backward(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc, has_shift)
-
-
-def _acc(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _impl(backend, "norm_jvp_backward")(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc, has_shift)
 
 
 def _partial_fake(x, rpc, present):
@@ -93,24 +96,24 @@ def _(x, tx, scale, tscale, stats, gy, gt, offset, center, rpc, has_shift, backe
 # ---- GELU ------------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{_LIB}::gelu_forward", mutates_args=())
 def gelu_forward(x: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
-    return _impl(backend).gelu_forward(x, bias)
+    return _impl(backend, "gelu_forward")(x, bias)
 
 
 @torch.library.custom_op(f"{_LIB}::gelu_backward", mutates_args=())
 def gelu_backward(x: Tensor, bias: Optional[Tensor], gy: Tensor, rpc: int, backend: str) -> tuple[Tensor, Tensor]:
-    return _impl(backend).gelu_backward(x, bias, gy, rpc)
+    return _impl(backend, "gelu_backward")(x, bias, gy, rpc)
 
 
 @torch.library.custom_op(f"{_LIB}::gelu_jvp_forward", mutates_args=())
 def gelu_jvp_forward(x: Tensor, tx: Tensor, bias: Optional[Tensor], tbias: Optional[Tensor],
                      backend: str) -> tuple[Tensor, Tensor]:
-    return _impl(backend).gelu_jvp_forward(x, tx, bias, tbias)
+    return _impl(backend, "gelu_jvp_forward")(x, tx, bias, tbias)
 
 
 @torch.library.custom_op(f"{_LIB}::gelu_jvp_backward", mutates_args=())
 def gelu_jvp_backward(x: Tensor, tx: Tensor, bias: Optional[Tensor], tbias: Optional[Tensor], gy: Optional[Tensor],
                       gt: Tensor, rpc: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl(backend).gelu_jvp_backward(x, tx, bias, tbias, gy, gt, rpc)
+    return _impl(backend, "gelu_jvp_backward")(x, tx, bias, tbias, gy, gt, rpc)
 
 
 @gelu_forward.register_fake
@@ -137,24 +140,24 @@ def _(x, tx, bias, tbias, gy, gt, rpc, backend):
 # ---- gated residual --------------------------------------------------------------------------------
 @torch.library.custom_op(f"{_LIB}::gated_forward", mutates_args=())
 def gated_forward(x: Tensor, gate: Tensor, y: Tensor, backend: str) -> Tensor:
-    return _impl(backend).gated_forward(x, gate, y)
+    return _impl(backend, "gated_forward")(x, gate, y)
 
 
 @torch.library.custom_op(f"{_LIB}::gated_backward", mutates_args=())
 def gated_backward(gate: Tensor, y: Tensor, go: Tensor, rpc: int, backend: str) -> tuple[Tensor, Tensor]:
-    return _impl(backend).gated_backward(gate, y, go, rpc)
+    return _impl(backend, "gated_backward")(gate, y, go, rpc)
 
 
 @torch.library.custom_op(f"{_LIB}::gated_jvp_forward", mutates_args=())
 def gated_jvp_forward(x: Tensor, tx: Tensor, gate: Tensor, tgate: Tensor, y: Tensor, ty: Tensor,
                       backend: str) -> tuple[Tensor, Tensor]:
-    return _impl(backend).gated_jvp_forward(x, tx, gate, tgate, y, ty)
+    return _impl(backend, "gated_jvp_forward")(x, tx, gate, tgate, y, ty)
 
 
 @torch.library.custom_op(f"{_LIB}::gated_jvp_backward", mutates_args=())
 def gated_jvp_backward(gate: Tensor, tgate: Tensor, y: Tensor, ty: Tensor, go: Optional[Tensor], gto: Tensor, rpc: int,
                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl(backend).gated_jvp_backward(gate, tgate, y, ty, go, gto, rpc)
+    return _impl(backend, "gated_jvp_backward")(gate, tgate, y, ty, go, gto, rpc)
 
 
 @gated_forward.register_fake

@@ -1,0 +1,211 @@
+"""Autodiff plumbing shared by the two op families (``attention/`` and ``ops/``).
+
+``acc_dtype``               the accumulation dtype of the kernels: float64 for float64 inputs, else float32.
+``zeros_if_none``           a missing tangent / cotangent (None) as zeros of its primal's shape.
+``unpack_duals``            primals and forward-AD tangents of (possibly dual) inputs; ``make_dual`` repacks.
+``triton_interpreter``      whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1).
+``no_tangent_grad``         a region whose explicit-tangent ops return tangents without gradient (the
+                            caller stops the gradient of the JVP): their backward runs the primal kernels.
+``differentiable_backward`` the one double-backward strategy: first-order gradients from fused backward
+                            kernels, differentiable (create_graph=True, torch.func.grad over jvp, jacrev of
+                            jacrev, forward-over-reverse) through a recomputation in the naive math that runs
+                            only when a second derivative is actually taken.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+
+def acc_dtype(x) -> torch.dtype:
+    """The accumulation dtype for a tensor or dtype ``x``: float64 for float64, else float32."""
+    dtype = x.dtype if isinstance(x, torch.Tensor) else x
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def zeros_if_none(t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t``, or zeros like ``like`` when ``t`` is None (None when ``like`` is None: an absent operand)."""
+    if like is None:
+        return None
+    return torch.zeros_like(like) if t is None else t
+
+
+def unpack_duals(*ts):
+    """(primals, tangents): the forward-AD primal and tangent of each input (a tensor without a tangent, or
+    anything that is not a tensor, comes back unchanged with tangent None)."""
+    pairs = [tuple(fwAD.unpack_dual(t)) if isinstance(t, torch.Tensor) else (t, None) for t in ts]
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """Repack an output and its tangent as a dual tensor of the current forward-AD level."""
+    return fwAD.make_dual(primal, tangent)
+
+
+class _TangentGrad:
+    """Whether explicit-tangent ops (attention_jvp, the ops' *_jvp) return a differentiable tangent; read at
+    call time, so under torch.compile it is a constant of the traced graph."""
+
+    enabled = True
+
+
+TANGENT_GRAD = _TangentGrad()
+
+
+def record_tangent_output(ctx, tangent: torch.Tensor) -> None:
+    """setup_context of an explicit-tangent op: ``ctx.tangent_grad`` says whether its tangent output is
+    differentiable; inside :func:`flowmap_kernels.func.jvp` with ``tangent_grad=False`` it is not (marked
+    non-differentiable), and the op's backward takes the primal path (no backward through the tangent)."""
+    ctx.tangent_grad = TANGENT_GRAD.enabled
+    if not ctx.tangent_grad:
+        ctx.mark_non_differentiable(tangent)
+
+
+def triton_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---- second derivatives through a naive recomputation ----------------------------------------------------
+
+def _vjp_fn(outputs_fn, n: int, cotangents):
+    """(first, given): first(*primals, *given cotangents) = vjp(outputs_fn) at the n primals, the missing
+    cotangents taken as zeros; given = the indices of the cotangents that are not None."""
+    given = [i for i, c in enumerate(cotangents) if c is not None]
+
+    def first(*args):
+        outs, pull = torch.func.vjp(outputs_fn, *args[:n])
+        full = [torch.zeros_like(o) for o in outs]
+        for i, c in zip(given, args[n:]):
+            full[i] = c
+        return pull(tuple(full))
+    return first, given
+
+
+def vjp_of_vjp(outputs_fn, primals, cotangents, grads_of_grads):
+    """Gradients of <vjp(outputs_fn)(primals; cotangents), grads_of_grads> for primals and cotangents.
+
+    ``outputs_fn`` returns a tuple. By torch.func.vjp (no requires_grad_ on the inputs), so that it runs inside
+    torch.func transforms (jacrev of jacrev, vmap of grad) as well as under create_graph=True; None cotangents /
+    grads are zero.
+    """
+    n = len(primals)
+    first, given = _vjp_fn(outputs_fn, n, cotangents)
+    _, pull_first = torch.func.vjp(first, *primals, *(cotangents[i] for i in given))
+    second = pull_first(tuple(zeros_if_none(g, x) for x, g in zip(primals, grads_of_grads)))
+    cot_grads = [None] * len(cotangents)
+    for i, g in zip(given, second[n:]):
+        cot_grads[i] = g
+    return list(second[:n]), cot_grads
+
+
+def jvp_of_vjp(outputs_fn, primals, cotangents, primal_tangents, cotangent_tangents):
+    """Forward-mode derivative of vjp(outputs_fn)(primals; cotangents) along the given tangents (None = zero).
+
+    Computed in reverse mode only (the vjp of the linear map u -> J^T u is u' -> J u'), so that it also runs
+    inside a forward-AD level (dual tensors), where a nested torch.func.jvp is not supported.
+    """
+    n = len(primals)
+    first, given = _vjp_fn(outputs_fn, n, cotangents)
+    args = (*primals, *(cotangents[i] for i in given))
+    tangents = [zeros_if_none(t, x) for x, t in zip(primals, primal_tangents)]
+    tangents += [zeros_if_none(cotangent_tangents[i], cotangents[i]) for i in given]
+
+    def transposed(*u):  # J^T u, J = d first / d args
+        return torch.func.vjp(first, *args)[1](u)
+    _, pull = torch.func.vjp(transposed, *(torch.zeros_like(p) for p in primals))
+    return pull(tuple(tangents))
+
+
+@dataclass(frozen=True, eq=False)
+class _BackwardRule:
+    """What :class:`FusedBackward` needs besides tensors: the fused first-order pass, the naive function it
+    differentiates, and how many of the tensor inputs are primals / cotangents (the rest: saved extras)."""
+    fused: Callable
+    naive: Callable
+    n_primals: int
+    n_cotangents: int
+    n_tensors: int  # primals, cotangents and extras
+
+    def naive_present(self, primals):
+        """``naive`` as a function of the primals that are not None (the others stay None), returning a tuple."""
+        idx = [i for i, p in enumerate(primals) if p is not None]
+
+        def fn(*args):
+            full = list(primals)
+            for i, a in zip(idx, args):
+                full[i] = a
+            out = self.naive(*full)
+            return out if isinstance(out, tuple) else (out,)
+        return fn, idx
+
+
+_SLOTS = 10  # tensor arguments of FusedBackward (Dynamo cannot trace an autograd.Function with *args)
+
+
+class FusedBackward(torch.autograd.Function):
+    """Gradients of the primals = ``rule.fused(*primals, *cotangents, *extras)`` (fused kernels); itself
+    differentiable in the primals and cotangents by the naive recomputation (``vjp_of_vjp`` / ``jvp_of_vjp``
+    of ``rule.naive``), which runs only when a second derivative is taken. The tensors come in ``_SLOTS``
+    fixed arguments, the unused ones None."""
+
+    @staticmethod
+    def forward(rule: _BackwardRule, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9):
+        return tuple(rule.fused(*(t0, t1, t2, t3, t4, t5, t6, t7, t8, t9)[:rule.n_tensors]))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        rule = inputs[0]
+        ctx.rule = rule
+        n = rule.n_primals + rule.n_cotangents
+        ctx.save_for_backward(*inputs[1:1 + n])
+        ctx.save_for_forward(*inputs[1:1 + n])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *ggrads):
+        rule = ctx.rule
+        saved = ctx.saved_tensors
+        primals, cots = saved[:rule.n_primals], saved[rule.n_primals:]
+        fn, idx = rule.naive_present(primals)
+        xs, cgs = vjp_of_vjp(fn, [primals[i] for i in idx], cots, [ggrads[i] for i in idx])
+        gprimals = [None] * rule.n_primals
+        for i, g in zip(idx, xs):
+            gprimals[i] = g
+        return (None, *gprimals, *cgs) + (None,) * (_SLOTS - rule.n_primals - rule.n_cotangents)
+
+    @staticmethod
+    def jvp(ctx, _trule, *tangents):
+        """Forward-over-reverse (torch.func.hessian, jacfwd of jacrev): the naive recomputation's JVP (the
+        extras are functions of the primals, whose tangents it already follows)."""
+        rule = ctx.rule
+        saved = ctx.saved_tensors
+        primals, cots = saved[:rule.n_primals], saved[rule.n_primals:]
+        tp, tc = tangents[:rule.n_primals], tangents[rule.n_primals:rule.n_primals + rule.n_cotangents]
+        fn, idx = rule.naive_present(primals)
+        out = jvp_of_vjp(fn, [primals[i] for i in idx], cots, [tp[i] for i in idx], tc)
+        res = [None] * rule.n_primals
+        for i, t in zip(idx, out):
+            res[i] = t
+        return tuple(res)
+
+
+def differentiable_backward(fused: Callable, naive: Callable, primals: Sequence, cotangents: Sequence,
+                            extras: Sequence = ()) -> tuple:
+    """The gradients of ``primals`` for the output ``cotangents`` (None = zero) of ``naive(*primals)``.
+
+    ``fused(*primals, *cotangents, *extras)`` computes them (first-order path: the fused backward kernels, one
+    entry per primal, None for an absent primal); ``naive(*primals)`` (an output or a tuple of outputs, one per
+    cotangent; None primals passed as None) is the same function in plain differentiable PyTorch, recomputed
+    only to differentiate these gradients again. ``extras`` are tensors the fused pass reads that are
+    functions of the primals (saved statistics, outputs): they receive no gradient.
+    """
+    tensors = (*primals, *cotangents, *extras)
+    if len(tensors) > _SLOTS:
+        raise ValueError(f"differentiable_backward: at most {_SLOTS} tensors, got {len(tensors)}")
+    rule = _BackwardRule(fused, naive, len(primals), len(cotangents), len(tensors))
+    return FusedBackward.apply(rule, *tensors, *(None,) * (_SLOTS - len(tensors)))
