@@ -3,7 +3,8 @@
 ``shard_sequence`` / ``gather_sequence`` split and reassemble a sequence; ``context_parallel_attention``
 (and its explicit ``_jvp`` form) runs attention on the shards, by a ring of K/V blocks (``mode="ring"``)
 or by all-to-all re-sharding to heads (``mode="ulysses"``), with forward-mode AD and backward through the
-tangent; ``context_parallel(model, group)`` switches a DiT to it. ``count_communication`` measures the
+tangent; ``context_parallel(model, group)`` switches a DiT to it (the package's, or a diffusers DiT in a
+``DiffusersFlowMap``). ``count_communication`` measures the
 bytes sent. ``apply_fsdp(model, mesh)`` shards a model with FSDP2 (fully_shard per block, then the root)
 over ``make_mesh(dp_replicate, dp_shard, cp)``. See docs/scaling.md.
 """

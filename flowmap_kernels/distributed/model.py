@@ -1,4 +1,5 @@
-"""Model-level switch: run the package's DiT with its token sequence sharded over a process group."""
+"""Model-level switch: run the package's DiT, or a diffusers DiT in a DiffusersFlowMap, with its token
+sequence sharded over a process group."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ from .sharding import gather_sequence, shard_sequence
 
 @dataclass(frozen=True)
 class ContextParallelConfig:
-    """What a DiT (and its Attention modules) do under context parallelism: tokens (B, N, C) are sharded
-    along N after patch embedding (+ position embedding) and gathered before the final layer; attention
-    runs ``context_parallel_attention`` on the shards."""
+    """What a DiT (and its Attention modules, or a DiffusersFlowMap's hooks and attention processors) do
+    under context parallelism: tokens (B, N, C) are sharded along N after patch embedding (+ position
+    embedding) and gathered before (DiT) or after (diffusers: the per-token output projection) the final
+    layer; attention runs ``context_parallel_attention`` on the shards."""
 
     group: object = None
     mode: str = "ring"
@@ -32,21 +34,20 @@ class ContextParallelConfig:
         return context_parallel_attention(q, k, v, group=self.group, mode=self.mode,
                                           load_balance=self.load_balance, **kw)
 
+    def __deepcopy__(self, memo):
+        return self  # immutable, and process groups are not copied: a deep copy of a switched model shares it
+
 
 class ContextParallelHandle:
     """Returned by :func:`context_parallel`: ``remove()`` (or leaving the ``with`` block) restores the
     modules' previous settings."""
 
-    def __init__(self, previous):
-        self._previous = previous
+    def __init__(self, undo):
+        self._undo = list(undo)  # callables, run in reverse order
 
     def remove(self) -> None:
-        for module, value in self._previous:
-            if value is None:
-                module.__dict__.pop("context_parallel_config", None)
-            else:
-                module.context_parallel_config = value
-        self._previous = []
+        while self._undo:
+            self._undo.pop()()
 
     def __enter__(self):
         return self
@@ -55,18 +56,40 @@ class ContextParallelHandle:
         self.remove()
 
 
+def _set_config(module: nn.Module, config):
+    """Set ``module.context_parallel_config``; returns the function that puts the previous value back."""
+    previous = module.__dict__.get("context_parallel_config")
+    module.context_parallel_config = config
+
+    def undo():
+        if previous is None:
+            module.__dict__.pop("context_parallel_config", None)
+        else:
+            module.context_parallel_config = previous
+    return undo
+
+
 def context_parallel(model: nn.Module, group=None, mode: str = "ring", load_balance: bool = False):
-    """Switch ``model`` (a ``flowmap_kernels.nn.DiT``, or any module containing DiTs / Attention modules) to
-    context parallelism over ``group``; a setter that also works as a context manager::
+    """Switch ``model`` to context parallelism over ``group``: a ``flowmap_kernels.nn.DiT``, a diffusers DiT
+    wrapped in ``flowmap_kernels.integrations.diffusers.DiffusersFlowMap``, or any module containing them;
+    a setter that also works as a context manager::
 
         with context_parallel(model, group, mode="ulysses"):
             v = model(x, s, t, y)           # every rank passes the same full inputs, gets the full output
 
-    Each rank computes the embeddings of the full input, keeps its share of the tokens through the blocks
-    and gathers them before the final layer. Gradients: every rank runs the same loss; the gradient of any
+    Each rank computes the embeddings of the full input, keeps its share of the tokens (``shard_sequence``
+    with ``load_balance``) through the blocks, whose attention runs ``context_parallel_attention`` in
+    ``mode`` ("ring" or "ulysses"), and gathers them before (DiT) or after (DiffusersFlowMap: the per-token
+    output projection) the final layer. Gradients: every rank runs the same loss; the gradient of any
     parameter or input averaged over ``group`` is exact (the convention of data-parallel training whose
     mesh includes the context-parallel ranks; see ``gather_sequence``).
+
+    A DiffusersFlowMap must wrap a ``DiTTransformer2DModel`` whose layers outside attention act per token
+    and whose attention processors are plain (``AttnProcessor``, ``AttnProcessor2_0``,
+    ``FlowmapAttnProcessor``; they become ``ContextParallelAttnProcessor``); anything else is an error
+    naming the module. Everything is checked before anything is changed.
     """
+    from ..integrations.diffusers import DiffusersFlowMap, check_context_parallel, enable_context_parallel
     from ..nn import DiT
     from ..nn.layers import Attention
 
@@ -75,17 +98,20 @@ def context_parallel(model: nn.Module, group=None, mode: str = "ring", load_bala
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    world = dist.get_world_size(group)
     targets = [m for m in model.modules() if isinstance(m, (DiT, Attention))]
-    if not any(isinstance(m, DiT) for m in targets):
-        raise ValueError("model: contains no flowmap_kernels.nn.DiT (the switch shards a DiT's token sequence)")
+    flowmaps = [m for m in model.modules() if isinstance(m, DiffusersFlowMap)]
+    if not flowmaps and not any(isinstance(m, DiT) for m in targets):
+        raise ValueError("model: contains no flowmap_kernels.nn.DiT and no integrations.diffusers.DiffusersFlowMap "
+                         "(the switch shards a DiT's token sequence)")
     if mode == "ulysses":
-        world = dist.get_world_size(group)
         for m in targets:
             if isinstance(m, Attention) and m.num_heads % world:
                 raise ValueError(f"mode: 'ulysses' needs num_heads ({m.num_heads}) divisible by the group size "
                                  f"({world}); use mode='ring'")
     config = ContextParallelConfig(group, mode, bool(load_balance))
-    previous = [(m, m.__dict__.get("context_parallel_config")) for m in targets]
-    for m in targets:
-        m.context_parallel_config = config
-    return ContextParallelHandle(previous)
+    for fm in flowmaps:
+        check_context_parallel(fm, world, mode)
+    undo = [_set_config(m, config) for m in targets]
+    undo += [enable_context_parallel(fm, config) for fm in flowmaps]
+    return ContextParallelHandle(undo)

@@ -14,6 +14,9 @@ function here is first called, so importing this module never needs it.
 ``DiffusersFlowMap(transformer)`` wraps a ``DiTTransformer2DModel`` as ``model(x, s, t, y=None) -> V``,
                                 the interface of :mod:`flowmap_kernels.methods` (x at the noisier time s,
                                 target time t <= s, V the average velocity).
+``ContextParallelAttnProcessor``  the processor that ``flowmap_kernels.distributed.context_parallel(flowmap,
+                                group)`` sets on a DiffusersFlowMap's attention modules (its tokens sharded
+                                over the group: see ``enable_context_parallel`` and docs/scaling.md).
 
 Two times in a one-time DiT: the timestep embedding of the source time s is the DiT's own (timestep
 ``time_scale * s``, the noise level of x, as the pretrained network reads it); the interval s - t goes
@@ -24,7 +27,7 @@ the pretrained DiT's prediction (MeanFlow's (t, t - r) conditioning, in this pro
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -32,7 +35,7 @@ from torch import nn
 from .sdpa_patch import scaled_dot_product_attention
 
 __all__ = ["FlowmapAttnProcessor", "set_flowmap_attention", "DiffusersFlowMap", "require_diffusers",
-           "checkpoint_transformer_blocks"]
+           "checkpoint_transformer_blocks", "ContextParallelAttnProcessor"]
 
 
 def require_diffusers():
@@ -92,8 +95,7 @@ class FlowmapAttnProcessor:
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.to(query.dtype)
 
-        hidden_states = scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)
+        hidden_states = self._attention(attn, query, key, value, attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -104,6 +106,32 @@ class FlowmapAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _attention(self, attn, query, key, value, attention_mask):
+        """(B, H, Lq, D) queries, (B, H, Lk, D) keys and values -> (B, H, Lq, Dv)."""
+        return scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)
+
+
+class ContextParallelAttnProcessor(FlowmapAttnProcessor):
+    """:class:`FlowmapAttnProcessor` whose hidden states are this rank's share of the tokens: the attention
+    is :func:`flowmap_kernels.distributed.context_parallel_attention` (ring or Ulysses, as ``config`` says).
+    Set by :func:`flowmap_kernels.distributed.context_parallel` on a :class:`DiffusersFlowMap`; self-attention
+    without a mask only (the token-sharded sequence is both the queries and the keys)."""
+
+    def __init__(self, config):
+        self.config = config  # a flowmap_kernels.distributed.ContextParallelConfig
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        for name, value in (("encoder_hidden_states", encoder_hidden_states), ("attention_mask", attention_mask)):
+            if value is not None:
+                raise ValueError(f"{name}: ContextParallelAttnProcessor runs self-attention without a mask over "
+                                 f"the token shards (no cross-attention, no attention mask)")
+        return super().__call__(attn, hidden_states, None, None, temb, *args, **kwargs)
+
+    def _attention(self, attn, query, key, value, attention_mask):
+        return self.config.attention(query, key, value, scale=attn.scale)
 
 
 def set_flowmap_attention(model: nn.Module, *, strict: bool = False) -> int:
@@ -213,6 +241,88 @@ class DiffusersFlowMap(nn.Module):
         timestep = torch.stack((s, s - t), dim=-1) * self.time_scale
         out = self.transformer(x, timestep=timestep, class_labels=y, return_dict=False)[0]
         return out[:, : self.in_channels]
+
+
+# ------------------------------------------------------------------------------- context parallelism
+
+def _per_token_types() -> tuple:
+    """Module types that act on each token separately (or only on the conditioning): everything a DiT's
+    token path may hold between the patch embedding and the output projection under context parallelism,
+    where tokens meet only in attention."""
+    from diffusers.models.activations import GEGLU, GELU, ApproximateGELU
+    from diffusers.models.attention import BasicTransformerBlock, FeedForward
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.embeddings import (CombinedTimestepLabelEmbeddings, LabelEmbedding, TimestepEmbedding,
+                                             Timesteps)
+    from diffusers.models.normalization import AdaLayerNormZero, RMSNorm
+
+    return (nn.Linear, nn.LayerNorm, nn.Dropout, nn.SiLU, nn.GELU, nn.Identity, nn.ModuleList, nn.Embedding,
+            BasicTransformerBlock, FeedForward, GELU, GEGLU, ApproximateGELU, Attention, AdaLayerNormZero, RMSNorm,
+            CombinedTimestepLabelEmbeddings, TimestepEmbedding, Timesteps, LabelEmbedding, _TwoTimeEmbedding)
+
+
+def check_context_parallel(flowmap: "DiffusersFlowMap", world: int, mode: str) -> None:
+    """Raise (naming the module) if :func:`enable_context_parallel` cannot run ``flowmap`` exactly on ``world``
+    ranks: the transformer must be a ``DiTTransformer2DModel`` whose modules between the patch embedding and
+    the output projection act per token (attention aside), its attention modules self-attention with a plain
+    processor (for ``mode="ulysses"`` with heads divisible by ``world``)."""
+    from diffusers import DiTTransformer2DModel
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    transformer = flowmap.transformer
+    if type(transformer) is not DiTTransformer2DModel:
+        raise TypeError(f"model: context parallelism of a DiffusersFlowMap supports a wrapped diffusers "
+                        f"DiTTransformer2DModel, got {type(transformer).__name__}")
+    if getattr(flowmap, "_context_parallel", None) is not None:
+        raise ValueError("model: this DiffusersFlowMap is already context-parallel; remove() the handle of the "
+                         "first context_parallel call before switching again")
+    allowed = _per_token_types()
+    for name, module in transformer.named_modules(prefix="transformer"):
+        if name == "transformer" or name.startswith("transformer.pos_embed"):
+            continue  # the patch (+ position) embedding runs on the full input, before the tokens are split
+        if not isinstance(module, allowed):
+            raise ValueError(
+                f"model: {name} ({type(module).__name__}) is not known to act on each token separately; context "
+                f"parallelism splits the tokens over the ranks and lets only attention mix them")
+        if not isinstance(module, Attention):
+            continue
+        if module.is_cross_attention:
+            raise ValueError(f"model: {name} is cross-attention; context parallelism supports self-attention only")
+        if type(module.processor) not in (AttnProcessor, AttnProcessor2_0, FlowmapAttnProcessor):
+            raise ValueError(f"model: {name} has attention processor {type(module.processor).__name__}; context "
+                             f"parallelism replaces AttnProcessor, AttnProcessor2_0 and FlowmapAttnProcessor only")
+        if module.group_norm is not None or module.spatial_norm is not None:
+            raise ValueError(f"model: {name} normalises over the tokens (group_norm / spatial_norm); context "
+                             f"parallelism needs per-token layers outside attention")
+        if mode == "ulysses" and module.heads % world:
+            raise ValueError(f"mode: 'ulysses' needs the heads of {name} ({module.heads}) divisible by the group "
+                             f"size ({world}); use mode='ring'")
+
+
+def enable_context_parallel(flowmap: "DiffusersFlowMap", config) -> Callable[[], None]:
+    """Run ``flowmap``'s transformer with its tokens sharded as ``config`` (a
+    :class:`flowmap_kernels.distributed.ContextParallelConfig`) says: the patch embedding's output is split
+    (``config.shard``), every attention processor becomes a :class:`ContextParallelAttnProcessor`, and the
+    output projection's per-token result is gathered (``config.gather``) before diffusers' unpatchify.
+    Check first with :func:`check_context_parallel`. Returns the function that undoes it. Used through
+    :func:`flowmap_kernels.distributed.context_parallel`."""
+    from diffusers.models.attention_processor import Attention
+
+    transformer = flowmap.transformer
+    hooks = [transformer.pos_embed.register_forward_hook(lambda m, a, out: config.shard(out)),
+             transformer.proj_out_2.register_forward_hook(lambda m, a, out: config.gather(out))]
+    processors = [(m, m.processor) for m in transformer.modules() if isinstance(m, Attention)]
+    for module, _ in processors:
+        module.set_processor(ContextParallelAttnProcessor(config))
+    flowmap.__dict__["_context_parallel"] = config
+
+    def undo():
+        for h in hooks:
+            h.remove()
+        for module, processor in processors:
+            module.set_processor(processor)
+        flowmap.__dict__.pop("_context_parallel", None)
+    return undo
 
 
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")

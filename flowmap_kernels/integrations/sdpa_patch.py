@@ -79,48 +79,61 @@ def _has_tangent(x: torch.Tensor) -> bool:
     return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
 
 
+#: make_problem errors that reject a call option rather than the inputs have their own fallback reason:
+#: (argument the message starts with, text in the message, reason).
+_OPTION_REASONS = (
+    ("dropout_p", "", "dropout_p"),
+    ("attn_mask", "is_causal", "attn_mask+is_causal"),
+    ("attn_mask", "gradients", "attn_mask.requires_grad"),
+)
+
+
+def _reason(error: Exception) -> str:
+    """The fallback reason of an error from make_problem / the backend registry: an option's own name, else
+    ``"<ErrorType>:<argument>"`` (their messages start with the argument they name)."""
+    message = str(error)
+    argument = message.split(":", 1)[0]
+    for name, text, reason in _OPTION_REASONS:
+        if argument == name and text in message:
+            return reason
+    return f"{type(error).__name__}:{argument}"
+
+
 def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra):
-    """None when fk.attention serves the call exactly, else (reason key, message)."""
+    """None when fk.attention serves the call exactly, else (reason key, message).
+
+    The arguments are checked by :func:`flowmap_kernels.attention.make_problem` (what fk.attention itself
+    runs) and the backend registry; before that only what the patch adds to fk.attention's contract: SDPA's
+    keyword set, nested tensors, 3-d inputs (served as a batch of one) and a mask's forward-mode tangent.
+    """
     if extra:
         return "keywords", f"unknown keyword arguments {sorted(extra)}"
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(x, torch.Tensor):
-            return "non-tensor", f"{name} is a {type(x).__name__}, not a tensor"
-        if x.is_nested:
+    named = (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask))
+    for name, x in named:
+        if isinstance(x, torch.Tensor) and x.is_nested:
             return "nested", f"{name} is a nested tensor"
-    if not (query.dim() == key.dim() == value.dim() and query.dim() in (3, 4)):
+    if all(isinstance(x, torch.Tensor) for x in (query, key, value)) and not (
+            query.dim() == key.dim() == value.dim() and query.dim() in (3, 4)):
         return "ndim", (f"inputs must all be 3-d or 4-d, got {query.dim()}, {key.dim()}, {value.dim()} dims")
-    if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
-        return "dropout_p", f"dropout_p={dropout_p} (attention dropout is not implemented)"
-    if attn_mask is not None:
-        if is_causal:
-            return "attn_mask+is_causal", "attn_mask together with is_causal=True"
-        if not isinstance(attn_mask, torch.Tensor):
-            return "attn_mask", f"attn_mask is a {type(attn_mask).__name__}"
-        if attn_mask.is_nested:
-            return "nested", "attn_mask is a nested tensor"
-        if attn_mask.requires_grad:
-            return "attn_mask.requires_grad", "attn_mask requires grad (gradients to the mask)"
-        if _has_tangent(attn_mask):
-            return "attn_mask.tangent", "attn_mask carries a forward-mode tangent"
+    if isinstance(attn_mask, torch.Tensor) and _has_tangent(attn_mask):
+        return "attn_mask.tangent", "attn_mask carries a forward-mode tangent"
     q, k, v, m = _as_4d(query, key, value, attn_mask)
     try:
         p = make_problem(q, k, v, m, dropout_p, is_causal, scale, enable_gqa)
         _fk.resolve_backend(p)
     except (TypeError, ValueError, BackendUnavailableError) as e:
-        msg = str(e)
-        return f"{type(e).__name__}:{msg.split(':', 1)[0]}", msg
+        return _reason(e), str(e)
     return None
 
 
 def _as_4d(query, key, value, attn_mask):
-    """3-d inputs (H, L, D) as a batch of one (1, H, L, D); the mask broadcasts the same way."""
-    if query.dim() == 4:
+    """3-d inputs (H, L, D) as a batch of one (1, H, L, D); the mask broadcasts the same way. Anything
+    else (4-d inputs, non-tensors for make_problem to reject) is returned as it is."""
+    if not isinstance(query, torch.Tensor) or query.dim() != 3:
         return query, key, value, attn_mask
-    m = attn_mask
-    if m is not None and m.dim() == 3:
-        m = m.unsqueeze(0)
-    return query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), m
+    def batch_of_one(x):
+        return x.unsqueeze(0) if isinstance(x, torch.Tensor) and x.dim() == 3 else x
+    return batch_of_one(query), batch_of_one(key), batch_of_one(value), batch_of_one(attn_mask)
 
 
 def _note_fallback(reason: str, message: str) -> None:
