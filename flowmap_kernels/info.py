@@ -6,7 +6,8 @@ import importlib
 import torch
 
 
-def _version(module: str):
+def module_version(module: str):
+    """``module.__version__``, or None when the module is missing or fails to import."""
     try:
         return importlib.import_module(module).__version__
     except Exception:
@@ -25,7 +26,7 @@ def build_info() -> dict:
     return {
         "version": importlib.import_module("flowmap_kernels").__version__,
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": module_version("triton"),
         "cuda_available": torch.cuda.is_available(),
         "backends": backends,
         "attention_float64": "torch",  # float64 never runs in Triton: the blockwise PyTorch path

@@ -78,6 +78,9 @@ class MLPFlowMap(nn.Module):
     (label dropout), and y=None means the null class. ``guidance_dim`` 1 or 3: the guidance scale
     (and interval) as an input, ``w`` (B,) omega or (B, 3) [omega, t_min, t_max] (iMF, arXiv:2512.02012;
     TVM, arXiv:2511.19797); w=None is the neutral input (omega = 1, interval [0, 1]).
+    ``aux_velocity=True``: an auxiliary velocity head, a second zero-initialised output layer on the last
+    hidden state (iMF's, arXiv:2512.02012; created last, so the rest of the initialisation is unchanged);
+    ``model(..., aux=True)`` returns (V, v_aux). Off by default.
 
     No dual form (``forward_jvp``): the MLP has no attention and no fused op, so torch.func.jvp is exact,
     compiles, and keeps the 2D results bit for bit what they were.
@@ -85,7 +88,7 @@ class MLPFlowMap(nn.Module):
 
     def __init__(self, shape=(2,), hidden: int = 256, depth: int = 4, emb_dim: int = 64,
                  num_classes: Optional[int] = None, max_freq: float = 32.0, null_class: bool = False,
-                 guidance_dim: int = 0):
+                 guidance_dim: int = 0, aux_velocity: bool = False):
         super().__init__()
         self.shape = tuple(shape)
         d = int(math.prod(self.shape))
@@ -104,8 +107,13 @@ class MLPFlowMap(nn.Module):
         self.out = nn.Linear(hidden, d)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.aux_velocity = bool(aux_velocity)
+        self.aux_out = nn.Linear(hidden, d) if aux_velocity else None
+        if self.aux_out is not None:
+            nn.init.zeros_(self.aux_out.weight)
+            nn.init.zeros_(self.aux_out.bias)
 
-    def forward(self, x, s, t, y=None, w=None):
+    def forward(self, x, s, t, y=None, w=None, aux: bool = False):
         b = x.shape[0]
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
@@ -122,10 +130,14 @@ class MLPFlowMap(nn.Module):
             feats.append(self.emb_w(self.emb_w.neutral(b, x) if w is None else w, b, x))
         elif w is not None:
             raise ValueError("w: this model has no guidance input (build it with guidance_dim=1 or 3)")
+        if aux and self.aux_out is None:
+            raise ValueError("aux: this model has no auxiliary velocity head (build it with aux_velocity=True)")
         h = self.inp(torch.cat(feats, 1))
         for lin in self.blocks:
             h = h + lin(torch.nn.functional.silu(h))
-        return self.out(torch.nn.functional.silu(h)).reshape(x.shape)
+        a = torch.nn.functional.silu(h)
+        out = self.out(a).reshape(x.shape)
+        return (out, self.aux_out(a).reshape(x.shape)) if aux else out
 
 
 class TimeWeight(nn.Module):

@@ -80,31 +80,30 @@ def _chunks(noise, chunk, cond):
         yield noise[i:i + chunk], None if cond is None else cond[i:i + chunk]
 
 
-@torch.no_grad()
-def flowmap_sample(model, noise, steps: int, cond=None, chunk: int = 4096, generator=None,
-                  guidance_scale=None, guidance: str = "cfg", guidance_interval=(0.0, 1.0)):
-    model = guided(model, guidance_scale, guidance, guidance_interval)
+def _step_sample(model, noise, steps, cond, chunk, target_is_source: bool):
+    """x <- x + (b - a) model(x, a, b) over the grid 1 -> 0 (target_is_source: model(x, a, a))."""
     ts = _grid(steps, noise)
     out = []
     for x, y in _chunks(noise, chunk, cond):
         for a, b in zip(ts[:-1], ts[1:]):
-            x = x + (b - a) * model(x, a.expand(x.shape[0]), b.expand(x.shape[0]), y=y)
+            ta = a.expand(x.shape[0])
+            x = x + (b - a) * model(x, ta, ta if target_is_source else b.expand(x.shape[0]), y=y)
         out.append(x)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def flowmap_sample(model, noise, steps: int, cond=None, chunk: int = 4096, generator=None,
+                  guidance_scale=None, guidance: str = "cfg", guidance_interval=(0.0, 1.0)):
+    model = guided(model, guidance_scale, guidance, guidance_interval)
+    return _step_sample(model, noise, steps, cond, chunk, target_is_source=False)
 
 
 @torch.no_grad()
 def euler_sample(model, noise, steps: int, cond=None, chunk: int = 4096, generator=None,
                   guidance_scale=None, guidance: str = "cfg", guidance_interval=(0.0, 1.0)):
     model = guided(model, guidance_scale, guidance, guidance_interval)
-    ts = _grid(steps, noise)
-    out = []
-    for x, y in _chunks(noise, chunk, cond):
-        for a, b in zip(ts[:-1], ts[1:]):
-            ta = a.expand(x.shape[0])
-            x = x + (b - a) * model(x, ta, ta, y=y)
-        out.append(x)
-    return torch.cat(out)
+    return _step_sample(model, noise, steps, cond, chunk, target_is_source=True)
 
 
 @torch.no_grad()

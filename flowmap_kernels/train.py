@@ -55,7 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=None,
                    help="max global grad norm (0: off; default 1.0, or the 2D preset's value)")
     p.add_argument("--no-preset", action="store_true", help="2D data: use the method DEFAULTS as they are")
-    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="decay of the EMA of the weights: the teacher of methods with an EMA teacher and, without "
+                        "--eval-ema-decay, the weights evaluated (default 0.995; with an evaluation EMA the "
+                        "method's TEACHER_EMA_DECAY, TVM 0.99)")
+    p.add_argument("--eval-ema-decay", type=float, default=None,
+                   help="decay of a second EMA used only for evaluation/sampling, the first staying the teacher "
+                        "(0: off, one EMA for both; default: the method's EVAL_EMA_DECAY, TVM 0.9999 as in "
+                        "arXiv:2511.19797, off for the other methods and for TVM's 2D preset)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None, help="output folder (default runs/<method>_<data>)")
     p.add_argument("--resume", action="store_true",

@@ -34,20 +34,18 @@ def _bmm_flops(a, b) -> int:
     return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
 
 
+# matrix products: (position of the first factor in the op's arguments, FLOP formula); addmm and baddbmm
+# take the added term first
+_PRODUCTS = ((_aten.mm, 0, _mm_flops), (_aten.addmm, 1, _mm_flops), (_aten.bmm, 0, _bmm_flops),
+             (_aten.baddbmm, 1, _bmm_flops))
+
+
 def _zero_part(packet, args) -> int:
     """FLOPs of the products inside one op call that have an identically zero operand."""
-    if packet is _aten.mm:
-        a, b = args[0], args[1]
-        return _mm_flops(a, b) if _zero(a) or _zero(b) else 0
-    if packet is _aten.addmm:
-        a, b = args[1], args[2]
-        return _mm_flops(a, b) if _zero(a) or _zero(b) else 0
-    if packet is _aten.bmm:
-        a, b = args[0], args[1]
-        return _bmm_flops(a, b) if _zero(a) or _zero(b) else 0
-    if packet is _aten.baddbmm:
-        a, b = args[1], args[2]
-        return _bmm_flops(a, b) if _zero(a) or _zero(b) else 0
+    for op, i, flops in _PRODUCTS:
+        if packet is op:
+            a, b = args[i], args[i + 1]
+            return flops(a, b) if _zero(a) or _zero(b) else 0
     fk = getattr(torch.ops, "flowmap_kernels", None)
     if fk is None:
         return 0

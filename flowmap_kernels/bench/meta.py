@@ -2,21 +2,15 @@
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
 import platform
 import subprocess
 
 import torch
 
+from ..info import module_version
+
 __all__ = ["metadata", "nvml_info"]
-
-
-def _version(mod: str):
-    try:
-        return importlib.import_module(mod).__version__
-    except Exception:
-        return None
 
 
 def _cpu_model() -> str:
@@ -83,7 +77,7 @@ def nvml_info(index: int = 0) -> dict:
 def metadata(device) -> dict:
     """Versions (torch, triton, python), device, CPU model and threads, git commit, time; NVML on CUDA."""
     device = torch.device(device)
-    m = {"torch": torch.__version__, "triton": _version("triton"), "numpy": _version("numpy"),
+    m = {"torch": torch.__version__, "triton": module_version("triton"), "numpy": module_version("numpy"),
          "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
          "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
          "git_commit": _git_commit(),

@@ -29,23 +29,23 @@ class ModelSpec:
     description: str = ""
 
 
+def _dit(name: str, shape: tuple, patch: int, hidden: int, depth: int, heads: int, description: str) -> ModelSpec:
+    """A class-conditional (10 classes) QK-norm DiT entry on (C, H, H) inputs."""
+    c, size, _ = shape
+    return ModelSpec(name, "dit", shape,
+                     dict(input_size=size, patch_size=patch, in_channels=c, hidden_size=hidden, depth=depth,
+                          num_heads=heads, num_classes=10, qk_norm=True), 10, description)
+
+
 MODELS = {
-    "dit-s": ModelSpec("dit-s", "dit", (4, 16, 16),
-                       dict(input_size=16, patch_size=1, in_channels=4, hidden_size=128, depth=4, num_heads=4,
-                            num_classes=10, qk_norm=True), 10,
-                       "DiT on 16x16x4 latents, patch 1 (256 tokens), width 128, depth 4, 4 heads of 32, QK-norm"),
-    "dit-b": ModelSpec("dit-b", "dit", (4, 32, 32),
-                       dict(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=6, num_heads=6,
-                            num_classes=10, qk_norm=True), 10,
-                       "DiT on 32x32x4 latents, patch 2 (256 tokens), width 384, depth 6, 6 heads of 64, QK-norm"),
-    "dit-digits": ModelSpec("dit-digits", "dit", (1, 8, 8),
-                            dict(input_size=8, patch_size=1, in_channels=1, hidden_size=64, depth=2, num_heads=4,
-                                 num_classes=10, qk_norm=True), 10,
-                            "DiT on 8x8x1 digits, patch 1 (64 tokens), width 64, depth 2, 4 heads of 16"),
-    "dit-tiny": ModelSpec("dit-tiny", "dit", (1, 8, 8),
-                          dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
-                               num_classes=10, qk_norm=True), 10,
-                          "DiT on 8x8x1 digits, patch 2 (16 tokens), width 32, depth 1 (tests)"),
+    "dit-s": _dit("dit-s", (4, 16, 16), 1, 128, 4, 4,
+                  "DiT on 16x16x4 latents, patch 1 (256 tokens), width 128, depth 4, 4 heads of 32, QK-norm"),
+    "dit-b": _dit("dit-b", (4, 32, 32), 2, 384, 6, 6,
+                  "DiT on 32x32x4 latents, patch 2 (256 tokens), width 384, depth 6, 6 heads of 64, QK-norm"),
+    "dit-digits": _dit("dit-digits", (1, 8, 8), 1, 64, 2, 4,
+                       "DiT on 8x8x1 digits, patch 1 (64 tokens), width 64, depth 2, 4 heads of 16"),
+    "dit-tiny": _dit("dit-tiny", (1, 8, 8), 2, 32, 1, 2,
+                     "DiT on 8x8x1 digits, patch 2 (16 tokens), width 32, depth 1 (tests)"),
     "mlp": ModelSpec("mlp", "mlp", (64,), dict(hidden=256, depth=4), 0,
                      "MLPFlowMap on 64-dim vectors (8x8 digits), hidden 256, depth 4, no attention"),
 }

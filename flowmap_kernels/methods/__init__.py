@@ -27,6 +27,8 @@ Interface of every module in METHODS:
                    classifier-free guidance, 0 = off)
     TEACHER        None, "self" (stop-gradient copy of the current weights) or "ema" (the trainer passes
                    its EMA model as cfg teacher=...); the loss falls back to "self" when teacher is None
+    TEACHER_EMA_DECAY, EVAL_EMA_DECAY   (optional, TVM) the decays of the teacher EMA and of a second EMA
+                   kept only for evaluation (the training loop's --ema-decay / --eval-ema-decay defaults)
     SAMPLER        "flowmap" (jump with V(x, s, t)), "euler" (V(x, t, t)) or "consistency" (jump to t = 0
                    and re-noise)
     GUIDANCE       (optional) how sampling applies a guidance scale: "cfg" (default: the standard
@@ -64,6 +66,12 @@ def uses_null_class(method, cfg=None) -> bool:
     return method.NAME == "meanflow" and (c.get("cfg_scale", 1.0) != 1.0 or c.get("cfg_kappa", 0.0) != 0.0)
 
 
+def uses_aux_velocity(method, cfg=None) -> bool:
+    """Whether ``method`` with ``cfg`` trains an auxiliary velocity head (iMF aux_head, arXiv:2512.02012):
+    for building the network (MLPFlowMap / nn.DiT aux_velocity)."""
+    return bool({**method.DEFAULTS, **dict(cfg or {})}.get("aux_head", False))
+
+
 def prepare_model(method, model, cfg=None):
     """The network as ``method`` with config ``cfg`` trains it: the module's prepare_model when it has
     one (sCM: TrigFlow wrapper, learned loss weighting), else ``model`` itself. Call after building the
@@ -79,4 +87,4 @@ def get_method(name: str):
     return METHODS[name]
 
 
-__all__ = ["METHODS", "get_method", "prepare_model", "guidance_input_dim", "uses_null_class"]
+__all__ = ["METHODS", "get_method", "prepare_model", "guidance_input_dim", "uses_null_class", "uses_aux_velocity"]

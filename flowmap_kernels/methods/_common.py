@@ -8,7 +8,11 @@ import torch
 
 __all__ = ["merge_cfg", "bcast", "sample_times", "sample_pair", "interpolate", "velocity", "model_fn", "jvp",
            "sq_err", "adaptive_weight", "detached_logs", "null_label", "drop_labels", "guidance_dim",
-           "sample_guidance_scale", "sample_gap_pair"]
+           "sample_guidance_scale", "sample_gap_pair", "eulerian_draws", "check_interval", "CALLS_JVP_PRIMAL"]
+
+# The call structure of the losses whose JVP primal is the prediction and whose tangent is a detached
+# target (meanflow, scm): one forward+JVP and the backward through the primal only.
+CALLS_JVP_PRIMAL = "J (primal is the prediction) + B through the primal; tangent detached"
 
 
 def merge_cfg(defaults: dict, cfg: dict, method: str) -> dict:
@@ -47,6 +51,28 @@ def sample_pair(n: int, c: dict, *, device=None, dtype=torch.float32, generator=
         raise ValueError(f"ratio_neq: expected a fraction in [0, 1], got {ratio}")
     keep = torch.rand(n, device=device, dtype=dtype, generator=generator) < ratio
     return torch.where(keep, torch.maximum(a, b), a), torch.where(keep, torch.minimum(a, b), a)
+
+
+def eulerian_draws(model, x0, cond, c: dict):
+    """The draws MeanFlow and iMF share, in this order: label dropout (only when c['cfg_dropout'] > 0 and
+    labels are given), noise, the (s, t) pair (sample_pair); then x_s and the velocity v of c['velocity']
+    (the labels ``cond`` and the dropped rows select the 'batch' posterior). Random numbers from
+    c['generator'] (None: torch's global RNG). Returns (cond_in the labels the model sees, dropped mask
+    or None, s, t, x_s, v)."""
+    g = c["generator"]
+    cond_in, dropped = drop_labels(model, cond, c["cfg_dropout"], g)
+    eps = randn_like(x0, g)
+    s, t = sample_pair(x0.shape[0], c, device=x0.device, dtype=x0.dtype, generator=g)
+    xs, _ = interpolate(x0, eps, s)
+    return cond_in, dropped, s, t, xs, velocity(c["velocity"], s, x0, eps, cond, free=dropped)
+
+
+def check_interval(c: dict) -> tuple:
+    """c['cfg_interval'] as (lo, hi) after checking 0 <= lo <= hi <= 1 (ValueError naming the key)."""
+    lo, hi = c["cfg_interval"]
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"cfg_interval: expected [lo, hi] with 0 <= lo <= hi <= 1, got {c['cfg_interval']!r}")
+    return lo, hi
 
 
 def interpolate(x0, eps, s):
@@ -106,17 +132,18 @@ def model_fn(model, cond, w=None) -> Callable:
     return lambda x, s, t: call(model, x, s, t, cond, w)
 
 
-def jvp(model, cond, primals, tangents, w=None):
+def jvp(model, cond, primals, tangents, w=None, tangent_grad: bool = True):
     """(V, dV) = the JVP of (x, s, t) -> model(x, s, t, y=cond) along ``tangents`` (same shapes).
 
     By ``flowmap_kernels.func.jvp``: the model's dual form (``forward_jvp``: explicit-tangent fused ops, no
     forward-mode AD, so a torch.compile'd step keeps the fused kernels) when it has one, torch.func.jvp
     otherwise (same results). Both outputs stay in the autograd graph (differentiable w.r.t. the
-    parameters), so callers that want a stop-gradient detach.
+    parameters); ``tangent_grad=False`` returns dV detached and keeps the backward through it out of the
+    graph (methods whose loss stops the gradient of the JVP: MeanFlow, iMF, sCM).
     """
     from ..func import bind, jvp as _jvp
     f = bind(model, y=cond) if w is None else bind(model, y=cond, w=w)  # as call(): w only when given
-    return _jvp(f, tuple(primals), tuple(tangents))
+    return _jvp(f, tuple(primals), tuple(tangents), tangent_grad=tangent_grad)
 
 
 def sq_err(a, b=None):

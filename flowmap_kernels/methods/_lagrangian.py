@@ -39,6 +39,20 @@ def _guidance_scales(model, cond, dropped, c, b, x0, g):
     return omega
 
 
+def _weighted_mean(err, c):
+    """The batch mean of the adaptively weighted per-sample error (adaptive_p = 0: the plain mean)."""
+    return (adaptive_weight(err, c["adaptive_p"], c["adaptive_c"]) * err).mean()
+
+
+def _fm_point(x0, c, g):
+    """The flow-matching term's draws: r from c['fm_time_dist'], then fresh noise eps'; returns
+    (r, x_r, eps' - x0)."""
+    r = sample_times(x0.shape[0], c["fm_time_dist"], c["fm_time_mu"], c["fm_time_sigma"], device=x0.device,
+                     dtype=x0.dtype, generator=g)
+    xr, vr = interpolate(x0, randn_like(x0, g), r)
+    return r, xr, vr
+
+
 def lagrangian_loss(model, x0, cond, c):
     g = c["generator"]
     b = x0.shape[0]
@@ -57,13 +71,9 @@ def lagrangian_loss(model, x0, cond, c):
         x_end = xs + dt * V
         u = self_or_teacher(model, c["teacher"])(x_end, t, t, y=cond_in)
     err_lag = sq_err(dFdt, u)
-    w = adaptive_weight(err_lag, c["adaptive_p"], c["adaptive_c"])
-    lag = (w * err_lag).mean()
+    lag = _weighted_mean(err_lag, c)
     # flow-matching (diffusion) term at an independent time r: F + B.
-    r = sample_times(b, c["fm_time_dist"], c["fm_time_mu"], c["fm_time_sigma"], device=x0.device,
-                     dtype=x0.dtype, generator=g)
-    eps2 = randn_like(x0, g)
-    xr, vr = interpolate(x0, eps2, r)
+    r, xr, vr = _fm_point(x0, c, g)
     fm = sq_err(model(xr, r, r, y=cond_in), vr).mean()
     lo = c["lag_weight"] * lag + c["fm_weight"] * fm
     return lo, detached_logs(loss=lo, lagrangian=err_lag.mean(), fm=fm)
@@ -73,7 +83,6 @@ def _guided(model, x0, cond, cond_in, c, g, eps, s, t, omega):
     """TVM's scaled classifier-free guidance (tvm.py docstring): the guidance scale omega is a model
     input, the network output is scaled by omega (scale_param), both residuals are divided by omega, and
     the flow-matching target is the guided velocity omega (eps' - x0) + (1 - omega) sg[V_T(x_r, r, r | null)]."""
-    b = x0.shape[0]
     xs, _ = interpolate(x0, eps, s)
     dt = bcast(t - s, x0)
     ob = bcast(omega, x0)
@@ -85,12 +94,8 @@ def _guided(model, x0, cond, cond_in, c, g, eps, s, t, omega):
         x_end = xs + dt * scale * V
         u = scale * call(T, x_end, t, t, cond_in, omega)
     err_lag = sq_err((dFdt - u) / ob)
-    w = adaptive_weight(err_lag, c["adaptive_p"], c["adaptive_c"])
-    lag = (w * err_lag).mean()
-    r = sample_times(b, c["fm_time_dist"], c["fm_time_mu"], c["fm_time_sigma"], device=x0.device,
-                     dtype=x0.dtype, generator=g)
-    eps2 = randn_like(x0, g)
-    xr, vr = interpolate(x0, eps2, r)
+    lag = _weighted_mean(err_lag, c)
+    r, xr, vr = _fm_point(x0, c, g)
     with torch.no_grad():
         null = torch.full_like(cond, null_label(model, "cfg_scale"))
         v_unc = call(T, xr, r, r, null, torch.ones_like(omega))

@@ -6,9 +6,8 @@ No stop-gradient, no JVP. Time t ~ logit-normal(mu, sigma) (Esser et al. 2024; t
 every self-distillation method of arXiv:2505.18825) or uniform. Unweighted mean square error (mean over the
 non-batch dims). Sampled with Euler steps on V(x, t, t) from t = 1 to t = 0.
 Source: Lipman et al., arXiv:2210.02747 (flow matching objective).
-``cfg_dropout``: label dropout for classifier-free guidance (labels replaced by the model's null class
-with that probability, drawn before anything else; arXiv:2207.12598); sample with sampling's standard
-CFG combination (sampling.sample(..., guidance_scale=omega)).
+``cfg_dropout``: label dropout for classifier-free guidance (_common.drop_labels, drawn first); sampling
+applies the standard CFG combination (methods GUIDANCE "cfg").
 """
 from __future__ import annotations
 

@@ -39,16 +39,28 @@ in place of the model's: omega (eps - x0) + (1 - omega) v_u in expectation.) Sam
 to the model (sampling.sample(..., guidance_scale=omega)), one forward per step.
 Random draws in order: label dropout (only when cfg_dropout > 0 and labels given), noise, times, then
 (guidance on) the scales and (guidance_dim = 3) the interval ends t_min, t_max.
-Not implemented: iMF's auxiliary velocity head (v_hat from a second head of the same forward instead of
-an extra no-grad forward) and its in-context (token) conditioning.
+Auxiliary velocity head (iMF, arXiv:2512.02012; ``aux_head=True``, off by default so the 2D tables stand):
+v_hat comes from a second output head of the network, v_aux(x_s, s, t), instead of the extra no-grad
+forward V(x_s, s, s). The head shares the backbone and is trained by its own flow-matching term on the
+same target (it learns to ignore t: the target does not depend on it):
+
+    V, v_aux = model(x_s, s, t, aux=True)                     one forward, both heads, with grad
+    dV       = sg[ d_s V + grad_x V . sg[v_aux] ]              torch.func.jvp along (sg[v_aux], 1, 0), no graph
+    L = E sg[w] || V - (t - s) dV - v ||^2 + aux_weight * E || v_aux - v ||^2
+
+(v the target above, guided when guidance is on: there v_c = sg[v_aux] and v_u is the null-label forward's
+auxiliary head). Needs a network built with the head (MLPFlowMap / nn.DiT ``aux_velocity=True``; the
+training loop builds it when aux_head is set). Calls: F (both heads, with grad) + J (no graph; its primal
+is recomputed, so still 5 FPE) + B through the forward; the JVP keeps no autograd graph.
+Not implemented: iMF's in-context (token) conditioning.
 Source: Geng et al., arXiv:2512.02012; cost model docs/math.md section 4 (F + J + B = 5 FPE).
 """
 from __future__ import annotations
 
 import torch
 
-from ._common import (bcast, call, detached_logs, drop_labels, interpolate, jvp, merge_cfg, null_label, randn_like,
-                      require_guidance_input, sample_guidance_scale, sample_pair, velocity, weighted_err)
+from ._common import (bcast, call, check_interval, detached_logs, eulerian_draws, jvp, merge_cfg, null_label,
+                      require_guidance_input, sample_guidance_scale, sq_err, weighted_err)
 
 NAME = "imf"
 NOMINAL_FPE = 5
@@ -59,7 +71,13 @@ GUIDANCE = "input"
 DEFAULTS = {"time_dist": "logit_normal", "time_mu": -0.4, "time_sigma": 1.0, "ratio_neq": 0.5,
             "adaptive_p": 1.0, "adaptive_c": 1e-3, "adaptive_reduce": "sum", "velocity": "conditional",
             "cfg_dropout": 0.0, "cfg_omega_max": 0.0, "cfg_beta": 1.0, "cfg_interval": [0.0, 1.0],
-            "generator": None}
+            "aux_head": False, "aux_weight": 1.0, "generator": None}
+
+
+def require_aux_head(model) -> None:
+    if not getattr(model, "aux_velocity", False):
+        raise ValueError(f"aux_head: needs a network with an auxiliary velocity head (MLPFlowMap(..., "
+                         f"aux_velocity=True) or nn.DiT(..., aux_velocity=True)); {type(model).__name__} has none")
 
 
 def guidance_inputs(model, s, t, dropped, c, g):
@@ -76,9 +94,7 @@ def guidance_inputs(model, s, t, dropped, c, g):
         hi = torch.where(diag, torch.ones_like(s), 0.5 + 0.5 * torch.rand(b, **kw))
         w = torch.stack([omega, lo, hi], 1)
     else:
-        lo_f, hi_f = c["cfg_interval"]
-        if not 0.0 <= lo_f <= hi_f <= 1.0:
-            raise ValueError(f"cfg_interval: expected [lo, hi] with 0 <= lo <= hi <= 1, got {c['cfg_interval']!r}")
+        lo_f, hi_f = check_interval(c)
         lo, hi = torch.full_like(s, lo_f), torch.full_like(s, hi_f)
         w = omega
     inside = (s >= lo) & (s <= hi)
@@ -87,15 +103,12 @@ def guidance_inputs(model, s, t, dropped, c, g):
 
 def loss(model, x0, *, cond=None, **cfg):
     c = merge_cfg(DEFAULTS, cfg, NAME)
-    g = c["generator"]
-    cond_in, dropped = drop_labels(model, cond, c["cfg_dropout"], g)
-    eps = randn_like(x0, g)
-    s, t = sample_pair(x0.shape[0], c, device=x0.device, dtype=x0.dtype, generator=g)
-    xs, _ = interpolate(x0, eps, s)
-    v = velocity(c["velocity"], s, x0, eps, cond, free=dropped)
+    if c["aux_head"]:
+        return _aux_head_loss(model, x0, cond, c)
+    cond_in, dropped, s, t, xs, v = eulerian_draws(model, x0, cond, c)
     w = None
     if cond is not None and c["cfg_omega_max"] > 0:
-        w, omega_e = guidance_inputs(model, s, t, dropped, c, g)
+        w, omega_e = guidance_inputs(model, s, t, dropped, c, c["generator"])
         # the model input: omega where guidance applies (the interval is an input when guidance_dim = 3)
         w_in = w if w.dim() == 2 else omega_e
         with torch.no_grad():
@@ -109,8 +122,38 @@ def loss(model, x0, *, cond=None, **cfg):
     else:
         with torch.no_grad():
             v_hat = model(xs, s, s, y=cond_in)
-    V, dV = jvp(model, cond_in, (xs, s, t), (v_hat, torch.ones_like(s), torch.zeros_like(t)), w=w)
-    W = V - bcast(t - s, x0) * dV.detach()
+    V, dV = jvp(model, cond_in, (xs, s, t), (v_hat, torch.ones_like(s), torch.zeros_like(t)), w=w,
+                tangent_grad=False)
+    W = V - bcast(t - s, x0) * dV
     werr, err = weighted_err(W, v, c["adaptive_p"], c["adaptive_c"], c["adaptive_reduce"])
     lo = werr.mean()
     return lo, detached_logs(loss=lo, mse=err.mean())
+
+
+def _aux_head_loss(model, x0, cond, c):
+    """The loss with iMF's auxiliary velocity head (module docstring); the same random draws as loss()."""
+    require_aux_head(model)
+    if not c["aux_weight"] >= 0:
+        raise ValueError(f"aux_weight: expected a number >= 0, got {c['aux_weight']!r}")
+    cond_in, dropped, s, t, xs, v = eulerian_draws(model, x0, cond, c)
+    w = None
+    if cond is not None and c["cfg_omega_max"] > 0:
+        w, omega_e = guidance_inputs(model, s, t, dropped, c, c["generator"])
+        w = w if w.dim() == 2 else omega_e
+    V, v_aux = model(xs, s, t, y=cond_in, aux=True) if w is None else model(xs, s, t, y=cond_in, w=w, aux=True)
+    v_hat = v_aux.detach()
+    if w is not None:
+        with torch.no_grad():  # v_u: the auxiliary head's unguided velocity (null label, omega = 1)
+            w_one = torch.ones_like(w)
+            if w.dim() == 2:
+                w_one[:, 1] = 0.0
+            null = torch.full_like(cond, null_label(model, "cfg_omega_max"))
+            _, v_u = model(xs, s, t, y=null, w=w_one, aux=True)
+            v = v + bcast(1 - 1 / omega_e, v) * (v_hat - v_u)
+    with torch.no_grad():
+        _, dV = jvp(model, cond_in, (xs, s, t), (v_hat, torch.ones_like(s), torch.zeros_like(t)), w=w)
+    W = V - bcast(t - s, x0) * dV
+    werr, err = weighted_err(W, v, c["adaptive_p"], c["adaptive_c"], c["adaptive_reduce"])
+    aux = sq_err(v_aux, v).mean()
+    lo = werr.mean() + c["aux_weight"] * aux
+    return lo, detached_logs(loss=lo, mse=err.mean(), aux=aux)

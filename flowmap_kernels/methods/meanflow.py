@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (bcast, detached_logs, drop_labels, interpolate, jvp, merge_cfg, null_label, randn_like,
-                      sample_pair, velocity, weighted_err)
+from ._common import (CALLS_JVP_PRIMAL, bcast, check_interval, detached_logs, eulerian_draws, jvp, merge_cfg,
+                      null_label, weighted_err)
 
 NAME = "meanflow"
 NOMINAL_FPE = 4
-CALLS = "J (primal is the prediction) + B through the primal; tangent detached"
+CALLS = CALLS_JVP_PRIMAL
 TEACHER = None
 SAMPLER = "flowmap"
 DEFAULTS = {"time_dist": "logit_normal", "time_mu": -0.4, "time_sigma": 1.0, "ratio_neq": 0.25,
@@ -62,9 +62,7 @@ DEFAULTS = {"time_dist": "logit_normal", "time_mu": -0.4, "time_sigma": 1.0, "ra
 
 def guided_velocity(model, xs, s, v, cond, dropped, c):
     """MeanFlow's guided velocity v_g (module docstring) under no_grad; v where guidance does not apply."""
-    lo, hi = c["cfg_interval"]
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"cfg_interval: expected [lo, hi] with 0 <= lo <= hi <= 1, got {c['cfg_interval']!r}")
+    lo, hi = check_interval(c)
     omega, kappa = float(c["cfg_scale"]), float(c["cfg_kappa"])
     with torch.no_grad():
         null = torch.full_like(cond, null_label(model, "cfg_scale"))
@@ -79,16 +77,11 @@ def guided_velocity(model, xs, s, v, cond, dropped, c):
 
 def loss(model, x0, *, cond=None, **cfg):
     c = merge_cfg(DEFAULTS, cfg, NAME)
-    g = c["generator"]
-    cond_in, dropped = drop_labels(model, cond, c["cfg_dropout"], g)
-    eps = randn_like(x0, g)
-    s, t = sample_pair(x0.shape[0], c, device=x0.device, dtype=x0.dtype, generator=g)
-    xs, _ = interpolate(x0, eps, s)
-    v = velocity(c["velocity"], s, x0, eps, cond, free=dropped)
+    cond_in, dropped, s, t, xs, v = eulerian_draws(model, x0, cond, c)
     if cond is not None and (c["cfg_scale"] != 1.0 or c["cfg_kappa"] != 0.0):
         v = guided_velocity(model, xs, s, v, cond, dropped, c)
-    V, dV = jvp(model, cond_in, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
-    dV = dV.detach()  # stop-gradient on the target: no backward through the JVP
+    # stop-gradient on the target: no backward through the JVP
+    V, dV = jvp(model, cond_in, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)), tangent_grad=False)
     target = v + bcast(t - s, x0) * dV
     werr, err = weighted_err(V, target, c["adaptive_p"], c["adaptive_c"], c["adaptive_reduce"])
     lo = werr.mean()

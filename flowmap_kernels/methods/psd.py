@@ -15,9 +15,8 @@ Times: (s, t) two draws from time_dist sorted (s >= t), gamma ~ uniform(0, 1); a
 of the batch gets the consistency term, the rest flow matching with r ~ uniform (shared body with
 shortcut: methods/_compositional.py). Cost on the full batch: 2 stopped F + F + B + flow-matching
 F + B = 8 FPE (docs/math.md section 4).
-``cfg_dropout``: label dropout for classifier-free guidance (labels replaced by the model's null class
-with that probability, drawn before anything else; arXiv:2207.12598); sample with sampling's standard
-CFG combination (sampling.sample(..., guidance_scale=omega)).
+``cfg_dropout``: label dropout for classifier-free guidance (_common.drop_labels, drawn first); sampling
+applies the standard CFG combination (methods GUIDANCE "cfg").
 """
 from __future__ import annotations
 

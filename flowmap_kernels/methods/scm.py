@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (bcast, detached_logs, drop_labels, interpolate, jvp, merge_cfg, randn_like, sample_times,
-                      velocity)
+from ._common import (CALLS_JVP_PRIMAL, bcast, detached_logs, drop_labels, interpolate, jvp, merge_cfg, randn_like,
+                      sample_times, velocity)
 
 NAME = "scm"
 NOMINAL_FPE = 4
-CALLS = "J (primal is the prediction) + B through the primal; tangent detached"
+CALLS = CALLS_JVP_PRIMAL
 TEACHER = None
 SAMPLER = "consistency"
 DEFAULTS = {"time_dist": "logit_normal", "time_mu": -1.0, "time_sigma": 1.4, "tangent_c": 0.1,
@@ -86,7 +86,7 @@ def loss(model, x0, *, cond=None, **cfg):
     t = torch.zeros_like(s)
     xs, _ = interpolate(x0, eps, s)
     v = velocity(c["velocity"], s, x0, eps, cond_orig, free=dropped)
-    V, dV = jvp(model, cond, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)))
+    V, dV = jvp(model, cond, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)), tangent_grad=False)
     r = 1.0
     if c["warmup_steps"] and c["step"] is not None:
         r = min(1.0, float(c["step"]) / float(c["warmup_steps"]))

@@ -17,9 +17,8 @@ as in the paper's d = 0 targets). A fraction sc_fraction of the batch gets the c
 the released code's bootstrap_every = 8; the 2D preset keeps 1/4), the rest flow matching with r ~
 uniform. Both terms in one forward over the concatenated batch (the shared body with psd: methods/_compositional.py).
 Cost on the full batch: 2 stopped F + F + B + flow-matching F + B = 8 FPE.
-``cfg_dropout``: label dropout for classifier-free guidance (labels replaced by the model's null class
-with that probability, drawn before anything else; arXiv:2207.12598); sample with sampling's standard
-CFG combination (sampling.sample(..., guidance_scale=omega)).
+``cfg_dropout``: label dropout for classifier-free guidance (_common.drop_labels, drawn first); sampling
+applies the standard CFG combination (methods GUIDANCE "cfg").
 """
 from __future__ import annotations
 

@@ -20,8 +20,10 @@ time_mu = -0.4, time_sigma = 1) truncated to t <= 1 - gap, s = t + gap; the flow
 logit-normal(fm_time_mu = -0.4, 1). ``time_dist="uniform"`` (the 2D preset, with fm_time_mu = 0): (s, t)
 two uniform draws sorted, r ~ logit-normal(0, 1). All pairs have t != s (the diagonal is trained by the
 flow-matching term). Unweighted MSE (adaptive_p = 0).
-Teacher: TVM keeps two EMAs of the weights, a fast one (decay 0.99, TEACHER_EMA_DECAY) as the
-teacher and a slow one (0.9999) for evaluation; the trainer passes the teacher as cfg teacher=.
+Teacher: TVM keeps two EMAs of the weights (arXiv:2511.19797), a fast one (decay 0.99,
+TEACHER_EMA_DECAY) as the teacher and a slow one (0.9999, EVAL_EMA_DECAY) for evaluation; the trainer
+passes the teacher as cfg teacher= and keeps both (training/loop.py, --ema-decay / --eval-ema-decay; the
+2D preset keeps one EMA, 0.995, for both, as its tables were measured).
 
 Classifier-free guidance (TVM's scaled guidance, arXiv:2511.19797 and its released code; off by
 default): ``cfg_dropout`` replaces labels by the null class (paper 0.1; a dropped example trains with
@@ -50,7 +52,8 @@ NAME = "tvm"
 NOMINAL_FPE = 10
 CALLS = "J + BJ (through the JVP) + EMA/stopped teacher F + flow-matching F + B"
 TEACHER = "ema"
-TEACHER_EMA_DECAY = 0.99  # the paper's teacher EMA (its evaluation EMA: 0.9999)
+TEACHER_EMA_DECAY = 0.99  # the paper's teacher EMA (arXiv:2511.19797)
+EVAL_EMA_DECAY = 0.9999  # the paper's separate evaluation EMA (arXiv:2511.19797)
 SAMPLER = "flowmap"
 GUIDANCE = "scaled_input"
 DEFAULTS = {"time_dist": "tvm", "time_mu": -0.4, "time_sigma": 1.0, "gap_mu": -0.8, "gap_sigma": 1.0,

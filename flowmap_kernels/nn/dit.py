@@ -40,13 +40,16 @@ class DiT(nn.Module):
     def __init__(self, input_size: int = 8, patch_size: int = 2, in_channels: int = 1, hidden_size: int = 64,
                  depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 10,
                  out_channels: Optional[int] = None, qk_norm: bool = False, freq_dim: int = 64,
-                 checkpoint_blocks=False, guidance_dim: int = 0):
+                 checkpoint_blocks=False, guidance_dim: int = 0, aux_velocity: bool = False):
         """checkpoint_blocks: activation checkpointing of each block (flowmap_kernels.checkpoint, works
         under forward-mode AD): False, True / "blocks" (recompute whole blocks), "selective" (keep the
         attention kernels' outputs) or a policy (ops to keep, see apply_activation_checkpointing).
         guidance_dim: 1 adds the guidance scale omega as an input, ``model(..., w=omega)`` (B,), embedded
         like a time from log(omega) and added to the conditioning (iMF arXiv:2512.02012, TVM
-        arXiv:2511.19797); w=None is omega = 1. 0 (default): no such input, the model unchanged."""
+        arXiv:2511.19797); w=None is omega = 1. 0 (default): no such input, the model unchanged.
+        aux_velocity: a second adaLN final layer (zero-initialised) on the same last hidden state, an auxiliary
+        velocity head (iMF's, arXiv:2512.02012): ``model(..., aux=True)`` returns (V, v_aux). False (default):
+        no such head, the model unchanged."""
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"patch_size: {patch_size} does not divide input_size {input_size}")
@@ -67,6 +70,9 @@ class DiT(nn.Module):
         self.guidance_dim = guidance_dim
         # created last: a DiT without guidance input draws the same initial weights as before
         self.w_embedder = TimestepEmbedder(hidden_size, freq_dim) if guidance_dim else None
+        self.aux_velocity = bool(aux_velocity)
+        self.aux_final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels) \
+            if aux_velocity else None
         if checkpoint_blocks is not False:
             from ..activation_checkpoint import checkpoint_mode_and_policy, apply_activation_checkpointing
             mode, policy = checkpoint_mode_and_policy(checkpoint_blocks)
@@ -100,8 +106,12 @@ class DiT(nn.Module):
         w = torch.as_tensor(w, dtype=like.dtype, device=like.device).reshape(-1).expand(B)
         return torch.log(w)
 
-    def forward(self, x, s, t, y: Optional[torch.Tensor] = None, w: Optional[torch.Tensor] = None):
+    def forward(self, x, s, t, y: Optional[torch.Tensor] = None, w: Optional[torch.Tensor] = None,
+                aux: bool = False):
+        """V(x, s, t); with ``aux=True`` (a DiT built with aux_velocity) the pair (V, v_aux)."""
         self._check_input(x)
+        if aux and self.aux_final_layer is None:
+            raise ValueError("aux: this DiT has no auxiliary velocity head (build it with aux_velocity=True)")
         B = x.shape[0]
         for name, v in (("s", s), ("t", t)):
             if not isinstance(v, torch.Tensor) or v.shape != (B,):
@@ -121,10 +131,14 @@ class DiT(nn.Module):
             c = c + self.w_embedder(lw)
         for block in self.blocks:
             h = block(h, c)
-        h = self.final_layer(h, c)
-        if cp is not None:  # gathered after the per-token final layer: p*p*out_channels values per token, not C
-            h = cp.gather(h)
-        return self.unpatchify(h)
+        heads = (self.final_layer, self.aux_final_layer) if aux else (self.final_layer,)
+        outs = []
+        for head in heads:
+            o = head(h, c)
+            if cp is not None:  # gathered after the per-token final layer: p*p*out_channels values per token, not C
+                o = cp.gather(o)
+            outs.append(self.unpatchify(o))
+        return tuple(outs) if aux else outs[0]
 
 
     def forward_jvp(self, x, s, t, tx, ts, tt, y: Optional[torch.Tensor] = None, w: Optional[torch.Tensor] = None):

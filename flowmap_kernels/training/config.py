@@ -35,10 +35,14 @@ PRESETS_2D = {
     "imf": {"cfg": {"time_dist": "uniform", "ratio_neq": 0.5, "adaptive_p": 0.0, "adaptive_reduce": "mean"}},
     "scm": {"cfg": {"adaptive_weighting": False}, "grad_clip": 0.0},
     # the settings the 2D tables were measured with, where the paper-faithful DEFAULTS differ
-    "tvm": {"cfg": {"time_dist": "uniform", "fm_time_mu": 0.0}},
+    # (and one EMA for teacher and evaluation: the tables predate TVM's separate evaluation EMA)
+    "tvm": {"cfg": {"time_dist": "uniform", "fm_time_mu": 0.0}, "eval_ema_decay": 0.0},
     "shortcut": {"cfg": {"sc_fraction": 0.25}, "teacher": "self"},
 }
 LOOP_DEFAULTS = {"grad_clip": 1.0, "time_freq": 32.0}
+# --ema-decay when not given: the method's TEACHER_EMA_DECAY when it keeps a separate evaluation EMA and
+# its teacher is the EMA (TVM: 0.99), else this.
+EMA_DECAY = 0.995
 # Method cfg keys the loop fills in itself (never from --cfg).
 LOOP_OWNED_CFG = ("teacher", "step", "generator")
 MIXED_PRECISION = ("none", "bf16")
@@ -53,7 +57,9 @@ class TrainConfig:
     ``method_cfg``: the method's cfg overrides (preset merged with --cfg), without the loop-owned keys;
     ``teacher``: "self" or "ema" (resolved from "auto"); ``grad_clip`` and ``time_freq`` resolved;
     ``out``: the output folder; ``fsdp``: whether --dp-shard was given (FSDP2 over a (replicate, shard)
-    mesh; dp_shard and dp_replicate are then >= 1)."""
+    mesh; dp_shard and dp_replicate are then >= 1); ``eval_ema_decay``: the decay of the second,
+    evaluation-only EMA (0: none, the --ema-decay EMA is evaluated), resolved from the method's
+    EVAL_EMA_DECAY and the 2D preset; ``ema_decay`` resolved likewise (EMA_DECAY)."""
     method: str
     data: str
     steps: int
@@ -94,6 +100,7 @@ class TrainConfig:
     guidance_scale: Optional[float] = None
     guidance_interval: tuple = (0.0, 1.0)
     compile: str = "none"
+    eval_ema_decay: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -187,7 +194,6 @@ def resolve_config(args) -> TrainConfig:
     _check(args.batch >= 2, "--batch", "an integer >= 2", args.batch)
     _check(args.lr > 0 and args.lr == args.lr, "--lr", "a positive number", args.lr)
     _check(args.grad_clip is None or args.grad_clip >= 0, "--grad-clip", "a number >= 0", args.grad_clip)
-    _check(0.0 <= args.ema_decay < 1.0, "--ema-decay", "a value in [0, 1)", args.ema_decay)
     _check(args.width >= 1, "--width", "an integer >= 1", args.width)
     _check(args.depth >= 0, "--depth", "an integer >= 0", args.depth)
     _check(args.time_freq is None or args.time_freq > 0, "--time-freq", "a positive number", args.time_freq)
@@ -247,10 +253,19 @@ def resolve_config(args) -> TrainConfig:
     loop = {key: (getattr(args, key) if getattr(args, key) is not None else preset.get(key, default))
             for key, default in LOOP_DEFAULTS.items()}
     teacher = args.teacher if args.teacher != "auto" else preset.get("teacher", method.TEACHER or "self")
+    eval_ema_decay = getattr(args, "eval_ema_decay", None)
+    if eval_ema_decay is None:
+        eval_ema_decay = preset.get("eval_ema_decay", getattr(method, "EVAL_EMA_DECAY", 0.0))
+    _check(0.0 <= eval_ema_decay < 1.0, "--eval-ema-decay", "a value in [0, 1) (0: off)", eval_ema_decay)
+    ema_decay = args.ema_decay
+    if ema_decay is None:
+        two = eval_ema_decay > 0 and teacher == "ema"
+        ema_decay = getattr(method, "TEACHER_EMA_DECAY", EMA_DECAY) if two else EMA_DECAY
+    _check(0.0 <= ema_decay < 1.0, "--ema-decay", "a value in [0, 1)", ema_decay)
     return TrainConfig(
         method=args.method, data=args.data, steps=args.steps, batch=args.batch, lr=args.lr,
         lr_schedule=args.lr_schedule, grad_clip=loop["grad_clip"], no_preset=args.no_preset,
-        ema_decay=args.ema_decay, device=args.device, out=Path(args.out or f"runs/{args.method}_{args.data}"),
+        ema_decay=float(ema_decay), device=args.device, out=Path(args.out or f"runs/{args.method}_{args.data}"),
         resume=args.resume, overwrite=getattr(args, "overwrite", False), seed=args.seed, model=args.model,
         width=args.width, depth=args.depth, time_freq=loop["time_freq"], cond=args.cond,
         teacher_flag=args.teacher, teacher=teacher, method_cfg={**preset.get("cfg", {}), **user_cfg},
@@ -258,7 +273,8 @@ def resolve_config(args) -> TrainConfig:
         eval_samples=args.eval_samples, no_eval=args.no_eval, no_progress=args.no_progress, threads=args.threads,
         backend=args.backend, dp_shard=dp_shard, dp_replicate=dp_replicate or 1, cp=cp, cp_mode=cp_mode,
         reshard_after_forward=getattr(args, "reshard_after_forward", True), mixed_precision=mp,
-        activation_checkpointing=ac, compile=comp, guidance_scale=gs, guidance_interval=gi)
+        activation_checkpointing=ac, compile=comp, guidance_scale=gs, guidance_interval=gi,
+        eval_ema_decay=float(eval_ema_decay))
 
 
 # Flags that define the network (a checkpoint of another network cannot be continued): always, and for
@@ -266,7 +282,7 @@ def resolve_config(args) -> TrainConfig:
 # own as MODEL_CFG).
 MODEL_FLAGS = ("method", "data", "model", "cond")
 MLP_FLAGS = ("width", "depth", "time_freq")
-MODEL_CFG = {"scm": ("param", "sigma_d", "adaptive_weighting")}
+MODEL_CFG = {"scm": ("param", "sigma_d", "adaptive_weighting"), "imf": ("aux_head",)}
 # Flags whose change is not reported on --resume (they do not change what is trained).
 UNREPORTED = ("resume", "overwrite", "out", "no_progress", "cfg_items", "teacher_flag")
 

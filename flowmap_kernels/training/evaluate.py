@@ -2,11 +2,11 @@
 (flow matching), from the EMA and the raw weights; metric against fresh data; .npy files and figures.
 
 Metric: sliced Wasserstein distance (2D data) or Frechet distance on raw pixels (digits; latent data is
-decoded to pixels first and also reports the autoencoder's own floor), with the same
-metric for standard normal noise as the baseline. Digits also get the Frechet distance on the shipped
-feature extractor (``fd_features``, :mod:`flowmap_kernels.digits`) and, with ``--cond``, the
-fraction of samples that extractor's classifier assigns to their label (``class_accuracy_ema``). Everything is drawn from generators seeded with
-EVAL_SEED, so two runs with the same weights give the same numbers.
+decoded to pixels first and also reports the autoencoder's own floor), with the same metric for standard
+normal noise as the baseline. Digits also get the Frechet distance on the shipped feature extractor
+(``fd_features``, :mod:`flowmap_kernels.digits`) and, with ``--cond``, the fraction of samples that its
+classifier assigns to their label (``class_accuracy_ema``). Everything is drawn from generators seeded
+with EVAL_SEED, so two runs with the same weights give the same numbers.
 """
 from __future__ import annotations
 

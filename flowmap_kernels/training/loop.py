@@ -5,12 +5,17 @@ Parallel layouts (see flowmap_kernels.train for the flags):
 - one process, or plain data parallel under torchrun without --dp-shard: full parameters on every rank,
   rank 0's initial parameters broadcast, gradients averaged by training.distributed.allreduce_grads,
   single-file checkpoint.pt;
-- FSDP2 (--dp-shard N, optionally --dp-replicate M for HSDP and --cp K): model and EMA sharded by
+- FSDP2 (--dp-shard N, optionally --dp-replicate M for HSDP and --cp K): model and EMA(s) sharded by
   flowmap_kernels.distributed.apply_fsdp over a (dp_replicate, dp_shard, cp) mesh; gradients
   reduce-scattered by FSDP; sharded checkpoints (torch.distributed.checkpoint) under checkpoint_sharded/.
 
 Each data-parallel rank draws its own data and noise (seeds offset by its data-parallel rank; the cp
 ranks of one group draw the same).
+
+EMAs: ``st.ema`` (--ema-decay) is the teacher of the methods with TEACHER "ema" and, alone, also the
+weights evaluated. With --eval-ema-decay > 0 (TVM's default, arXiv:2511.19797: a fast teacher EMA and a
+slow one for evaluation) a second EMA ``st.eval_ema`` is kept, updated after every step with its own
+decay and warm-up counter, sharded, checkpointed and resumed like the first, and used for sampling.
 """
 from __future__ import annotations
 
@@ -47,23 +52,24 @@ class NonFiniteLoss(RuntimeError):
 
 def build_model(cfg: TrainConfig, ds) -> torch.nn.Module:
     """MLPFlowMap (2D data, or --model mlp) or flowmap_kernels.nn.dit_tiny (images), unsharded."""
-    from ..methods import guidance_input_dim, uses_null_class
+    from ..methods import guidance_input_dim, uses_aux_velocity, uses_null_class
     kind = model_kind(cfg.model, ds)
     ncls = ds.num_classes if cfg.cond else None
     method = get_method(cfg.method)
     gdim = guidance_input_dim(method, cfg.method_cfg, kind) if ncls else 0
+    aux = {"aux_velocity": True} if uses_aux_velocity(method, cfg.method_cfg) else {}  # iMF's velocity head
     if kind == "mlp":
         # classifier-free guidance only: the null-class row and guidance input change the network (its
         # initialisation too), so runs without CFG build exactly the network they always did
         null = bool(ncls) and (uses_null_class(method, cfg.method_cfg) or cfg.guidance_scale is not None)
         return MLPFlowMap(ds.shape, hidden=cfg.width, depth=cfg.depth, num_classes=ncls, max_freq=cfg.time_freq,
-                          null_class=null, guidance_dim=gdim)
+                          null_class=null, guidance_dim=gdim, **aux)
     try:
         from ..nn import dit_tiny
     except Exception as e:  # noqa: BLE001
         raise ValueError("--model dit: flowmap_kernels.nn.DiT is not importable") from e
     c, h, _ = ds.shape
-    return dit_tiny(input_size=h, in_channels=c, num_classes=ds.num_classes or 1, guidance_dim=gdim)
+    return dit_tiny(input_size=h, in_channels=c, num_classes=ds.num_classes or 1, guidance_dim=gdim, **aux)
 
 
 def build_network(cfg: TrainConfig, ds, method) -> torch.nn.Module:
@@ -87,7 +93,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 @dataclass
 class TrainState:
     """What the loop carries: config, method and data; distributed info and mesh (None without FSDP);
-    model, EMA, optimizer, the data generator; step, losses, train time; last checkpointed step."""
+    model, EMA (teacher, and evaluated when there is no evaluation EMA), optimizer, the data generator; step,
+    losses, train time; last checkpointed step; the evaluation EMA (--eval-ema-decay > 0) or None."""
     cfg: TrainConfig
     method: object
     ds: object
@@ -105,10 +112,25 @@ class TrainState:
     last_good: Optional[int] = None
     sharded_ckpt: bool = False
     compiled: object = None  # --compile: the flowmap_kernels.compiled_step.TrainStep
+    eval_ema: Optional[EMA] = None
 
     @property
     def out(self) -> Path:
         return self.cfg.out
+
+    @property
+    def emas(self) -> tuple:
+        """(("ema", EMA), ("eval_ema", EMA)) for the EMAs this run keeps, in update order."""
+        return (("ema", self.ema),) + ((("eval_ema", self.eval_ema),) if self.eval_ema is not None else ())
+
+    @property
+    def sampling_ema(self) -> EMA:
+        """The EMA whose weights are evaluated: the evaluation EMA when there is one, else the teacher's."""
+        return self.ema if self.eval_ema is None else self.eval_ema
+
+    def update_emas(self) -> None:
+        for _, e in self.emas:
+            e.update(self.model)
 
 
 def _check_out(out: Path) -> None:
@@ -168,9 +190,10 @@ def _prepare_out(cfg: TrainConfig, info: DistInfo) -> None:
     _broadcast_error(info, err)
 
 
-def _mesh_and_shard(cfg: TrainConfig, info: DistInfo, model, ema: EMA):
+def _mesh_and_shard(cfg: TrainConfig, info: DistInfo, model, emas):
     """FSDP2: the (dp_replicate, dp_shard, cp) mesh; activation checkpointing, context parallelism and
-    fully_shard applied to the model and (sharded the same way) the EMA copy. Returns (mesh, dp_rank)."""
+    fully_shard applied to the model and (sharded the same way) the EMA copies ``emas`` (EMA objects).
+    Returns (mesh, dp_rank)."""
     from ..distributed.fsdp import apply_fsdp, make_mesh
     world = info.world_size
     if cfg.dp_replicate * cfg.dp_shard * cfg.cp != world:
@@ -182,12 +205,12 @@ def _mesh_and_shard(cfg: TrainConfig, info: DistInfo, model, ema: EMA):
         apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.cp > 1:
         from ..distributed import context_parallel
-        for m in (model, ema.module):
+        for m in (model, *(e.module for e in emas)):
             context_parallel(m, mesh["cp"].get_group(), mode=cfg.cp_mode)
     from ..distributed.fsdp import fsdp_blocks
-    for m, reshard in ((model, cfg.reshard_after_forward), (ema.module, True)):
+    for m, reshard in ((model, cfg.reshard_after_forward), *((e.module, True) for e in emas)):
         # a learned loss weight (sCM) is called by the loss outside the model's forward: its own unit.
-        # The EMA copy only runs forwards (no backward would reshard it): always resharded after them.
+        # The EMA copies only run forwards (no backward would reshard them): always resharded after them.
         extra = [m.loss_weight] if isinstance(getattr(m, "loss_weight", None), torch.nn.Module) else []
         apply_fsdp(m, mesh, reshard_after_forward=reshard, mixed_precision=cfg.mixed_precision,
                    blocks=fsdp_blocks(m) + extra)
@@ -215,9 +238,10 @@ def setup(cfg: TrainConfig) -> TrainState:
     model = build_network(cfg, ds, method).to(device)  # prepared before the optimizer and the EMA copy
     broadcast_module(model)
     ema = EMA(model, cfg.ema_decay)
+    eval_ema = EMA(model, cfg.eval_ema_decay) if cfg.eval_ema_decay > 0 else None
     mesh, dp_rank = None, info.rank
     if cfg.fsdp:
-        mesh, dp_rank = _mesh_and_shard(cfg, info, model, ema)
+        mesh, dp_rank = _mesh_and_shard(cfg, info, model, [e for e in (ema, eval_ema) if e is not None])
     elif cfg.activation_checkpointing != "none":
         from ..activation_checkpoint import apply_activation_checkpointing
         apply_activation_checkpointing(model, cfg.activation_checkpointing)
@@ -227,7 +251,7 @@ def setup(cfg: TrainConfig) -> TrainState:
     np.random.seed((cfg.seed * 7919 + 17 + dp_rank) % 2 ** 32)
     random.seed(cfg.seed * 7919 + 17 + dp_rank)
     st = TrainState(cfg=cfg, method=method, ds=ds, info=info, device=device, model=model, ema=ema, opt=opt,
-                    data_gen=data_gen, mesh=mesh, dp_rank=dp_rank, sharded_ckpt=cfg.fsdp)
+                    data_gen=data_gen, mesh=mesh, dp_rank=dp_rank, sharded_ckpt=cfg.fsdp, eval_ema=eval_ema)
     if cfg.compile != "none":
         if info.world_size > 1:
             raise ValueError("--compile: the compiled step runs in one process (its gradients are not all-reduced)")
@@ -243,10 +267,24 @@ def setup(cfg: TrainConfig) -> TrainState:
 
 
 def _dcp_state(st: TrainState) -> dict:
-    """The tensors of a sharded checkpoint: model and optimizer (FQN-keyed), EMA model."""
+    """The tensors of a sharded checkpoint: model and optimizer (FQN-keyed), EMA model(s) ("ema", and
+    "eval_ema" when the run keeps one)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
     model_sd, optim_sd = get_state_dict(st.model, st.opt)
-    return {"model": model_sd, "optim": optim_sd, "ema": get_model_state_dict(st.ema.module)}
+    return {"model": model_sd, "optim": optim_sd, **{k: get_model_state_dict(e.module) for k, e in st.emas}}
+
+
+def _ema_counters(st: TrainState) -> dict:
+    """What a checkpoint keeps of each EMA besides its weights: {"ema": {...}, "eval_ema": {...}}."""
+    return {k: {"num_updates": e.num_updates, "decay": e.decay} for k, e in st.emas}
+
+
+def _check_eval_ema_saved(st: TrainState, saved: dict, where) -> None:
+    """--eval-ema-decay > 0 resumes only from a checkpoint that holds an evaluation EMA (``saved``: the
+    checkpoint's dict or extras)."""
+    if st.eval_ema is not None and "eval_ema" not in saved:
+        raise ValueError(f"--eval-ema-decay: the checkpoint {where} holds no evaluation EMA (written with "
+                         "--eval-ema-decay 0); resume with --eval-ema-decay 0")
 
 
 def _check_resume(st: TrainState, saved_args: dict, saved_step: int, where: str) -> list:
@@ -268,12 +306,14 @@ def _resume(st: TrainState) -> None:
     if sharded is not None:
         ex = load_sharded_extras(sharded)
         report = _check_resume(st, ex["args"], int(ex["step"]), sharded)
+        _check_eval_ema_saved(st, ex, sharded)
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
         tensors = _dcp_state(st)
         load_sharded(sharded, tensors)
         set_state_dict(st.model, st.opt, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
-        set_model_state_dict(st.ema.module, tensors["ema"])
-        st.ema.num_updates = int(ex["ema"]["num_updates"])
+        for k, e in st.emas:
+            set_model_state_dict(e.module, tensors[k])
+            e.num_updates = int(ex[k]["num_updates"])
         # rank r continues rank r's streams when the checkpoint had it (same or smaller world), else keeps
         # its fresh seeding (a larger world: new ranks draw new data)
         if st.dp_rank < len(ex["rng"]):
@@ -284,13 +324,15 @@ def _resume(st: TrainState) -> None:
         path = cfg.out / CHECKPOINT
         ck = load_checkpoint(str(path), map_location=st.device)
         report = _check_resume(st, ck["args"], int(ck["step"]), str(path))
+        _check_eval_ema_saved(st, ck, path)
         if cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
             full = StateDictOptions(full_state_dict=True)
             try:
                 set_model_state_dict(st.model, ck["model"], options=full)
-                set_model_state_dict(st.ema.module, ck["ema"]["module"], options=full)
+                for k, e in st.emas:
+                    set_model_state_dict(e.module, ck[k]["module"], options=full)
                 names = [n for n, _ in st.model.named_parameters()]
                 osd = {"state": {names[int(i)]: s for i, s in ck["opt"]["state"].items()},
                        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
@@ -305,15 +347,19 @@ def _resume(st: TrainState) -> None:
                                  "(FSDP2 runs, --dp-shard, write sharded checkpoints that reshard)")
             try:
                 st.model.load_state_dict(ck["model"])
-                st.ema.load_state_dict(ck["ema"])
+                for k, e in st.emas:
+                    e.load_state_dict(ck[k])
                 st.opt.load_state_dict(ck["opt"])
             except (RuntimeError, KeyError, ValueError) as e:
                 raise ValueError(f"--resume: {path} does not fit this model ({str(e)[:300]})") from e
-        st.ema.num_updates = int(ck["ema"]["num_updates"])
+        for k, e in st.emas:
+            e.num_updates = int(ck[k]["num_updates"])
         if info.rank < len(ck["rng"]):
             set_rng_state(ck["rng"][info.rank], st.data_gen)
         st.step, st.losses, st.train_time = int(ck["step"]), list(ck["losses"]), float(ck["train_time"])
-    st.ema.decay = cfg.ema_decay  # a changed --ema-decay applies (reported)
+    st.ema.decay = cfg.ema_decay  # a changed --ema-decay / --eval-ema-decay applies (reported)
+    if st.eval_ema is not None:
+        st.eval_ema.decay = cfg.eval_ema_decay
     st.last_good = st.step
     if report and info.is_main:
         print(report[0], file=sys.stderr)
@@ -321,7 +367,7 @@ def _resume(st: TrainState) -> None:
 
 def train_step(st: TrainState, teacher) -> float:
     """One optimisation step at st.step: LR, batch, loss (NonFiniteLoss when not finite), backward,
-    gradient sync (plain data parallel only; FSDP2 reduce-scatters in backward), clipping, Adam, EMA.
+    gradient sync (plain data parallel only; FSDP2 reduce-scatters in backward), clipping, Adam, EMA(s).
     Returns the loss averaged over ranks."""
     cfg, info = st.cfg, st.info
     for gparam in st.opt.param_groups:
@@ -354,7 +400,7 @@ def train_step(st: TrainState, teacher) -> float:
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     st.opt.step()
-    st.ema.update(st.model)
+    st.update_emas()
     st.losses.append(lval)
     st.step += 1
     return lval
@@ -363,14 +409,14 @@ def train_step(st: TrainState, teacher) -> float:
 def _compiled_train_step(st: TrainState, x0, cond) -> float:
     """--compile: loss, backward, clipping and Adam in one compiled call (flowmap_kernels.compiled_step), then
     the finiteness check (after the update: a non-finite loss stops the run, resume from the last good
-    checkpoint) and the EMA update."""
+    checkpoint) and the EMA update(s)."""
     kw = {"step": st.step} if "step" in st.method.DEFAULTS else {}
     loss, _logs = st.compiled(x0, cond, **kw)
     lval = float(loss)
     if not np.isfinite(lval):
         where = f"{_ckpt_location(st)} (step {st.last_good})" if st.last_good is not None else "none written yet"
         raise NonFiniteLoss(f"non-finite loss ({lval}) at step {st.step + 1}; stopped. Last good checkpoint: {where}")
-    st.ema.update(st.model)
+    st.update_emas()
     st.losses.append(lval)
     st.step += 1
     return lval
@@ -387,7 +433,7 @@ def save(st: TrainState) -> None:
     if st.sharded_ckpt:
         extras = {"format": 2, "step": st.step, "losses": list(st.losses), "train_time": st.train_time,
                   "world_size": st.info.world_size, "rng": rng, "args": st.cfg.record(),
-                  "ema": {"num_updates": st.ema.num_updates, "decay": st.ema.decay},
+                  **_ema_counters(st),
                   "mesh": [st.cfg.dp_replicate, st.cfg.dp_shard or 1, st.cfg.cp]}
         save_sharded(st.out / SHARDED_DIR, st.step, _dcp_state(st), extras, is_main=st.info.is_main,
                      before_rename=st.cfg.extra.get("before_rename"))
@@ -395,6 +441,8 @@ def save(st: TrainState) -> None:
         state = {"format": 1, "step": st.step, "model": st.model.state_dict(), "ema": st.ema.state_dict(),
                  "opt": st.opt.state_dict(), "rng": rng, "losses": list(st.losses), "train_time": st.train_time,
                  "world_size": st.info.world_size, "args": st.cfg.record()}
+        if st.eval_ema is not None:
+            state["eval_ema"] = st.eval_ema.state_dict()
         if st.info.is_main:
             save_checkpoint(str(st.out / CHECKPOINT), state)
     st.last_good = st.step
@@ -426,14 +474,14 @@ def train(st: TrainState) -> None:
 
 
 def _unsharded_copies(st: TrainState):
-    """(model, EMA model) as plain modules on rank 0 for sampling: the FSDP2 modules' full state dicts
-    (get_model_state_dict(full_state_dict=True), collective) loaded into fresh unsharded models; the
-    modules themselves without FSDP2. Other ranks get (None, None)."""
+    """(model, evaluated EMA model: st.sampling_ema) as plain modules on rank 0 for sampling: the FSDP2
+    modules' full state dicts (get_model_state_dict(full_state_dict=True), collective) loaded into fresh
+    unsharded models; the modules themselves without FSDP2. Other ranks get (None, None)."""
     if not st.cfg.fsdp:
-        return st.model, st.ema.module
+        return st.model, st.sampling_ema.module
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = [get_model_state_dict(m, options=opts) for m in (st.model, st.ema.module)]
+    full = [get_model_state_dict(m, options=opts) for m in (st.model, st.sampling_ema.module)]
     if not st.info.is_main:
         return None, None
     nets = []
@@ -460,10 +508,10 @@ def finish(st: TrainState, t_start: float) -> dict:
     """After training: the replica check, and on rank 0 (full runs only) metrics, evaluation, metrics.json."""
     from .evaluate import evaluate
     cfg, method = st.cfg, st.method
-    in_sync = params_in_sync(st.model) and params_in_sync(st.ema.module)
+    in_sync = params_in_sync(st.model) and all(params_in_sync(e.module) for _, e in st.emas)
     if cfg.stop < cfg.steps:
         return {}
-    model, ema_model = _unsharded_copies(st) if not cfg.no_eval else (st.model, st.ema.module)
+    model, ema_model = _unsharded_copies(st) if not cfg.no_eval else (st.model, st.sampling_ema.module)
     if not st.info.is_main:
         return {}
     losses = st.losses
@@ -481,6 +529,8 @@ def finish(st: TrainState, t_start: float) -> dict:
                "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "ema_decay": cfg.ema_decay, "time_freq": cfg.time_freq,
                "params": sum(p.numel() for p in model.parameters()), "device": str(st.device),
                "backend": cfg.backend}
+    if st.eval_ema is not None:  # the "ema" entries of the evaluation are this EMA's
+        metrics["eval_ema_decay"] = cfg.eval_ema_decay
     if cfg.fsdp:
         metrics["parallel"] = {"dp_replicate": cfg.dp_replicate, "dp_shard": cfg.dp_shard, "cp": cfg.cp,
                                "mixed_precision": cfg.mixed_precision,
