@@ -28,7 +28,8 @@ import flowmap_kernels as fk  # noqa: E402
 from flowmap_kernels.bench.harness import check_output, metadata, print_table, write_results  # noqa: E402
 from tests.attention.cases import Case  # noqa: E402
 from tests.attention.test_functional import CASES, PATHS  # noqa: E402
-from tests.reference import TOLERANCE, loss_on_outputs, ref_grads, rel_err  # noqa: E402
+from tests.numerics import TOLERANCE, rel_err  # noqa: E402
+from tests.reference import loss_on_outputs, ref_grads  # noqa: E402
 
 NAMES = ("q", "k", "v", "tq", "tk", "tv")
 

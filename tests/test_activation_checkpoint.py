@@ -19,8 +19,9 @@ import flowmap_kernels as fk
 from flowmap_kernels.activation_checkpoint import ATTENTION_OPS, CheckpointedForward
 from flowmap_kernels.methods import get_method
 from flowmap_kernels.nn import DiT
+from tests.numerics import rel_err
 
-TOL = 1e-12
+TOL = 5e-13  # tests.numerics.rel_err, float64 paths that differ only in summation order (measured <= 2.2e-15)
 F64 = torch.float64
 
 
@@ -33,7 +34,7 @@ def _rel(a, b):
     if a is None or b is None:
         assert a is None and b is None
         return 0.0
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    return rel_err(a, b)
 
 
 def _max_rel(ga, gb):
@@ -174,9 +175,8 @@ def test_selective_checkpointing_does_not_recompute_attention():
         assert none[k] == blocks[k] == selective[k] == 3
 
 
-def _saved_bytes(mode, how):
-    """Bytes autograd keeps from a JVP of the DiT (saved-tensor hooks see every saved activation)."""
-    model = _dit(mode=mode, depth=4, hidden_size=32)
+def _saved_bytes_of_jvp(model, how):
+    """Bytes autograd keeps from a JVP of ``model`` (saved-tensor hooks see every saved activation)."""
     total = [0]
 
     def pack(t):
@@ -186,8 +186,13 @@ def _saved_bytes(mode, how):
     x = torch.randn(2, 1, 6, 6, dtype=F64)
     s, t = torch.rand(2, dtype=F64), torch.rand(2, dtype=F64)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y, ty = _jvp_dit(model, how, x, s, t, torch.zeros_like(x), torch.zeros_like(s), torch.ones_like(t))
+        _jvp_dit(model, how, x, s, t, torch.zeros_like(x), torch.zeros_like(s), torch.ones_like(t))
     return total[0]
+
+
+def _saved_bytes(mode, how):
+    """Bytes autograd keeps from a JVP of the DiT checkpointed with ``mode``."""
+    return _saved_bytes_of_jvp(_dit(mode=mode, depth=4, hidden_size=32), how)
 
 
 @pytest.mark.parametrize("how", ["func", "forward_ad"])
@@ -206,17 +211,7 @@ def _saved_bytes_outside_blocks(model, how):
     """Saves of the same JVP with the blocks replaced by the identity (embeddings and final layer)."""
     for b in model.blocks:
         b.forward = lambda h, c: h
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    x = torch.randn(2, 1, 6, 6, dtype=F64)
-    s, t = torch.rand(2, dtype=F64), torch.rand(2, dtype=F64)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _jvp_dit(model, how, x, s, t, torch.zeros_like(x), torch.zeros_like(s), torch.ones_like(t))
-    return total[0]
+    return _saved_bytes_of_jvp(model, how)
 
 
 def test_recomputation_uses_the_forward_backend():
@@ -488,7 +483,7 @@ def test_fsdp2_two_processes_gradients_equal(tmp_path):
         x0 = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(5 + rank), dtype=F64)
         losses.append(get_method("tvm").loss(model, x0, generator=torch.Generator().manual_seed(7 + rank))[0])
     single = torch.autograd.grad(sum(losses) / 2, list(model.parameters()))
-    assert _max_rel(ref, single) < 1e-10
+    assert _max_rel(ref, single) < 5e-11  # norm ratio (measured 5.1e-16; was 1e-10 on the max ratio)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from flowmap_kernels import func
 from flowmap_kernels.models import MLPFlowMap
 from flowmap_kernels.nn import (Attention, DiT, DiTBlock, FinalLayer, LabelEmbedder, Linear, Mlp, RMSNorm,
                                 TimestepEmbedder)
-from tests.reference import rel_err
+from tests.numerics import rel_err
 
 D = torch.float64
 
@@ -233,3 +233,52 @@ def test_methods_take_their_jvp_through_the_dual_form(monkeypatch):
             if a is not None:
                 assert rel_err(a, b) < 1e-10, (method.NAME, rel_err(a, b))
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dual", [True, False], ids=["dual_form", "torch_func_jvp"])
+def test_tangent_grad_false_detaches_and_runs_the_primal_backward(dual, monkeypatch):
+    """jvp(..., tangent_grad=False): the same (y, ty) with ty detached; gradients of a loss on y equal those
+    with the tangent kept; in the dual form no fused op runs a backward through the tangent."""
+    m = _randomise(DiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8,
+                       qk_norm=True), std=0.2).double()
+    (x, s, t), (tx, ts, tt) = _dit_args(4)
+    f = func.bind(m, y=torch.tensor([1, 2]))
+    if not dual:
+        monkeypatch.setattr(func, "dual_form", lambda f: None)
+    params = list(m.parameters())
+    y1, ty1 = func.jvp(f, (x, s, t), (tx, ts, tt))
+    g1 = torch.autograd.grad((y1 ** 2).sum() + (y1 * ty1.detach()).sum(), params)
+    seen = []
+    if dual:  # which custom ops the backward runs
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+                seen.append(str(op))
+                return op(*args, **(kwargs or {}))
+    y2, ty2 = func.jvp(f, (x, s, t), (tx, ts, tt), tangent_grad=False)
+    assert not ty2.requires_grad and y2.requires_grad
+    assert rel_err(y2, y1) == 0 and rel_err(ty2, ty1) == 0
+    loss = (y2 ** 2).sum() + (y2 * ty2).sum()
+    if dual:
+        with Ops():
+            g2 = torch.autograd.grad(loss, params)
+        fused = [o for o in seen if o.startswith("flowmap_kernels.")]
+        assert any("attention_backward" in o for o in fused) and any("norm_backward" in o for o in fused), fused
+        assert not [o for o in fused if "jvp_backward" in o], fused
+    else:
+        g2 = torch.autograd.grad(loss, params)
+    for a, b in zip(g2, g1):
+        assert rel_err(a, b) < 1e-12
+    # the switch is per call: the next JVP's tangent is differentiable again, also after an error
+    assert func.jvp(f, (x, s, t), (tx, ts, tt))[1].requires_grad
+    if dual:
+        def boom(self, *a, **k):
+            raise RuntimeError("boom")
+        monkeypatch.setattr(DiT, "forward_jvp", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            func.jvp(f, (x, s, t), (tx, ts, tt), tangent_grad=False)
+        monkeypatch.undo()
+    assert func.jvp(f, (x, s, t), (tx, ts, tt))[1].requires_grad
+    with pytest.raises(TypeError, match="tangent_grad: expected a bool"):
+        func.jvp(f, (x, s, t), (tx, ts, tt), tangent_grad=None)

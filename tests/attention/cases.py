@@ -1,10 +1,18 @@
-"""Attention test cases: inputs, tangents, masks and loss weights for one configuration."""
+"""Attention test cases: inputs, tangents, masks and loss weights for one configuration.
+
+The one case type of the attention suites: the blockwise / PyTorch-backend suites (tests/attention) and
+the Triton interpreter suite (tests/attention/triton) draw their inputs from it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+
+# "bool_keys": (Lk,) only; "float_expand": (1, Hq, Lq, Lk) with a stride-0 query dim; "*_dead_rows": every
+# third query row sees no key
+MASKS = ("bool", "float", "bool_dead_rows", "float_dead_rows", "bool_keys", "float_expand")
 
 
 @dataclass
@@ -17,7 +25,7 @@ class Case:
     head_dim: int = 24
     v_head_dim: Optional[int] = None
     causal: bool = False
-    mask: Optional[str] = None  # None | "bool" | "float" | "bool_dead_rows" | "float_dead_rows"
+    mask: Optional[str] = None  # None or one of MASKS
     scale: Optional[float] = None
     seed: int = 0
     tensors: dict = field(default_factory=dict, repr=False)
@@ -40,6 +48,8 @@ class Case:
 
     def make(self, dtype: torch.dtype, requires_grad: bool = False) -> dict:
         """Inputs in ``dtype`` (values drawn in float64, then rounded) plus float64 loss weights."""
+        if self.mask is not None and self.mask not in MASKS:
+            raise ValueError(f"unknown mask kind {self.mask!r}; one of {MASKS}")
         g = torch.Generator().manual_seed(self.seed)
         dv = self.v_head_dim or self.head_dim
         shapes = {
@@ -55,7 +65,15 @@ class Case:
         t["wo"] = torch.randn(out_shape, generator=g, dtype=torch.float64)
         t["wt"] = torch.randn(out_shape, generator=g, dtype=torch.float64)
         mshape = (self.batch, 1, self.q_len, self.kv_len)  # broadcast over heads
-        if self.mask and self.mask.startswith("bool"):
+        if self.mask == "bool_keys":  # (Lk,) only: broadcast over batch, heads and queries (3 stride-0 dims)
+            m = torch.rand(self.kv_len, generator=g) > 0.4
+            m[0] = True
+            t["mask"] = m
+        elif self.mask == "float_expand":  # (1, Hq, Lq, Lk) with a stride-0 query dim (a user's expand())
+            m = (torch.randn((1, self.q_heads, 1, self.kv_len), generator=g, dtype=torch.float64) + 0.5).to(dtype)
+            m[..., ::4] = float("-inf")
+            t["mask"] = m.expand(1, self.q_heads, self.q_len, self.kv_len)
+        elif self.mask and self.mask.startswith("bool"):
             m = torch.rand(mshape, generator=g) > 0.3
             if self.mask.endswith("dead_rows"):
                 m[:, :, ::3] = False  # every third query row sees no key

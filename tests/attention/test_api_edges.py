@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import flowmap_kernels as fk
 from tests.attention.backend_env import BACKENDS, on_backend
-from tests.reference import ref_attention, rel_err
+from tests.numerics import rel_err
+from tests.reference import ref_attention
 
 
 def _qkv(dtype=torch.float32, b=1, hq=2, hkv=2, lq=4, lk=6, d=8, dv=5, seed=0):

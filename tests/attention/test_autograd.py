@@ -5,7 +5,8 @@ import torch
 
 import flowmap_kernels as fk
 from tests.attention.cases import Case
-from tests.reference import ref_attention, rel_err
+from tests.numerics import rel_err
+from tests.reference import ref_attention
 
 GRADCHECK_CASES = [
     Case(batch=1, q_heads=2, kv_heads=1, q_len=5, kv_len=7, head_dim=3, v_head_dim=4, causal=True),

@@ -2,7 +2,7 @@
 
 For each case: O and tO from torch.func.jvp over ``attention``, from forward_ad dual tensors, and from the
 explicit ``attention_jvp``; then the six gradients of a loss on both outputs (backward through the
-tangent). Relative errors must stay within tests.reference.TOLERANCE.
+tangent). Relative errors must stay within tests.numerics.TOLERANCE.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch.autograd.forward_ad as fwAD
 
 import flowmap_kernels as fk
 from tests.attention.cases import Case
-from tests.reference import TOLERANCE, loss_on_outputs, ref_attention, ref_grads, rel_err
+from tests.numerics import TOLERANCE, rel_err
+from tests.reference import loss_on_outputs, ref_attention, ref_grads
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 

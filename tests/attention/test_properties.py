@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 import flowmap_kernels as fk
 from tests.attention.cases import Case
-from tests.reference import loss_on_outputs, ref_grads, rel_err
+from tests.numerics import rel_err
+from tests.reference import loss_on_outputs, ref_grads
 
 
 @st.composite

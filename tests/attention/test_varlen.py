@@ -4,7 +4,7 @@ The reference runs tests.reference (math attention on explicit scores, its JVP b
 by autograd) on each sequence alone, unpacked to (1, H, L, D); a sequence with queries but no keys gives
 zero outputs and zero gradients by definition. For each case: O and tO by torch.func.jvp, by forward_ad
 dual tensors and by the explicit attention_varlen_jvp, then the six gradients of a loss on both outputs
-(backward through the tangent), within tests.reference.TOLERANCE, on the naive and torch backends.
+(backward through the tangent), within tests.numerics.TOLERANCE, on the naive and torch backends.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from flowmap_kernels.attention import ATTENTION_VARLEN, make_varlen_problem
 from flowmap_kernels.attention.varlen_blockwise import (varlen_backward, varlen_forward, varlen_jvp_backward,
                                                        varlen_jvp_forward)
 from flowmap_kernels.backends import BackendUnavailableError
-from tests.reference import TOLERANCE, loss_on_outputs, ref_attention, ref_grads, rel_err
+from tests.numerics import TOLERANCE, rel_err
+from tests.reference import loss_on_outputs, ref_attention, ref_grads
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("q", "k", "v", "tq", "tk", "tv")

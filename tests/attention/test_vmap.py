@@ -15,7 +15,8 @@ from torch.func import grad, hessian, jacfwd, jacrev, vmap
 import flowmap_kernels as fk
 from flowmap_kernels.integrations import sdpa_patch
 from tests.attention.backend_env import BACKENDS, on_backend
-from tests.reference import TOLERANCE, loss_on_outputs, ref_attention, ref_grads, rel_err
+from tests.numerics import TOLERANCE, rel_err
+from tests.reference import loss_on_outputs, ref_attention, ref_grads
 
 N, B, HQ, HKV, LQ, LK, D, DV = 3, 2, 4, 2, 5, 7, 8, 6
 

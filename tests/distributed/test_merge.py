@@ -9,7 +9,8 @@ import torch
 
 from flowmap_kernels.attention import kernels
 from flowmap_kernels.distributed.ring import _merge
-from tests.reference import TOLERANCE, ref_grads, rel_err
+from tests.numerics import TOLERANCE, rel_err
+from tests.reference import ref_grads
 
 TOL = TOLERANCE[torch.float64]
 

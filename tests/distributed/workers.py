@@ -8,7 +8,6 @@ over the ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -16,28 +15,28 @@ import torch.distributed as dist
 
 import flowmap_kernels.distributed as fkd
 from flowmap_kernels.attention import kernels
-from tests.reference import loss_on_outputs, ref_attention, ref_grads, rel_err
+from tests.attention.cases import Case
+from tests.numerics import rel_err
+from tests.reference import loss_on_outputs, ref_attention, ref_grads
 
 
-@dataclass(frozen=True)
-class CPCase:
-    batch: int = 2
-    q_heads: int = 4
-    kv_heads: int = 4
-    q_len: int = 13
-    kv_len: int = 13
-    head_dim: int = 8
-    causal: bool = False
-    mask: Optional[str] = None   # "bool", "bool_rows" (broadcast over heads, dead rows), "float", "keys_only"
+@dataclass
+class CPCase(Case):
+    """The attention Case geometry (tests/attention/cases.py) plus what context parallelism adds; its tensors
+    come from ``_full_tensors`` (full sequences, sharded per rank), whose masks are "bool", "bool_rows"
+    (broadcast over heads, dead rows), "float" and "keys_only". Build with :meth:`of`."""
     load_balance: bool = False
     dtype: torch.dtype = torch.float64
-    seed: int = 0
     name: str = field(default="", compare=False)
+
+    @classmethod
+    def of(cls, **kw) -> "CPCase":
+        """A case with the context-parallel defaults (4 heads, 13 tokens, head dim 8) unless given."""
+        return cls(**{**dict(q_heads=4, kv_heads=4, q_len=13, kv_len=13, head_dim=8), **kw})
 
     @property
     def kwargs(self):
-        kw = dict(is_causal=self.causal, enable_gqa=self.q_heads != self.kv_heads)
-        return kw
+        return dict(is_causal=self.causal, enable_gqa=self.q_heads != self.kv_heads)
 
 
 def _full_tensors(case: CPCase):
@@ -239,7 +238,7 @@ def dit_checks(rank, world, configs):
     (torch.func.jvp along (v, 0, 1)) and gradients of a loss on both (averaged over the group).
     configs: (mode, load_balance, checkpoint_blocks) triples."""
     from flowmap_kernels.nn import dit_tiny
-    from tests.reference import rel_err as rerr
+    from tests.numerics import rel_err as rerr
 
     out = {}
     for mode, lb, ckpt in configs:
@@ -283,7 +282,7 @@ def ring_jvp_rule_check(rank, world):
     from flowmap_kernels.distributed.attention import ring_spec
     from flowmap_kernels.distributed.ring import RingAttentionFunction
 
-    case = CPCase(causal=True, load_balance=True, q_len=11, kv_len=11, batch=1, q_heads=2, kv_heads=2)
+    case = CPCase.of(causal=True, load_balance=True, q_len=11, kv_len=11, batch=1, q_heads=2, kv_heads=2)
     t = _full_tensors(case)
     (ro, rto), rgrads = ref_grads(t["q"], t["k"], t["v"], t["tq"], t["tk"], t["tv"], t["wo"], t["wt"], is_causal=True)
     shard = lambda x: fkd.shard_sequence(x, None, dim=2, load_balance=True)  # noqa: E731
@@ -310,7 +309,7 @@ def subgroup_cases(rank, world, cases):
 def functional_grad_check(rank, world):
     """torch.func.grad of a loss on torch.func.jvp of the context-parallel attention (pure function
     transforms, no .backward), ring and Ulysses, against the reference gradient for q."""
-    case = CPCase(causal=True, q_len=9, kv_len=9, batch=1, q_heads=2, kv_heads=2)
+    case = CPCase.of(causal=True, q_len=9, kv_len=9, batch=1, q_heads=2, kv_heads=2)
     t = _full_tensors(case)
     (_, _), rgrads = ref_grads(t["q"], t["k"], t["v"], t["tq"], t["tk"], t["tv"], t["wo"], t["wt"], is_causal=True)
     shard = lambda x: fkd.shard_sequence(x, None, dim=2)  # noqa: E731

@@ -11,10 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from flowmap_kernels.integrations import is_installed
-from tests.reference import rel_err  # noqa: F401  (re-exported for the tests)
+from tests.numerics import rel_err  # noqa: F401  (re-exported for the tests)
 
 
 def jvp_and_param_grads(fn, params, primals, tangents, *, math_backend=False):
@@ -42,6 +43,19 @@ def errors(a_triplet, b_triplet) -> dict:
     (oa, ta, ga), (ob, tb, gb) = a_triplet, b_triplet
     flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
     return {"out": rel_err(oa, ob), "tangent": rel_err(ta, tb), "param_grads": rel_err(flat(ga), flat(gb))}
+
+
+class GraphRecorder:
+    """torch.compile backend like aot_eager (AOTAutograd graphs, no code generation) that keeps the code
+    of every forward and backward graph it compiles in ``code``."""
+
+    def __init__(self):
+        self.code = []
+        self.backend = aot_autograd(fw_compiler=self._keep, bw_compiler=self._keep)
+
+    def _keep(self, gm, _inputs):
+        self.code.append(gm.code)
+        return gm.forward
 
 
 def max_rel_err(a_triplet, b_triplet) -> float:

@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch._dynamo.backends.common import aot_autograd
 
 import flowmap_kernels as fk
 from flowmap_kernels.integrations import patch_sdpa
-from tests.integrations.helpers import TinySDPAModel
-from tests.reference import rel_err
+from tests.integrations.helpers import GraphRecorder, TinySDPAModel
+from tests.numerics import rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -37,28 +36,20 @@ def _attn(q, k, v):
     return fk.attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.4)
 
 
-class _Recorder:
-    """aot_eager-like backend that keeps the forward and backward graphs' code."""
-
-    def __init__(self):
-        self.code = []
-        self.backend = aot_autograd(fw_compiler=self._keep, bw_compiler=self._keep)
-
-    def _keep(self, gm, _inputs):
-        self.code.append(gm.code)
-        return gm.forward
+def _errors_against_eager(cf, q, k, v):
+    """Relative errors of the compiled ``cf`` against eager ``_attn``: (output, worst gradient of sum(O^2))."""
+    out, want = cf(q, k, v), _attn(q, k, v)
+    g = torch.autograd.grad(out.square().sum(), (q, k, v))
+    gw = torch.autograd.grad(want.square().sum(), (q, k, v))
+    return rel_err(out, want), max(rel_err(a, b) for a, b in zip(g, gw))
 
 
 def test_primal_compiles_fullgraph_to_the_custom_ops_and_matches_eager():
-    rec = _Recorder()
+    rec = GraphRecorder()
     cf = torch.compile(_attn, fullgraph=True, backend=rec.backend)
     q, k, v = (x.requires_grad_() for x in _inputs())
-    out = cf(q, k, v)
-    want = _attn(q, k, v)
-    g = torch.autograd.grad(out.square().sum(), (q, k, v))
-    gw = torch.autograd.grad(want.square().sum(), (q, k, v))
-    assert rel_err(out, want) < 1e-13
-    assert max(rel_err(a, b) for a, b in zip(g, gw)) < 1e-13
+    err_out, err_grads = _errors_against_eager(cf, q, k, v)
+    assert err_out < 1e-13 and err_grads < 1e-13
     fw, bw = rec.code  # one forward and one backward graph: no graph break
     assert "flowmap_kernels.attention_forward" in fw and "flowmap_kernels.attention_backward" in bw
 
@@ -115,7 +106,7 @@ def test_patched_model_compiles_fullgraph():
     x = torch.randn(2, 7, 24, dtype=torch.float64)
     want = model(x)
     gw = torch.autograd.grad(want.square().sum(), list(model.parameters()))
-    rec = _Recorder()
+    rec = GraphRecorder()
     with patch_sdpa():
         cm = torch.compile(model, fullgraph=True, backend=rec.backend)
         out = cm(x)
@@ -129,13 +120,8 @@ def test_patched_model_compiles_fullgraph():
 @pytest.mark.slow
 def test_inductor_primal_forward_and_backward():
     q, k, v = (x.float().requires_grad_() for x in _inputs())
-    cf = torch.compile(_attn, fullgraph=True)
-    out = cf(q, k, v)
-    want = _attn(q, k, v)
-    g = torch.autograd.grad(out.square().sum(), (q, k, v))
-    gw = torch.autograd.grad(want.square().sum(), (q, k, v))
-    assert rel_err(out, want) < 1e-6
-    assert max(rel_err(a, b) for a, b in zip(g, gw)) < 1e-5
+    err_out, err_grads = _errors_against_eager(torch.compile(_attn, fullgraph=True), q, k, v)
+    assert err_out < 1e-6 and err_grads < 1e-5
 
 
 def test_attention_jvp_compiles_with_transposed_inputs():

@@ -19,7 +19,7 @@ from flowmap_kernels.integrations.diffusers import (  # noqa: E402
     DiffusersFlowMap, FlowmapAttnProcessor, set_flowmap_attention,
 )
 from tests.integrations.helpers import errors, jvp_and_param_grads  # noqa: E402
-from tests.reference import rel_err  # noqa: E402
+from tests.numerics import rel_err  # noqa: E402
 
 
 def small_dit(seed=0, learn_sigma=True):

@@ -17,7 +17,8 @@ from flowmap_kernels.integrations import (
 )
 from flowmap_kernels.integrations import sdpa_patch
 from tests.integrations.helpers import TinySDPAModel, jvp_and_param_grads, max_rel_err
-from tests.reference import ref_attention, rel_err
+from tests.numerics import rel_err
+from tests.reference import ref_attention
 
 ORIGINAL = F.scaled_dot_product_attention
 ORIGINAL_C = torch._C._nn.scaled_dot_product_attention

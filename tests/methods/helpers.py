@@ -8,6 +8,7 @@ from torch import nn
 
 import flowmap_kernels as fk
 from flowmap_kernels.models import MLPFlowMap
+from tests.numerics import rel_err
 
 
 def tiny_mlp(shape=(2,), seed=0, dtype=torch.float64, num_classes=None, **kw):
@@ -43,15 +44,10 @@ def params_grad(loss, model):
     return torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=True)
 
 
-def rel(a, b):
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def grad_rel(ga, gb):
-    fa = torch.cat([(g if g is not None else torch.zeros(1)).reshape(-1) for g in ga])
-    fb = torch.cat([(g if g is not None else torch.zeros(1)).reshape(-1) for g in gb])
-    return float((fa - fb).norm() / fb.norm().clamp_min(1e-30))
+    """tests.numerics.rel_err of all parameter gradients as one vector (a missing gradient counts as 0)."""
+    flat = lambda gs: torch.cat([(g if g is not None else torch.zeros(1)).reshape(-1) for g in gs])  # noqa: E731
+    return rel_err(flat(ga), flat(gb))
 
 
 def logit_normal(n, mu, sigma, g, dtype=torch.float64):

@@ -13,7 +13,8 @@ import torch
 from flowmap_kernels.methods import METHODS, prepare_model
 from flowmap_kernels.methods._common import drop_labels, null_label, sample_guidance_scale
 from flowmap_kernels.models import MLPFlowMap, TimeWeight, TrigFlowParam
-from tests.methods.helpers import grad_rel, pair, params_grad, rel, tiny_mlp, times
+from tests.methods.helpers import grad_rel, pair, params_grad, tiny_mlp, times
+from tests.numerics import rel_err
 
 H = 2e-6
 B = 7
@@ -137,7 +138,7 @@ def test_meanflow_guided_target_matches_reference(cfg):
     c = {**METHODS["meanflow"].DEFAULTS, **cfg}
     lo, _ = METHODS["meanflow"].loss(model, x0, cond=y, generator=torch.Generator().manual_seed(5), **cfg)
     ref = ref_meanflow_cfg(model, x0, y, torch.Generator().manual_seed(5), c)
-    assert rel(lo.detach(), ref.detach()) < 1e-6, (float(lo), float(ref))
+    assert rel_err(lo.detach(), ref.detach()) < 1e-6, (float(lo), float(ref))
     assert grad_rel(params_grad(lo, model), params_grad(ref, model)) < 1e-5
     plain, _ = METHODS["meanflow"].loss(model, x0, cond=y, generator=torch.Generator().manual_seed(5),
                                         **{**cfg, "cfg_scale": 1.0, "cfg_kappa": 0.0})
@@ -201,7 +202,7 @@ def test_imf_guidance_input_matches_reference(k, cfg):
     c = {**METHODS["imf"].DEFAULTS, **cfg}
     lo, _ = METHODS["imf"].loss(model, x0, cond=y, generator=torch.Generator().manual_seed(6), **cfg)
     ref = ref_imf_cfg(model, x0, y, torch.Generator().manual_seed(6), c, k)
-    assert rel(lo.detach(), ref.detach()) < 1e-6, (float(lo), float(ref))
+    assert rel_err(lo.detach(), ref.detach()) < 1e-6, (float(lo), float(ref))
     assert grad_rel(params_grad(lo, model), params_grad(ref, model)) < 1e-5
     with pytest.raises(ValueError, match="cfg_omega_max: guidance as a model input needs a model"):
         METHODS["imf"].loss(tiny_mlp(num_classes=NC, null_class=True), x0, cond=y, **cfg)
@@ -251,7 +252,7 @@ def test_tvm_scaled_guidance_matches_reference():
     lo, logs = METHODS["tvm"].loss(model, x0, cond=y, teacher=teacher, generator=torch.Generator().manual_seed(8),
                                    **cfg)
     ref = ref_tvm_cfg(model, teacher, x0, y, torch.Generator().manual_seed(8), c)
-    assert rel(lo.detach(), ref.detach()) < 1e-6, (float(lo), float(ref))
+    assert rel_err(lo.detach(), ref.detach()) < 1e-6, (float(lo), float(ref))
     assert grad_rel(params_grad(lo, model), params_grad(ref, model)) < 1e-5
     assert float(logs["omega"]) > 1
     # a fixed scale of 1 with scale_param is the unguided loss (omega = 1 everywhere)
@@ -289,7 +290,7 @@ def test_scm_learned_weighting_matches_reference():
     lw = model.loss_weight(s)
     mse_i = _scm_per_sample(model, x0, 5)
     ref = (torch.exp(lw) * mse_i - lw).mean()
-    assert rel(lo.detach(), ref.detach()) < 1e-10
+    assert rel_err(lo.detach(), ref.detach()) < 1e-10
     gw = torch.autograd.grad(lo, list(model.loss_weight.parameters()))
     gr = torch.autograd.grad(ref, list(model.loss_weight.parameters()))
     assert grad_rel(gw, gr) < 1e-10

@@ -6,12 +6,11 @@ import torch
 import flowmap_kernels as fk
 from flowmap_kernels.nn import DiT, DiTBlock, dit_tiny
 from flowmap_kernels.ops import kernels
+from tests.numerics import rel_err
 
-TOL = 1e-5
-
-
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+# tests.numerics.rel_err of the fused path against the naive one, both float32: a few float32 roundings
+# through the block (measured worst 1.4e-6, a parameter gradient).
+TOL = 5e-6
 
 
 def _randomise(module, seed):
@@ -34,10 +33,10 @@ def _run(module, fn, primals, tangents, backend):
 def _compare(module, fn, primals, tangents, fused="auto"):
     y, ty, g = _run(module, fn, primals, tangents, fused)
     y0, ty0, g0 = _run(module, fn, primals, tangents, "naive")
-    assert _rel(y, y0) < TOL
-    assert _rel(ty, ty0) < TOL
+    assert rel_err(y, y0) < TOL
+    assert rel_err(ty, ty0) < TOL
     names = [n for n, _ in module.named_parameters()]
-    bad = {n: _rel(a, b) for n, a, b in zip(names, g, g0) if b.abs().max() > 0 and _rel(a, b) >= TOL}
+    bad = {n: rel_err(a, b) for n, a, b in zip(names, g, g0) if b.abs().max() > 0 and rel_err(a, b) >= TOL}
     bad.update({n: float(a.abs().max()) for n, a, b in zip(names, g, g0)
                 if b.abs().max() == 0 and a.abs().max() > 1e-7})
     assert not bad, bad
@@ -153,4 +152,4 @@ def test_dit_jvp_along_parameters():
         with fk.use_backend(backend):
             res[backend] = torch.func.jvp(f, (params,), (tangents,))
     for a, b in zip(res["auto"], res["naive"]):
-        assert _rel(a, b) < TOL
+        assert rel_err(a, b) < TOL

@@ -9,7 +9,7 @@ import torch
 
 from flowmap_kernels import train
 from flowmap_kernels.training import loop
-from tests.reference import rel_err
+from tests.numerics import rel_err
 
 TINY = ["--width", "16", "--depth", "1", "--batch", "32", "--no-progress", "--threads", "1", "--no-eval"]
 

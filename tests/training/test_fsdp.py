@@ -1,54 +1,14 @@
 """FSDP2 (fully_shard) under the flow-map losses' forward-mode AD: gradients against the unsharded model
 (float64), HSDP, bf16 mixed precision, and the boundaries of torch 2.13 (forward_ad, replicate).
 
-Each test spawns gloo processes (one thread each); a worker returns plain results through a queue."""
+Each test spawns gloo processes (one thread each, tests/distributed/harness.py); every rank's result comes back."""
 from __future__ import annotations
-
-import os
-import socket
-import traceback
 
 import pytest
 import torch
 
 from flowmap_kernels.distributed.fsdp import apply_fsdp, fsdp_blocks, make_mesh, mixed_precision_policy
-
-
-def _spawn(fn, world, *args, timeout=240):
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, q, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        res = dict(q.get(timeout=timeout) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-    errors = {r: v for r, v in res.items() if isinstance(v, str) and v.startswith("Traceback")}
-    assert not errors, "\n".join(errors.values())
-    return [res[r] for r in range(world)]
-
-
-def _entry(fn, rank, world, port, q, args):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        out = fn(rank, world, *args)
-    except Exception:
-        out = traceback.format_exc()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    q.put((rank, out))
+from tests.distributed.harness import spawn
 
 
 def _models(kind):
@@ -110,7 +70,7 @@ def _grads_vs_unsharded(rank, world, kind, methods, mesh_shape):
                                           ("diffusers", ("tvm", "meanflow"))])
 def test_fsdp_jvp_gradients_equal_unsharded_float64(kind, methods):
     """fully_shard per block + root on 2 ranks; torch.func.jvp (and, for tvm/esd, backward through it)."""
-    for rank_out in _spawn(_grads_vs_unsharded, 2, kind, methods, (1, 2, 1)):
+    for rank_out in spawn(_grads_vs_unsharded, 2, None, kind, methods, (1, 2, 1), timeout=240, all_ranks=True):
         for name, (rel, scale, same_params, names_match) in rank_out.items():
             assert names_match and same_params, name
             assert scale > 1e-3, (name, scale)  # gradients that are not trivially zero
@@ -119,7 +79,7 @@ def test_fsdp_jvp_gradients_equal_unsharded_float64(kind, methods):
 
 def test_hsdp_2x2_gradients_equal_unsharded_float64():
     """HSDP: 4 ranks, replicate 2 x shard 2 (2-D mesh)."""
-    for rank_out in _spawn(_grads_vs_unsharded, 4, "mlp", ("tvm",), (2, 2, 1)):
+    for rank_out in spawn(_grads_vs_unsharded, 4, None, "mlp", ("tvm",), (2, 2, 1), timeout=240, all_ranks=True):
         rel, scale, same_params, names_match = rank_out["tvm"]
         assert names_match and same_params and scale > 1e-3 and rel < 1e-12, rank_out
 
@@ -163,7 +123,7 @@ def _boundaries(rank, world):
 
 
 def test_boundaries_forward_ad_replicate_and_bf16():
-    for res in _spawn(_boundaries, 2):
+    for res in spawn(_boundaries, 2, None, timeout=240, all_ranks=True):
         assert res["forward_ad"] != "ok" and "view" in res["forward_ad"], res["forward_ad"]
         assert res["replicate"] != "ok", res["replicate"]
         loss_dtype, p_dtypes, g_dtypes, finite, gmax = res["bf16"]

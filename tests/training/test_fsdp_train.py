@@ -6,10 +6,7 @@ single-process FSDP2 run (--dp-shard 1) uses a one-rank group."""
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
-import socket
-import traceback
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from flowmap_kernels.training import close_distributed
 from flowmap_kernels.training.checkpoint import latest_sharded, load_sharded, load_sharded_extras
 from flowmap_kernels.training.config import resolve_config
 from flowmap_kernels.training.loop import SHARDED_DIR, build_network
+from tests.distributed.harness import spawn
 
 TINY = ["--width", "16", "--depth", "1", "--batch", "16", "--no-progress", "--threads", "1", "--no-eval",
         "--method", "tvm", "--lr-schedule", "constant"]
@@ -29,39 +27,9 @@ def _argv(out, *extra):
     return ["--out", str(out), *TINY, *extra]
 
 
-def _spawn(fn, world, *args, timeout=300):
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, q, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        res = {r: torch.load(io.BytesIO(b), weights_only=False) for r, b in (q.get(timeout=timeout) for _ in procs)}
-    finally:
-        for p in procs:
-            p.join(60)
-            if p.is_alive():
-                p.kill()
-    errors = [v for v in res.values() if isinstance(v, str) and v.startswith("Traceback")]
-    assert not errors, "\n".join(errors)
-    return [res[r] for r in range(world)]
-
-
-def _entry(fn, rank, world, port, q, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    try:
-        out = fn(rank, world, *args)
-    except Exception:
-        out = traceback.format_exc()
-    buf = io.BytesIO()  # tensors by value (shared-memory handles die with this process)
-    torch.save(out, buf)
-    q.put((rank, buf.getvalue()))
+def _spawn(fn, world, *args):
+    """Every rank's fn(rank, world, *args) on ``world`` processes that set up their own process group."""
+    return spawn(fn, world, None, *args, timeout=300, group=False, all_ranks=True)
 
 
 def _main(rank, world, argv):

@@ -2,7 +2,8 @@
 
 TRITON_INTERPRET=1 must be in the environment when a @triton.jit decorator runs (the decorator picks
 the interpreter then), so it is set here at import time while the kernels' module is imported (and
-re-imported if an earlier test imported it for a GPU build). The registry reads the variable at call time
+re-imported if an earlier test imported it for a GPU build; the launch module reads the kernels through
+that module object, so it needs no reload). The registry reads the variable at call time
 (it lets CPU tensors reach the "triton" backend only under the interpreter), so it is set for each test
 of this folder by an autouse fixture and restored afterwards: tests elsewhere in the same session see
 the environment they started with (e.g. a named "triton" backend on CPU tensors falling back).
@@ -26,23 +27,25 @@ import pytest  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter as _interp  # noqa: E402
 
-_MODULE = "flowmap_kernels.attention.triton.kernels"
+_KERNELS = "flowmap_kernels.attention.triton.kernels"
+_MODULE = "flowmap_kernels.attention.triton.launch"
 
 
 def ensure_interpreted_kernels():
-    """The kernels' module, imported (or re-imported) with TRITON_INTERPRET=1."""
-    mod = sys.modules.get(_MODULE)
-    if mod is not None and isinstance(mod._attn_fwd, _interp.InterpretedFunction):
-        return mod
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        return importlib.import_module(_MODULE) if mod is None else importlib.reload(mod)
-    finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
+    """The launch module (launchers, Plan, ...; its ``kernels`` the @triton.jit module), with the kernels'
+    module imported (or re-imported in place, which the launch module sees) with TRITON_INTERPRET=1."""
+    mod = sys.modules.get(_KERNELS)
+    if mod is None or not isinstance(mod._attn_fwd, _interp.InterpretedFunction):
+        before = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            importlib.import_module(_KERNELS) if mod is None else importlib.reload(mod)
+        finally:
+            if before is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = before
+    return importlib.import_module(_MODULE)
 
 
 ensure_interpreted_kernels()

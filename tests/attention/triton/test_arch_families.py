@@ -55,6 +55,24 @@ def test_every_family_has_a_config_for_every_kernel():
 def test_family_entries_replace_tiles_that_trap_or_spill():
     # sm_100a: the Hopper tiles of these launches trap (D = 256) or spill (D = 128); see the compile report
     assert configs.get_config("jvp_forward", 256, 2, "sm_100a") != configs.get_config("jvp_forward", 256, 2, "sm_90a")
-    assert configs.get_config("jvp_backward_dkdv", 128, 2, "sm100") == configs.Config(32, 64, 8, 1, 3)
+    assert configs.get_config("jvp_backward_dkdv", 128, 2, "sm100") == configs.Config(32, 64, 8, 1, configs.BY_TERM)
     for (kernel, fam), entries in configs.FAMILY_TABLE.items():
         assert kernel in configs.KERNELS and fam in configs.FAMILIES and entries
+
+
+def test_launch_parts_name_what_each_launch_writes():
+    """The tangent backward's launch parts: every output written exactly once; a dQ partial is written
+    before the launch that adds it; a split config is named by its tag and parsed back."""
+    for parts in configs.PARTS.values():
+        for out in ("dk", "dtk", "dv"):
+            assert sum(getattr(p, out) for p in parts.key_block) == 1, (parts.tag, out)
+        assert sum(p.dq_ds for p in parts.query_block) == sum(p.dq_dts for p in parts.query_block) == 1
+        assert sum(p.dtq for p in parts.query_block) == 1
+        partial = [i for i, p in enumerate(parts.query_block) if p.to_partial]
+        added = [i for i, p in enumerate(parts.query_block) if p.add_partial]
+        assert len(partial) == len(added) and all(i < j for i, j in zip(partial, added))
+    cfg = configs.get_config("jvp_backward_dkdv", 128, 2, "sm90")
+    assert cfg.parts is configs.BY_TERM and str(cfg) == "32x64/w4/s1/split3"
+    for table in (configs.TABLE, configs.ODD_TABLE, configs.FAMILY_TABLE):
+        for entries in table.values():
+            assert all(configs.Config.parse(str(c)) == c for c in entries.values())

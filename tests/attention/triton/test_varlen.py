@@ -1,7 +1,7 @@
 """Packed attention on the "triton" backend (the varlen_* launchers) in Triton's CPU interpreter.
 
 Same checks as tests/attention/test_varlen.py (O, tO and the six gradients of a loss on both outputs
-against the float64 per-sequence reference, within tests.reference.TOLERANCE) with the backend named
+against the float64 per-sequence reference, within tests.numerics.TOLERANCE) with the backend named
 explicitly on CPU tensors under TRITON_INTERPRET=1 (see conftest.py), plus the launchers' row statistics
 against the blockwise ones.
 """
@@ -12,7 +12,7 @@ from flowmap_kernels.attention import varlen_blockwise
 from flowmap_kernels.attention.varlen_registry import ATTENTION_VARLEN, triton_launcher_module
 import flowmap_kernels as fk
 from tests.attention.test_varlen import CASES, NAMES, PATHS, _args, _check, reference
-from tests.reference import TOLERANCE, rel_err
+from tests.numerics import TOLERANCE, rel_err
 
 pytestmark = [pytest.mark.interpreter,
               pytest.mark.skipif(triton_launcher_module() is None, reason="no Triton varlen launchers")]
