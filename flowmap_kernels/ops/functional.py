@@ -122,7 +122,7 @@ def _run(op: _RowOp, operands: tuple, options: tuple = (), kwargs: Optional[dict
     x = operands[0]
     op.check_x(x)
     name = _resolve(op.registry, x)
-    if name == "naive" or _compiled_forward_mode():
+    if name == "naive" or _compiled_forward_mode() or x.numel() == 0:  # (empty: nothing for a kernel to do)
         op.make_problem(*operands, *options, op.registry, "torch")
         return op.naive(*operands, **(kwargs or {}))
     primals, tangents = unpack_duals(*operands)
@@ -140,7 +140,7 @@ def _run_jvp(op: _RowOp, operands: tuple, tangents: tuple, options: tuple = (), 
     op.check_x(x)
     tangents = _check_tangents(operands, tangents, op.operands)
     name = _resolve(op.registry, x)
-    if name == "naive":
+    if name == "naive" or x.numel() == 0:
         op.make_problem(*operands, *options, op.registry, "torch")
         return naive.jvp_of(op.naive, operands, tangents, **(kwargs or {}))
     problem = op.make_problem(*operands, *options, op.registry, name)

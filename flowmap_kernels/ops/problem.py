@@ -228,7 +228,7 @@ def make_gated_residual_problem(x, gate, y, registry, backend: str) -> Elementwi
         raise ValueError(f"y: expected x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     check_broadcast("gate", gate, x)
     layout = OperandLayout.of(gate, x)
-    R = x.numel() // x.shape[-1]  # (a last dim of size 0 raises ZeroDivisionError, as it always has)
+    R = _rows(x)
     return ElementwiseProblem(layout, tuple(x.shape), R, rows_per_chunk(registry, backend, x, (layout,)), backend)
 
 

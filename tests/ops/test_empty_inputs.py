@@ -27,3 +27,20 @@ def test_empty_batch(name, fn):
         assert resolve(name, x) == "torch"
         with pytest.raises(BackendUnavailableError, match="empty input"), fk.use_backend("extension"):
             fn(x)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("gelu_tanh", lambda x: gelu_tanh(x)),
+    ("gated_residual", lambda x: gated_residual(x, torch.ones(2, 1, 0), x)),
+])
+def test_zero_channels_of_elementwise_ops_give_empty_results(name, fn):
+    """gelu_tanh / gated_residual are elementwise: a last dim of size 0 is an empty input like any other
+    (the norms, which divide by C, refuse it with a named error)."""
+    x = torch.randn(2, 3, 0, requires_grad=True)
+    y, ty = torch.func.jvp(fn, (x,), (torch.randn_like(x),))
+    (y.sum() + ty.square().sum()).backward()
+    assert y.shape == x.shape and ty.shape == x.shape and x.grad.shape == x.shape
+    with pytest.raises(ValueError, match=r"gate: shape \(2, 5, 0\) is not broadcastable"):
+        gated_residual(x, torch.ones(2, 5, 0), x)
+    with pytest.raises(ValueError, match="expected at least one channel"):
+        rms_norm(x)
