@@ -9,7 +9,7 @@ Deterministic: a fixed loop order and no atomics.
 Kernel signatures (shared with the Triton backend):
     forward(q, k, v, mask, causal, scale)                     -> o, lse
     backward(q, k, v, o, lse, do, mask, causal, scale)        -> dq, dk, dv
-    jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale)     -> o, to, lse, mu
+    jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale, tangent_dtype=None) -> o, to, lse, mu
     jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
                                                               -> dq, dk, dv, dtq, dtk, dtv
 lse and mu are (B, Hq, Lq) in the accumulation dtype (float64 for float64 inputs, else float32); do or dto

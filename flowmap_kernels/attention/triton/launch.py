@@ -6,7 +6,7 @@ which is the exact PyTorch version of every kernel):
 
     forward(q, k, v, mask, causal, scale)                     -> o, lse
     backward(q, k, v, o, lse, do, mask, causal, scale)        -> dq, dk, dv
-    jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale)     -> o, to, lse, mu
+    jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale, tangent_dtype=None) -> o, to, lse, mu
     jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
                                                               -> dq, dk, dv, dtq, dtk, dtv
 
