@@ -49,9 +49,8 @@ def attention_jvp_forward(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tenso
                           backend: str, tangent_fp32: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """O, tO, row log-sum-exp and row mu = rowsum(P * tS) (the last two in the accumulation dtype); tO in
     float32 with ``tangent_fp32`` (16-bit inputs), else in the inputs' dtype."""
-    if tangent_fp32:
-        return _impl(backend).jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale, tangent_dtype=torch.float32)
-    return _impl(backend).jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale)
+    return _impl(backend).jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale,
+                                      tangent_dtype=torch.float32 if tangent_fp32 else None)
 
 
 @torch.library.custom_op(f"{_LIB}::attention_jvp_backward", mutates_args=())

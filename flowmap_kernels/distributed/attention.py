@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .._autodiff import make_dual, unpack_duals, zeros_if_none
 from ..attention import ATTENTION, make_problem
 from .comm import all_gather_lengths, layout_from_lengths, world_and_rank
 from .ring import RingAttentionFunction, RingAttentionJVPFunction, RingSpec
@@ -111,12 +112,11 @@ def context_parallel_attention(q, k, v, attn_mask=None, is_causal=False, scale=N
     and torch.autograd.forward_ad with a differentiable tangent; gradients reach q, k, v. Every rank of
     ``group`` must call it with the same options.
     """
-    duals = [fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else None for x in (q, k, v)]
-    if all(d is not None for d in duals) and any(d.tangent is not None for d in duals):
-        primals = [d.primal for d in duals]
-        tangents = [torch.zeros_like(d.primal) if d.tangent is None else d.tangent for d in duals]
+    primals, tangents = unpack_duals(q, k, v)
+    if all(isinstance(x, torch.Tensor) for x in (q, k, v)) and any(t is not None for t in tangents):
+        tangents = [zeros_if_none(t, p) for t, p in zip(tangents, primals)]
         o, to = _run(*primals, *tangents, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance)
-        return fwAD.make_dual(o, to)
+        return make_dual(o, to)
     return _run(q, k, v, None, None, None, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance)
 
 
@@ -127,5 +127,5 @@ def context_parallel_attention_jvp(q, k, v, tq, tk, tv, attn_mask=None, is_causa
     the shape of its primal shard; differentiable with respect to all six inputs.
     tO = tP V + P tV, tP = P * (tS - rowsum(P * tS)), tS = scale (tQ K^T + Q tK^T).
     """
-    tq, tk, tv = (torch.zeros_like(x) if t is None else t for x, t in zip((q, k, v), (tq, tk, tv)))
+    tq, tk, tv = (zeros_if_none(t, x) for x, t in zip((q, k, v), (tq, tk, tv)))
     return _run(q, k, v, tq, tk, tv, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance)

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._autodiff import acc_dtype
 from ..attention import kernels
 from .comm import RingExchange, SequenceLayout
 
@@ -48,10 +49,6 @@ class RingSpec:
     backend: str
     mask_rows: bool = False
     mask_cols: bool = False
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block_pairs(spec: RingSpec, src: int, mask: Optional[torch.Tensor], device):
@@ -111,7 +108,7 @@ def _shape_with_len(x, n):
 def ring_forward(q, k, v, tq, tk, tv, mask, spec: RingSpec):
     """(O, tO, lse, mu) over all keys of the group; tangents None -> primal only (tO, mu None)."""
     with_tangent = tq is not None
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     B, Hq, Lq = q.shape[:3]
     Dv = v.shape[-1]
     o = torch.zeros(B, Hq, Lq, Dv, dtype=acc, device=q.device)
@@ -158,7 +155,7 @@ def ring_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, spec: Ring
     the accumulators of its own block come home.
     """
     tangent = dto is not None
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     W, r = spec.world, spec.rank
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dtq = torch.zeros_like(dq) if tangent else None

@@ -18,10 +18,11 @@ FLOP, so the lookup returns :data:`INTERPRETER_CONFIG` (large tiles) unless a te
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
+from ..._autodiff import triton_interpreter
 
 KERNELS = ("forward", "jvp_forward", "backward_dkdv", "backward_dq", "jvp_backward_dkdv", "jvp_backward_dq")
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
@@ -273,10 +274,6 @@ PREP_CONFIG = Config(32, 16, 4, 1)
 _override: list = []
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def head_dim_bucket(head_dim: int, v_head_dim: Optional[int] = None) -> int:
     """The padded (power-of-two, >= 16) head dim a kernel tiles with."""
     d = max(head_dim, v_head_dim or head_dim, 16)
@@ -312,7 +309,7 @@ def arch_family(capability) -> str:
 
 def current_arch(device=None) -> str:
     """Arch family of a CUDA device ("interpret" in Triton's CPU interpreter)."""
-    if interpreting():
+    if triton_interpreter():
         return "interpret"
     import torch
     return arch_family(torch.cuda.get_device_capability(device))

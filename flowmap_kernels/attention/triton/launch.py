@@ -40,6 +40,7 @@ from typing import Any, Optional
 import torch
 import triton
 
+from ..._autodiff import triton_interpreter
 from . import configs, kernels
 
 
@@ -206,7 +207,7 @@ class Plan:
         self.device = q.device
         self.esize = q.element_size()
         if arch is None:
-            arch = configs.current_arch(q.device) if q.device.type == "cuda" or configs.interpreting() else "sm90"
+            arch = configs.current_arch(q.device) if q.device.type == "cuda" or triton_interpreter() else "sm90"
         self.arch = arch
         self.kernels = kernels if jit is None else jit
         self.block_d = max(16, triton.next_power_of_2(self.D))
