@@ -56,12 +56,15 @@ def evaluate(method, ds, model, ema_model, out: Path, cfg, device, losses) -> di
         res.update(metric="fd", baseline_noise=frechet_distance(pixel_noise.numpy(), ref.numpy()),
                    data_vs_data=frechet_distance(fresh.numpy(), ref.numpy()))
         from .. import digits
-        res["fd_features"] = {"baseline_noise": digits.frechet_features(pixel_noise, ref),
-                              "data_vs_data": digits.frechet_features(fresh, ref)}
+        ref_features = digits.features(ref)  # extracted once: every feature distance is to this reference
+
+        def fd_features(x):
+            return frechet_distance(digits.features(x), ref_features)
+        res["fd_features"] = {"baseline_noise": fd_features(pixel_noise), "data_vs_data": fd_features(fresh)}
         if ds.decode is not None:  # what the autoencoder alone costs: its reconstructions of fresh data
             recon = ds.decode(ds.sample(2000, generator=g))
             res["autoencoder_floor"] = {"fd": frechet_distance(recon.numpy(), ref.numpy()),
-                                        "fd_features": digits.frechet_features(recon, ref)}
+                                        "fd_features": fd_features(recon)}
     ncls = ds.num_classes if cfg.cond else None
     cond = (torch.arange(noise.shape[0]) % ncls).to(device) if ncls else None
     metric = sliced_wasserstein if ds.kind == "2d" else frechet_distance
@@ -79,7 +82,7 @@ def evaluate(method, ds, model, ema_model, out: Path, cfg, device, losses) -> di
             if name == "ema" and ds.name in SUPPORT_DATASETS:
                 entry["in_support_ema"] = in_support_fraction(x.numpy(), ds.name)
             if name == "ema" and ds.kind != "2d":
-                entry["fd_features_ema"] = digits.frechet_features(x, ref)
+                entry["fd_features_ema"] = fd_features(x)
             if name == "ema" and cond is not None and (ds.pixels or ds.name) in CLASS_DATASETS:
                 ca = class_accuracy(x.numpy(), cond.cpu().numpy(), ds.pixels or ds.name)
                 entry["class_accuracy_ema"] = ca["accuracy"]
