@@ -1,4 +1,4 @@
-"""Context parallelism for a diffusers DiT through DiffusersFlowMap, on 2 gloo processes against one process.
+"""Context parallelism for a diffusers DiT through DiffusersFlowMap, on 2 and 4 gloo processes against one process.
 
 ``context_parallel(flowmap, group, mode, load_balance)`` shards the tokens after diffusers' patch embedding,
 routes the attention processors to context_parallel_attention and gathers after the output projection.
@@ -69,8 +69,9 @@ def _cp_matches_one_process(rank, world):
                 torch.full((2,), 0.5, dtype=torch.float64))
     y = torch.tensor([3, 7])
     out = {}
+    heads = max(2, world)  # Ulysses splits the heads over the group
     for mode, lb, ckpt in CONFIGS:
-        fm = _flowmap()
+        fm = _flowmap(heads=heads)
         if ckpt:
             checkpoint_transformer_blocks(fm, "blocks")
         v0, tv0, g0 = _run(fm, x, s, t, y, tangents)
@@ -93,9 +94,9 @@ def _cp_matches_one_process(rank, world):
         errs["restored"] = float(all(type(m.processor) is FlowmapAttnProcessor for m in tr.modules()
                                      if hasattr(m, "processor"))
                                  and not tr.pos_embed._forward_hooks and not tr.proj_out_2._forward_hooks)
-        errs["local_tokens"] = local_tokens[0]  # 25 tokens over 2 ranks: 13 on rank 0 (12 + 1 with lb)
+        errs["local_tokens"] = local_tokens[0]  # rank 0's share of the 25 tokens (the same with lb)
         out[(mode, lb, ckpt)] = errs
-    return dict(cp=out, errors=_error_checks(rank, world))
+    return dict(cp=out, errors=_error_checks(rank, world) if world == 2 else None)
 
 
 def _error_checks(rank, world):
@@ -136,12 +137,13 @@ def world2(tmp_path_factory):
     return spawn(_cp_matches_one_process, 2, tmp_path_factory.mktemp("cp_diffusers"))
 
 
-def test_diffusers_flowmap_context_parallel_matches_one_process(world2):
-    res = world2["cp"]
+@pytest.mark.parametrize("world, rank0_tokens", [(2, 13), (4, 7)])
+def test_diffusers_flowmap_context_parallel_matches_one_process(world, rank0_tokens, world2, tmp_path):
+    res = (world2 if world == 2 else spawn(_cp_matches_one_process, world, tmp_path))["cp"]
     assert set(res) == set(CONFIGS)
     for key, errs in res.items():
         assert errs["restored"] == 1.0, key
-        assert errs["local_tokens"] == 13, (key, errs)
+        assert errs["local_tokens"] == rank0_tokens, (key, errs)  # 25 tokens: 13 / 12, or 7 / 6 / 6 / 6
         assert max(errs["v"], errs["tv"], errs["grads"], errs["grad_each"]) < TOL, (key, errs)
 
 
