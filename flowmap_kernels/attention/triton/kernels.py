@@ -233,12 +233,15 @@ def _attn_fwd(
             r_i = r_i * alpha + tl.sum(pts, 1)
             shift_new = tl.where(l_i > 0.0, r_i / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
             tacc = tacc * alpha[:, None] + (shift - shift_new)[:, None] * acc
-            tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
+            # (tV is loaded after the first product: earlier, its tile is live across it and D=72/256 spill more)
             if TANGENT_FP32:  # a float32 tO: the probabilities enter the products in two 16-bit parts
                 tacc += _dot_split(pts - p * shift_new[:, None], v, PREC)
-                tacc += _dot_split(p, tv, PREC)
             else:
                 tacc += tl.dot((pts - p * shift_new[:, None]).to(dt), v, input_precision=PREC)
+            tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
+            if TANGENT_FP32:
+                tacc += _dot_split(p, tv, PREC)
+            else:
                 tacc += tl.dot(p.to(dt), tv, input_precision=PREC)
             shift = shift_new
         if TANGENT_FP32:  # (acc enters tO through the shift term: as accurate as the tangent products)
