@@ -112,6 +112,7 @@ def _rank_main(rank, world, store, out, cfg):
         dist.all_gather_object(gathered, rows)
         if rank == 0:
             torch.save([row for part in gathered for row in part], out)
+        dist.barrier()  # no rank tears its gloo pairs down while a peer still reads from them
     finally:
         dist.destroy_process_group()
 
