@@ -1,7 +1,8 @@
 """GPU benchmark of the Triton attention kernels against PyTorch SDPA (needs a CUDA GPU).
 
     python benchmarks/bench_attention_gpu.py [--n 1024 2048 ... 32768] [--d 64 128] [--dtypes fp16 bf16]
-                                             [--heads 16] [--tokens 32768] [--causal] [--out results/attn]
+                                             [--heads 16] [--tokens 32768] [--causal] [--deterministic]
+                                             [--out results/attn]
 
 Times (triton.testing.do_bench, median of its repetitions, milliseconds) for each (N, D, dtype):
 
@@ -16,8 +17,10 @@ FLOP counts (non-causal, batch B, heads H; halve them for --causal), algorithmic
   forward+JVP                12 B H N^2 D        (3x forward: 6 products)
   backward through (O, tO)   24 B H N^2 D        (12 products)
 Executed FLOPs count the products each implementation really runs, recomputation included: FlashAttention-2's
-backward runs 5 products (2.5x its forward), ours 7; our backward through (O, tO) runs 21 products per tile
-for 16-bit head dims <= 64 and 28 otherwise (docs/math.md section 1: the minimum is 15).
+backward runs 5 products (2.5x its forward), ours too (the one-pass backward, dQ by atomics); our backward
+through (O, tO) runs 15 products per tile for 16-bit head dims <= 64 (the minimum, docs/math.md section 1)
+and 20 otherwise (three launches, two recomputing S and tS). Under --deterministic
+(torch.use_deterministic_algorithms: dQ in a pass of its own) they are 7, and 21 / 28.
 TFLOP/s = FLOPs / time, both ways (tflops: algorithmic, tflops_executed). Batch B = max(1, tokens // N).
 The GPU (nvidia-ml-py), torch and triton versions are recorded with every row; results go to <out>.csv and <out>.json.
 
@@ -33,12 +36,16 @@ from pathlib import Path
 FLOP_FACTOR = {"forward": 4, "backward": 8, "jvp_forward": 12, "jvp_backward": 24}
 
 
-def executed_factor(impl: str, kind: str, d: int, dtype_name: str) -> int:
-    """FLOPs / (B H N^2 D) that ``impl`` executes for pass ``kind`` (2 per matrix product per tile)."""
+def executed_factor(impl: str, kind: str, d: int, dtype_name: str, deterministic: bool = False) -> int:
+    """FLOPs / (B H N^2 D) that ``impl`` executes for pass ``kind`` (2 per matrix product per tile; the
+    products per tile of the compile report, docs/triton.md)."""
+    small = dtype_name in ("bf16", "fp16") and d <= 64
     if kind == "backward":
-        return 10 if impl.startswith("sdpa") else 14  # FA2: 5 products; ours: dQ in a second pass, 7
+        return 14 if impl == "triton" and deterministic else 10  # FA2 and the one-pass backward: 5 products
     if kind == "jvp_backward" and impl == "triton":
-        return 42 if dtype_name in ("bf16", "fp16") and d <= 64 else 56
+        if deterministic:
+            return 42 if small else 56
+        return 30 if small else 40
     return FLOP_FACTOR[kind]
 
 
@@ -47,7 +54,7 @@ def _bench(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac):
+def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac, deterministic=False):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -67,7 +74,8 @@ def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac):
         unit = B * H * n * n * d * (0.5 if causal else 1.0)
         per_s = (lambda f: f * unit / (ms * 1e-3) / 1e12) if ms else (lambda f: None)
         rows.append(dict(base, impl=impl, pass_=kind, ms=ms, tflops=per_s(FLOP_FACTOR[kind]),
-                         tflops_executed=per_s(executed_factor(impl, kind, d, dtype_name)), note=note))
+                         tflops_executed=per_s(executed_factor(impl, kind, d, dtype_name, deterministic)),
+                         deterministic=deterministic, note=note))
         shown = f"{ms:9.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s" if ms else f"{'-':>9s}    {note}"
         print(f"N={n:6d} D={d:3d} {dtype_name} B={B:3d} H={H:3d} {impl:12s} {kind:13s} {shown}", flush=True)
 
@@ -117,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32768, help="batch = max(1, tokens // N)")
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--math-mem-frac", type=float, default=0.5)
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms(True): the backwards' dQ in a pass of its own")
     ap.add_argument("--out", type=Path, default=Path("results/bench_attention_gpu"))
     a = ap.parse_args(argv)
     try:
@@ -131,10 +141,11 @@ def main(argv=None) -> int:
     out = check_output(a.out)
     meta = metadata("cuda")
     rows = []
+    torch.use_deterministic_algorithms(a.deterministic, warn_only=True)
     for dt in a.dtypes:
         for d in a.d:
             for n in a.n:
-                rows += run_case(n, d, dt, a.heads, a.tokens, a.causal, a.math_mem_frac)
+                rows += run_case(n, d, dt, a.heads, a.tokens, a.causal, a.math_mem_frac, a.deterministic)
     for r in rows:
         r["gpu"] = meta.get("gpu_name", meta.get("cuda_device_name"))
     write_results(rows, out, meta=meta)

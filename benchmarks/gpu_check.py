@@ -54,7 +54,8 @@ def _reference(q, k, v, mask, causal, gqa):
 
 
 def correctness(dtypes) -> list:
-    """One record per (case, dtype): relative errors of O, tO and the six gradients against float64."""
+    """One record per (case, dtype): relative errors of O, tO and the six gradients against float64, the
+    gradients by both backward modes (one pass with atomics; deterministic)."""
     import flowmap_kernels as fk
     rows = []
     dev = "cuda"
@@ -80,14 +81,21 @@ def correctness(dtypes) -> list:
             xs = [x.to(dt).requires_grad_() for x in (q64, k64, v64, *t64)]
             with fk.use_backend("triton"):
                 o, to = fk.attention_jvp(*xs, attn_mask=m, is_causal=causal, enable_gqa=Hq != Hkv)
-            grads = torch.autograd.grad((o, to), xs, (do64.to(dt), dto64.to(dt)))
+            grads = torch.autograd.grad((o, to), xs, (do64.to(dt), dto64.to(dt)), retain_graph=True)
+            torch.use_deterministic_algorithms(True)  # the two-pass backward (dQ without atomics)
+            try:
+                det_grads = torch.autograd.grad((o, to), xs, (do64.to(dt), dto64.to(dt)))
+            finally:
+                torch.use_deterministic_algorithms(False)
             ref_in = [x.detach().double().requires_grad_() for x in xs]
             m64 = m if m is None or m.dtype == torch.bool else m.double()
             ro, rto = torch.func.jvp(lambda a, b, c: _reference(a, b, c, m64, causal, Hq != Hkv),
                                      tuple(ref_in[:3]), tuple(ref_in[3:]))
             rgrads = torch.autograd.grad((ro, rto), ref_in, (do64, dto64))
             errs = {"O": _rel(o, ro), "tO": _rel(to, rto)}
-            errs.update({f"d{n}": _rel(a, b) for n, a, b in zip(("q", "k", "v", "tq", "tk", "tv"), grads, rgrads)})
+            names = ("q", "k", "v", "tq", "tk", "tv")
+            errs.update({f"d{n}": _rel(a, b) for n, a, b in zip(names, grads, rgrads)})
+            errs.update({f"d{n} (deterministic)": _rel(a, b) for n, a, b in zip(names, det_grads, rgrads)})
             worst = max(errs.values())
             ok = math.isfinite(worst) and worst < TOLERANCE[dt_name]
             rows.append(dict(case=name, dtype=dt_name, worst=worst, ok=ok, **errs))

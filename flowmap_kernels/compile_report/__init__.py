@@ -58,14 +58,20 @@ def _default_cache() -> Path:
 # ---- static performance report: products per pass and a first-order time model (an ESTIMATE) ----------
 
 #: Passes and their launches (base kernel names; the row pre-passes have no matrix products).
-PASSES = {"forward": ("forward",), "backward": ("backward_prep", "backward_dkdv", "backward_dq"),
+#: The backwards run the one-pass kernels (dQ by atomics) by default and the ``*_deterministic`` passes
+#: under torch.use_deterministic_algorithms(True); the row pre-pass (no products) is counted with the former.
+PASSES = {"forward": ("forward",), "backward": ("backward_prep", "backward_atomic"),
+          "backward_deterministic": ("backward_dkdv", "backward_dq"),
           "jvp_forward": ("jvp_forward",),
-          "jvp_backward": ("jvp_backward_prep", "jvp_backward_dkdv", "jvp_backward_dq")}
+          "jvp_backward": ("jvp_backward_prep", "jvp_backward_atomic"),
+          "jvp_backward_deterministic": ("jvp_backward_dkdv", "jvp_backward_dq")}
 #: The mathematical minimum of matrix products per (query block x key block) tile (docs/math.md section 1).
-MINIMUM_PRODUCTS = {"forward": 2, "backward": 5, "jvp_forward": 6, "jvp_backward": 15}
+MINIMUM_PRODUCTS = {"forward": 2, "backward": 5, "backward_deterministic": 5, "jvp_forward": 6,
+                    "jvp_backward": 15, "jvp_backward_deterministic": 15}
 #: FlashAttention-2's products per tile and the pass it is compared with (forward-type / backward-type).
 FA2_PRODUCTS = {"forward": 2, "backward": 5}
-FA2_PASS = {"forward": "forward", "jvp_forward": "forward", "backward": "backward", "jvp_backward": "backward"}
+FA2_PASS = {"forward": "forward", "jvp_forward": "forward", "backward": "backward", "jvp_backward": "backward",
+            "backward_deterministic": "backward", "jvp_backward_deterministic": "backward"}
 
 #: The time model's assumptions (docs/triton.md, "Static performance report"). Only sm_90a (H100 SXM5) is
 #: modelled, where both figures below were measured by the same paper (arXiv:2407.08608, its forward and
@@ -124,7 +130,11 @@ def launch_efficiency(rec: dict) -> Optional[dict]:
 
 
 def pass_of(kernel: str) -> str:
-    """The pass ("forward", "backward", "jvp_forward", "jvp_backward") a launch belongs to."""
+    """The pass (a key of :data:`PASSES`) a launch (``jvp_backward_dkdv[dk]``, ...) belongs to."""
+    base = kernel.split("[")[0]
+    for name, kernels in PASSES.items():
+        if base in kernels:
+            return name
     return family(kernel)
 
 

@@ -40,8 +40,10 @@ def _targets() -> tuple:
 ARCHS, SHARED_LIMIT = _targets()
 DEFAULT_HEAD_DIMS = (16, 32, 48, 64, 72, 80, 96, 128, 256)
 DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-TRITON_KERNELS = ("forward", "jvp_forward", "backward_prep", "backward_dkdv", "backward_dq",
-                  "jvp_backward_prep", "jvp_backward_dkdv", "jvp_backward_dq")
+TRITON_KERNELS = ("forward", "jvp_forward", "backward_prep", "backward_atomic", "backward_dkdv", "backward_dq",
+                  "jvp_backward_prep", "jvp_backward_atomic", "jvp_backward_dkdv", "jvp_backward_dq")
+#: Kernels of the deterministic backward (torch.use_deterministic_algorithms(True)): dQ in a pass of its own.
+DETERMINISTIC_KERNELS = ("backward_dkdv", "backward_dq", "jvp_backward_dkdv", "jvp_backward_dq")
 
 
 def family(kernel: str) -> str:
@@ -127,22 +129,25 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
     B, H, L, D = 1, 2, length, head_dim
     q, k, v, tq, tk, tv, do, dto = (torch.empty(B, H, L, D, dtype=dt) for _ in range(8))
 
-    def plan():
-        return launch.Plan(q, k, v, None, False, D ** -0.5, arch=arch_family, jit=_aot_module())
+    def plan(deterministic):
+        return launch.Plan(q, k, v, None, False, D ** -0.5, arch=arch_family, jit=_aot_module(),
+                           deterministic=deterministic)
 
     passes: dict = {}
     out = []
     for kernel in kernels:
-        name = family(kernel)
-        if name not in passes:
+        name, deterministic = family(kernel), kernel in DETERMINISTIC_KERNELS
+        if (name, deterministic) not in passes:
             tangents = (tq, tk, tv) if name.startswith("jvp") else ()
-            (o, to, lse, mu), fwd = launch.forward_launches(plan(), q, k, v, *tangents)
+            (o, to, lse, mu), fwd = launch.forward_launches(plan(False), q, k, v, *tangents)
             if name.endswith("forward"):
-                passes[name] = fwd
+                passes[name, deterministic] = fwd
             else:
-                passes[name] = launch.backward_launches(plan(), q, k, v, *(tangents or (None,) * 3), o, to, lse, mu,
-                                                        do, dto if tangents else None)[1]
-        out += [ln for ln in passes[name] if ln.name.split("[")[0] == kernel]
+                passes[name, deterministic] = launch.backward_launches(
+                    plan(deterministic), q, k, v, *(tangents or (None,) * 3), o, to, lse, mu, do,
+                    dto if tangents else None)[1]
+        out += [ln for ln in passes[name, deterministic] if ln.name.split("[")[0] == kernel
+                and isinstance(ln, launch.Launch)]
     return out
 
 

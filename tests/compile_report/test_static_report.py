@@ -163,27 +163,34 @@ def test_summaries_sum_launches_and_predict_against_fa2():
     fa2 = cr.MODEL["sm_90a"]["fa2"]
     recs = [_rec("forward", 2, {"m64n64k16": 16}, 1),
             _rec("backward_prep", 0, {}, None, mma="none"),
+            _rec("backward_atomic", 5, {"m64n64k16": 20}, 2),
             _rec("backward_dkdv", 4, {"m64n64k16": 16}, 2),
             _rec("backward_dq", 3, {"m64n16k16": 12}, 3),
             _rec("jvp_forward", 6, {"m64n64k16": 24}, 4, dtype="fp16")]
     rows = {(s["pass"], s["dtype"]): s for s in cr.summaries(recs)}
-    assert set(rows) == {("forward", "bf16"), ("backward", "bf16"), ("jvp_forward", "fp16")}
+    assert set(rows) == {("forward", "bf16"), ("backward", "bf16"), ("backward_deterministic", "bf16"),
+                         ("jvp_forward", "fp16")}
     f = rows[("forward", "bf16")]
     assert (f["products"], f["minimum_products"], f["complete"]) == (2, 2, True)
     ref = cr.MODEL["sm_90a"]["triton_reference"]
     assert f["predicted_ratio_fa2"] == pytest.approx((2 / ref) / (2 / fa2["forward"]), abs=1e-3)
-    b = rows[("backward", "bf16")]
-    assert (b["products"], b["minimum_products"]) == (7, 5)
-    assert b["products_by_launch"] == {"backward_prep": 0, "backward_dkdv": 4, "backward_dq": 3}
+    b = rows[("backward", "bf16")]  # the one-pass backward (dQ by atomics) with its row pre-pass
+    assert (b["products"], b["minimum_products"]) == (5, 5)
+    assert b["products_by_launch"] == {"backward_prep": 0, "backward_atomic": 5}
+    assert b["predicted_ratio_fa2"] == pytest.approx((5 / ref) / (5 / fa2["backward"]), abs=1e-3)
+    d = rows[("backward_deterministic", "bf16")]
+    assert (d["products"], d["minimum_products"]) == (7, 5)
+    assert d["products_by_launch"] == {"backward_dkdv": 4, "backward_dq": 3}
     t = 4 / ref + 3 / (ref * 0.25 * 0.5)
-    assert b["predicted_ratio_fa2"] == pytest.approx(t / (5 / fa2["backward"]), abs=1e-3)
+    assert d["predicted_ratio_fa2"] == pytest.approx(t / (5 / fa2["backward"]), abs=1e-3)
     j = rows[("jvp_forward", "fp16")]
     assert j["minimum_products"] == 6
     assert j["predicted_ratio_fa2"] == pytest.approx((6 / (ref * 0.75)) / (2 / fa2["forward"]), abs=1e-3)
     # a pass with a launch missing is partial and not predicted
     part = cr.summaries([_rec("backward_dkdv", 4, {"m64n64k16": 16}, 2)])[0]
     assert not part["complete"] and part["predicted_ratio_fa2"] is None
-    assert cr.MINIMUM_PRODUCTS == {"forward": 2, "backward": 5, "jvp_forward": 6, "jvp_backward": 15}
+    assert cr.MINIMUM_PRODUCTS == {"forward": 2, "backward": 5, "backward_deterministic": 5, "jvp_forward": 6,
+                                   "jvp_backward": 15, "jvp_backward_deterministic": 15}
     assert "ESTIMATE" in cr.format_summary(cr.summaries(recs))
 
 
@@ -204,6 +211,16 @@ def test_real_compile_counts(sm90_records):
         for r in (by[("forward", d)], by[("backward_dq", d)]):
             assert (r["num_warps"], r["num_stages"]) == (int(r["config"].split("/w")[1].split("/")[0]),
                                                         int(r["config"].split("/s")[1].split("/")[0]))
+    # the one-pass backwards at the mathematical minimum: 5 products per tile (primal), 15 with tangents at
+    # D = 64 (one launch); at D = 128 the tangent one splits in three launches (20 products, spill-free)
+    assert by[("backward_atomic", 64)]["products_per_tile"] == by[("backward_atomic", 128)]["products_per_tile"] == 5
+    assert by[("jvp_backward_atomic", 64)]["products_per_tile"] == 15
+    assert sum(r["products_per_tile"] for (k, d), r in by.items() if k.startswith("jvp_backward_atomic[")
+               and d == 128) == 20
+    # every one-pass launch pipelines its key loop (num_stages >= 2, asynchronous copies)
+    for r in sm90_records:
+        if r["kernel"].split("[")[0] in ("backward_atomic", "jvp_backward_atomic"):
+            assert r["num_stages"] >= 2 and r["async_loads"], r
     assert all(r["shipped"] for r in sm90_records)
 
 
@@ -216,7 +233,7 @@ def test_real_compile_pass_summary(sm90_records):
         assert s["products"] >= s["minimum_products"], s  # recorded, not a target: see the printed table
         assert s["predicted_ratio_fa2"] is not None and s["predicted_ratio_fa2"] > 0
         assert s["products"] == sum(s["products_by_launch"].values())
-        if s["pass"] in ("forward", "jvp_forward"):
+        if s["pass"] in ("forward", "jvp_forward", "backward") or (s["pass"] == "jvp_backward" and s["head_dim"] == 64):
             assert s["products"] == s["minimum_products"]
 
 

@@ -1,8 +1,9 @@
 """Launch configurations of the Triton attention kernels: one visible table, one lookup function.
 
 Every kernel launch takes its tile sizes from :func:`get_config`. The table is keyed by kernel name
-(``forward``, ``jvp_forward``, ``backward_dkdv``, ``backward_dq``, ``jvp_backward_dkdv``,
-``jvp_backward_dq``; the row pre-passes use a fixed small config), by the padded head dim bucket
+(``forward``, ``jvp_forward``, the one-pass backwards ``backward_atomic``, ``jvp_backward_atomic`` and
+the deterministic ones ``backward_dkdv``, ``backward_dq``, ``jvp_backward_dkdv``, ``jvp_backward_dq``; the
+row pre-passes use a fixed small config), by the padded head dim bucket
 (the power of two >= max(D, Dv, 16): 16, 32, 64, 128, 256; head dims that are not a multiple of 16
 use :data:`ODD_TABLE` where it has an entry), by the element size (2 bytes for
 fp16/bf16, 4 for fp32) and by the tile table of the architecture family (:data:`FAMILIES`: each GPU
@@ -24,7 +25,8 @@ from typing import Iterator, Optional
 
 from ..._autodiff import triton_interpreter
 
-KERNELS = ("forward", "jvp_forward", "backward_dkdv", "backward_dq", "jvp_backward_dkdv", "jvp_backward_dq")
+KERNELS = ("forward", "jvp_forward", "backward_atomic", "backward_dkdv", "backward_dq", "jvp_backward_atomic",
+           "jvp_backward_dkdv", "jvp_backward_dq")
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 
 
@@ -65,15 +67,21 @@ class KeyBlockPart:
 
     ``suffix`` names the launch in the compile report (``jvp_backward_dkdv[dk]``; "" for a launch writing
     all of them); ``dk``, ``dtk``: dK, dtK; ``dv``: dV (and dtV with tangents: they share their products).
+    One-pass backward (:data:`ONE_PASS`): ``dq_ds``, ``dq_dts``, ``dtq`` add dQ's dS K term, dQ's dtS tK
+    term and dtQ to float32 buffers with atomics (the terms of :class:`QueryBlockPart`).
     """
 
     suffix: str
     dk: bool
     dtk: bool
     dv: bool
+    dq_ds: bool = False
+    dq_dts: bool = False
+    dtq: bool = False
 
     def constexprs(self) -> dict:
-        return dict(WANT_DK=self.dk, WANT_DTK=self.dtk, WANT_DV=self.dv)
+        return dict(WANT_DK=self.dk, WANT_DTK=self.dtk, WANT_DV=self.dv, ADD_DQ_DS=self.dq_ds,
+                    ADD_DQ_DTS=self.dq_dts, ADD_DTQ=self.dtq)
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,20 @@ BY_TERM = LaunchParts(
 PRIMAL = LaunchParts("", (KeyBlockPart("", True, False, True),), (QueryBlockPart("", True, False, False),))
 #: Launch parts of the tangent backward by the tag in a config's name.
 PARTS = {p.tag: p for p in (FUSED, BY_OUTPUT, BY_TERM)}
+
+#: The one-pass backward (kernels ``backward_atomic``, ``jvp_backward_atomic``): the key-block launches of a
+#: config's parts, each adding the dQ / dtQ terms whose dS / dtS it holds with atomics; no query-block launch.
+#: With "" (one launch): 15 products per tile with tangents, the mathematical minimum (docs/math.md).
+ONE_PASS = {
+    "": LaunchParts("", (KeyBlockPart("", True, True, True, True, True, True),), ()),
+    "split2": LaunchParts("split2", (KeyBlockPart("dk,dtk,dq,dtq", True, True, False, True, True, True),
+                                     KeyBlockPart("dv,dtv", False, False, True)), ()),
+    "split3": LaunchParts("split3", (KeyBlockPart("dk,dq_ds", True, False, False, True),
+                                     KeyBlockPart("dtk,dtq,dq_dts", False, True, False, False, True, True),
+                                     KeyBlockPart("dv,dtv", False, False, True)), ()),
+}
+#: The primal one-pass backward: dK, dV and dQ's atomics in one launch (5 products per tile, as FlashAttention-2).
+PRIMAL_ONE_PASS = LaunchParts("", (KeyBlockPart("", True, False, True, True),), ())
 
 
 @dataclass(frozen=True)
@@ -248,6 +270,32 @@ FAMILY_TABLE: dict = {
     ("jvp_forward", "sm100"): {(256, 2): C(32, 32, 4, 1)},
     ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1, S3)},
 }
+# The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
+# D = 128 in 16-bit (16x64/w4 at D <= 64: 15 products; 16x64/w4/s2/split3 at D = 80..128: 20) and as shipped
+# in float32, every 16-bit launch pipelined (num_stages 2); D = 72 spills 12 B ([dk,dq_ds], the least tried).
+# sm80 takes the key-block kernels' tiles (mma.sync; spills reported, docs/triton.md).
+TABLE.update({
+    ("backward_atomic", "sm90"): {
+        (16, 2): C(64, 128, 8, 2), (32, 2): C(64, 128, 8, 2), (64, 2): C(64, 128, 8, 2),
+        (128, 2): C(64, 64, 8, 2), (256, 2): C(32, 32, 4, 1),
+        (16, 4): C(16, 64, 4, 2), (32, 4): C(16, 64, 4, 2), (64, 4): C(16, 32, 4, 2),
+        (128, 4): C(32, 32, 4, 1), (256, 4): C(16, 32, 4, 1),
+    },
+    # float32 D = 64: tiles within the 99 KB of the sm86 / sm120 families, which take these
+    ("backward_atomic", "sm80"): {**TABLE[("backward_dkdv", "sm80")], (64, 4): C(32, 32, 4, 2)},
+    ("jvp_backward_atomic", "sm90"): {
+        (16, 2): C(16, 64, 4, 2), (32, 2): C(16, 64, 4, 2), (64, 2): C(16, 64, 4, 2),
+        (128, 2): C(16, 64, 4, 2, S3), (256, 2): C(16, 64, 4, 1, S3),
+        (16, 4): C(16, 64, 4, 2, S3), (32, 4): C(16, 64, 4, 2, S3), (64, 4): C(16, 16, 4, 1, S3),
+        (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
+    },
+    ("jvp_backward_atomic", "sm80"): {**TABLE[("jvp_backward_dkdv", "sm80")], (64, 4): C(32, 32, 4, 1, S3)},
+})
+ODD_TABLE.update({
+    ("backward_atomic", "sm90"): {(128, 2): C(32, 64, 8, 1)},
+    ("jvp_backward_atomic", "sm90"): {(128, 2): C(16, 64, 4, 2, S3)},  # 12 B spill at D = 72
+})
+FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): dict(FAMILY_TABLE[("jvp_backward_dkdv", "sm100")])})
 del C, S2, S3
 
 #: float32 inputs run their products as 3xTF32 (about fp32 accuracy), which holds three times the operand

@@ -19,10 +19,12 @@ units and log2(e) is applied after the max subtraction (finfo.min * log2(e) woul
 logits tS = scale (tQ K^T + Q tK^T) are in natural units. Forward+JVP streams acc += P~V,
 tacc += P~ tV + (P~ * (tS - c)) V around the running mean c = r / l of tS (moving tacc by (c_old - c) acc
 when c moves), r += rowsum(P~ * tS) (fp32), then O = acc / l, mu = r / l, tO = tacc / l (= (A + B) / l -
-mu O without the cancellation). Backwards: key-block-parallel kernels for dK, dV (and dtK, dtV),
-query-block-parallel kernels for dQ (and dtQ), a row pre-pass for delta = rowsum(dO * O),
-c = rowsum(G * O), e = rowsum(G * tO), and with an additive mask a row-statistics pass (row max and 1 / l
-where |lse| is too large for float32 to hold log l next to it); no atomics, deterministic. The primal
+mu O without the cancellation). Backwards: a row pre-pass for delta = rowsum(dO * O),
+c = rowsum(G * O), e = rowsum(G * tO), with an additive mask a row-statistics pass (row max and 1 / l
+where |lse| is too large for float32 to hold log l next to it), then either one key-block-parallel pass
+for dK, dV (and dtK, dtV) that also adds dQ (and dtQ) to float32 buffers with atomics (S, P and tS
+computed once per tile: the default), or, under torch.use_deterministic_algorithms(True), that pass
+without dQ followed by a query-block-parallel pass for dQ (and dtQ): no atomics, bitwise repeatable. The primal
 backward is compiled with TANGENT=False and pays for no tangent term; dO = None compiles with HAS_DO=False.
 Launches run under torch.cuda.device(q.device), with enable_fp_fusion=True pinned, batches split into
 launches of at most 65,535 (CUDA's grid limit on axes 1 and 2), and int64 row offsets (LARGE_OFFSETS)
@@ -71,6 +73,16 @@ def _store_tile(base, x, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOC
         tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None])
     else:
         tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < NCOLS)[None, :])
+
+
+@triton.jit
+def _atomic_add_tile(base, x, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """base[rows, cols] += x (float32 atomics, relaxed: only the sum is read, after the launch)."""
+    ptrs = base + rows[:, None] * s_r + cols[None, :] * s_c
+    if NCOLS == BLOCK_C:
+        tl.atomic_add(ptrs, x, mask=(rows < n_rows)[:, None], sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, mask=(rows < n_rows)[:, None] & (cols < NCOLS)[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -363,16 +375,17 @@ def _attn_row_stats(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, TQ, TK, TV, DO, DTO, LSE, LINV, MU, CONST, CROW, MASK, CU_Q, CU_K, DK, DV_, DTK, DTV,
+    Q, K, V, TQ, TK, TV, DO, DTO, LSE, LINV, MU, CONST, CROW, MASK, CU_Q, CU_K, DK, DV_, DTK, DTV, DQA, DTQA,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     stqb, stqh, stqm, stqd, stkb, stkh, stkn, stkd, stvb, stvh, stvn, stvd,
     sdob, sdoh, sdom, sdod, sgb, sgh, sgm, sgd,
-    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, smb, smh, smm, smn,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, sdqb, sdqh, sdqm, sdqd, smb, smh, smm, smn,
     Hkv, G, Lq, Lk, scale,
     D: tl.constexpr, DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     TANGENT: tl.constexpr, HAS_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
-    WANT_DK: tl.constexpr, WANT_DTK: tl.constexpr, WANT_DV: tl.constexpr, ALIGN: tl.constexpr,
+    WANT_DK: tl.constexpr, WANT_DTK: tl.constexpr, WANT_DV: tl.constexpr,
+    ADD_DQ_DS: tl.constexpr, ADD_DQ_DTS: tl.constexpr, ADD_DTQ: tl.constexpr, ALIGN: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """One program: BLOCK_N keys of one (batch, kv head); loops over its G query heads and the query
@@ -384,6 +397,11 @@ def _attn_bwd_dkdv(
     WANT_DK / WANT_DTK / WANT_DV select the outputs (dV and dtV go together): one launch with all three,
     or split launches that hold fewer fp32 accumulators and resident tiles in registers at large head
     dims, for a few recomputed products (the launch parts of :class:`.configs.LaunchParts`).
+
+    ADD_DQ_DS / ADD_DQ_DTS / ADD_DTQ (the one-pass backward): each tile also adds its share of dQ's
+    dS K term, dQ's dtS tK term and dtQ = dtS K (times scale) to the float32 DQA / DTQA with atomics, from
+    the dS and dtS it already holds: 5 products per tile for the primal backward, 15 with tangents. The
+    query-block kernel is then not launched. ADD_DQ_DS needs WANT_DK (dS); the others need tangents.
     """
     start_n = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1).to(tl.int64)
@@ -408,8 +426,11 @@ def _attn_bwd_dkdv(
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if WANT_DV:
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    tl.static_assert(WANT_DK or not ADD_DQ_DS, "ADD_DQ_DS needs WANT_DK")
+    tl.static_assert(TANGENT or not (ADD_DQ_DTS or ADD_DTQ), "ADD_DQ_DTS / ADD_DTQ need TANGENT")
+    tl.static_assert((WANT_DK or WANT_DTK) or not (ADD_DQ_DTS or ADD_DTQ), "ADD_DQ_DTS / ADD_DTQ need dtS")
     if TANGENT:
-        if WANT_DK or WANT_DV:
+        if WANT_DK or WANT_DV or ADD_DQ_DTS:
             tk = _load_tile(TK + bk * stkb + hk * stkh, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D, ALIGN)
         if WANT_DK:
             tv = _load_tile(TV + bk * stvb + hk * stvh, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
@@ -427,6 +448,8 @@ def _attn_bwd_dkdv(
         q_base = Q + bq * sqb + h * sqh
         do_base = DO + bq * sdob + h * sdoh
         m_base = MASK + b * smb + h * smh
+        dq_base = DQA + bq * sdqb + h * sdqh
+        dtq_base = DTQA + bq * sdqb + h * sdqh
         if TANGENT:
             tq_base = TQ + bq * stqb + h * stqh
             g_base = DTO + bq * sgb + h * sgh
@@ -472,11 +495,24 @@ def _attn_bwd_dkdv(
                         dtk += tl.dot(dtst16, q, input_precision=PREC)
                     if WANT_DK:
                         dpt += tl.dot(tv, tl.trans(gg), input_precision=PREC) + gvc * tsmu
-                        dst = pt * (dpt - const[None, :])
-                        dk += tl.dot(dst.to(dt), q, input_precision=PREC) + tl.dot(dtst16, tq, input_precision=PREC)
+                        dst16 = (pt * (dpt - const[None, :])).to(dt)
+                        dk += tl.dot(dst16, q, input_precision=PREC) + tl.dot(dtst16, tq, input_precision=PREC)
+                    if ADD_DTQ:
+                        _atomic_add_tile(dtq_base, tl.dot(tl.trans(dtst16), k, input_precision=PREC) * scale,
+                                         offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
             elif WANT_DK:
-                dst = pt * (dpt - const[None, :])
-                dk += tl.dot(dst.to(dt), q, input_precision=PREC)
+                dst16 = (pt * (dpt - const[None, :])).to(dt)
+                dk += tl.dot(dst16, q, input_precision=PREC)
+            if ADD_DQ_DS and ADD_DQ_DTS:
+                dqt = tl.dot(tl.trans(dst16), k, input_precision=PREC) + \
+                    tl.dot(tl.trans(dtst16), tk, input_precision=PREC)
+                _atomic_add_tile(dq_base, dqt * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+            elif ADD_DQ_DS:
+                _atomic_add_tile(dq_base, tl.dot(tl.trans(dst16), k, input_precision=PREC) * scale,
+                                 offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+            elif ADD_DQ_DTS:
+                _atomic_add_tile(dq_base, tl.dot(tl.trans(dtst16), tk, input_precision=PREC) * scale,
+                                 offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
     if WANT_DK:
         _store_tile(DK + bk * sdkb + hk * sdkh, dk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D, ALIGN)
     if WANT_DTK:

@@ -27,8 +27,10 @@ return them with its list of :class:`Launch` (kernel, grid, arguments, constexpr
 ``jvp_backward_dkdv[dk]``), in order. The launchers run that list (:meth:`Launch.run`: the tensors' device,
 enable_fp_fusion pinned, batches split into launches of at most 65,535 (CUDA's grid limit on axes 1 and
 2), smaller tiles when the device's limits are hit); the compile report compiles the same list built on
-small CPU tensors. The tangent backward's launches of the key-block and query-block kernels are the
-config's :class:`configs.LaunchParts`.
+small CPU tensors. The backward is one key-block pass that also adds dQ (dtQ) with atomics
+(``configs.ONE_PASS``; :class:`Cast` then converts the float32 dQ), or, when
+``torch.are_deterministic_algorithms_enabled()`` (:attr:`Plan.deterministic`), the key-block pass and a
+query-block pass for dQ; the tangent backward's launches are the config's :class:`configs.LaunchParts`.
 """
 from __future__ import annotations
 
@@ -195,7 +197,8 @@ class Plan:
     interpreter's tiles under TRITON_INTERPRET=1) and the module of @triton.jit kernels it launches
     (``jit``: by default :mod:`.kernels`; the compile report passes a copy loaded with the interpreter off)."""
 
-    def __init__(self, q, k, v, mask, causal, scale, arch: Optional[str] = None, jit=None):
+    def __init__(self, q, k, v, mask, causal, scale, arch: Optional[str] = None, jit=None,
+                 deterministic: Optional[bool] = None):
         _check(q, k, v)
         self.B, self.H, self.Lq, self.D = q.shape
         self.Hkv, self.Lk, self.DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -218,6 +221,9 @@ class Plan:
         self.cu_q = self.cu_k = q  # cumulative offsets (dummies for dense problems)
         self.blocks_q, self.blocks_k = self.Lq, self.Lk  # rows the grid covers per (batch, head)
         self.cu_seqlens = ()
+        # the backward's dQ: atomics in the key-block pass, or (deterministic) a query-block pass of its own
+        self.deterministic = torch.are_deterministic_algorithms_enabled() if deterministic is None \
+            else bool(deterministic)
 
     def new(self, heads: int, rows: int, channels: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """An uninitialised operand in the plan's layout: dense (B, heads, rows, channels), or packed
@@ -292,6 +298,19 @@ class Launch:
     def run(self) -> None:
         _launch(self.kernel, *self.grid, list(self.args), cu_seqlens=self.cu_seqlens, grid_block=self.grid_block,
                 **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclass(frozen=True)
+class Cast:
+    """Not a kernel: ``dst.copy_(src)`` after the launches before it (the one-pass backward's float32 dQ
+    and dtQ into the inputs' dtype)."""
+
+    name: str
+    src: torch.Tensor = field(repr=False)
+    dst: torch.Tensor = field(repr=False)
+
+    def run(self) -> None:
+        self.dst.copy_(self.src)
 
 
 def run(launches) -> None:
@@ -381,17 +400,30 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
         lse = rowmax  # the key-block and query-block kernels read the row max where they read lse
     operands = (q, k, v, tq, tk, tv, do, dto, lse, linv, mu, const, crow)
 
-    cfg = p.config(prefix + "_dkdv")
+    one_pass = not p.deterministic
+    kernel = prefix + ("_atomic" if one_pass else "_dkdv")
+    cfg = p.config(kernel)
+    if one_pass:  # dQ (dtQ) accumulate in float32 across key blocks, zeroed here, cast after the pass
+        parts = configs.ONE_PASS[cfg.parts.tag] if tangent else configs.PRIMAL_ONE_PASS
+        dqa = dq.zero_() if p.dtype == torch.float32 else p.new(p.H, p.Lq, p.D, torch.float32).zero_()
+        dtqa = (dtq.zero_() if p.dtype == torch.float32 else p.new(p.H, p.Lq, p.D, torch.float32).zero_()) \
+            if tangent else dqa
+    else:
+        parts = cfg.parts if tangent else configs.PRIMAL
+        dqa = dtqa = dq  # not written (no ADD_* part)
     if p.Lk > 0:
-        args = (*_bwd_args(p, *operands, (dk, dv, dtk if tangent else dk, dtv if tangent else dv)),
-                *dk.stride(), *dv.stride(), *p.mstrides, p.Hkv, p.G, p.Lq, p.Lk, p.scale)
-        for part in (cfg.parts if tangent else configs.PRIMAL).key_block:
-            launches.append(Launch(prefix + "_dkdv" + (f"[{part.suffix}]" if part.suffix else ""),
+        args = (*_bwd_args(p, *operands, (dk, dv, dtk if tangent else dk, dtv if tangent else dv, dqa, dtqa)),
+                *dk.stride(), *dv.stride(), *dq.stride(), *p.mstrides, p.Hkv, p.G, p.Lq, p.Lk, p.scale)
+        for part in parts.key_block:
+            launches.append(Launch(kernel + (f"[{part.suffix}]" if part.suffix else ""),
                                    p.kernels._attn_bwd_dkdv, (triton.cdiv(p.blocks_k, cfg.block_n), p.Hkv, p.B), args,
                                    p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **part.constexprs(), **flags),
                                    cfg, grid_block="BLOCK_N", cu_seqlens=p.cu_seqlens))
     else:
         dk.zero_(), dv.zero_()
+    if one_pass:
+        launches += [Cast(kernel + "_cast", a, g) for a, g in ((dqa, dq), (dtqa, dtq)) if g is not None and a is not g]
+        return grads, launches
 
     cfg = p.config(prefix + "_dq")
     if p.Lq > 0:

@@ -216,7 +216,78 @@ def test_non_contiguous_inputs():
         assert rel_err(a, b) < 1e-6
 
 
-def test_deterministic_and_dto_none():
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) inside the test (the backward's two-pass dQ)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def _backward_launch_names(dtype, tangent: bool, parts=None) -> list:
+    from flowmap_kernels.attention.triton import launch
+    q, k, v, tq, tk, tv, do, dto, _ = _kernel_inputs(dtype)
+    cm = configs.override(configs.Config(32, 32, 4, 1, parts)) if parts is not None else configs.override(
+        configs.INTERPRETER_CONFIG)
+    with cm:
+        o, to, lse, mu = ta.jvp_forward(q, k, v, tq, tk, tv, None, False, 0.3)
+        _, launches = launch.backward_launches(launch.Plan(q, k, v, None, False, 0.3), q, k, v, tq, tk, tv, o, to,
+                                               lse, mu, do, dto if tangent else None)
+    return [ln.name for ln in launches]
+
+
+def test_one_pass_backward_is_the_default():
+    """Without deterministic algorithms the backward is the row pre-pass, one key-block pass that adds dQ
+    (dtQ) with atomics, and the cast of the float32 dQ (dtQ) to the inputs' dtype: no query-block pass."""
+    assert _backward_launch_names(torch.bfloat16, True) == ["jvp_backward_prep", "jvp_backward_atomic",
+                                                            "jvp_backward_atomic_cast", "jvp_backward_atomic_cast"]
+    assert _backward_launch_names(torch.float32, False) == ["backward_prep", "backward_atomic"]  # dQ in place
+    assert _backward_launch_names(torch.float16, True, configs.BY_TERM) == [
+        "jvp_backward_prep", "jvp_backward_atomic[dk,dq_ds]", "jvp_backward_atomic[dtk,dtq,dq_dts]",
+        "jvp_backward_atomic[dv,dtv]", "jvp_backward_atomic_cast", "jvp_backward_atomic_cast"]
+
+
+def test_deterministic_backward_has_its_query_block_pass(deterministic):
+    assert _backward_launch_names(torch.bfloat16, True) == ["jvp_backward_prep", "jvp_backward_dkdv",
+                                                            "jvp_backward_dq"]
+    assert _backward_launch_names(torch.float32, False) == ["backward_prep", "backward_dkdv", "backward_dq"]
+
+
+@pytest.mark.parametrize("case,dtype", [("D48-L77-gqa-causal", torch.bfloat16), ("D72-200x300-dv40", torch.float32),
+                                        ("D96-33x50-bool", torch.float16)])
+def test_deterministic_mode_against_float64(case, dtype, deterministic):
+    _full_check(CASES[case], dtype, seed=11)
+
+
+def test_deterministic_mode_split_launches(deterministic):
+    with configs.override(configs.Config(32, 32, 4, 1, configs.BY_TERM)):
+        _full_check(CASES["D80-40x90-boolkeys-gqa"], torch.bfloat16, seed=12)
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "deterministic"])
+def test_one_pass_and_deterministic_backwards_agree(mode, request):
+    """Both modes give the same gradients up to float32 summation order (dQ, dtQ: atomics in key-block
+    order vs one query-block loop), and the deterministic mode is bitwise repeatable."""
+    q, k, v, tq, tk, tv, do, dto, m = _kernel_inputs(torch.float32, causal=False, mask="bool_dead_rows", seed=2)
+    o, to, lse, mu = ta.jvp_forward(q, k, v, tq, tk, tv, m, False, 0.3)
+    with configs.override(configs.Config(16, 16, 4, 1)):  # several key blocks add to each dQ row
+        if mode == "deterministic":
+            request.getfixturevalue("deterministic")
+        a = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, m, False, 0.3)
+        b = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, m, False, 0.3)
+        torch.use_deterministic_algorithms(mode == "one_pass")  # the other mode
+        c = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, m, False, 0.3)
+        torch.use_deterministic_algorithms(mode == "deterministic")
+    if mode == "deterministic":
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for x, y in zip(a, c):
+        assert rel_err(x, y) < 1e-6
+    for x, y in zip(a[1:3] + a[4:], c[1:3] + c[4:]):  # dK, dV, dtK, dtV: the same launch in both modes
+        assert torch.equal(x, y)
+
+
+def test_deterministic_and_dto_none(deterministic):
     q, k, v, tq, tk, tv, do, dto, m = _kernel_inputs(torch.float16, mask="bool_dead_rows")
     o, to, lse, mu = ta.jvp_forward(q, k, v, tq, tk, tv, m, False, 0.3)
     a = ta.jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, m, False, 0.3)
