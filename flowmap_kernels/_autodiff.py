@@ -10,6 +10,8 @@
                             kernels, differentiable (create_graph=True, torch.func.grad over jvp, jacrev of
                             jacrev, forward-over-reverse) through a recomputation in the naive math that runs
                             only when a second derivative is actually taken.
+``float32_tangents``        float32 tangents of float16/bfloat16 primals; ``widened_jvp`` runs an explicit JVP
+                            on them in float32 (y back in the primals' dtype, ty float32).
 """
 from __future__ import annotations
 
@@ -209,3 +211,25 @@ def differentiable_backward(fused: Callable, naive: Callable, primals: Sequence,
         raise ValueError(f"differentiable_backward: at most {_SLOTS} tensors, got {len(tensors)}")
     rule = _BackwardRule(fused, naive, len(primals), len(cotangents), len(tensors))
     return FusedBackward.apply(rule, *tensors, *(None,) * (_SLOTS - len(tensors)))
+
+
+# ---- float32 tangents of 16-bit primals ------------------------------------------------------------------
+
+SIXTEEN_BIT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def float32_tangents(primal: torch.Tensor, tangents) -> bool:
+    """Whether float32 tangents come with a float16/bfloat16 primal (the float32-tangent path of the
+    ``*_jvp`` ops and of attention_jvp)."""
+    return primal.dtype in SIXTEEN_BIT_DTYPES and any(
+        isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in tangents)
+
+
+def widened_jvp(jvp, primals, tangents):
+    """``jvp(primals, tangents)`` with every operand in float32 (None stays None): (y in the first primal's
+    dtype, ty in float32). The primal is rounded once, at the output, as the 16-bit kernels round it; the
+    tangent is never rounded to 16 bits. Differentiable (the casts are)."""
+    dtype = primals[0].dtype
+    up = tuple(None if x is None else x.float() for x in primals)
+    y, ty = jvp(up, tuple(None if t is None else t.float() for t in tangents))
+    return y.to(dtype), ty

@@ -27,7 +27,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from ._autodiff import TANGENT_GRAD
+from ._autodiff import SIXTEEN_BIT_DTYPES, TANGENT_GRAD
 
 __all__ = ["jvp", "bind", "Bound", "dual_form", "has_dual_form", "forward_mode_active"]
 
@@ -123,7 +123,7 @@ def _as_tuple(name: str, x) -> tuple:
     return tuple(x)
 
 
-def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True):
+def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True, tangent_dtype: Optional[torch.dtype] = None):
     """``(f(*primals), J_f(primals) @ tangents)``, as torch.func.jvp, through ``f``'s dual form when it has one.
 
     f: an nn.Module with ``forward_jvp`` (the package's models), ``bind(model, **kwargs)`` of one, or any
@@ -132,9 +132,16 @@ def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True):
     ``tangent_grad=False`` the JVP comes back detached (a stop-gradient, as MeanFlow and sCM use) and, in the
     dual form, every fused op's backward takes its primal path: no backward through the tangent is traced,
     also under torch.compile (where a later ``.detach()`` cannot be seen by the ops' backward).
+
+    ``tangent_dtype=torch.float32`` (dual forms only) carries the tangents of float16/bfloat16 primals in
+    float32 through the model (given in the primal's dtype or in float32): every fused op and attention
+    then runs in float32 with its primal output rounded back to 16 bits, and the JVP comes back in float32,
+    never rounded to 16 bits on the way (about the cost of a float32 forward+JVP).
     """
     if not isinstance(tangent_grad, bool):
         raise TypeError(f"tangent_grad: expected a bool, got {type(tangent_grad).__name__}")
+    if tangent_dtype not in (None, torch.float32):
+        raise ValueError(f"tangent_dtype: expected None (the primals' dtypes) or torch.float32, got {tangent_dtype!r}")
     primals, tangents = _as_tuple("primals", primals), _as_tuple("tangents", tangents)
     if len(primals) != len(tangents):
         raise ValueError(f"tangents: expected {len(primals)} tangents (one per primal), got {len(tangents)}")
@@ -144,9 +151,18 @@ def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True):
                             f"({type(p).__name__}, {type(t).__name__})")
         if p.shape != t.shape:
             raise ValueError(f"tangents: entry {i} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
-        if p.dtype != t.dtype:
-            raise ValueError(f"tangents: entry {i} has dtype {t.dtype}, its primal {p.dtype}")
+        wide = tangent_dtype is not None and p.dtype in SIXTEEN_BIT_DTYPES
+        if p.dtype != t.dtype and not (wide and t.dtype == torch.float32):
+            hint = " (float32 tangents of 16-bit primals: tangent_dtype=torch.float32)" \
+                if p.dtype in SIXTEEN_BIT_DTYPES and t.dtype == torch.float32 else ""
+            raise ValueError(f"tangents: entry {i} has dtype {t.dtype}, its primal {p.dtype}{hint}")
     dual = dual_form(f)
+    if tangent_dtype is not None:
+        if dual is None:
+            raise ValueError("tangent_dtype=torch.float32 needs a model with a dual form (forward_jvp: the "
+                             "package's DiT and nn modules, without hooks or context parallelism); "
+                             "torch.func.jvp carries tangents in their primals' dtypes")
+        tangents = tuple(t.float() if p.dtype in SIXTEEN_BIT_DTYPES else t for p, t in zip(primals, tangents))
     if dual is None:
         y, ty = torch.func.jvp(f, primals, tangents)
         return (y, ty) if tangent_grad else (y, _detach(ty))

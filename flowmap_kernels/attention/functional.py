@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .._autodiff import make_dual, unpack_duals, zeros_if_none
+from .._autodiff import float32_tangents, make_dual, unpack_duals, widened_jvp, zeros_if_none
 from . import naive
 from ..backends import get_backend
 from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPFunction, _check_mask_tangent,
@@ -114,7 +114,21 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale
     Differentiable with respect to all six inputs (the backward runs through both outputs at once).
     ``tangent_dtype=torch.float32`` with float16/bfloat16 inputs returns tO in float32, as the kernels
     accumulate it, instead of rounded to the inputs' dtype (every backend; O keeps the inputs' dtype).
+    Float32 tangents with float16/bfloat16 q, k, v (the models' dual forms with float32 tangents) run the
+    float32 attention (O rounded to the inputs' dtype once, at the output; tO in float32).
     """
+    if isinstance(q, torch.Tensor) and float32_tangents(q, (tq, tk, tv)):
+        make_problem(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa)  # q, k, v and the mask as given
+        if tangent_dtype not in (None, torch.float32):
+            raise ValueError(f"tangent_dtype: float32 tangents give a float32 tO; expected None or torch.float32, "
+                             f"got {tangent_dtype}")
+        for name, x, t in zip(("query", "key", "value"), (q, k, v), (tq, tk, tv)):
+            if isinstance(t, torch.Tensor) and t.dtype not in (x.dtype, torch.float32):
+                raise ValueError(f"tangent of {name}: expected dtype {x.dtype} or torch.float32, got {t.dtype}")
+        mask = attn_mask.float() if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point() \
+            else attn_mask
+        kw = dict(attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        return widened_jvp(lambda p, t: attention_jvp(*p, *t, **kw), (q, k, v), (tq, tk, tv))
     p = make_problem(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa, tangents=(tq, tk, tv),
                      tangent_dtype=tangent_dtype)
     name = resolve_backend(p)

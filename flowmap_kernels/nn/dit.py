@@ -160,7 +160,9 @@ class DiT(nn.Module):
             raise NotImplementedError("DiT.forward_jvp: context parallelism has no dual form; use torch.func.jvp")
         h, th = self.x_embedder.forward_jvp(self.patchify(x), self.patchify(tx))
         h = h + self.pos_embed.to(x.dtype)
-        (cs, tcs), (ct, tct) = self.s_embedder.forward_jvp(s, ts), self.t_embedder.forward_jvp(t, tt)
+        # the tangents' dtype is tx's: x's, or float32 for a 16-bit model (flowmap_kernels.func.jvp tangent_dtype)
+        (cs, tcs), (ct, tct) = (self.s_embedder.forward_jvp(s, ts, tx.dtype),
+                                self.t_embedder.forward_jvp(t, tt, tx.dtype))
         c, tc = cs + ct, tcs + tct
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, B, x.device)  # labels: no tangent

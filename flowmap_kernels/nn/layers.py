@@ -233,10 +233,12 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         return self.fc2(F.silu(self.fc1(timestep_embedding(t, self.freq_dim).to(self.fc1.weight.dtype))))
 
-    def forward_jvp(self, t, tt):
+    def forward_jvp(self, t, tt, tangent_dtype: Optional[torch.dtype] = None):
+        """(emb, temb) along tt; temb in ``tangent_dtype`` (default the weights' dtype: float32 for the
+        float32 tangents of a 16-bit model)."""
         emb, temb = timestep_embedding_jvp(t, tt, self.freq_dim)
         dt = self.fc1.weight.dtype
-        return self.fc2.forward_jvp(*silu_jvp(*self.fc1.forward_jvp(emb.to(dt), temb.to(dt))))
+        return self.fc2.forward_jvp(*silu_jvp(*self.fc1.forward_jvp(emb.to(dt), temb.to(tangent_dtype or dt))))
 
 
 class LabelEmbedder(nn.Module):

@@ -6,6 +6,11 @@ autograd.Functions. ``<op>_jvp`` returns ``(y, ty)`` from one fused pass, differ
 tangent input. Shapes: ``x`` (..., C); per-channel operands broadcast to ``x`` (e.g. (B, 1, C) against
 (B, N, C)); dtypes float16/bfloat16/float32 (fp32 accumulation) and float64.
 
+Float32 tangents: the ``*_jvp`` forms also take float32 tangents with float16/bfloat16 operands; then the op
+runs in float32 and returns y in the operands' dtype (rounded once, at the output) and ty in float32, so a
+chain of ops (the models' dual forms under ``flowmap_kernels.func.jvp(..., tangent_dtype=torch.float32)``)
+never rounds a tangent to 16 bits. It costs what a float32 forward+JVP costs.
+
 The row ops (modulated_layer_norm, rms_norm, gelu_tanh, gated_residual) are driven by one table of
 :class:`_RowOp` entries and two drivers (:func:`_run`, :func:`_run_jvp`); linear, whose JVP stacks [x; tx]
 and skips zero tangents, has its own pair.
@@ -18,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .._autodiff import make_dual, unpack_duals, zeros_if_none
+from .._autodiff import float32_tangents, make_dual, unpack_duals, widened_jvp, zeros_if_none
 from . import naive
 from .autograd import (GatedCompiledFunction, GatedFunction, GatedJVPFunction, GeluCompiledFunction, GeluFunction,
                        GeluJVPFunction, LinearCompiledFunction, LinearFunction, LinearJVPFunction,
@@ -139,6 +144,8 @@ def _run_jvp(op: _RowOp, operands: tuple, tangents: tuple, options: tuple = (), 
     x = operands[0]
     op.check_x(x)
     tangents = _check_tangents(operands, tangents, op.operands)
+    if float32_tangents(x, tangents):
+        return widened_jvp(lambda p, t: _run_jvp(op, p, t, options, kwargs), operands, tangents)
     name = _resolve(op.registry, x)
     if name == "naive" or x.numel() == 0:
         op.make_problem(*operands, *options, op.registry, "torch")
@@ -234,6 +241,8 @@ def linear_jvp(x, weight, bias, tx, tweight=None, tbias=None):
     """(y, ty): y = x W^T + b, ty = tx W^T (+ x tW^T when tweight is given) (+ tb); [x; tx] share one product."""
     check_linear(x, weight, bias)
     tx, tweight, tbias = _check_tangents((x, weight, bias), (tx, tweight, tbias), _LINEAR_OPERANDS)
+    if float32_tangents(x, (tx, tweight, tbias)):
+        return widened_jvp(lambda p, t: linear_jvp(*p, *t), (x, weight, bias), (tx, tweight, tbias))
     name = _resolve(LINEAR, x)
     if name == "naive":
         return naive.jvp_of(naive.linear, (x, weight, bias), (tx, tweight, tbias))

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .._autodiff import SIXTEEN_BIT_DTYPES
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -39,15 +41,20 @@ def check_tensor(name: str, x, ref: Optional[torch.Tensor] = None, min_dim: int 
 
 
 def check_tangent(name: str, t, primal: torch.Tensor) -> Optional[torch.Tensor]:
-    """A tangent is None (zero) or a tensor with its primal's shape, dtype and device."""
+    """A tangent is None (zero) or a tensor with its primal's shape and device, and its primal's dtype or,
+    for a float16/bfloat16 primal, float32 (a float32 tangent: the ops' ``*_jvp`` then run in float32)."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-    if t.shape != primal.shape or t.dtype != primal.dtype or t.device != primal.device:
-        raise ValueError(f"{name}: expected shape {tuple(primal.shape)}, {primal.dtype} on {primal.device}; "
+    dtype_ok = t.dtype == primal.dtype or (t.dtype == torch.float32 and primal.dtype in SIXTEEN_BIT_DTYPES)
+    if t.shape != primal.shape or not dtype_ok or t.device != primal.device:
+        wide = " (or float32)" if primal.dtype in SIXTEEN_BIT_DTYPES else ""
+        raise ValueError(f"{name}: expected shape {tuple(primal.shape)}, {primal.dtype}{wide} on {primal.device}; "
                          f"got {tuple(t.shape)}, {t.dtype} on {t.device}")
     return t
+
+
 
 
 def check_broadcast(name: str, m: torch.Tensor, x: torch.Tensor) -> None:

@@ -80,3 +80,32 @@ def test_float32_tangent_under_vmap_and_compile():
         co, cto = f(*(ts[0][n] for n in ("q", "k", "v", "tq", "tk", "tv")))
         o, to = fk.attention_jvp(*(ts[0][n] for n in ("q", "k", "v", "tq", "tk", "tv")), tangent_dtype=torch.float32)
         assert cto.dtype == torch.float32 and torch.equal(cto, to) and torch.equal(co, o)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES[1:], ids=Case.id)
+def test_float32_tangent_inputs_with_16bit_inputs(case, backend):
+    """Float32 tq, tk, tv with bfloat16 q, k, v (a model's dual form under tangent_dtype=float32): the
+    attention runs in float32, O rounded to bfloat16 once, tO float32 against the float64 JVP at the same
+    values (float32 accuracy), and the gradients reach q, k, v in bfloat16 and the tangents in float32."""
+    t = case.make(torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    tang = [(t[n].double() + 0.01 * torch.randn(t[n].shape, generator=g, dtype=torch.float64)).float()
+            for n in ("tq", "tk", "tv")]  # more than 8 significant bits
+    leaves = [t[n].clone().requires_grad_() for n in ("q", "k", "v")] + [x.clone().requires_grad_() for x in tang]
+    kw = case.kwargs
+    (ro, rto), rgrads = ref_grads(*leaves, t["wo"], t["wt"], **kw)
+    with on_backend(backend):
+        o, to = fk.attention_jvp(*leaves, **kw)
+        grads = torch.autograd.grad(loss_on_outputs(o, to, t["wo"], t["wt"]), leaves)
+    assert o.dtype == torch.bfloat16 and to.dtype == torch.float32
+    assert rel_err(o, ro) <= TOLERANCE[torch.bfloat16]
+    assert rel_err(to, rto) <= 1e-5, rel_err(to, rto)
+    for i, (gr, rg, x) in enumerate(zip(grads, rgrads, leaves)):
+        assert gr.dtype == x.dtype
+        assert rel_err(gr, rg) <= TOLERANCE[torch.bfloat16], (i, rel_err(gr, rg))
+    # a float64 tangent, or a 16-bit tangent_dtype with float32 tangents, is an error naming the argument
+    with pytest.raises(ValueError, match="tangent of key: expected dtype torch.bfloat16 or torch.float32"):
+        fk.attention_jvp(*leaves[:3], tang[0], tang[1].double(), tang[2], **kw)
+    with pytest.raises(ValueError, match="tangent_dtype: float32 tangents give a float32 tO"):
+        fk.attention_jvp(*leaves, tangent_dtype=torch.bfloat16, **kw)
