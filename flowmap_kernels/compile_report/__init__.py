@@ -62,16 +62,18 @@ def _default_cache() -> Path:
 #: under torch.use_deterministic_algorithms(True); the row pre-pass (no products) is counted with the former.
 PASSES = {"forward": ("forward",), "backward": ("backward_prep", "backward_atomic"),
           "backward_deterministic": ("backward_dkdv", "backward_dq"),
-          "jvp_forward": ("jvp_forward",),
+          "jvp_forward": ("jvp_forward",), "jvp_forward_tma": ("jvp_forward_tma",),
+          "jvp_forward_tangent_fp32": ("jvp_forward_tangent_fp32",),
           "jvp_backward": ("jvp_backward_prep", "jvp_backward_atomic"),
           "jvp_backward_deterministic": ("jvp_backward_dkdv", "jvp_backward_dq")}
 #: The mathematical minimum of matrix products per (query block x key block) tile (docs/math.md section 1).
-MINIMUM_PRODUCTS = {"forward": 2, "backward": 5, "backward_deterministic": 5, "jvp_forward": 6,
-                    "jvp_backward": 15, "jvp_backward_deterministic": 15}
+MINIMUM_PRODUCTS = {"forward": 2, "backward": 5, "backward_deterministic": 5, "jvp_forward": 6, "jvp_forward_tma": 6,
+                    "jvp_forward_tangent_fp32": 6, "jvp_backward": 15, "jvp_backward_deterministic": 15}
 #: FlashAttention-2's products per tile and the pass it is compared with (forward-type / backward-type).
 FA2_PRODUCTS = {"forward": 2, "backward": 5}
 FA2_PASS = {"forward": "forward", "jvp_forward": "forward", "backward": "backward", "jvp_backward": "backward",
-            "backward_deterministic": "backward", "jvp_backward_deterministic": "backward"}
+            "backward_deterministic": "backward", "jvp_backward_deterministic": "backward",
+            "jvp_forward_tangent_fp32": "forward", "jvp_forward_tma": "forward"}
 
 #: The time model's assumptions (docs/triton.md, "Static performance report"). Only sm_90a (H100 SXM5) is
 #: modelled, where both figures below were measured by the same paper (arXiv:2407.08608, its forward and
@@ -131,7 +133,8 @@ def launch_efficiency(rec: dict) -> Optional[dict]:
 
 def pass_of(kernel: str) -> str:
     """The pass (a key of :data:`PASSES`) a launch (``jvp_backward_dkdv[dk]``, ...) belongs to."""
-    base = kernel.split("[")[0]
+    from flowmap_kernels.attention.triton.configs import table_key
+    base = table_key(kernel)
     for name, kernels in PASSES.items():
         if base in kernels:
             return name
@@ -156,7 +159,8 @@ def summaries(records: Iterable[dict]) -> list:
     out = []
     for (p, dtype, d, arch), recs in sorted(groups.items(), key=lambda kv: (ARCHS.get(kv[0][3], 0), kv[0][1],
                                                                             kv[0][2], order.index(kv[0][0]))):
-        present = {r["kernel"].split("[")[0] for r in recs}
+        from flowmap_kernels.attention.triton.configs import table_key
+        present = {table_key(r["kernel"]) for r in recs}
         complete = set(PASSES[p]) <= present
         products = sum(r["products_per_tile"] for r in recs)
         ratio, model = None, {}

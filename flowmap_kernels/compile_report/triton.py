@@ -140,6 +140,13 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
         if (name, deterministic) not in passes:
             tangents = (tq, tk, tv) if name.startswith("jvp") else ()
             (o, to, lse, mu), fwd = launch.forward_launches(plan(False), q, k, v, *tangents)
+            if name == "jvp_forward":  # every variant: pointer loads where descriptors do not apply, float32 tO
+                with launch.tensor_descriptors(False):
+                    fwd = fwd + launch.forward_launches(plan(False), q, k, v, *tangents)[1]
+                if dt != torch.float32:
+                    fwd = fwd + launch.forward_launches(plan(False), q, k, v, *tangents,
+                                                        tangent_dtype=torch.float32)[1]
+                fwd = list({ln.name: ln for ln in fwd}.values())
             if name.endswith("forward"):
                 passes[name, deterministic] = fwd
             else:
@@ -347,7 +354,8 @@ def _compile_one(task) -> dict:
         cfg = ln.config
         return dict(kernel=name, family=family(name), config=str(cfg), arch=arch, dtype=dtype, head_dim=d,
                     **_measure(compiled, arch), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    block_m=cfg.block_m, block_n=cfg.block_n, shipped=is_shipped(base, dtype, d, arch, cfg),
+                    block_m=cfg.block_m, block_n=cfg.block_n,
+                    shipped=is_shipped(configs.table_key(name), dtype, d, arch, cfg),
                     source="triton")
     raise ValueError(f"kernels: no launch named {name!r}")
 

@@ -190,7 +190,12 @@ def test_summaries_sum_launches_and_predict_against_fa2():
     part = cr.summaries([_rec("backward_dkdv", 4, {"m64n64k16": 16}, 2)])[0]
     assert not part["complete"] and part["predicted_ratio_fa2"] is None
     assert cr.MINIMUM_PRODUCTS == {"forward": 2, "backward": 5, "backward_deterministic": 5, "jvp_forward": 6,
-                                   "jvp_backward": 15, "jvp_backward_deterministic": 15}
+                                   "jvp_forward_tma": 6, "jvp_forward_tangent_fp32": 6, "jvp_backward": 15,
+                                   "jvp_backward_deterministic": 15}
+    assert cr.pass_of("jvp_forward[tma]") == "jvp_forward_tma"
+    assert cr.pass_of("jvp_forward[tangent_fp32]") == "jvp_forward_tangent_fp32"
+    assert cr.pass_of("jvp_backward_atomic[dk,dq_ds]") == "jvp_backward"
+    assert cr.pass_of("jvp_backward_dq[dq]") == "jvp_backward_deterministic"
     assert "ESTIMATE" in cr.format_summary(cr.summaries(recs))
 
 
@@ -233,8 +238,12 @@ def test_real_compile_pass_summary(sm90_records):
         assert s["products"] >= s["minimum_products"], s  # recorded, not a target: see the printed table
         assert s["predicted_ratio_fa2"] is not None and s["predicted_ratio_fa2"] > 0
         assert s["products"] == sum(s["products_by_launch"].values())
-        if s["pass"] in ("forward", "jvp_forward", "backward") or (s["pass"] == "jvp_backward" and s["head_dim"] == 64):
+        if s["pass"] in ("forward", "jvp_forward", "jvp_forward_tma", "backward") or (
+                s["pass"] == "jvp_backward" and s["head_dim"] == 64):
             assert s["products"] == s["minimum_products"]
+    # with tensor descriptors the forward+JVP at D = 128 takes 64-key blocks: m64n64 wgmma, no spill
+    tma = {r["head_dim"]: r for r in sm90_records if r["kernel"] == "jvp_forward[tma]"}
+    assert tma[128]["block_n"] == 64 and tma[128]["spill_bytes"] == 0 and "m64n64k16" in tma[128]["wgmma_shapes"]
 
 
 def test_cli_summary_and_json(tmp_path):

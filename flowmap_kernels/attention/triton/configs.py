@@ -25,8 +25,8 @@ from typing import Iterator, Optional
 
 from ..._autodiff import triton_interpreter
 
-KERNELS = ("forward", "jvp_forward", "backward_atomic", "backward_dkdv", "backward_dq", "jvp_backward_atomic",
-           "jvp_backward_dkdv", "jvp_backward_dq")
+KERNELS = ("forward", "jvp_forward", "jvp_forward_tma", "jvp_forward_tangent_fp32", "backward_atomic",
+           "backward_dkdv", "backward_dq", "jvp_backward_atomic", "jvp_backward_dkdv", "jvp_backward_dq")
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 
 
@@ -296,6 +296,21 @@ ODD_TABLE.update({
     ("jvp_backward_atomic", "sm90"): {(128, 2): C(16, 64, 4, 2, S3)},  # 12 B spill at D = 72
 })
 FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): dict(FAMILY_TABLE[("jvp_backward_dkdv", "sm100")])})
+# The forward+JVP with a float32 tO from 16-bit inputs (TANGENT_FP32: the probabilities enter the tangent
+# products as two 16-bit parts, 9 products): the jvp_forward tiles up to D = 64 (spill-free on sm_90a); at
+# D = 128 no tile tried is spill-free (128x32/w8/s2: 1332 B, 64x32/w8/s2: 168 B, 64x16/w8/s2: 148 B with
+# m64n8 wgmma), the least of the m64n16-or-wider ones is shipped.
+for _arch in ("sm80", "sm90"):
+    TABLE[("jvp_forward_tangent_fp32", _arch)] = dict(TABLE[("jvp_forward", _arch)])
+    ODD_TABLE[("jvp_forward_tangent_fp32", _arch)] = dict(ODD_TABLE.get(("jvp_forward", _arch), {}))
+FAMILY_TABLE[("jvp_forward_tangent_fp32", "sm100")] = dict(FAMILY_TABLE[("jvp_forward", "sm100")])
+TABLE[("jvp_forward_tangent_fp32", "sm90")][(128, 2)] = C(64, 32, 8, 2)
+# The forward+JVP with tensor-descriptor (TMA) loads of the key-loop tiles (sm90 / sm100, where the strides
+# allow, launch.descriptors_allowed): the key tiles leave the registers, so D = 128 takes 64 keys per block.
+for _arch in ("sm80", "sm90"):
+    TABLE[("jvp_forward_tma", _arch)] = dict(TABLE[("jvp_forward", _arch)])  # (head dims multiple of 16 only)
+FAMILY_TABLE[("jvp_forward_tma", "sm100")] = dict(FAMILY_TABLE[("jvp_forward", "sm100")])
+TABLE[("jvp_forward_tma", "sm90")][(128, 2)] = C(128, 64, 8, 2)  # 251 registers, no spill (pointer loads: 128x32)
 del C, S2, S3
 
 #: float32 inputs run their products as 3xTF32 (about fp32 accuracy), which holds three times the operand
@@ -320,6 +335,13 @@ INTERPRETER_CONFIG = Config(64, 64, 4, 1)
 PREP_CONFIG = Config(32, 16, 4, 1)
 
 _override: list = []
+
+
+def table_key(launch_name: str) -> str:
+    """The table kernel of a launch name: "jvp_backward_dkdv[dk]" -> "jvp_backward_dkdv",
+    "jvp_forward[tangent_fp32]" -> "jvp_forward_tangent_fp32", "jvp_forward[tma]" -> "jvp_forward_tma"."""
+    base, _, part = launch_name.partition("[")
+    return f"{base}_{part[:-1]}" if part in ("tangent_fp32]", "tma]") else base
 
 
 def head_dim_bucket(head_dim: int, v_head_dim: Optional[int] = None) -> int:

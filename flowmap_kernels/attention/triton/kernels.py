@@ -182,9 +182,13 @@ def _attn_fwd(
     D: tl.constexpr, DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr, LARGE_OFFSETS: tl.constexpr,
-    VARLEN: tl.constexpr, TANGENT_FP32: tl.constexpr = False,
+    VARLEN: tl.constexpr, TANGENT_FP32: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); online softmax over key blocks.
+
+    TMA: the key-loop tiles (K, V, tK, tV) come through tensor descriptors over this (batch, kv head)'s
+    (Lk, D) rows (TMA on Hopper and later; rows >= Lk and columns >= D zero-fill), which keeps them out
+    of the registers the pointer loads hold (the launcher sets it where the strides allow, launch.Plan).
 
     The tangent numerator is accumulated around a running shift c (the running mu = r / l):
     tacc = sum_j P~_j (tV_j + (tS_j - c) V_j), and when c moves to c' the accumulated part is moved by
@@ -221,13 +225,22 @@ def _attn_fwd(
         tacc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         r_i = tl.zeros([BLOCK_M], tl.float32)
         shift = tl.zeros([BLOCK_M], tl.float32)
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, [Lk, D], [skn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, [Lk, DV], [svn, 1], [BLOCK_N, BLOCK_DV])
+        if TANGENT:
+            tk_desc = tl.make_tensor_descriptor(tk_base, [Lk, D], [stkn, 1], [BLOCK_N, BLOCK_D])
+            tv_desc = tl.make_tensor_descriptor(tv_base, [Lk, DV], [stvn, 1], [BLOCK_N, BLOCK_DV])
 
     hi = Lk
     if IS_CAUSAL:
         hi = tl.minimum(Lk, start_m + BLOCK_M)  # key blocks entirely above the diagonal are skipped
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D, ALIGN)
+        if TMA:
+            k = k_desc.load([start_n, 0])
+        else:
+            k = _load_tile(k_base, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D, ALIGN)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = _mask_logits(s, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -235,10 +248,16 @@ def _attn_fwd(
         alpha = _exp_rel(m_i, m_safe, MASK_KIND)
         p = _exp_rel(s, m_safe[:, None], MASK_KIND)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV, ALIGN)
+        if TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = _load_tile(v_base, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV, ALIGN)
         acc = acc * alpha[:, None]
         if TANGENT:  # before acc takes this block: the shift's move applies to the earlier blocks only
-            tk = _load_tile(tk_base, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D, ALIGN)
+            if TMA:
+                tk = tk_desc.load([start_n, 0])
+            else:
+                tk = _load_tile(tk_base, offs_n, offs_d, Lk, stkn, stkd, D, BLOCK_D, ALIGN)
             ts = (tl.dot(tq, tl.trans(k), input_precision=PREC)
                   + tl.dot(q, tl.trans(tk), input_precision=PREC)) * scale
             pts = p * ts
@@ -250,7 +269,10 @@ def _attn_fwd(
                 tacc += _dot_split(pts - p * shift_new[:, None], v, PREC)
             else:
                 tacc += tl.dot((pts - p * shift_new[:, None]).to(dt), v, input_precision=PREC)
-            tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
+            if TMA:
+                tv = tv_desc.load([start_n, 0])
+            else:
+                tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
             if TANGENT_FP32:
                 tacc += _dot_split(p, tv, PREC)
             else:

@@ -74,6 +74,57 @@ def large_offsets(enabled: bool = True):
         _force_large_offsets.pop()
 
 
+_force_tensor_descriptors: list = []
+
+
+@contextlib.contextmanager
+def tensor_descriptors(enabled: bool = True):
+    """Force (or forbid) the forward+JVP's tensor-descriptor (TMA) loads inside the block where the operands
+    allow them, on any arch (tests: the CPU interpreter runs them)."""
+    _force_tensor_descriptors.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _force_tensor_descriptors.pop()
+
+
+#: Families whose GPUs have TMA (tensor descriptors): Hopper and datacenter Blackwell.
+TMA_FAMILIES = ("sm90", "sm100")
+
+
+def descriptors_allowed(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether TMA descriptors can cover the (L, C) rows of these (B, H, L, C) operands: unit column stride,
+    rows of at least 16 bytes, every other stride and the data pointer 16-byte aligned."""
+    for x in tensors:
+        if x is None:
+            continue
+        es = x.element_size()
+        if x.stride(-1) != 1 or x.shape[-1] * es < 16 or x.data_ptr() % 16:
+            return False
+        if any(st * es % 16 for n, st in zip(x.shape[:-1], x.stride()[:-1]) if n > 1):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _descriptor_workspace(device: torch.device):
+    """Triton's allocator for the in-kernel tensor descriptors' global workspace, unless the caller set one."""
+    try:
+        from triton.runtime import _allocation
+    except ImportError:  # pragma: no cover - older Triton: nothing to set
+        yield
+        return
+    if device.type != "cuda" or not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                                    device=device))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
+
+
 def slice_offset_span(x: torch.Tensor) -> int:
     """Largest element offset inside one (batch, head) slice of a (B, H, L, C) view: the in-kernel
     row/column part of an address, (L - 1) |stride_L| + (C - 1) |stride_C| (0 for an empty slice)."""
@@ -296,8 +347,12 @@ class Launch:
         return self.config.num_stages
 
     def run(self) -> None:
-        _launch(self.kernel, *self.grid, list(self.args), cu_seqlens=self.cu_seqlens, grid_block=self.grid_block,
-                **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        workspace = _descriptor_workspace(self.args[0].device) if self.constexprs.get("TMA") \
+            else contextlib.nullcontext()
+        with workspace:
+            _launch(self.kernel, *self.grid, list(self.args), cu_seqlens=self.cu_seqlens,
+                    grid_block=self.grid_block, **self.constexprs, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
 
 
 @dataclass(frozen=True)
@@ -329,16 +384,25 @@ def forward_launches(p: Plan, q, k, v, tq=None, tk=None, tv=None, tangent_dtype=
     mu = p.new_rows() if t else None
     p.set_align(q, k, v, tq, tk, tv, o, to)
     name = "jvp_forward" if t else "forward"
-    cfg = p.config(name)
+    tangent_fp32 = bool(t and to.dtype != p.dtype)  # float32 tO from 16-bit inputs (tangent_dtype)
+    # (head dims not a multiple of 16 keep pointer loads: with descriptors their masked columns spill more)
+    tma = t and not tangent_fp32 and not p.large_offsets and p.D % 16 == 0 and p.DV % 16 == 0 \
+        and descriptors_allowed(k, v, tk, tv) \
+        and (_force_tensor_descriptors[-1] if _force_tensor_descriptors else p.arch in TMA_FAMILIES)
+    if tangent_fp32:
+        name += "[tangent_fp32]"
+    elif tma:
+        name += "[tma]"
+    cfg = p.config(configs.table_key(name))
     launches = []
     if p.B * p.H > 0 and p.Lq > 0 and p.blocks_q > 0:
         args = (q, k, v, tq if t else q, tk if t else k, tv if t else v, o, to if t else o, lse, mu if t else lse,
                 p.mask, p.cu_q, p.cu_k, *q.stride(), *k.stride(), *v.stride(), *_strides(tq), *_strides(tk),
                 *_strides(tv), *o.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale)
-        launches.append(Launch(name, p.kernels._attn_fwd, (triton.cdiv(p.blocks_q, cfg.block_m), p.H, p.B), args,
+        launches.append(Launch(name, p.kernels._attn_fwd,
+                               (triton.cdiv(p.blocks_q, cfg.block_m), p.H, p.B), args,
                                p.constexprs(TANGENT=t, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                            TANGENT_FP32=bool(t and to.dtype != p.dtype)), cfg,
-                               cu_seqlens=p.cu_seqlens))
+                                            TANGENT_FP32=tangent_fp32, TMA=tma), cfg, cu_seqlens=p.cu_seqlens))
     return (o, to, lse, mu), launches
 
 

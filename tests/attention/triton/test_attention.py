@@ -159,6 +159,36 @@ def test_split_backward_kernels():
         _full_check(CASES["D80-40x90-boolkeys-gqa"], torch.float32, seed=8)
 
 
+@pytest.mark.parametrize("case,dtype", [("D48-L77-gqa-causal", torch.bfloat16), ("D16-L17", torch.float32),
+                                        ("D128-64x80-float-scale", torch.float16)])
+def test_forward_jvp_with_tensor_descriptors(case, dtype):
+    """The forward+JVP's TMA loads (tensor descriptors over each head's (Lk, D) rows, zero-filled past Lk):
+    forced on in the interpreter, every path against float64; the launch is the [tma] variant."""
+    from flowmap_kernels.attention.triton import launch
+    with launch.tensor_descriptors(True):
+        q, k, v, tq, tk, tv = _make(CASES[case], dtype)[0]
+        p = launch.Plan(q, k, v, None, False, 0.5)
+        assert [ln.name for ln in launch.forward_launches(p, q, k, v, tq, tk, tv)[1]] == ["jvp_forward[tma]"]
+        _full_check(CASES[case], dtype, seed=13)
+
+
+def test_tensor_descriptors_only_where_the_strides_allow():
+    from flowmap_kernels.attention.triton import launch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 9, 32, generator=g, dtype=torch.bfloat16)
+    names = lambda *a: [ln.name for ln in launch.forward_launches(launch.Plan(*a[:3], None, False, 0.5), *a)[1]]  # noqa: E731
+    with launch.tensor_descriptors(True):
+        assert names(x, x, x, x, x, x) == ["jvp_forward[tma]"]
+        wide = torch.randn(1, 2, 9, 36, generator=g, dtype=torch.bfloat16)[..., :32]  # rows of 72 bytes
+        assert not launch.descriptors_allowed(wide)
+        assert names(x, wide, x, x, x, x) == ["jvp_forward"]
+        odd = torch.randn(1, 2, 9, 40, generator=g, dtype=torch.bfloat16)  # D = 40: masked columns
+        assert names(odd, odd, odd, odd, odd, odd) == ["jvp_forward"]
+        assert names(x, x, x) == ["forward"]  # the primal forward keeps its pointer loads
+    assert names(x, x, x, x, x, x) == ["jvp_forward"]  # the interpreter's default: no descriptors
+    assert launch.Plan(x, x, x, None, False, 0.5, arch="sm90").arch in launch.TMA_FAMILIES
+
+
 def _kernel_inputs(dtype=torch.float32, causal=False, mask=None, seed=0):
     case = Case(batch=2, q_heads=2, kv_heads=2, q_len=37, kv_len=45, head_dim=40, v_head_dim=24, mask=mask, seed=seed)
     (q, k, v, tq, tk, tv), wo, wt, m = _make(case, dtype)
