@@ -239,6 +239,7 @@ def _every_method(rank, world, root):
                 else:
                     losses = load_sharded_extras(latest_sharded(out / SHARDED_DIR))["losses"]
                 res[(name, kind)] = (losses, json.loads((out / "metrics.json").read_text()))
+    dist.barrier()  # no rank tears its gloo pairs down while a peer still reads from them
     dist.destroy_process_group()
     return res
 
