@@ -273,7 +273,7 @@ FAMILY_TABLE: dict = {
 # The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
 # D = 128 in 16-bit (16x64/w4 at D <= 64: 15 products; 16x64/w4/s2/split3 at D = 80..128: 20) and as shipped
 # in float32, every 16-bit launch pipelined (num_stages 2); D = 72 spills 12 B ([dk,dq_ds], the least tried).
-# sm80 takes the key-block kernels' tiles (mma.sync; spills reported, docs/triton.md).
+# sm80 (mma.sync): the key-block kernels' tiles for the primal backward, 32x32/w4/s2 for the tangent one.
 TABLE.update({
     ("backward_atomic", "sm90"): {
         (16, 2): C(64, 128, 8, 2), (32, 2): C(64, 128, 8, 2), (64, 2): C(64, 128, 8, 2),
@@ -289,7 +289,13 @@ TABLE.update({
         (16, 4): C(16, 64, 4, 2, S3), (32, 4): C(16, 64, 4, 2, S3), (64, 4): C(16, 16, 4, 1, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
-    ("jvp_backward_atomic", "sm80"): {**TABLE[("jvp_backward_dkdv", "sm80")], (64, 4): C(32, 32, 4, 1, S3)},
+    # mma.sync: 32x32 tiles, 2 stages, spill-free on sm_80 / sm_86 / sm_120 up to D = 128 (32x64/w8: 212 B at D = 64)
+    ("jvp_backward_atomic", "sm80"): {
+        (16, 2): C(32, 32, 4, 2), (32, 2): C(32, 32, 4, 2), (64, 2): C(32, 32, 4, 2),
+        (128, 2): C(32, 32, 4, 2, S3), (256, 2): C(16, 32, 4, 1, S3),
+        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1, S3),
+        (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
+    },
 })
 ODD_TABLE.update({
     ("backward_atomic", "sm90"): {(128, 2): C(32, 64, 8, 1)},
