@@ -72,7 +72,16 @@ def test_launch_parts_name_what_each_launch_writes():
         added = [i for i, p in enumerate(parts.query_block) if p.add_partial]
         assert len(partial) == len(added) and all(i < j for i, j in zip(partial, added))
     cfg = configs.get_config("jvp_backward_dkdv", 128, 2, "sm90")
-    assert cfg.parts is configs.BY_TERM and str(cfg) == "32x64/w4/s1/split3"
+    assert cfg.parts is configs.BY_TERM and str(cfg) == "32x64/w4/s2/split3"
+    # the one-pass parts: every output and every dQ / dtQ term exactly once, each where its dS / dtS is
+    for tag, parts in configs.ONE_PASS.items():
+        assert parts.tag == tag and parts.query_block == ()
+        for out in ("dk", "dtk", "dv", "dq_ds", "dq_dts", "dtq"):
+            assert sum(getattr(p, out) for p in parts.key_block) == 1, (tag, out)
+        for p in parts.key_block:
+            assert p.dk or not p.dq_ds, (tag, p)
+            assert p.dk or p.dtk or not (p.dq_dts or p.dtq), (tag, p)
+    assert configs.PRIMAL_ONE_PASS.key_block[0].dq_ds and configs.PRIMAL_ONE_PASS.query_block == ()
     for table in (configs.TABLE, configs.ODD_TABLE, configs.FAMILY_TABLE):
         for entries in table.values():
             assert all(configs.Config.parse(str(c)) == c for c in entries.values())
