@@ -10,8 +10,9 @@
                             kernels, differentiable (create_graph=True, torch.func.grad over jvp, jacrev of
                             jacrev, forward-over-reverse) through a recomputation in the naive math that runs
                             only when a second derivative is actually taken.
-``float32_tangents``        float32 tangents of float16/bfloat16 primals; ``widened_jvp`` runs an explicit JVP
-                            on them in float32 (y back in the primals' dtype, ty float32).
+``float32_tangents``        float32 tangents of float16/bfloat16 primals (``tangent_dtype_allowed``: the dtype
+                            rule); ``widened_jvp`` runs an explicit JVP on them in float32 (y back in the
+                            primals' dtype, ty float32).
 """
 from __future__ import annotations
 
@@ -216,6 +217,11 @@ def differentiable_backward(fused: Callable, naive: Callable, primals: Sequence,
 # ---- float32 tangents of 16-bit primals ------------------------------------------------------------------
 
 SIXTEEN_BIT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def tangent_dtype_allowed(tangent: torch.dtype, primal: torch.dtype) -> bool:
+    """A tangent's dtype: its primal's, or float32 for a float16/bfloat16 primal."""
+    return tangent == primal or (tangent == torch.float32 and primal in SIXTEEN_BIT_DTYPES)
 
 
 def float32_tangents(primal: torch.Tensor, tangents) -> bool:

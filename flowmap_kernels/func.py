@@ -27,7 +27,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from ._autodiff import SIXTEEN_BIT_DTYPES, TANGENT_GRAD
+from ._autodiff import SIXTEEN_BIT_DTYPES, TANGENT_GRAD, tangent_dtype_allowed
 
 __all__ = ["jvp", "bind", "Bound", "dual_form", "has_dual_form", "forward_mode_active"]
 
@@ -151,8 +151,7 @@ def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True, tangent_dt
                             f"({type(p).__name__}, {type(t).__name__})")
         if p.shape != t.shape:
             raise ValueError(f"tangents: entry {i} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
-        wide = tangent_dtype is not None and p.dtype in SIXTEEN_BIT_DTYPES
-        if p.dtype != t.dtype and not (wide and t.dtype == torch.float32):
+        if p.dtype != t.dtype and not (tangent_dtype is not None and tangent_dtype_allowed(t.dtype, p.dtype)):
             hint = " (float32 tangents of 16-bit primals: tangent_dtype=torch.float32)" \
                 if p.dtype in SIXTEEN_BIT_DTYPES and t.dtype == torch.float32 else ""
             raise ValueError(f"tangents: entry {i} has dtype {t.dtype}, its primal {p.dtype}{hint}")

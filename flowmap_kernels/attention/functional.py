@@ -5,7 +5,8 @@ from typing import Optional
 
 import torch
 
-from .._autodiff import float32_tangents, make_dual, unpack_duals, widened_jvp, zeros_if_none
+from .._autodiff import (float32_tangents, make_dual, tangent_dtype_allowed, unpack_duals, widened_jvp,
+                         zeros_if_none)
 from . import naive
 from ..backends import get_backend
 from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPFunction, _check_mask_tangent,
@@ -123,7 +124,7 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale
             raise ValueError(f"tangent_dtype: float32 tangents give a float32 tO; expected None or torch.float32, "
                              f"got {tangent_dtype}")
         for name, x, t in zip(("query", "key", "value"), (q, k, v), (tq, tk, tv)):
-            if isinstance(t, torch.Tensor) and t.dtype not in (x.dtype, torch.float32):
+            if isinstance(t, torch.Tensor) and not tangent_dtype_allowed(t.dtype, x.dtype):
                 raise ValueError(f"tangent of {name}: expected dtype {x.dtype} or torch.float32, got {t.dtype}")
         mask = attn_mask.float() if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point() \
             else attn_mask

@@ -150,6 +150,7 @@ def summaries(records: Iterable[dict]) -> list:
     of the pass over FlashAttention-2's forward (forward, jvp_forward) or backward (backward,
     jvp_backward) on the same problem, None where not modelled (:func:`launch_efficiency`): an ESTIMATE.
     """
+    from flowmap_kernels.attention.triton.configs import table_key
     groups: dict = {}
     for r in records:
         if r.get("source", "triton") != "triton" or "products_per_tile" not in r:
@@ -159,7 +160,6 @@ def summaries(records: Iterable[dict]) -> list:
     out = []
     for (p, dtype, d, arch), recs in sorted(groups.items(), key=lambda kv: (ARCHS.get(kv[0][3], 0), kv[0][1],
                                                                             kv[0][2], order.index(kv[0][0]))):
-        from flowmap_kernels.attention.triton.configs import table_key
         present = {table_key(r["kernel"]) for r in recs}
         complete = set(PASSES[p]) <= present
         products = sum(r["products_per_tile"] for r in recs)

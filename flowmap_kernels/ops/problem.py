@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .._autodiff import SIXTEEN_BIT_DTYPES
+from .._autodiff import SIXTEEN_BIT_DTYPES, tangent_dtype_allowed
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -47,14 +47,11 @@ def check_tangent(name: str, t, primal: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
-    dtype_ok = t.dtype == primal.dtype or (t.dtype == torch.float32 and primal.dtype in SIXTEEN_BIT_DTYPES)
-    if t.shape != primal.shape or not dtype_ok or t.device != primal.device:
+    if t.shape != primal.shape or not tangent_dtype_allowed(t.dtype, primal.dtype) or t.device != primal.device:
         wide = " (or float32)" if primal.dtype in SIXTEEN_BIT_DTYPES else ""
         raise ValueError(f"{name}: expected shape {tuple(primal.shape)}, {primal.dtype}{wide} on {primal.device}; "
                          f"got {tuple(t.shape)}, {t.dtype} on {t.device}")
     return t
-
-
 
 
 def check_broadcast(name: str, m: torch.Tensor, x: torch.Tensor) -> None:

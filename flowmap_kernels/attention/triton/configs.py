@@ -302,21 +302,27 @@ ODD_TABLE.update({
     ("jvp_backward_atomic", "sm90"): {(128, 2): C(16, 64, 4, 2, S3)},  # 12 B spill at D = 72
 })
 FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): dict(FAMILY_TABLE[("jvp_backward_dkdv", "sm100")])})
+
+
+def _launch_variant(kernel: str, base: str, sm90_entries: dict, odd: bool = True) -> None:
+    """Table entries of ``kernel``, a launch variant of ``base``: ``base``'s tiles in every table (ODD_TABLE
+    too when ``odd``), then ``sm90_entries`` on sm90."""
+    for table in (TABLE, ODD_TABLE, FAMILY_TABLE) if odd else (TABLE, FAMILY_TABLE):
+        for (k, arch), entries in list(table.items()):
+            if k == base:
+                table[(kernel, arch)] = dict(entries)
+    TABLE[(kernel, "sm90")].update(sm90_entries)
+
+
 # The forward+JVP with a float32 tO from 16-bit inputs (TANGENT_FP32: the probabilities enter the tangent
 # products as two 16-bit parts, 9 products): the jvp_forward tiles up to D = 64 (spill-free on sm_90a); at
 # D = 128 no tile tried is spill-free (128x32/w8/s2: 1332 B, 64x32/w8/s2: 168 B, 64x16/w8/s2: 148 B with
 # m64n8 wgmma), the least of the m64n16-or-wider ones is shipped.
-for _arch in ("sm80", "sm90"):
-    TABLE[("jvp_forward_tangent_fp32", _arch)] = dict(TABLE[("jvp_forward", _arch)])
-    ODD_TABLE[("jvp_forward_tangent_fp32", _arch)] = dict(ODD_TABLE.get(("jvp_forward", _arch), {}))
-FAMILY_TABLE[("jvp_forward_tangent_fp32", "sm100")] = dict(FAMILY_TABLE[("jvp_forward", "sm100")])
-TABLE[("jvp_forward_tangent_fp32", "sm90")][(128, 2)] = C(64, 32, 8, 2)
+_launch_variant("jvp_forward_tangent_fp32", "jvp_forward", {(128, 2): C(64, 32, 8, 2)})
 # The forward+JVP with tensor-descriptor (TMA) loads of the key-loop tiles (sm90 / sm100, where the strides
-# allow, launch.descriptors_allowed): the key tiles leave the registers, so D = 128 takes 64 keys per block.
-for _arch in ("sm80", "sm90"):
-    TABLE[("jvp_forward_tma", _arch)] = dict(TABLE[("jvp_forward", _arch)])  # (head dims multiple of 16 only)
-FAMILY_TABLE[("jvp_forward_tma", "sm100")] = dict(FAMILY_TABLE[("jvp_forward", "sm100")])
-TABLE[("jvp_forward_tma", "sm90")][(128, 2)] = C(128, 64, 8, 2)  # 251 registers, no spill (pointer loads: 128x32)
+# allow, launch.descriptors_allowed; head dims a multiple of 16 only, so no ODD_TABLE entries): the key tiles
+# leave the registers, so D = 128 takes 64 keys per block (251 registers, no spill; pointer loads: 128x32).
+_launch_variant("jvp_forward_tma", "jvp_forward", {(128, 2): C(128, 64, 8, 2)}, odd=False)
 del C, S2, S3
 
 #: float32 inputs run their products as 3xTF32 (about fp32 accuracy), which holds three times the operand

@@ -469,9 +469,10 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
     cfg = p.config(kernel)
     if one_pass:  # dQ (dtQ) accumulate in float32 across key blocks, zeroed here, cast after the pass
         parts = configs.ONE_PASS[cfg.parts.tag] if tangent else configs.PRIMAL_ONE_PASS
-        dqa = dq.zero_() if p.dtype == torch.float32 else p.new(p.H, p.Lq, p.D, torch.float32).zero_()
-        dtqa = (dtq.zero_() if p.dtype == torch.float32 else p.new(p.H, p.Lq, p.D, torch.float32).zero_()) \
-            if tangent else dqa
+        def accumulator(g):  # float32, zeroed: the gradient itself for float32 inputs
+            return (g if p.dtype == torch.float32 else p.new(p.H, p.Lq, p.D, torch.float32)).zero_()
+        dqa = accumulator(dq)
+        dtqa = accumulator(dtq) if tangent else dqa
     else:
         parts = cfg.parts if tangent else configs.PRIMAL
         dqa = dtqa = dq  # not written (no ADD_* part)
