@@ -117,12 +117,15 @@ def _rank_main(rank, world, store, out, cfg):
         dist.destroy_process_group()
 
 
-def measure(world: int, cfg: dict) -> list[dict]:
-    """One row per (mode, phase, rank) for a group of ``world`` processes."""
+def measure(world: int, cfg: dict, timeout: float = 600.0) -> list[dict]:
+    """One row per (mode, phase, rank) for a group of ``world`` processes; ranks still running after
+    ``timeout`` seconds are killed and a TimeoutError is raised."""
+    from flowmap_kernels.distributed.processes import join_within
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pt")
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        mp.spawn(_rank_main, args=(world, os.path.join(tmp, "store"), out, cfg), nprocs=world, join=True)
+        ctx = mp.spawn(_rank_main, args=(world, os.path.join(tmp, "store"), out, cfg), nprocs=world, join=False)
+        join_within(ctx, timeout, "cp_comm_volume")
         rows = torch.load(out, weights_only=False)
     for row in rows:
         row["match"] = row["measured_bytes"] == row["formula_bytes"]

@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from flowmap_kernels.distributed.processes import join_within
 
 
 def _entry(rank, world, store, out, fn, args, group, port, all_ranks):
@@ -63,13 +64,7 @@ def spawn(fn, world: int, tmp_path, *args, timeout: float = 600.0, group: bool =
     try:
         ctx = mp.spawn(_entry, args=(world, store, out, fn, args, group, None if group else _free_port(), all_ranks),
                        nprocs=world, join=False)
-        deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for proc in ctx.processes:
-                    if proc.is_alive():
-                        proc.kill()
-                raise TimeoutError(f"spawn: {world} processes did not finish within {timeout} s")
+        join_within(ctx, timeout, "spawn")
     finally:
         for k, v in old.items():
             if v is None:
