@@ -222,6 +222,10 @@ def test_real_compile_counts(sm90_records):
     assert by[("jvp_backward_atomic", 64)]["products_per_tile"] == 15
     assert sum(r["products_per_tile"] for (k, d), r in by.items() if k.startswith("jvp_backward_atomic[")
                and d == 128) == 20
+    # at D = 128 the split one-pass tangent launches run 32 query columns: no m64n16 wgmma
+    for (k, d), r in by.items():
+        if k.startswith("jvp_backward_atomic[") and d == 128:
+            assert "m64n16k16" not in r["wgmma_shapes"] and r["block_m"] == 32, r
     # every one-pass launch pipelines its key loop (num_stages >= 2, asynchronous copies)
     for r in sm90_records:
         if r["kernel"].split("[")[0] in ("backward_atomic", "jvp_backward_atomic"):

@@ -207,7 +207,7 @@ TABLE: dict = {
     },
     ("backward_dkdv", "sm90"): {
         (16, 2): C(64, 128, 8, 2), (32, 2): C(64, 128, 8, 2), (64, 2): C(64, 128, 8, 2),
-        (128, 2): C(64, 64, 8, 2), (256, 2): C(32, 32, 4, 1),
+        (128, 2): C(64, 128, 8, 2), (256, 2): C(32, 32, 4, 1),
         (16, 4): C(32, 64, 4, 2), (32, 4): C(32, 64, 4, 2), (64, 4): C(16, 64, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(16, 32, 4, 1),
     },
@@ -219,7 +219,7 @@ TABLE: dict = {
     },
     ("backward_dq", "sm90"): {
         (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(128, 64, 8, 2),
-        (128, 2): C(64, 64, 8, 2), (256, 2): C(32, 32, 4, 1),
+        (128, 2): C(128, 64, 8, 2), (256, 2): C(32, 32, 4, 1),
         (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 32, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 16, 4, 1),
     },
@@ -230,7 +230,7 @@ TABLE: dict = {
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 16, 4, 1),
     },
     ("jvp_backward_dkdv", "sm90"): {  # 2 stages: spill-free as with 1, fewer waits per key block (9 vs 12)
-        (16, 2): C(32, 64, 8, 2), (32, 2): C(32, 64, 8, 2), (64, 2): C(32, 64, 8, 2),
+        (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 128, 8, 2), (64, 2): C(32, 128, 8, 2),
         (128, 2): C(32, 64, 4, 2, S3), (256, 2): C(16, 64, 4, 1, S3),
         (16, 4): C(16, 64, 4, 1, S3), (32, 4): C(16, 64, 4, 1, S3), (64, 4): C(16, 16, 4, 1, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
@@ -242,8 +242,8 @@ TABLE: dict = {
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
     ("jvp_backward_dq", "sm90"): {
-        (16, 2): C(64, 64, 8, 2), (32, 2): C(64, 64, 8, 2), (64, 2): C(64, 64, 8, 2),
-        (128, 2): C(64, 32, 8, 2, S2), (256, 2): C(64, 16, 4, 1, S2),
+        (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(128, 64, 8, 2),
+        (128, 2): C(128, 32, 8, 2, S2), (256, 2): C(64, 16, 4, 1, S2),
         (16, 4): C(64, 32, 4, 1, S2), (32, 4): C(64, 32, 4, 1, S2), (64, 4): C(64, 16, 4, 1, S3),
         (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
@@ -259,7 +259,7 @@ TABLE: dict = {
 # jvp_forward: its running tangent shift left no spill-free wgmma tile at D=72; 64x32/w8/s1 spills 8 B).
 ODD_TABLE: dict = {
     ("jvp_forward", "sm90"): {(128, 2): C(64, 32, 8, 1)},  # 8 B spill: the least of the wgmma tiles tried
-    ("backward_dkdv", "sm90"): {(128, 2): C(32, 64, 8, 2)},
+    ("backward_dkdv", "sm90"): {(128, 2): C(32, 64, 4, 2)},
     ("jvp_backward_dkdv", "sm90"): {(128, 2): C(16, 64, 4, 2, S3)},
     ("jvp_backward_dq", "sm90"): {(128, 2): C(64, 16, 4, 2, S2)},
 }
@@ -268,6 +268,7 @@ ODD_TABLE: dict = {
 # jvp_forward tile; the dV+dtV part of jvp_backward_dkdv at 16x64) or spill 216 B (D = 128 [dk] part).
 FAMILY_TABLE: dict = {
     ("jvp_forward", "sm100"): {(256, 2): C(32, 32, 4, 1)},
+    ("backward_dq", "sm100"): {(128, 2): C(64, 64, 8, 2)},  # the Hopper 128x64/w8/s2 spills 24 B there
     ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1, S3)},
 }
 # The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
@@ -277,7 +278,7 @@ FAMILY_TABLE: dict = {
 TABLE.update({
     ("backward_atomic", "sm90"): {
         (16, 2): C(64, 128, 8, 2), (32, 2): C(64, 128, 8, 2), (64, 2): C(64, 128, 8, 2),
-        (128, 2): C(64, 64, 8, 2), (256, 2): C(32, 32, 4, 1),
+        (128, 2): C(32, 128, 8, 2), (256, 2): C(32, 32, 4, 1),
         (16, 4): C(16, 64, 4, 2), (32, 4): C(16, 64, 4, 2), (64, 4): C(16, 32, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(16, 32, 4, 1),
     },
@@ -298,9 +299,15 @@ TABLE.update({
     },
 })
 ODD_TABLE.update({
-    ("backward_atomic", "sm90"): {(128, 2): C(32, 64, 8, 1)},
+    ("backward_atomic", "sm90"): {(128, 2): C(16, 64, 4, 2)},
     ("jvp_backward_atomic", "sm90"): {(128, 2): C(16, 64, 4, 2, S3)},  # 12 B spill at D = 72
 })
+# Head dims equal to their bucket (D = Dv = 16, 32, 64, 128, 256: no masked columns) where a wider tile fits
+# than in the rest of the bucket: at D = 128 the split one-pass tangent backward takes 32 query columns
+# (m64n32 wgmma, spill-free; at D = 80 its [dk,dq_ds] launch spills 16 B there, so D = 80..112 keep 16x64).
+EXACT_TABLE: dict = {
+    ("jvp_backward_atomic", "sm90"): {(128, 2): C(32, 64, 4, 2, S3)},
+}
 FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): dict(FAMILY_TABLE[("jvp_backward_dkdv", "sm100")])})
 
 
@@ -431,9 +438,13 @@ def get_config(kernel: str, head_dim: int, element_bytes, arch: str,
     if own is not None:
         return own
     arch = FAMILIES[arch].tiles
-    odd = head_dim % 16 != 0 or (v_head_dim or head_dim) % 16 != 0
-    if odd:
+    dims = (head_dim, v_head_dim or head_dim)
+    if any(d % 16 for d in dims):
         hit = ODD_TABLE.get((kernel, arch), {}).get((bucket, element_bytes))
+        if hit is not None:
+            return hit
+    elif dims == (bucket, bucket):
+        hit = EXACT_TABLE.get((kernel, arch), {}).get((bucket, element_bytes))
         if hit is not None:
             return hit
     entries = TABLE[(kernel, arch)]

@@ -132,32 +132,53 @@ def _exp_rel(s, ref, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _mask_logits(s, rows, cols, n_rows, n_cols, mask_base, sm_r, sm_c,
-                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ROWS_ARE_QUERIES: tl.constexpr):
+def _mask_logits(s, start_r, start_c, rows, cols, n_rows, n_cols, mask_base, sm_r, sm_c,
+                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, ROWS_ARE_QUERIES: tl.constexpr,
+                 SKIP_INTERIOR: tl.constexpr):
     """Logits s with -inf where a key is out of range, causal-masked or masked out.
 
-    The tile's rows are queries (cols keys) when ROWS_ARE_QUERIES, else the transpose. MASK_KIND: 0 none,
-    1 boolean (nonzero = may attend), 2 additive. s is in base-2 units (scale*log2(e) Q K^T) for kinds 0
-    and 1, in natural units (scale Q K^T) for kind 2: the mask is added as it is, with no log2(e) factor
-    (finfo.min times log2(e) would overflow to -inf and turn "every key masked by a finite value", a
-    uniform softmax in SDPA, into "no key allowed").
+    The tile's rows are queries (cols keys) when ROWS_ARE_QUERIES, else the transpose; rows = start_r +
+    arange, cols = start_c + arange. MASK_KIND: 0 none, 1 boolean (nonzero = may attend), 2 additive. s is
+    in base-2 units (scale*log2(e) Q K^T) for kinds 0 and 1, in natural units (scale Q K^T) for kind 2:
+    the mask is added as it is, with no log2(e) factor (finfo.min times log2(e) would overflow to -inf and
+    turn "every key masked by a finite value", a uniform softmax in SDPA, into "no key allowed").
+    SKIP_INTERIOR: without a mask, an interior tile (every row and column in range, and with IS_CAUSAL every
+    key at or before every query) skips the mask arithmetic, which only the edge tiles of a loop compute.
+    The launcher sets it on the wgmma / tcgen05 families (launch.Plan.skip_interior): on the mma.sync ones
+    the branch costs the forward+JVP registers and shared memory (more spill at D = 64 and 128).
     """
-    if ROWS_ARE_QUERIES:
-        valid = (cols < n_cols)[None, :] & (rows < n_rows)[:, None]
+    if MASK_KIND == 0 and SKIP_INTERIOR:
+        edge = (start_r + s.shape[0] > n_rows) | (start_c + s.shape[1] > n_cols)
+        if IS_CAUSAL:
+            if ROWS_ARE_QUERIES:
+                edge = edge | (start_c + s.shape[1] - 1 > start_r)
+            else:
+                edge = edge | (start_r + s.shape[0] - 1 > start_c)
+        if edge:
+            s = tl.where(_valid_logits(rows, cols, n_rows, n_cols, IS_CAUSAL, ROWS_ARE_QUERIES), s, float("-inf"))
+    elif MASK_KIND == 0:
+        s = tl.where(_valid_logits(rows, cols, n_rows, n_cols, IS_CAUSAL, ROWS_ARE_QUERIES), s, float("-inf"))
     else:
-        valid = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    if IS_CAUSAL:
-        if ROWS_ARE_QUERIES:
-            valid = valid & (rows[:, None] >= cols[None, :])
-        else:
-            valid = valid & (cols[None, :] >= rows[:, None])
-    if MASK_KIND != 0:
+        valid = _valid_logits(rows, cols, n_rows, n_cols, IS_CAUSAL, ROWS_ARE_QUERIES)
         mv = tl.load(mask_base + rows[:, None] * sm_r + cols[None, :] * sm_c, mask=valid, other=0)
         if MASK_KIND == 1:
             valid = valid & (mv != 0)
         else:
             s = s + mv.to(tl.float32)
-    return tl.where(valid, s, float("-inf"))
+        s = tl.where(valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _valid_logits(rows, cols, n_rows, n_cols, IS_CAUSAL: tl.constexpr, ROWS_ARE_QUERIES: tl.constexpr):
+    """The entries of a tile (rows x cols) in range and, with IS_CAUSAL, with the key at or before the query."""
+    valid = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    if IS_CAUSAL:
+        if ROWS_ARE_QUERIES:
+            valid = valid & (rows[:, None] >= cols[None, :])
+        else:
+            valid = valid & (cols[None, :] >= rows[:, None])
+    return valid
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,6 +204,7 @@ def _attn_fwd(
     TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr, LARGE_OFFSETS: tl.constexpr,
     VARLEN: tl.constexpr, TANGENT_FP32: tl.constexpr = False, TMA: tl.constexpr = False,
+    SKIP_INTERIOR: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); online softmax over key blocks.
 
@@ -193,7 +215,9 @@ def _attn_fwd(
     The tangent numerator is accumulated around a running shift c (the running mu = r / l):
     tacc = sum_j P~_j (tV_j + (tS_j - c) V_j), and when c moves to c' the accumulated part is moved by
     (c - c') acc. At the end c = mu, so tO = tacc / l with no cancellation left: the operand P~ (tS - c)
-    rounded to 16 bits before its product with V is small where P~ is large, even at logits of 100."""
+    rounded to 16 bits before its product with V is small where P~ is large, even at logits of 100.
+
+    SKIP_INTERIOR: interior key blocks skip the mask arithmetic (see :func:`_mask_logits`)."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): each axis within CUDA's limits
     b = tl.program_id(2).to(tl.int64)
@@ -242,7 +266,8 @@ def _attn_fwd(
         else:
             k = _load_tile(k_base, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D, ALIGN)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = _mask_logits(s, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True)
+        s = _mask_logits(s, start_m, start_n, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True,
+                         SKIP_INTERIOR)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = _exp_rel(m_i, m_safe, MASK_KIND)
@@ -381,7 +406,8 @@ def _attn_row_stats(
             offs_n = start_n + offs_n0
             k = _load_tile(k_base, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D, ALIGN)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            s = _mask_logits(s, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True)
+            s = _mask_logits(s, start_m, start_n, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True,
+                             False)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * _exp_rel(m_i, m_safe, MASK_KIND) + tl.sum(_exp_rel(s, m_safe[:, None], MASK_KIND), 1)
@@ -480,7 +506,9 @@ def _attn_bwd_dkdv(
             in_m = offs_m < Lq
             q = _load_tile(q_base, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D, ALIGN)
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-            st = _mask_logits(st, offs_n, offs_m, Lk, Lq, m_base, smn, smm, IS_CAUSAL, MASK_KIND, False)
+            # (every tile masked: a branch around it cost the split [dk,dq_ds] launch 8 B of spill at D = 128)
+            st = _mask_logits(st, start_n, start_m, offs_n, offs_m, Lk, Lq, m_base, smn, smm, IS_CAUSAL, MASK_KIND,
+                              False, False)
             if MASK_KIND == 2:  # row max (+inf on fully masked rows: P = 0) and 1 / l
                 lse = tl.load(LSE + row + offs_m, mask=in_m, other=float("inf"))
                 pt = _exp_rel(st, lse[None, :], MASK_KIND) * tl.load(LINV + row + offs_m, mask=in_m, other=0.0)[None, :]
@@ -560,7 +588,7 @@ def _attn_bwd_dq(
     TANGENT: tl.constexpr, HAS_DO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
     DQ_DS: tl.constexpr, DQ_DTS: tl.constexpr, WANT_DTQ: tl.constexpr, ADD_PARTIAL: tl.constexpr,
-    ALIGN: tl.constexpr, LARGE_OFFSETS: tl.constexpr, VARLEN: tl.constexpr,
+    ALIGN: tl.constexpr, LARGE_OFFSETS: tl.constexpr, VARLEN: tl.constexpr, SKIP_INTERIOR: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); loops over key blocks.
 
@@ -620,7 +648,8 @@ def _attn_bwd_dq(
         k = _load_tile(k_base, offs_n, offs_d, Lk, skn, skd, D, BLOCK_D, ALIGN)
         v = _load_tile(v_base, offs_n, offs_dv, Lk, svn, svd, DV, BLOCK_DV, ALIGN)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = _mask_logits(s, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True)
+        s = _mask_logits(s, start_m, start_n, offs_m, offs_n, Lq, Lk, m_base, smm, smn, IS_CAUSAL, MASK_KIND, True,
+                         SKIP_INTERIOR)
         if MASK_KIND == 2:
             p = _exp_rel(s, lse[:, None], MASK_KIND) * linv[:, None]
         else:

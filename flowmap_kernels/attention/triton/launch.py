@@ -263,6 +263,9 @@ class Plan:
         if arch is None:
             arch = configs.current_arch(q.device) if q.device.type == "cuda" or triton_interpreter() else "sm90"
         self.arch = arch
+        # interior tiles skip the mask arithmetic (forward, query-block kernels) where the branch is free:
+        # the wgmma / tcgen05 families; the interpreter runs it too, so that its tests cover it
+        self.skip_interior = arch in TMA_FAMILIES or arch == "interpret"
         self.kernels = kernels if jit is None else jit
         self.block_d = max(16, triton.next_power_of_2(self.D))
         self.block_dv = max(16, triton.next_power_of_2(self.DV))
@@ -402,7 +405,8 @@ def forward_launches(p: Plan, q, k, v, tq=None, tk=None, tv=None, tangent_dtype=
         launches.append(Launch(name, p.kernels._attn_fwd,
                                (triton.cdiv(p.blocks_q, cfg.block_m), p.H, p.B), args,
                                p.constexprs(TANGENT=t, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                            TANGENT_FP32=tangent_fp32, TMA=tma), cfg, cu_seqlens=p.cu_seqlens))
+                                            TANGENT_FP32=tangent_fp32, TMA=tma, SKIP_INTERIOR=p.skip_interior),
+                               cfg, cu_seqlens=p.cu_seqlens))
     return (o, to, lse, mu), launches
 
 
@@ -500,8 +504,8 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
                     *dq.stride(), *p.mstrides, p.H, p.G, p.Lq, p.Lk, p.scale)
             launches.append(Launch(prefix + "_dq" + (f"[{part.suffix}]" if part.suffix else ""),
                                    p.kernels._attn_bwd_dq, (triton.cdiv(p.blocks_q, cfg.block_m), p.H, p.B), args,
-                                   p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **part.constexprs(), **flags),
-                                   cfg, cu_seqlens=p.cu_seqlens))
+                                   p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **part.constexprs(), **flags,
+                                                SKIP_INTERIOR=p.skip_interior), cfg, cu_seqlens=p.cu_seqlens))
     return grads, launches
 
 

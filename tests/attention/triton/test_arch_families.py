@@ -82,6 +82,30 @@ def test_launch_parts_name_what_each_launch_writes():
             assert p.dk or not p.dq_ds, (tag, p)
             assert p.dk or p.dtk or not (p.dq_dts or p.dtq), (tag, p)
     assert configs.PRIMAL_ONE_PASS.key_block[0].dq_ds and configs.PRIMAL_ONE_PASS.query_block == ()
-    for table in (configs.TABLE, configs.ODD_TABLE, configs.FAMILY_TABLE):
+    for table in (configs.TABLE, configs.ODD_TABLE, configs.EXACT_TABLE, configs.FAMILY_TABLE):
         for entries in table.values():
             assert all(configs.Config.parse(str(c)) == c for c in entries.values())
+
+
+KEY_BLOCK_KERNELS = ("backward_atomic", "backward_dkdv", "jvp_backward_atomic", "jvp_backward_dkdv")
+# (kernel, head dims) of the sm90 16-bit launches that keep 8 warps on 64 rows or one stage: the only
+# tiles found spill-free (or least spilling) there; see docs/triton.md, "Launch configs".
+SM90_NARROW_OR_SINGLE_STAGE = {
+    ("jvp_forward_tangent_fp32", "80-128"),  # 64x32/w8/s2: spill-free; 128x32/w8/s2 spills 164 B
+    ("jvp_forward", "odd"), ("jvp_forward_tangent_fp32", "odd"),  # 64x32/w8/s1 at D = 72, 88, ...
+}
+
+
+@pytest.mark.parametrize("kernel", configs.KERNELS)
+def test_sm90_16bit_tiles_are_wide_and_pipelined(kernel):
+    """Up to D = 128 in 16 bits every sm90 launch pipelines its key loop (num_stages >= 2) and puts 8 warps
+    only on 128 rows (queries, or keys in the key-block kernels), so that no wgmma's N is split across two
+    warpgroups; the exceptions are listed above."""
+    for d in (16, 32, 48, 64, 72, 80, 96, 112, 128):
+        cfg = configs.get_config(kernel, d, 2, "sm90")
+        rows = cfg.block_n if kernel in KEY_BLOCK_KERNELS else cfg.block_m
+        group = "odd" if d % 16 else ("80-128" if d > 64 else "<=64")
+        if (kernel, group) in SM90_NARROW_OR_SINGLE_STAGE:
+            continue
+        assert cfg.num_stages >= 2, (kernel, d, str(cfg))
+        assert rows >= 64 and not (cfg.num_warps == 8 and rows < 128), (kernel, d, str(cfg))

@@ -148,6 +148,15 @@ def test_small_tiles_many_key_blocks():
         _full_check(CASES["D96-33x50-bool"], torch.float16, seed=4)
 
 
+@pytest.mark.parametrize("q_len,kv_len,causal", [(64, 96, True), (96, 48, True), (80, 48, False)])
+def test_interior_tiles_skip_the_mask(q_len, kv_len, causal):
+    """16x16 tiles on block-multiple lengths: most tiles are interior (no mask arithmetic: _mask_logits
+    branches around it), the causal diagonal tiles and the ones past Lq (Lq < Lk) are not."""
+    with configs.override(configs.Config(16, 16, 4, 1)):
+        _full_check(Case(batch=1, q_heads=2, kv_heads=1, q_len=q_len, kv_len=kv_len, head_dim=16, causal=causal),
+                    torch.float32, seed=q_len + kv_len)
+
+
 def test_split_backward_kernels():
     """Split launches (the large-head-dim configs): dK+dtK | dV+dtV and dQ | dtQ (configs.BY_OUTPUT), and
     dK | dtK | dV+dtV with dtQ + dQ's dtS tK term into a float32 partial | dQ's dS K term (configs.BY_TERM)
@@ -366,6 +375,11 @@ def test_config_table_lookup():
     assert configs.get_config("jvp_forward", 128, torch.bfloat16, (9, 0)) == configs.get_config(
         "jvp_forward", 128, 2, "sm90") == configs.get_config("jvp_forward", 128, "bf16", "sm_90a")
     assert configs.get_config("jvp_forward", 72, 2, "sm90") == configs.ODD_TABLE[("jvp_forward", "sm90")][(128, 2)]
+    # D = Dv = 128 fills its bucket: the one-pass tangent backward takes 32 query columns there only
+    exact = configs.EXACT_TABLE[("jvp_backward_atomic", "sm90")][(128, 2)]
+    assert configs.get_config("jvp_backward_atomic", 128, 2, "sm90") == exact
+    for d, dv in ((80, 80), (96, 96), (128, 64), (72, 72)):
+        assert configs.get_config("jvp_backward_atomic", d, 2, "sm90", dv) != exact
     with pytest.raises(ValueError, match="element_bytes"):
         configs.get_config("forward", 64, torch.int8, "sm90")
     with pytest.raises(ValueError, match="kernel"):
