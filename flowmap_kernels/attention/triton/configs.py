@@ -260,6 +260,7 @@ TABLE: dict = {
 ODD_TABLE: dict = {
     ("jvp_forward", "sm90"): {(128, 2): C(64, 32, 8, 1)},  # 8 B spill: the least of the wgmma tiles tried
     ("backward_dkdv", "sm90"): {(128, 2): C(32, 64, 4, 2)},
+    ("backward_dq", "sm90"): {(128, 2): C(64, 64, 4, 2)},  # 128x64/w8/s2 spills 32 B at D = 72
     ("jvp_backward_dkdv", "sm90"): {(128, 2): C(16, 64, 4, 2, S3)},
     ("jvp_backward_dq", "sm90"): {(128, 2): C(64, 16, 4, 2, S2)},
 }

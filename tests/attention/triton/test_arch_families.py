@@ -109,3 +109,17 @@ def test_sm90_16bit_tiles_are_wide_and_pipelined(kernel):
             continue
         assert cfg.num_stages >= 2, (kernel, d, str(cfg))
         assert rows >= 64 and not (cfg.num_warps == 8 and rows < 128), (kernel, d, str(cfg))
+
+
+@pytest.mark.parametrize("arch,head_dim,skip", [("sm90", 64, True), ("sm100", 128, True), ("sm90", 72, False),
+                                                ("sm80", 64, False), ("sm120", 128, False), ("interpret", 72, True)])
+def test_interior_tiles_skip_the_mask_where_it_is_free(arch, head_dim, skip):
+    """SKIP_INTERIOR (interior tiles branch around the mask arithmetic) on the wgmma / tcgen05 families at
+    head dims a multiple of 16, and in the interpreter (so that its tests run it); not on mma.sync."""
+    import torch
+    from flowmap_kernels.attention.triton import launch
+    q = torch.empty(1, 2, 8, head_dim)
+    plan = launch.Plan(q, q, q, None, False, 1.0, arch=arch)
+    assert plan.skip_interior is skip
+    (_, fwd) = launch.forward_launches(plan, q, q, q)
+    assert fwd[0].constexprs["SKIP_INTERIOR"] is skip
