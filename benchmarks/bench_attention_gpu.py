@@ -2,7 +2,7 @@
 
     python benchmarks/bench_attention_gpu.py [--n 1024 2048 ... 32768] [--d 64 128] [--dtypes fp16 bf16]
                                              [--heads 16] [--tokens 32768] [--causal] [--deterministic]
-                                             [--out results/attn]
+                                             [--jvp-backward-config 32x64/w4/s2/split2 ...] [--out results/attn]
 
 Times (triton.testing.do_bench, median of its repetitions, milliseconds) for each (N, D, dtype):
 
@@ -21,7 +21,10 @@ backward runs 5 products (2.5x its forward), ours too (the one-pass backward, dQ
 through (O, tO) runs 15 products per tile for 16-bit head dims <= 64 (the minimum, docs/math.md section 1)
 and 20 otherwise (three launches, two recomputing S and tS). Under --deterministic
 (torch.use_deterministic_algorithms: dQ in a pass of its own) they are 7, and 21 / 28.
-TFLOP/s = FLOPs / time, both ways (tflops: algorithmic, tflops_executed). Batch B = max(1, tokens // N).
+--jvp-backward-config also times the backward through (O, tO) with the named launch config forced on every
+launch of that call (configs.override; impl "triton[<config>]"), e.g. the two-launch one-pass split the static
+report ranks against the shipped one-launch kernel at D <= 64 (docs/triton.md); its executed FLOPs are not
+counted (null). TFLOP/s = FLOPs / time, both ways (tflops: algorithmic, tflops_executed). Batch B = max(1, tokens // N).
 The GPU (nvidia-ml-py), torch and triton versions are recorded with every row; results go to <out>.csv and <out>.json.
 
 Without a CUDA GPU this script says so and exits 0; it never fabricates numbers.
@@ -54,10 +57,13 @@ def _bench(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac, deterministic=False):
+def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac, deterministic=False, jvp_backward_configs=()):
+    """Rows of timings for one (N, D, dtype); ``jvp_backward_configs``: launch config names (configs.Config.parse)
+    under which the backward through (O, tO) is timed again."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from flowmap_kernels.attention.triton import configs
     from flowmap_kernels.attention.triton import launch as ta
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
@@ -73,9 +79,9 @@ def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac, determinist
     def add(impl, kind, ms, note=""):
         unit = B * H * n * n * d * (0.5 if causal else 1.0)
         per_s = (lambda f: f * unit / (ms * 1e-3) / 1e12) if ms else (lambda f: None)
+        executed = None if "[" in impl else per_s(executed_factor(impl, kind, d, dtype_name, deterministic))
         rows.append(dict(base, impl=impl, pass_=kind, ms=ms, tflops=per_s(FLOP_FACTOR[kind]),
-                         tflops_executed=per_s(executed_factor(impl, kind, d, dtype_name, deterministic)),
-                         deterministic=deterministic, note=note))
+                         tflops_executed=executed, deterministic=deterministic, note=note))
         shown = f"{ms:9.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s" if ms else f"{'-':>9s}    {note}"
         print(f"N={n:6d} D={d:3d} {dtype_name} B={B:3d} H={H:3d} {impl:12s} {kind:13s} {shown}", flush=True)
 
@@ -87,6 +93,10 @@ def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac, determinist
     add("triton", "jvp_forward", _bench(lambda: ta.jvp_forward(q, k, v, tq, tk, tv, None, causal, scale)))
     add("triton", "jvp_backward", _bench(lambda: ta.jvp_backward(q, k, v, tq, tk, tv, o2, to2, lse2, mu2,  # noqa: F821
                                                                  do, dto, None, causal, scale)))
+    for name in jvp_backward_configs:
+        with configs.override(configs.Config.parse(name)):
+            add(f"triton[{name}]", "jvp_backward", _bench(lambda: ta.jvp_backward(
+                q, k, v, tq, tk, tv, o2, to2, lse2, mu2, do, dto, None, causal, scale)))  # noqa: F821
     del o2, to2, lse2, mu2  # free GPU memory before the math baseline (the lambda ran inside _bench)
     # SDPA flash
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -127,8 +137,15 @@ def main(argv=None) -> int:
     ap.add_argument("--math-mem-frac", type=float, default=0.5)
     ap.add_argument("--deterministic", action="store_true",
                     help="torch.use_deterministic_algorithms(True): the backwards' dQ in a pass of its own")
+    ap.add_argument("--jvp-backward-config", nargs="*", default=[], metavar="CONFIG",
+                    help="also time the backward through the JVP with this launch config forced "
+                         "(e.g. 32x64/w4/s2/split2)")
     ap.add_argument("--out", type=Path, default=Path("results/bench_attention_gpu"))
     a = ap.parse_args(argv)
+    if a.jvp_backward_config:
+        from flowmap_kernels.attention.triton import configs
+        for name in a.jvp_backward_config:
+            configs.Config.parse(name)  # a clear error before any GPU work
     try:
         import torch
     except ImportError:
@@ -145,7 +162,8 @@ def main(argv=None) -> int:
     for dt in a.dtypes:
         for d in a.d:
             for n in a.n:
-                rows += run_case(n, d, dt, a.heads, a.tokens, a.causal, a.math_mem_frac, a.deterministic)
+                rows += run_case(n, d, dt, a.heads, a.tokens, a.causal, a.math_mem_frac, a.deterministic,
+                                 a.jvp_backward_config)
     for r in rows:
         r["gpu"] = meta.get("gpu_name", meta.get("cuda_device_name"))
     write_results(rows, out, meta=meta)

@@ -103,12 +103,19 @@ def correctness(dtypes) -> list:
     return rows
 
 
+#: Launch configs timed beside the shipped one for the backward through the JVP (impl "triton[<config>]"): at
+#: D = 64 the static report ranks this two-launch split (18 products, m64n32) above the shipped 15-product
+#: launch (m64n16), an ESTIMATE only a GPU can settle (docs/triton.md).
+ALTERNATIVES = {64: ("32x64/w4/s2/split2",)}
+
+
 def timings(quick: bool) -> list:
     import bench_attention_gpu as bag  # a sibling script: its folder is on sys.path when run as a script
     rows = []
     for d in (64, 128):
         for n in ((4096,) if quick else (4096, 16384)):
-            rows += bag.run_case(n, d, "bf16", 16, 32768, False, 0.5)
+            rows += bag.run_case(n, d, "bf16", 16, 32768, False, 0.5,
+                                 jvp_backward_configs=ALTERNATIVES.get(d, ()))
     return rows
 
 
@@ -120,8 +127,11 @@ def ratios(rows) -> list:
         ms = {(r["impl"], r["pass_"]): r["ms"] for r in rows if r["n"] == n and r["d"] == d}
         fwd, bwd = ms.get(("sdpa_flash", "forward")), ms.get(("sdpa_flash", "backward"))
         jf, jb = ms.get(("triton", "jvp_forward")), ms.get(("triton", "jvp_backward"))
+        alt = {impl[len("triton["):-1]: t / bwd for (impl, kind), t in ms.items()
+               if impl.startswith("triton[") and kind == "jvp_backward" and t and bwd}
         out.append(dict(n=n, d=d, jvp_forward_over_flash_forward=jf / fwd if jf and fwd else None,
                         jvp_backward_over_flash_backward=jb / bwd if jb and bwd else None,
+                        jvp_backward_alternatives_over_flash_backward=alt,
                         target_forward=1.6, target_backward=3.5))
     return out
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -69,6 +71,17 @@ def test_gpu_check_ratios():
     rows = [dict(n=4096, d=64, impl="sdpa_flash", pass_="forward", ms=1.0),
             dict(n=4096, d=64, impl="sdpa_flash", pass_="backward", ms=2.5),
             dict(n=4096, d=64, impl="triton", pass_="jvp_forward", ms=1.5),
-            dict(n=4096, d=64, impl="triton", pass_="jvp_backward", ms=10.0)]
+            dict(n=4096, d=64, impl="triton", pass_="jvp_backward", ms=10.0),
+            dict(n=4096, d=64, impl="triton[32x64/w4/s2/split2]", pass_="jvp_backward", ms=7.5)]
     (r,) = g.ratios(rows)
     assert r["jvp_forward_over_flash_forward"] == 1.5 and r["jvp_backward_over_flash_backward"] == 4.0
+    assert r["jvp_backward_alternatives_over_flash_backward"] == {"32x64/w4/s2/split2": 3.0}
+    # the alternatives it times are valid launch configs
+    from flowmap_kernels.attention.triton import configs
+    assert all(str(configs.Config.parse(c)) == c for cs in g.ALTERNATIVES.values() for c in cs)
+
+
+def test_bench_rejects_a_bad_launch_config():
+    bag = _import_benchmark("bench_attention_gpu")
+    with pytest.raises(ValueError, match="config"):
+        bag.main(["--jvp-backward-config", "64x64"])
