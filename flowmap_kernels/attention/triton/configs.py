@@ -273,7 +273,8 @@ FAMILY_TABLE: dict = {
     ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1, S3)},
 }
 # The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
-# D = 128 in 16-bit (16x64/w4 at D <= 64: 15 products; 16x64/w4/s2/split3 at D = 80..128: 20) and as shipped
+# D = 128 in 16-bit (16x64/w4 at D <= 64: 15 products; 16x64/w4/s2/split3 at D = 80..112 and, in EXACT_TABLE,
+# 32x64/w4/s2/split3 at D = 128: 20) and as shipped
 # in float32, every 16-bit launch pipelined (num_stages 2); D = 72 spills 12 B ([dk,dq_ds], the least tried).
 # sm80 (mma.sync): the key-block kernels' tiles for the primal backward, 32x32/w4/s2 for the tangent one.
 TABLE.update({

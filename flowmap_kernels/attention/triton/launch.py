@@ -62,30 +62,28 @@ INT32_OFFSET_LIMIT = 2 ** 31 - 1
 ROW_STATS_LSE_LIMIT = 256.0
 
 _force_large_offsets: list = []
-
-
-@contextlib.contextmanager
-def large_offsets(enabled: bool = True):
-    """Force (or forbid) the int64 row-offset kernels inside the block, whatever the sizes (tests)."""
-    _force_large_offsets.append(bool(enabled))
-    try:
-        yield
-    finally:
-        _force_large_offsets.pop()
-
-
 _force_tensor_descriptors: list = []
 
 
 @contextlib.contextmanager
-def tensor_descriptors(enabled: bool = True):
-    """Force (or forbid) the forward+JVP's tensor-descriptor (TMA) loads inside the block where the operands
-    allow them, on any arch (tests: the CPU interpreter runs them)."""
-    _force_tensor_descriptors.append(bool(enabled))
+def _forced(stack: list, enabled: bool):
+    """Push ``enabled`` on a stack of forced launch choices for the block (its top decides)."""
+    stack.append(bool(enabled))
     try:
         yield
     finally:
-        _force_tensor_descriptors.pop()
+        stack.pop()
+
+
+def large_offsets(enabled: bool = True):
+    """Force (or forbid) the int64 row-offset kernels inside the block, whatever the sizes (tests)."""
+    return _forced(_force_large_offsets, enabled)
+
+
+def tensor_descriptors(enabled: bool = True):
+    """Force (or forbid) the forward+JVP's tensor-descriptor (TMA) loads inside the block where the operands
+    allow them, on any arch (tests: the CPU interpreter runs them)."""
+    return _forced(_force_tensor_descriptors, enabled)
 
 
 #: Families whose GPUs have TMA (tensor descriptors): Hopper and datacenter Blackwell.
@@ -263,10 +261,12 @@ class Plan:
         if arch is None:
             arch = configs.current_arch(q.device) if q.device.type == "cuda" or triton_interpreter() else "sm90"
         self.arch = arch
+        # head dims a multiple of 16: no masked columns in the tiles (tensor descriptors and SKIP_INTERIOR need it)
+        self.dims_multiple_of_16 = self.D % 16 == 0 and self.DV % 16 == 0
         # interior tiles skip the mask arithmetic (forward, query-block kernels) where the branch costs no
-        # spill: the wgmma / tcgen05 families, head dims a multiple of 16 (masked columns: D = 72's forward+JVP
-        # spilled 112 B with it, 8 B without); the interpreter runs it too, so that its tests cover it
-        self.skip_interior = arch == "interpret" or (arch in TMA_FAMILIES and self.D % 16 == 0 and self.DV % 16 == 0)
+        # spill: the wgmma / tcgen05 families, no masked columns (D = 72's forward+JVP spilled 112 B with it,
+        # 8 B without); the interpreter runs it too, so that its tests cover it
+        self.skip_interior = arch == "interpret" or (arch in TMA_FAMILIES and self.dims_multiple_of_16)
         self.kernels = kernels if jit is None else jit
         self.block_d = max(16, triton.next_power_of_2(self.D))
         self.block_dv = max(16, triton.next_power_of_2(self.DV))
@@ -390,7 +390,7 @@ def forward_launches(p: Plan, q, k, v, tq=None, tk=None, tv=None, tangent_dtype=
     name = "jvp_forward" if t else "forward"
     tangent_fp32 = bool(t and to.dtype != p.dtype)  # float32 tO from 16-bit inputs (tangent_dtype)
     # (head dims not a multiple of 16 keep pointer loads: with descriptors their masked columns spill more)
-    tma = t and not tangent_fp32 and not p.large_offsets and p.D % 16 == 0 and p.DV % 16 == 0 \
+    tma = t and not tangent_fp32 and not p.large_offsets and p.dims_multiple_of_16 \
         and descriptors_allowed(k, v, tk, tv) \
         and (_force_tensor_descriptors[-1] if _force_tensor_descriptors else p.arch in TMA_FAMILIES)
     if tangent_fp32:
