@@ -114,7 +114,8 @@ def _rank_main(rank, world, store, out, cfg):
             torch.save([row for part in gathered for row in part], out)
         dist.barrier()  # no rank tears its gloo pairs down while a peer still reads from them
     finally:
-        dist.destroy_process_group()
+        from flowmap_kernels.distributed.processes import leave_process_group
+        leave_process_group(barrier=False)  # (the normal path passed its barrier above)
 
 
 def measure(world: int, cfg: dict, timeout: float = 600.0) -> list[dict]:

@@ -70,9 +70,8 @@ def close_distributed(barrier: bool = True) -> None:
         return
     _owned_group.clear()
     if dist.is_initialized():
-        if barrier:
-            dist.barrier()
-        dist.destroy_process_group()
+        from ..distributed.processes import leave_process_group
+        leave_process_group(barrier)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

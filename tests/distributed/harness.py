@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flowmap_kernels.distributed.processes import join_within
+from flowmap_kernels.distributed.processes import join_within, leave_process_group
 
 
 def _entry(rank, world, store, out, fn, args, group, port, all_ranks):
@@ -44,7 +44,7 @@ def _entry(rank, world, store, out, fn, args, group, port, all_ranks):
         if keep:
             torch.save(result, f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        leave_process_group(barrier=False)  # (the normal path passed its barrier above)
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flowmap_kernels import train
+from flowmap_kernels.distributed.processes import leave_process_group
 from flowmap_kernels.training import close_distributed
 from flowmap_kernels.training.checkpoint import latest_sharded, load_sharded, load_sharded_extras
 from flowmap_kernels.training.config import resolve_config
@@ -239,8 +240,7 @@ def _every_method(rank, world, root):
                 else:
                     losses = load_sharded_extras(latest_sharded(out / SHARDED_DIR))["losses"]
                 res[(name, kind)] = (losses, json.loads((out / "metrics.json").read_text()))
-    dist.barrier()  # no rank tears its gloo pairs down while a peer still reads from them
-    dist.destroy_process_group()
+    leave_process_group()
     return res
 
 
