@@ -11,7 +11,7 @@ from . import naive
 from ..backends import get_backend
 from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPFunction, _check_mask_tangent,
                        check_tangent_dtypes)
-from .problem import AttentionProblem, make_problem
+from .problem import AttentionProblem, SDPAShapes, make_problem
 from .registry import ATTENTION
 from ..func import forward_mode_active
 
@@ -77,7 +77,14 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     torch.autograd.forward_ad and torch.func.vmap (jacrev, jacfwd, hessian, per-sample gradients); the tangent
     output is differentiable with respect to the inputs and their tangents. ``is_causal`` must be a bool and
     ``scale`` None or a real number (TypeError otherwise); tangents must have their primal's dtype.
+    SDPA's other shapes work as there: 3-d (heads, tokens, head_dim) and (N, ..., heads, tokens, head_dim),
+    whose leading dims are flattened into the batch (:class:`~.problem.SDPAShapes`).
     """
+    shapes = SDPAShapes(query, key, value)
+    if shapes.reshaped:
+        o = attention(*shapes.inputs(query, key, value), shapes.mask(attn_mask), dropout_p, is_causal, scale,
+                      enable_gqa)
+        return shapes.restore(o)
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     name = resolve_backend(p)
     if not torch.compiler.is_compiling():
@@ -118,6 +125,12 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale
     Float32 tangents with float16/bfloat16 q, k, v (the models' dual forms with float32 tangents) run the
     float32 attention (O rounded to the inputs' dtype once, at the output; tO in float32).
     """
+    shapes = SDPAShapes(q, k, v)
+    if shapes.reshaped:
+        o, to = attention_jvp(*shapes.inputs(q, k, v), *shapes.tangents((q, k, v), (tq, tk, tv)),
+                              attn_mask=shapes.mask(attn_mask), is_causal=is_causal, scale=scale,
+                              enable_gqa=enable_gqa, tangent_dtype=tangent_dtype)
+        return shapes.restore(o), shapes.restore(to)
     if isinstance(q, torch.Tensor) and float32_tangents(q, (tq, tk, tv)):
         make_problem(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa)  # q, k, v and the mask as given
         if tangent_dtype not in (None, torch.float32):

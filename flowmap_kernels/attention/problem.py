@@ -62,11 +62,74 @@ def _tensor(name: str, x) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(
-            f"{name}: expected 4 dims (batch, heads, tokens, head_dim), got shape {tuple(x.shape)}"
+            f"{name}: expected 4 dims (batch, heads, tokens, head_dim), or 3 or more as in SDPA (N, ..., heads, "
+            f"tokens, head_dim), got shape {tuple(x.shape)}"
         )
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
     return x
+
+
+class SDPAShapes:
+    """scaled_dot_product_attention's shapes (N, ..., heads, tokens, head_dim) in the 4-d layout.
+
+    3-d inputs (heads, tokens, head_dim) are a batch of one; the leading dims of inputs with more than 4 dims
+    are flattened into the batch (views where the strides allow). The mask broadcasts as in SDPA: one with
+    at most 3 dims is kept (it broadcasts over the flattened batch), a longer one is broadcast to the
+    leading dims and flattened with them. :meth:`restore` gives an output the leading dims back. 4-d inputs
+    (and anything :func:`make_problem` must reject) pass through unchanged."""
+
+    def __init__(self, query, key, value):
+        xs = (query, key, value)
+        self.lead = None
+        if not all(isinstance(x, torch.Tensor) for x in xs) or all(x.dim() == 4 for x in xs):
+            return
+        if query.dim() < 3:
+            return  # make_problem names the bad shape
+        for name, x in (("key", key), ("value", value)):
+            if x.dim() != query.dim():
+                raise ValueError(f"{name}: expected {query.dim()} dims like query (N, ..., heads, tokens, head_dim),"
+                                 f" got shape {tuple(x.shape)}")
+            if x.shape[:-3] != query.shape[:-3]:
+                raise ValueError(f"{name}: leading dims {tuple(x.shape[:-3])} must equal query's "
+                                 f"{tuple(query.shape[:-3])}")
+        self.lead = tuple(query.shape[:-3])
+
+    @property
+    def reshaped(self) -> bool:
+        """Whether the inputs are not already 4-d."""
+        return self.lead is not None
+
+    def inputs(self, *xs):
+        """q, k, v or their tangents in the 4-d layout (None stays None)."""
+        return tuple(None if x is None else x.reshape(math.prod(self.lead), *x.shape[-3:]) for x in xs)
+
+    def tangents(self, primals, tangents):
+        """Tangents (None = zero) in the 4-d layout, each first checked to have its primal's shape."""
+        for name, x, t in zip(("query", "key", "value"), primals, tangents):
+            if isinstance(t, torch.Tensor) and t.shape != x.shape:
+                raise ValueError(f"tangent of {name}: expected shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        return self.inputs(*tangents)
+
+    def mask(self, attn_mask):
+        """The mask for the 4-d inputs."""
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() <= 3:
+            return attn_mask
+        if attn_mask.dim() > len(self.lead) + 3:
+            raise ValueError(f"attn_mask: expected at most {len(self.lead) + 3} dims like query, got shape "
+                             f"{tuple(attn_mask.shape)}")
+        try:
+            lead = torch.broadcast_shapes(tuple(attn_mask.shape[:-3]), self.lead)
+        except RuntimeError:
+            lead = None
+        if lead != self.lead:
+            raise ValueError(f"attn_mask: leading dims {tuple(attn_mask.shape[:-3])} do not broadcast to query's "
+                             f"{self.lead}")
+        return attn_mask.expand(*self.lead, *attn_mask.shape[-3:]).reshape(math.prod(self.lead), *attn_mask.shape[-3:])
+
+    def restore(self, out: torch.Tensor) -> torch.Tensor:
+        """A (batch, heads, tokens, channels) output with the inputs' leading dims."""
+        return out.reshape(*self.lead, *out.shape[-3:])
 
 
 def check_tangent_dtypes(primals, tangents) -> None:

@@ -22,11 +22,13 @@ a reference stored elsewhere (``self.fn = F.scaled_dot_product_attention``) no
 =======================================================================  ==========================
 
 Calls the patch cannot serve exactly run the original function (never a different result) with a
-:class:`SDPAFallbackWarning` once per reason: ``dropout_p > 0``, nested tensors, inputs that are not
-3-d or 4-d, ``attn_mask`` together with ``is_causal``, a mask that requires grad or carries a tangent,
-unknown keyword arguments, and anything :func:`flowmap_kernels.attention.make_problem` or the backend
-registry rejects (dtype, shapes, an explicitly selected backend that cannot run the call).
-3-d inputs (heads, tokens, dim) are served as a batch of one. The routing ignores
+:class:`SDPAFallbackWarning` once per reason: ``dropout_p > 0``, nested tensors, inputs with fewer than 3
+dims or different numbers of dims (SDPA broadcasts those), ``attn_mask`` together with ``is_causal``, a
+mask that requires grad or carries a tangent, unknown keyword arguments, and anything
+:func:`flowmap_kernels.attention.make_problem` or the backend registry rejects (dtype, shapes, batch dims
+that differ, an explicitly selected backend that cannot run the call). 3-d inputs (heads, tokens, dim) and
+inputs with more than 4 dims are served as ``fk.attention`` serves them (leading dims flattened into the
+batch). The routing ignores
 ``torch.nn.attention.sdpa_kernel``: inside the patch every supported call goes to ``fk.attention``.
 
 install/uninstall are reference-counted per target under one lock (nest freely, from any thread);
@@ -47,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import functional as _fk
-from ..attention.problem import make_problem
+from ..attention.problem import SDPAShapes, make_problem
 from ..backends import BackendUnavailableError
 
 __all__ = [
@@ -104,7 +106,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 
     The arguments are checked by :func:`flowmap_kernels.attention.make_problem` (what fk.attention itself
     runs) and the backend registry; before that only what the patch adds to fk.attention's contract: SDPA's
-    keyword set, nested tensors, 3-d inputs (served as a batch of one) and a mask's forward-mode tangent.
+    keyword set, nested tensors, inputs of fewer or different numbers of dims and a mask's forward-mode tangent.
     """
     if extra:
         return "keywords", f"unknown keyword arguments {sorted(extra)}"
@@ -113,27 +115,21 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         if isinstance(x, torch.Tensor) and x.is_nested:
             return "nested", f"{name} is a nested tensor"
     if all(isinstance(x, torch.Tensor) for x in (query, key, value)) and not (
-            query.dim() == key.dim() == value.dim() and query.dim() in (3, 4)):
-        return "ndim", (f"inputs must all be 3-d or 4-d, got {query.dim()}, {key.dim()}, {value.dim()} dims")
+            query.dim() == key.dim() == value.dim() and query.dim() >= 3):
+        return "ndim", (f"inputs must have the same number of dims, at least 3, got {query.dim()}, {key.dim()}, "
+                        f"{value.dim()} dims")
     if isinstance(attn_mask, torch.Tensor) and _has_tangent(attn_mask):
         return "attn_mask.tangent", "attn_mask carries a forward-mode tangent"
-    q, k, v, m = _as_4d(query, key, value, attn_mask)
     try:
+        q, k, v, m = query, key, value, attn_mask
+        shapes = SDPAShapes(query, key, value)
+        if shapes.reshaped:
+            (q, k, v), m = shapes.inputs(query, key, value), shapes.mask(attn_mask)
         p = make_problem(q, k, v, m, dropout_p, is_causal, scale, enable_gqa)
         _fk.resolve_backend(p)
     except (TypeError, ValueError, BackendUnavailableError) as e:
         return _reason(e), str(e)
     return None
-
-
-def _as_4d(query, key, value, attn_mask):
-    """3-d inputs (H, L, D) as a batch of one (1, H, L, D); the mask broadcasts the same way. Anything
-    else (4-d inputs, non-tensors for make_problem to reject) is returned as it is."""
-    if not isinstance(query, torch.Tensor) or query.dim() != 3:
-        return query, key, value, attn_mask
-    def batch_of_one(x):
-        return x.unsqueeze(0) if isinstance(x, torch.Tensor) and x.dim() == 3 else x
-    return batch_of_one(query), batch_of_one(key), batch_of_one(value), batch_of_one(attn_mask)
 
 
 def _note_fallback(reason: str, message: str) -> None:
@@ -172,9 +168,8 @@ def _route(original: Callable, args: tuple, kwargs: dict):
         _note_fallback(*why)
         return _call_original(original, args, kwargs)
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _ = bound
-    q, k, v, m = _as_4d(query, key, value, attn_mask)
-    out = _fk.attention(q, k, v, attn_mask=m, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    return out if query.dim() == 4 else out.squeeze(0)
+    return _fk.attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                         enable_gqa=enable_gqa)
 
 
 def _make_router(original: Callable) -> Callable:

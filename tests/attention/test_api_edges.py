@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import flowmap_kernels as fk
 from tests.attention.backend_env import BACKENDS, on_backend
 from tests.numerics import rel_err
-from tests.reference import ref_attention
+from tests.reference import ref_attention, ref_grads
 
 
 def _qkv(dtype=torch.float32, b=1, hq=2, hkv=2, lq=4, lk=6, d=8, dv=5, seed=0):
@@ -129,3 +129,46 @@ def test_empty_shapes_match_sdpa(backend, mask, shape):
         grads = torch.autograd.grad((o * torch.randn_like(o)).sum() + to.square().sum(), (q, k, v, tq),
                                     allow_unused=True, materialize_grads=True)
         assert all(g is not None and not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead, mask_shape", [((), None), ((), (4, 5, 6)), ((2, 3), None), ((2, 1), (1, 5, 6)),
+                                              ((2, 3), (2, 1, 1, 5, 6)), ((1, 2, 2), (2, 1, 1, 5, 6))])
+def test_sdpa_shapes_3d_and_above_4d(backend, lead, mask_shape):
+    """SDPA's shapes: 3-d (heads, tokens, dim) and (N, ..., heads, tokens, dim) inputs, masks broadcasting
+    over the leading dims; O, tO and the gradients through both against the float64 reference on the
+    inputs flattened to 4-d by hand, and O against SDPA itself."""
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.float32
+    hq, hkv = 4, 2
+    q, k, v, tq, tk, tv = (torch.randn(*lead, h, n, d, generator=g, dtype=torch.float64).to(dtype)
+                           for h, n, d in ((hq, 5, 8), (hkv, 6, 8), (hkv, 6, 3)) * 2)
+    mask = None if mask_shape is None else torch.rand(*mask_shape, generator=g) > 0.3
+    kw = dict(attn_mask=mask, enable_gqa=True)
+    flat = lambda x: x.reshape(-1, *x.shape[-3:])  # noqa: E731
+    fmask = None if mask is None else (mask if mask.dim() <= 3 else
+                                       flat(mask.expand(*lead, *mask.shape[-3:])))
+    wo, wt = (torch.randn(*lead, hq, 5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    (ro, rto), rgrads = ref_grads(*(flat(x) if x.dim() > 3 else x[None] for x in (q, k, v, tq, tk, tv)),
+                                  flat(wo) if lead else wo[None], flat(wt) if lead else wt[None],
+                                  attn_mask=fmask, enable_gqa=True)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, tq, tk, tv)]
+    with on_backend(backend):
+        o, to = fk.attention_jvp(*leaves, **kw)
+        o2, to2 = torch.func.jvp(lambda a, b, c: fk.attention(a, b, c, **kw), (q, k, v), (tq, tk, tv))
+    assert o.shape == to.shape == (*lead, hq, 5, 3)
+    tol = 1e-5
+    assert rel_err(o, ro.reshape(o.shape)) < tol and rel_err(to, rto.reshape(to.shape)) < tol
+    assert rel_err(o2, ro.reshape(o.shape)) < tol and rel_err(to2, rto.reshape(to.shape)) < tol
+    sdpa_mask = None if mask is None else mask.expand(*lead, hq, 5, 6) if lead else mask
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=sdpa_mask, enable_gqa=True)
+    assert rel_err(o, torch.nan_to_num(want)) < tol
+    (o.double() * wo).sum().add((to.double() * wt).sum() + 0.5 * (to.double() ** 2).sum()).backward()
+    for x, r in zip(leaves, rgrads):
+        assert x.grad.shape == x.shape and rel_err(x.grad, r.reshape(x.shape)) < 5e-5
+
+
+def test_sdpa_shapes_tangent_shape_is_checked_before_flattening():
+    q, k, v = (x[None].expand(2, 3, *x.shape[1:]).contiguous() for x in _qkv())
+    with pytest.raises(ValueError, match=r"tangent of key: expected shape \(2, 3, 2, 6, 8\), got \(3, 2, 2, 6, 8\)"):
+        fk.attention_jvp(q, k, v, None, torch.zeros(3, 2, 2, 6, 8), None)

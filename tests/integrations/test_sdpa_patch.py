@@ -92,6 +92,23 @@ def test_three_dim_inputs_are_served_as_a_batch_of_one():
     assert fallback_counts() == {}
 
 
+def test_five_dim_inputs_flatten_their_leading_dims():
+    """(N, T, heads, tokens, dim) as video models call SDPA, with a mask broadcast over N."""
+    q, k, v = (x.reshape(2, 2, 2, *x.shape[2:]) for x in _qkv(Lq=5, Lk=6))
+    tq, tk, tv = (x.reshape(2, 2, 2, *x.shape[2:]) for x in _qkv(Lq=5, Lk=6, seed=1))
+    mask = torch.randn(2, 1, 5, 6, dtype=q.dtype)
+    with patch_sdpa():
+        o, to = torch.func.jvp(lambda a, b, d: F.scaled_dot_product_attention(a, b, d, attn_mask=mask),
+                               (q, k, v), (tq, tk, tv))
+    assert o.shape == (2, 2, 2, 5, 8)
+    flat = lambda x: x.reshape(4, *x.shape[2:])  # noqa: E731
+    ro, rto = torch.func.jvp(lambda a, b, d: ref_attention(flat(a), flat(b), flat(d),
+                                                           attn_mask=flat(mask.expand(2, 2, 2, 5, 6))),
+                             (q, k, v), (tq, tk, tv))
+    assert rel_err(o, ro.reshape(o.shape)) < 1e-12 and rel_err(to, rto.reshape(o.shape)) < 1e-12
+    assert fallback_counts() == {}
+
+
 def test_unpatched_jvp_raises_and_patched_jvp_works():
     q, k, v = _qkv(dtype=torch.float32)
     t = _qkv(dtype=torch.float32, seed=1)
@@ -146,7 +163,7 @@ def _fallback_cases():
     m = torch.zeros(1, 1, 7, 7, dtype=torch.float32)
     return {
         "dropout_p": (dict(dropout_p=0.25), (q, k, v)),
-        "ndim": (dict(), (q[None], k[None], v[None])),
+        "ndim": (dict(), (q, k[0], v[0])),  # SDPA broadcasts the key/value over the batch
         "attn_mask.requires_grad": (dict(attn_mask=m.clone().requires_grad_()), (q, k, v)),
         # SDPA accepts a float32 mask with half inputs; fk.attention wants the query dtype
         "ValueError:attn_mask": (dict(attn_mask=m), (q.half(), k.half(), v.half())),
@@ -176,7 +193,7 @@ def test_distinct_reasons_warn_separately_and_reset_rearms():
     with patch_sdpa(), warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
-        F.scaled_dot_product_attention(q[None], k[None], v[None])
+        F.scaled_dot_product_attention(q, k[0], v[0])
         F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
         reset_fallbacks()
         F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
