@@ -248,6 +248,11 @@ def test_real_compile_pass_summary(sm90_records):
     # with tensor descriptors the forward+JVP at D = 128 takes 64-key blocks: m64n64 wgmma, no spill
     tma = {r["head_dim"]: r for r in sm90_records if r["kernel"] == "jvp_forward[tma]"}
     assert tma[128]["block_n"] == 64 and tma[128]["spill_bytes"] == 0 and "m64n64k16" in tma[128]["wgmma_shapes"]
+    # at D = 64 the P tV products accumulate apart (TV_ACC): every product after the tangent logits stays
+    # asynchronous, 3 waits per key block for 6 products (4 at D = 128, where the extra accumulator spills)
+    fwd = {(r["kernel"], r["head_dim"]): r for r in sm90_records if r["kernel"].startswith("jvp_forward")}
+    assert fwd[("jvp_forward[tma]", 64)]["waits_per_iteration"] == fwd[("jvp_forward", 64)]["waits_per_iteration"] == 3
+    assert fwd[("jvp_forward[tma]", 128)]["waits_per_iteration"] == 4
 
 
 def test_cli_summary_and_json(tmp_path):

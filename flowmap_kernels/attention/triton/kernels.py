@@ -204,7 +204,7 @@ def _attn_fwd(
     TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr, LARGE_OFFSETS: tl.constexpr,
     VARLEN: tl.constexpr, TANGENT_FP32: tl.constexpr = False, TMA: tl.constexpr = False,
-    SKIP_INTERIOR: tl.constexpr = False,
+    SKIP_INTERIOR: tl.constexpr = False, TV_ACC: tl.constexpr = False,
 ):
     """One program: BLOCK_M query rows of one (batch, query head); online softmax over key blocks.
 
@@ -217,7 +217,12 @@ def _attn_fwd(
     (c - c') acc. At the end c = mu, so tO = tacc / l with no cancellation left: the operand P~ (tS - c)
     rounded to 16 bits before its product with V is small where P~ is large, even at logits of 100.
 
-    SKIP_INTERIOR: interior key blocks skip the mask arithmetic (see :func:`_mask_logits`)."""
+    SKIP_INTERIOR: interior key blocks skip the mask arithmetic (see :func:`_mask_logits`).
+
+    TV_ACC: the P~ tV products accumulate apart (tacc_v: rescaled by alpha only, the shift does not touch
+    them), so that every product after the tangent logits accumulates into a loop-carried accumulator and
+    stays asynchronous on wgmma: 3 waits per key block instead of 4, for one more BLOCK_M x BLOCK_DV float32
+    accumulator (the launcher sets it where that is spill-free, launch.Plan)."""
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)  # grid (blocks, heads, batch): each axis within CUDA's limits
     b = tl.program_id(2).to(tl.int64)
@@ -247,6 +252,9 @@ def _attn_fwd(
         tk_base = TK + bk * stkb + hk * stkh
         tv_base = TV + bk * stvb + hk * stvh
         tacc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        if TV_ACC:
+            tl.static_assert(not TANGENT_FP32, "TV_ACC takes 16-bit probabilities")
+            tacc_v = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         r_i = tl.zeros([BLOCK_M], tl.float32)
         shift = tl.zeros([BLOCK_M], tl.float32)
     if TMA:
@@ -298,7 +306,9 @@ def _attn_fwd(
                 tv = tv_desc.load([start_n, 0])
             else:
                 tv = _load_tile(tv_base, offs_n, offs_dv, Lk, stvn, stvd, DV, BLOCK_DV, ALIGN)
-            if TANGENT_FP32:
+            if TV_ACC:
+                tacc_v = tacc_v * alpha[:, None] + tl.dot(p.to(dt), tv, input_precision=PREC)
+            elif TANGENT_FP32:
                 tacc += _dot_split(p, tv, PREC)
             else:
                 tacc += tl.dot(p.to(dt), tv, input_precision=PREC)
@@ -320,6 +330,8 @@ def _attn_fwd(
     tl.store(LSE + row + offs_m, lse, mask=offs_m < Lq)
     if TANGENT:
         mu = r_i / l_safe
+        if TV_ACC:
+            tacc += tacc_v
         to = tacc / l_safe[:, None]  # the shift is mu now: (A + B) / l - mu O without the subtraction
         _store_tile(TO + bq * sob + h * soh, to, offs_m, offs_dv, Lq, som, sod, DV, BLOCK_DV, ALIGN)
         tl.store(MU + row + offs_m, mu, mask=offs_m < Lq)

@@ -393,6 +393,9 @@ def forward_launches(p: Plan, q, k, v, tq=None, tk=None, tv=None, tangent_dtype=
     tma = t and not tangent_fp32 and not p.large_offsets and p.dims_multiple_of_16 \
         and descriptors_allowed(k, v, tk, tv) \
         and (_force_tensor_descriptors[-1] if _force_tensor_descriptors else p.arch in TMA_FAMILIES)
+    # the P tV products in an accumulator of their own (every product after tS stays asynchronous on the
+    # wgmma / tcgen05 families): spill-free up to Dv = 64 (D = 128 spilled 624 B), not with two-part products
+    tv_acc = t and not tangent_fp32 and p.block_dv <= 64 and (p.arch == "interpret" or p.arch in TMA_FAMILIES)
     if tangent_fp32:
         name += "[tangent_fp32]"
     elif tma:
@@ -406,7 +409,8 @@ def forward_launches(p: Plan, q, k, v, tq=None, tk=None, tv=None, tangent_dtype=
         launches.append(Launch(name, p.kernels._attn_fwd,
                                (triton.cdiv(p.blocks_q, cfg.block_m), p.H, p.B), args,
                                p.constexprs(TANGENT=t, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                            TANGENT_FP32=tangent_fp32, TMA=tma, SKIP_INTERIOR=p.skip_interior),
+                                            TANGENT_FP32=tangent_fp32, TMA=tma, SKIP_INTERIOR=p.skip_interior,
+                                            TV_ACC=tv_acc),
                                cfg, cu_seqlens=p.cu_seqlens))
     return (o, to, lse, mu), launches
 

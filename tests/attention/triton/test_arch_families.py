@@ -123,3 +123,21 @@ def test_interior_tiles_skip_the_mask_where_it_is_free(arch, head_dim, skip):
     assert plan.skip_interior is skip
     (_, fwd) = launch.forward_launches(plan, q, q, q)
     assert fwd[0].constexprs["SKIP_INTERIOR"] is skip
+
+
+@pytest.mark.parametrize("arch,head_dim,tangent_dtype,tv_acc", [
+    ("sm90", 64, None, True), ("sm100", 32, None, True), ("sm90", 48, None, True), ("sm90", 128, None, False),
+    ("sm90", 64, "float32", False), ("sm80", 64, None, False), ("interpret", 64, None, True),
+    ("interpret", 72, None, False)])
+def test_tangent_value_products_accumulate_apart_where_it_is_free(arch, head_dim, tangent_dtype, tv_acc):
+    """TV_ACC (the P tV products in an accumulator of their own, so that they stay asynchronous) on the
+    wgmma / tcgen05 families and in the interpreter up to Dv = 64, never with a float32 tO."""
+    import torch
+    from flowmap_kernels.attention.triton import launch
+    q = torch.empty(1, 2, 8, head_dim, dtype=torch.bfloat16)
+    plan = launch.Plan(q, q, q, None, False, 1.0, arch=arch)
+    dtype = getattr(torch, tangent_dtype) if tangent_dtype else None
+    (_, fwd) = launch.forward_launches(plan, q, q, q, q, q, q, tangent_dtype=dtype)
+    assert fwd[0].constexprs["TV_ACC"] is tv_acc
+    (_, fwd) = launch.forward_launches(plan, q, q, q)
+    assert fwd[0].constexprs["TV_ACC"] is False
