@@ -117,7 +117,8 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
 
     The launchers' own descriptions (``launch.forward_launches``, ``launch.backward_launches``) of a problem
     on small CPU tensors (B=1, H=2, L=``length``, no mask, not causal, dO and dtO given) with the tiles of
-    ``arch_family``, launching the kernels of :func:`_aot_module`.
+    ``arch_family``, launching the kernels of :func:`_aot_module`; where the launchers pad the head dim
+    (``launch.launch_head_dims``), the launches of the padded width.
     """
     import torch
     from flowmap_kernels.attention.triton import launch
@@ -126,7 +127,8 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
     if unknown:
         raise ValueError(f"kernels: unknown Triton kernel {unknown[0]!r}; expected some of {TRITON_KERNELS}")
     dt = getattr(torch, DTYPE_NAMES.get(dtype_name, dtype_name))
-    B, H, L, D = 1, 2, length, head_dim
+    B, H, L = 1, 2, length
+    D = launch.launch_head_dims(head_dim, head_dim, arch_family)[0]  # the padded width where the launchers pad
     q, k, v, tq, tk, tv, do, dto = (torch.empty(B, H, L, D, dtype=dt) for _ in range(8))
 
     def plan(deterministic):
@@ -370,7 +372,10 @@ def is_shipped(kernel: str, dtype: str, head_dim: int, arch: str, cfg) -> bool:
     if kernel.endswith("_prep"):
         want = configs.PREP_CONFIG
     else:
-        want = configs.get_config(kernel, head_dim, DTYPE_NAMES.get(dtype, dtype), configs.arch_family(arch))
+        from flowmap_kernels.attention.triton.launch import launch_head_dims
+        family_name = configs.arch_family(arch)
+        want = configs.get_config(kernel, launch_head_dims(head_dim, head_dim, family_name)[0],
+                                  DTYPE_NAMES.get(dtype, dtype), family_name)
     return str(want) == str(cfg)
 
 
@@ -439,12 +444,17 @@ def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int]
                 for ln in triton_launches(d, dtype, kernels, fam):
                     sig, consts, attrs = _signature(ln.kernel, ln.args, ln.constexprs)
                     tasks.append((_cache_key(ln, sig, consts, attrs, arch), (arch, dtype, d, ln.name, str(ln.config))))
-    todo = [t for k, t in tasks if k not in store]
-    keys = {t: k for k, t in tasks}
-    done = _compile_in_subprocesses(todo, workers or os.cpu_count() or 1)
-    for t, rec in zip(todo, done):
-        store[keys[t]] = rec
-    records = [store[k] for k, _ in tasks]
+    # (a padded head dim compiles the launches of its tile width: one compile, a record per head dim)
+    todo: dict = {}
+    for k, t in tasks:
+        if k not in store:
+            todo.setdefault(k, t)
+    done = _compile_in_subprocesses(list(todo.values()), workers or os.cpu_count() or 1)
+    for k, rec in zip(todo, done):
+        store[k] = rec
+    records = [dict(store[k], head_dim=d,
+                    shipped=is_shipped(configs.table_key(name), dtype, d, arch, store[k]["config"]))
+               for k, (arch, dtype, d, name, _) in tasks]
     if progress:
         for r in records:
             progress(r)

@@ -4,8 +4,8 @@ Every kernel launch takes its tile sizes from :func:`get_config`. The table is k
 (``forward``, ``jvp_forward``, the one-pass backwards ``backward_atomic``, ``jvp_backward_atomic`` and
 the deterministic ones ``backward_dkdv``, ``backward_dq``, ``jvp_backward_dkdv``, ``jvp_backward_dq``; the
 row pre-passes use a fixed small config), by the padded head dim bucket
-(the power of two >= max(D, Dv, 16): 16, 32, 64, 128, 256; head dims that are not a multiple of 16
-use :data:`ODD_TABLE` where it has an entry), by the element size (2 bytes for
+(the power of two >= max(D, Dv, 16): 16, 32, 64, 128, 256; on sm90 / sm100 the launchers zero-pad other
+head dims to it, elsewhere the tiles mask their columns), by the element size (2 bytes for
 fp16/bf16, 4 for fp32) and by the tile table of the architecture family (:data:`FAMILIES`: each GPU
 generation with its real limits; consumer parts with 99 KB of shared memory per block use the A100
 tiles, Blackwell datacenter parts the Hopper tiles). The entries were chosen with
@@ -254,16 +254,6 @@ TABLE: dict = {
         (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
 }
-# Head dims that are not a multiple of 16 (72, 88, ...) tile the next power of two with masked columns,
-# which costs registers: on sm90 in the 128 bucket they take these smaller tiles (measured spill-free, except
-# jvp_forward: its running tangent shift left no spill-free wgmma tile at D=72; 64x32/w8/s1 spills 8 B).
-ODD_TABLE: dict = {
-    ("jvp_forward", "sm90"): {(128, 2): C(64, 32, 8, 1)},  # 8 B spill: the least of the wgmma tiles tried
-    ("backward_dkdv", "sm90"): {(128, 2): C(32, 64, 4, 2)},
-    ("backward_dq", "sm90"): {(128, 2): C(64, 64, 4, 2)},  # 128x64/w8/s2 spills 32 B at D = 72
-    ("jvp_backward_dkdv", "sm90"): {(128, 2): C(16, 64, 4, 2, S3)},
-    ("jvp_backward_dq", "sm90"): {(128, 2): C(64, 16, 4, 2, S2)},
-}
 # Entries where a family departs from the tiles it borrows (FAMILIES[...].tiles), found by the compile report:
 # on sm_100a the Hopper tiles of these launches compile to a kernel that only traps (D = 256: every 64-row
 # jvp_forward tile; the dV+dtV part of jvp_backward_dkdv at 16x64) or spill 216 B (D = 128 [dk] part).
@@ -273,9 +263,8 @@ FAMILY_TABLE: dict = {
     ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1, S3)},
 }
 # The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
-# D = 128 in 16-bit (16x64/w4 at D <= 64: 15 products; 16x64/w4/s2/split3 at D = 80..112 and, in EXACT_TABLE,
-# 32x64/w4/s2/split3 at D = 128: 20) and as shipped
-# in float32, every 16-bit launch pipelined (num_stages 2); D = 72 spills 12 B ([dk,dq_ds], the least tried).
+# D = 128 in 16-bit (16x64/w4 at D <= 64: 15 products; 32x64/w4/s2/split3 at D = 128: 20, m64n32 wgmma) and as
+# shipped in float32, every 16-bit launch pipelined (num_stages 2).
 # sm80 (mma.sync): the key-block kernels' tiles for the primal backward, 32x32/w4/s2 for the tangent one.
 TABLE.update({
     ("backward_atomic", "sm90"): {
@@ -288,7 +277,7 @@ TABLE.update({
     ("backward_atomic", "sm80"): {**TABLE[("backward_dkdv", "sm80")], (64, 4): C(32, 32, 4, 2)},
     ("jvp_backward_atomic", "sm90"): {
         (16, 2): C(16, 64, 4, 2), (32, 2): C(16, 64, 4, 2), (64, 2): C(16, 64, 4, 2),
-        (128, 2): C(16, 64, 4, 2, S3), (256, 2): C(16, 64, 4, 1, S3),
+        (128, 2): C(32, 64, 4, 2, S3), (256, 2): C(16, 64, 4, 1, S3),
         (16, 4): C(16, 64, 4, 2, S3), (32, 4): C(16, 64, 4, 2, S3), (64, 4): C(16, 16, 4, 1, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
@@ -300,23 +289,13 @@ TABLE.update({
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
 })
-ODD_TABLE.update({
-    ("backward_atomic", "sm90"): {(128, 2): C(16, 64, 4, 2)},
-    ("jvp_backward_atomic", "sm90"): {(128, 2): C(16, 64, 4, 2, S3)},  # 12 B spill at D = 72
-})
-# Head dims equal to their bucket (D = Dv = 16, 32, 64, 128, 256: no masked columns) where a wider tile fits
-# than in the rest of the bucket: at D = 128 the split one-pass tangent backward takes 32 query columns
-# (m64n32 wgmma, spill-free; at D = 80 its [dk,dq_ds] launch spills 16 B there, so D = 80..112 keep 16x64).
-EXACT_TABLE: dict = {
-    ("jvp_backward_atomic", "sm90"): {(128, 2): C(32, 64, 4, 2, S3)},
-}
 FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): dict(FAMILY_TABLE[("jvp_backward_dkdv", "sm100")])})
 
 
-def _launch_variant(kernel: str, base: str, sm90_entries: dict, odd: bool = True) -> None:
-    """Table entries of ``kernel``, a launch variant of ``base``: ``base``'s tiles in every table (ODD_TABLE
-    too when ``odd``), then ``sm90_entries`` on sm90."""
-    for table in (TABLE, ODD_TABLE, FAMILY_TABLE) if odd else (TABLE, FAMILY_TABLE):
+def _launch_variant(kernel: str, base: str, sm90_entries: dict) -> None:
+    """Table entries of ``kernel``, a launch variant of ``base``: ``base``'s tiles in every table, then
+    ``sm90_entries`` on sm90."""
+    for table in (TABLE, FAMILY_TABLE):
         for (k, arch), entries in list(table.items()):
             if k == base:
                 table[(kernel, arch)] = dict(entries)
@@ -325,13 +304,13 @@ def _launch_variant(kernel: str, base: str, sm90_entries: dict, odd: bool = True
 
 # The forward+JVP with a float32 tO from 16-bit inputs (TANGENT_FP32: the probabilities enter the tangent
 # products as two 16-bit parts, 9 products): the jvp_forward tiles up to D = 64 (spill-free on sm_90a); at
-# D = 128 no tile tried is spill-free (128x32/w8/s2: 1332 B, 64x32/w8/s2: 168 B, 64x16/w8/s2: 148 B with
-# m64n8 wgmma), the least of the m64n16-or-wider ones is shipped.
+# D = 128 the only spill-free tile found is 64x32/w8/s2 (m64n16 wgmma; 128x32/w8/s2 spills 164 B, 64x32/w4/s2
+# 196 B, and with tensor descriptors 148 B and 60 B).
 _launch_variant("jvp_forward_tangent_fp32", "jvp_forward", {(128, 2): C(64, 32, 8, 2)})
 # The forward+JVP with tensor-descriptor (TMA) loads of the key-loop tiles (sm90 / sm100, where the strides
-# allow, launch.descriptors_allowed; head dims a multiple of 16 only, so no ODD_TABLE entries): the key tiles
-# leave the registers, so D = 128 takes 64 keys per block (251 registers, no spill; pointer loads: 128x32).
-_launch_variant("jvp_forward_tma", "jvp_forward", {(128, 2): C(128, 64, 8, 2)}, odd=False)
+# allow, launch.descriptors_allowed): the key tiles leave the registers, so D = 128 takes 64 keys per block
+# (251 registers, no spill; pointer loads: 128x32).
+_launch_variant("jvp_forward_tma", "jvp_forward", {(128, 2): C(128, 64, 8, 2)})
 del C, S2, S3
 
 #: float32 inputs run their products as 3xTF32 (about fp32 accuracy), which holds three times the operand
@@ -439,17 +418,7 @@ def get_config(kernel: str, head_dim: int, element_bytes, arch: str,
     own = FAMILY_TABLE.get((kernel, arch), {}).get((bucket, element_bytes))
     if own is not None:
         return own
-    arch = FAMILIES[arch].tiles
-    dims = (head_dim, v_head_dim or head_dim)
-    if any(d % 16 for d in dims):
-        hit = ODD_TABLE.get((kernel, arch), {}).get((bucket, element_bytes))
-        if hit is not None:
-            return hit
-    elif dims == (bucket, bucket):
-        hit = EXACT_TABLE.get((kernel, arch), {}).get((bucket, element_bytes))
-        if hit is not None:
-            return hit
-    entries = TABLE[(kernel, arch)]
+    entries = TABLE[(kernel, FAMILIES[arch].tiles)]
     return entries.get((bucket, element_bytes), entries[(bucket, 2)])
 
 

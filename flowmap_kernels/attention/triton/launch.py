@@ -63,6 +63,7 @@ ROW_STATS_LSE_LIMIT = 256.0
 
 _force_large_offsets: list = []
 _force_tensor_descriptors: list = []
+_force_padded_head_dims: list = []
 
 
 @contextlib.contextmanager
@@ -86,8 +87,27 @@ def tensor_descriptors(enabled: bool = True):
     return _forced(_force_tensor_descriptors, enabled)
 
 
+def padded_head_dims(enabled: bool = True):
+    """Force (or forbid) zero-padding head dims to their power-of-two tile width inside the block, on any
+    arch (tests: the CPU interpreter runs the padded launches)."""
+    return _forced(_force_padded_head_dims, enabled)
+
+
 #: Families whose GPUs have TMA (tensor descriptors): Hopper and datacenter Blackwell.
 TMA_FAMILIES = ("sm90", "sm100")
+
+
+def launch_head_dims(head_dim: int, v_head_dim: int, arch: str) -> tuple:
+    """(D, Dv) the kernels run at for these head dims on ``arch``. Head dims below their power-of-two tile
+    width (72, 80, 96, ...) run zero-padded to it on the wgmma / tcgen05 families (the launchers copy the
+    operands, :func:`_padded`): their masked columns cost registers, so the sm_90a tiles that fit them
+    were narrower or spilled, and tensor descriptors need no masked columns. Elsewhere (mma.sync, where the
+    padded tiles spill as much) the tiles mask their columns in registers."""
+    widths = tuple(max(16, triton.next_power_of_2(d)) for d in (head_dim, v_head_dim))
+    pad = _force_padded_head_dims[-1] if _force_padded_head_dims else arch in TMA_FAMILIES
+    if pad and head_dim > 0 and v_head_dim > 0:
+        return widths
+    return head_dim, v_head_dim
 
 
 def descriptors_allowed(*tensors: Optional[torch.Tensor]) -> bool:
@@ -270,6 +290,8 @@ class Plan:
         self.kernels = kernels if jit is None else jit
         self.block_d = max(16, triton.next_power_of_2(self.D))
         self.block_dv = max(16, triton.next_power_of_2(self.DV))
+        # head dims below their tile width (72, 96, ...) run zero-padded to it on the wgmma / tcgen05 families
+        self.pad_head_dims = launch_head_dims(self.D, self.DV, arch) != (self.D, self.DV)
         self.align = 1
         self.large_offsets = needs_large_offsets(q, k, v, self.mask if mask is not None else None)
         self.varlen = False  # packed sequences: see _varlen_plan
@@ -394,8 +416,10 @@ def forward_launches(p: Plan, q, k, v, tq=None, tk=None, tv=None, tangent_dtype=
         and descriptors_allowed(k, v, tk, tv) \
         and (_force_tensor_descriptors[-1] if _force_tensor_descriptors else p.arch in TMA_FAMILIES)
     # the P tV products in an accumulator of their own (every product after tS stays asynchronous on the
-    # wgmma / tcgen05 families): spill-free up to Dv = 64 (D = 128 spilled 624 B), not with two-part products
-    tv_acc = t and not tangent_fp32 and p.block_dv <= 64 and (p.arch == "interpret" or p.arch in TMA_FAMILIES)
+    # wgmma / tcgen05 families): spill-free up to Dv = 64 in 16 bits (D = 128 spilled 624 B, float32 inputs
+    # at D = 48/64 56 B), not with two-part products
+    tv_acc = t and not tangent_fp32 and p.block_dv <= 64 and (p.arch == "interpret" or (
+        p.arch in TMA_FAMILIES and p.esize == 2))
     if tangent_fp32:
         name += "[tangent_fp32]"
     elif tma:
@@ -529,29 +553,67 @@ def _run_backward(p: Plan, *operands) -> tuple:
     return grads
 
 
+def _pad(x: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+    """x zero-padded along its last dim to ``width`` (a new contiguous tensor; None stays None)."""
+    if x is None or x.shape[-1] == width:
+        return x
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+def _cut(x: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+    """The first ``width`` channels of a padded output, contiguous (None stays None)."""
+    return x if x is None or x.shape[-1] == width else x[..., :width].contiguous()
+
+
+def _padded(p: Plan, plan, qk: tuple, v: tuple) -> tuple:
+    """(plan, qk, v): where ``p.pad_head_dims``, the q/k-side operands zero-padded to ``p.block_d``, the
+    v-side ones (v, O, dO, ...) to ``p.block_dv``, with ``plan(q, k, v)`` the plan of the padded problem;
+    else as given. The zero columns add exact zeros to every product and give zero output columns, so the
+    results are those of the masked tiles, computed by the head-dim-exact tiles (no masked columns; tensor
+    descriptors and SKIP_INTERIOR apply) for O(N D) copies."""
+    if not p.pad_head_dims:
+        return p, qk, v
+    qk, v = tuple(_pad(x, p.block_d) for x in qk), tuple(_pad(x, p.block_dv) for x in v)
+    return plan(qk[0], qk[1], v[0]), qk, v
+
+
+def _dense_plan(mask, causal: bool, scale: float):
+    return lambda q, k, v: Plan(q, k, v, mask, causal, scale)
+
+
 def forward(q, k, v, mask, causal: bool, scale: float):
     """O (B, Hq, Lq, Dv) in q's dtype and the row log-sum-exp (B, Hq, Lq) float32."""
-    o, _, lse, _ = _run_forward(Plan(q, k, v, mask, causal, scale), q, k, v)
-    return o, lse
+    dv, plan = v.shape[-1], _dense_plan(mask, causal, scale)
+    p, (q, k), (v,) = _padded(plan(q, k, v), plan, (q, k), (v,))
+    o, _, lse, _ = _run_forward(p, q, k, v)
+    return _cut(o, dv), lse
 
 
 def jvp_forward(q, k, v, tq, tk, tv, mask, causal: bool, scale: float, tangent_dtype=None):
     """O, tO (B, Hq, Lq, Dv) and lse, mu (B, Hq, Lq) float32 in one pass over the keys; tO in
     ``tangent_dtype`` (default q's dtype)."""
-    return _run_forward(Plan(q, k, v, mask, causal, scale), q, k, v, tq, tk, tv, tangent_dtype)
+    dv, plan = v.shape[-1], _dense_plan(mask, causal, scale)
+    p, (q, k, tq, tk), (v, tv) = _padded(plan(q, k, v), plan, (q, k, tq, tk), (v, tv))
+    o, to, lse, mu = _run_forward(p, q, k, v, tq, tk, tv, tangent_dtype)
+    return _cut(o, dv), _cut(to, dv), lse, mu
 
 
 def backward(q, k, v, o, lse, do, mask, causal: bool, scale: float):
     """dQ, dK, dV of the primal (no tangent terms compiled in)."""
-    p = Plan(q, k, v, mask, causal, scale)
-    return _run_backward(p, q, k, v, None, None, None, o, None, lse, None, do, None)[:3]
+    d, dv, plan = q.shape[-1], v.shape[-1], _dense_plan(mask, causal, scale)
+    p, (q, k), (v, o, do) = _padded(plan(q, k, v), plan, (q, k), (v, o, do))
+    dq, dk, dv_ = _run_backward(p, q, k, v, None, None, None, o, None, lse, None, do, None)[:3]
+    return _cut(dq, d), _cut(dk, d), _cut(dv_, dv)
 
 
 def jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do: Optional[torch.Tensor], dto: Optional[torch.Tensor],
                  mask, causal: bool, scale: float):
     """Gradients for (q, k, v, tq, tk, tv) from dO (may be None) and dtO (None: tangent grads are None)."""
-    p = Plan(q, k, v, mask, causal, scale)
-    return _run_backward(p, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto)
+    d, dv, plan = q.shape[-1], v.shape[-1], _dense_plan(mask, causal, scale)
+    p, (q, k, tq, tk), (v, tv, o, to, do, dto) = _padded(plan(q, k, v), plan, (q, k, tq, tk),
+                                                         (v, tv, o, to, do, dto))
+    grads = _run_backward(p, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto)
+    return tuple(_cut(g, w) for g, w in zip(grads, (d, d, dv, d, d, dv)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -603,28 +665,41 @@ def _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, tangents=(Non
 
 
 
+def _varlen_padded(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, tangents=(None, None, None), rest=()):
+    """(Plan, 4-D views of q, k, v, tq, tk, tv, the v-side packed operands ``rest`` (O, dO, ...)) of a packed
+    problem, zero-padded along the head dims where the plan says so (see :func:`_padded`)."""
+    p, views = _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, tangents)
+    if not p.pad_head_dims:
+        return p, views, rest
+    tq, tk, tv = tangents
+    q, k, tq, tk = (_pad(x, p.block_d) for x in (q, k, tq, tk))
+    v, tv, *rest = (_pad(x, p.block_dv) for x in (v, tv, *rest))
+    p, views = _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, (tq, tk, tv))
+    return p, views, tuple(rest)
+
+
 def varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
     """Packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); cu_q, cu_k int32
     (batch + 1) cumulative offsets (sequence b is rows cu[b]:cu[b + 1]; empty sequences allowed); max_q,
     max_k at least the longest lengths. Causal is top-left aligned per sequence. Returns O (total_q, Hq, Dv)
     in q's dtype and lse (Hq, total_q) float32 (-inf on rows with no key)."""
-    p, (q4, k4, v4, *_) = _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    p, (q4, k4, v4, *_), _ = _varlen_padded(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
     o4, _, lse, _ = _run_forward(p, q4, k4, v4)
-    return _packed(o4), lse
+    return _cut(_packed(o4), v.shape[-1]), lse
 
 
 def varlen_jvp_forward(q, k, v, tq, tk, tv, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
     """:func:`varlen_forward` and its JVP: O, tO (total_q, Hq, Dv) and lse, mu (Hq, total_q) float32."""
-    p, views = _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, (tq, tk, tv))
+    p, views, _ = _varlen_padded(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, (tq, tk, tv))
     o4, to4, lse, mu = _run_forward(p, *views)
-    return _packed(o4), _packed(to4), lse, mu
+    return _cut(_packed(o4), v.shape[-1]), _cut(_packed(to4), v.shape[-1]), lse, mu
 
 
 def varlen_backward(q, k, v, o, lse, do, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
     """dQ, dK, dV of :func:`varlen_forward` (packed layouts as the inputs) from dO (total_q, Hq, Dv)."""
-    p, (q4, k4, v4, *_) = _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    p, (q4, k4, v4, *_), (o, do) = _varlen_padded(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, rest=(o, do))
     grads = _run_backward(p, q4, k4, v4, None, None, None, _rows4(o), None, lse.contiguous(), None, _rows4(do), None)
-    return tuple(_packed(x) for x in grads[:3])
+    return tuple(_cut(_packed(g), x.shape[-1]) for g, x in zip(grads[:3], (q, k, v)))
 
 
 def varlen_jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do: Optional[torch.Tensor], dto: Optional[torch.Tensor],
@@ -633,7 +708,8 @@ def varlen_jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do: Optional[torch.
     tangent gradients are None)."""
     if dto is None:
         return (*varlen_backward(q, k, v, o, lse, do, cu_q, cu_k, max_q, max_k, causal, scale), None, None, None)
-    p, views = _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, (tq, tk, tv))
+    p, views, (o, to, do, dto) = _varlen_padded(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, (tq, tk, tv),
+                                                 (o, to, do, dto))
     grads = _run_backward(p, *views, _rows4(o), _rows4(to), lse.contiguous(), mu.contiguous(), _rows4(do),
                           _rows4(dto))
-    return tuple(_packed(x) for x in grads)
+    return tuple(_cut(_packed(g), x.shape[-1]) for g, x in zip(grads, (q, k, v, q, k, v)))

@@ -82,7 +82,7 @@ def test_launch_parts_name_what_each_launch_writes():
             assert p.dk or not p.dq_ds, (tag, p)
             assert p.dk or p.dtk or not (p.dq_dts or p.dtq), (tag, p)
     assert configs.PRIMAL_ONE_PASS.key_block[0].dq_ds and configs.PRIMAL_ONE_PASS.query_block == ()
-    for table in (configs.TABLE, configs.ODD_TABLE, configs.EXACT_TABLE, configs.FAMILY_TABLE):
+    for table in (configs.TABLE, configs.FAMILY_TABLE):
         for entries in table.values():
             assert all(configs.Config.parse(str(c)) == c for c in entries.values())
 
@@ -92,7 +92,6 @@ KEY_BLOCK_KERNELS = ("backward_atomic", "backward_dkdv", "jvp_backward_atomic", 
 # tiles found spill-free (or least spilling) there; see docs/triton.md, "Launch configs".
 SM90_NARROW_OR_SINGLE_STAGE = {
     ("jvp_forward_tangent_fp32", "80-128"),  # 64x32/w8/s2: spill-free; 128x32/w8/s2 spills 164 B
-    ("jvp_forward", "odd"), ("jvp_forward_tangent_fp32", "odd"),  # 64x32/w8/s1 at D = 72, 88, ...
 }
 
 
@@ -100,11 +99,14 @@ SM90_NARROW_OR_SINGLE_STAGE = {
 def test_sm90_16bit_tiles_are_wide_and_pipelined(kernel):
     """Up to D = 128 in 16 bits every sm90 launch pipelines its key loop (num_stages >= 2) and puts 8 warps
     only on 128 rows (queries, or keys in the key-block kernels), so that no wgmma's N is split across two
-    warpgroups; the exceptions are listed above."""
+    warpgroups; the exceptions are listed above. Head dims below their tile width run padded to it."""
+    from flowmap_kernels.attention.triton.launch import launch_head_dims
     for d in (16, 32, 48, 64, 72, 80, 96, 112, 128):
-        cfg = configs.get_config(kernel, d, 2, "sm90")
+        run = launch_head_dims(d, d, "sm90")[0]
+        assert run in configs.HEAD_DIM_BUCKETS
+        cfg = configs.get_config(kernel, run, 2, "sm90")
         rows = cfg.block_n if kernel in KEY_BLOCK_KERNELS else cfg.block_m
-        group = "odd" if d % 16 else ("80-128" if d > 64 else "<=64")
+        group = "80-128" if run > 64 else "<=64"
         if (kernel, group) in SM90_NARROW_OR_SINGLE_STAGE:
             continue
         assert cfg.num_stages >= 2, (kernel, d, str(cfg))
@@ -128,15 +130,17 @@ def test_interior_tiles_skip_the_mask_where_it_is_free(arch, head_dim, skip):
 @pytest.mark.parametrize("arch,head_dim,tangent_dtype,tv_acc", [
     ("sm90", 64, None, True), ("sm100", 32, None, True), ("sm90", 48, None, True), ("sm90", 128, None, False),
     ("sm90", 64, "float32", False), ("sm80", 64, None, False), ("interpret", 64, None, True),
-    ("interpret", 72, None, False)])
+    ("interpret", 72, None, False), ("sm90", 64, "fp32 inputs", False)])
 def test_tangent_value_products_accumulate_apart_where_it_is_free(arch, head_dim, tangent_dtype, tv_acc):
     """TV_ACC (the P tV products in an accumulator of their own, so that they stay asynchronous) on the
-    wgmma / tcgen05 families and in the interpreter up to Dv = 64, never with a float32 tO."""
+    wgmma / tcgen05 families with 16-bit inputs and in the interpreter, up to Dv = 64, never with a float32
+    tO."""
     import torch
     from flowmap_kernels.attention.triton import launch
-    q = torch.empty(1, 2, 8, head_dim, dtype=torch.bfloat16)
+    fp32_inputs = tangent_dtype == "fp32 inputs"
+    q = torch.empty(1, 2, 8, head_dim, dtype=torch.float32 if fp32_inputs else torch.bfloat16)
     plan = launch.Plan(q, q, q, None, False, 1.0, arch=arch)
-    dtype = getattr(torch, tangent_dtype) if tangent_dtype else None
+    dtype = getattr(torch, tangent_dtype) if tangent_dtype and not fp32_inputs else None
     (_, fwd) = launch.forward_launches(plan, q, q, q, q, q, q, tangent_dtype=dtype)
     assert fwd[0].constexprs["TV_ACC"] is tv_acc
     (_, fwd) = launch.forward_launches(plan, q, q, q)

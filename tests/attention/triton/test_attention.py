@@ -374,12 +374,9 @@ def test_config_table_lookup():
     assert configs.get_config("forward", 64, 2, "interpret") == configs.INTERPRETER_CONFIG
     assert configs.get_config("jvp_forward", 128, torch.bfloat16, (9, 0)) == configs.get_config(
         "jvp_forward", 128, 2, "sm90") == configs.get_config("jvp_forward", 128, "bf16", "sm_90a")
-    assert configs.get_config("jvp_forward", 72, 2, "sm90") == configs.ODD_TABLE[("jvp_forward", "sm90")][(128, 2)]
-    # D = Dv = 128 fills its bucket: the one-pass tangent backward takes 32 query columns there only
-    exact = configs.EXACT_TABLE[("jvp_backward_atomic", "sm90")][(128, 2)]
-    assert configs.get_config("jvp_backward_atomic", 128, 2, "sm90") == exact
-    for d, dv in ((80, 80), (96, 96), (128, 64), (72, 72)):
-        assert configs.get_config("jvp_backward_atomic", d, 2, "sm90", dv) != exact
+    # the bucket decides (on sm90 / sm100 the launchers pad D = 72 to 128 and look up 128)
+    assert configs.get_config("jvp_forward", 72, 2, "sm90") == configs.get_config("jvp_forward", 128, 2, "sm90")
+    assert str(configs.get_config("jvp_backward_atomic", 128, 2, "sm90")) == "32x64/w4/s2/split3"
     with pytest.raises(ValueError, match="element_bytes"):
         configs.get_config("forward", 64, torch.int8, "sm90")
     with pytest.raises(ValueError, match="kernel"):
@@ -400,3 +397,39 @@ def test_zz_report_errors(capsys):
     worst = {dt: max(e for (d, _), e in ERRORS.items() if d == dt) for dt, _ in ERRORS}
     for dt, e in worst.items():
         assert e < tolerance(getattr(torch, dt), JVP_GRAD_AMPLIFICATION)
+
+
+@pytest.mark.parametrize("case,dtype", [("D72-200x300-dv40", torch.bfloat16), ("D96-33x50-bool", torch.float32),
+                                        ("D80-40x90-boolkeys-gqa", torch.float16),
+                                        ("D48-L77-gqa-causal", torch.bfloat16)])
+def test_padded_head_dims(case, dtype, monkeypatch):
+    """Head dims below their tile width run zero-padded to it on sm90 / sm100 (launch.launch_head_dims):
+    forced on in the interpreter, every path against float64 (one-pass and deterministic backwards); the
+    launches run at the tile width, and the outputs keep the inputs' head dims, contiguous."""
+    from flowmap_kernels.attention.triton import launch
+    run, dims = launch.run, set()
+
+    def counting_run(launches):
+        dims.update((ln.constexprs.get("D"), ln.constexprs["DV"]) for ln in launches
+                    if isinstance(ln, launch.Launch) and "DV" in ln.constexprs)
+        run(launches)
+    monkeypatch.setattr(launch, "run", counting_run)
+    with launch.padded_head_dims(True):
+        q, k, v, tq, tk, tv = _make(CASES[case], dtype)[0]
+        assert launch.launch_head_dims(q.shape[-1], v.shape[-1], "interpret") == (
+            configs.head_dim_bucket(q.shape[-1]), configs.head_dim_bucket(v.shape[-1]))
+        assert launch.Plan(q, k, v, None, False, 0.5).pad_head_dims
+        o, to, _, _ = ta.jvp_forward(q, k, v, tq, tk, tv, None, False, 0.5)
+        assert o.shape == to.shape == (*q.shape[:3], v.shape[-1]) and o.is_contiguous() and to.is_contiguous()
+        _full_check(CASES[case], dtype, seed=17)
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            _full_check(CASES[case], dtype, seed=18)
+        finally:
+            torch.use_deterministic_algorithms(before)
+    widths = (configs.head_dim_bucket(q.shape[-1]), configs.head_dim_bucket(v.shape[-1]))
+    assert dims == {widths} or dims == {widths, (None, widths[1])}, dims  # (the row pre-passes: DV only)
+    assert launch.launch_head_dims(72, 40, "sm90") == launch.launch_head_dims(72, 40, "sm100") == (128, 64)
+    assert launch.launch_head_dims(72, 40, "sm80") == launch.launch_head_dims(72, 40, "interpret") == (72, 40)
+    assert launch.launch_head_dims(64, 128, "sm90") == (64, 128)

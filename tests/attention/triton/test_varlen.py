@@ -90,3 +90,12 @@ def test_custom_ops_pass_opcheck_on_triton():
              (ops.attention_varlen_jvp_backward, (q, k, v, tq, tk, tv, o, to, lse, mu, None, do, *rest))]
     for op, args in calls:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_padded_head_dims(dtype, path):
+    """Head dims 24 / 40 zero-padded to 32 / 64 (what sm90 / sm100 run; forced on here): same checks."""
+    from flowmap_kernels.attention.triton import launch
+    with launch.padded_head_dims(True):
+        _check(CASES[2], dtype, "triton", path)
