@@ -37,10 +37,21 @@ def zeros_if_none(t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Op
     return torch.zeros_like(like) if t is None else t
 
 
+def _unpack_dual(t):
+    if not isinstance(t, torch.Tensor):
+        return t, None
+    if torch._C._functorch.is_batchedtensor(t):
+        # inside torch.func.vmap under an outer jvp (jvp of vmap): PyTorch has no batching rule to unpack
+        # the dual below the batch level; the caller's autograd.Function (its vmap and jvp rules) sees it
+        return t, None
+    return tuple(fwAD.unpack_dual(t))
+
+
 def unpack_duals(*ts):
     """(primals, tangents): the forward-AD primal and tangent of each input (a tensor without a tangent, or
-    anything that is not a tensor, comes back unchanged with tangent None)."""
-    pairs = [tuple(fwAD.unpack_dual(t)) if isinstance(t, torch.Tensor) else (t, None) for t in ts]
+    anything that is not a tensor, comes back unchanged with tangent None; so does a tensor batched by
+    torch.func.vmap, whose tangent, if any, lies below the batch level)."""
+    pairs = [_unpack_dual(t) for t in ts]
     return [p for p, _ in pairs], [t for _, t in pairs]
 
 

@@ -129,6 +129,32 @@ def test_vmap_of_jvp_and_its_gradients(backend, mask_kind, entry):
             assert rel_err(gx[i], r) < 10 * _tol(backend)
 
 
+@pytest.mark.parametrize("per_example_dims", [4, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_of_vmap_and_its_gradients(backend, per_example_dims):
+    """torch.func.jvp over a vmapped attention (the other nesting: the dual lies below the batch level, so
+    the autograd.Function's vmap and jvp rules carry it), per-example inputs 4-d or SDPA's 3-d, and autograd
+    through the tangent: equals the float64 reference per example."""
+    dtype = _dtype(backend)
+    xs = [x.requires_grad_() for x in _qkv(N, dtype, seed=4)]
+    if per_example_dims == 3:
+        xs = [x.detach()[:, 0].requires_grad_() for x in xs]  # (n, heads, tokens, dim)
+    with on_backend(backend):
+        o, to = torch.func.jvp(lambda a, b, c: vmap(lambda *y: fk.attention(*y, enable_gqa=True))(a, b, c),
+                               tuple(xs[:3]), tuple(xs[3:]))
+    g = torch.Generator().manual_seed(10)
+    wo = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    wt = torch.randn(o.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(loss_on_outputs(o, to, wo, wt), xs)
+    four = (lambda x: x[None]) if per_example_dims == 3 else (lambda x: x)  # noqa: E731
+    for i in range(N):
+        (ro, rto), rg = ref_grads(*(four(x[i]) for x in xs), four(wo[i]), four(wt[i]), enable_gqa=True)
+        assert rel_err(o[i], ro.reshape(o[i].shape)) < _tol(backend)
+        assert rel_err(to[i], rto.reshape(o[i].shape)) < _tol(backend)
+        for gx, r in zip(grads, rg):
+            assert rel_err(gx[i], r.reshape(gx[i].shape)) < 10 * _tol(backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_jacrev_jacfwd_hessian_match_float64_reference(backend):
     dtype = _dtype(backend)
