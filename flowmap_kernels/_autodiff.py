@@ -37,21 +37,17 @@ def zeros_if_none(t: Optional[torch.Tensor], like: Optional[torch.Tensor]) -> Op
     return torch.zeros_like(like) if t is None else t
 
 
-def _unpack_dual(t):
-    if not isinstance(t, torch.Tensor):
-        return t, None
-    if torch._C._functorch.is_batchedtensor(t):
-        # inside torch.func.vmap under an outer jvp (jvp of vmap): PyTorch has no batching rule to unpack
-        # the dual below the batch level; the caller's autograd.Function (its vmap and jvp rules) sees it
-        return t, None
-    return tuple(fwAD.unpack_dual(t))
-
-
 def unpack_duals(*ts):
     """(primals, tangents): the forward-AD primal and tangent of each input (a tensor without a tangent, or
-    anything that is not a tensor, comes back unchanged with tangent None; so does a tensor batched by
-    torch.func.vmap, whose tangent, if any, lies below the batch level)."""
-    pairs = [_unpack_dual(t) for t in ts]
+    anything that is not a tensor, comes back unchanged with tangent None).
+
+    Inside torch.func.vmap under an outer jvp (jvp of vmap) a batched input's tangent lies below the batch
+    level, where PyTorch cannot unpack it: if any input is batched, every input comes back as given with
+    tangent None, so that the caller applies its primal autograd.Function, whose vmap and jvp rules carry
+    all the tangents (unpacking only the shared inputs' would split them between two paths)."""
+    if any(isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t) for t in ts):
+        return list(ts), [None] * len(ts)
+    pairs = [tuple(fwAD.unpack_dual(t)) if isinstance(t, torch.Tensor) else (t, None) for t in ts]
     return [p for p, _ in pairs], [t for _, t in pairs]
 
 
@@ -161,6 +157,20 @@ class _BackwardRule:
 _SLOTS = 10  # tensor arguments of FusedBackward (Dynamo cannot trace an autograd.Function with *args)
 
 
+def vmap_by_example(fn) -> staticmethod:
+    """A ``vmap`` staticmethod for the autograd.Function ``fn``: one ``fn.apply`` per example (operands
+    vmapped or shared, non-tensors passed as they are), outputs stacked at dim 0 (None stays None). Exact
+    whatever ``fn`` computes; it costs a call per example."""
+    def vmap(info, in_dims, *args):
+        outs = [fn.apply(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                for i in range(info.batch_size)]
+        if not isinstance(outs[0], tuple):
+            return torch.stack(outs), 0
+        stacked = tuple(None if o is None else torch.stack([out[j] for out in outs]) for j, o in enumerate(outs[0]))
+        return stacked, tuple(None if o is None else 0 for o in stacked)
+    return staticmethod(vmap)
+
+
 class FusedBackward(torch.autograd.Function):
     """Gradients of the primals = ``rule.fused(*primals, *cotangents, *extras)`` (fused kernels); itself
     differentiable in the primals and cotangents by the naive recomputation (``vjp_of_vjp`` / ``jvp_of_vjp``
@@ -206,6 +216,9 @@ class FusedBackward(torch.autograd.Function):
         for i, t in zip(idx, out):
             res[i] = t
         return tuple(res)
+
+
+FusedBackward.vmap = vmap_by_example(FusedBackward)
 
 
 def differentiable_backward(fused: Callable, naive: Callable, primals: Sequence, cotangents: Sequence,

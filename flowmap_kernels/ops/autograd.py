@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._autodiff import differentiable_backward, record_tangent_output, zeros_if_none
+from .._autodiff import differentiable_backward, record_tangent_output, vmap_by_example, zeros_if_none
 from . import kernels as K
 from . import naive
 from .problem import ElementwiseProblem, NormProblem, OperandLayout, rows_view
@@ -389,6 +389,15 @@ class LinearJVPFunction(torch.autograd.Function):
             return (dxs[:R].view(x.shape), dxs[R:].view(x.shape), dw, gy2.sum(0) if bias is not None else None,
                     dtw if need_tw else None, gt2.sum(0) if tbias is not None else None)
         return differentiable_backward(fused, naive_linear_jvp, (x, tx, weight, bias, tweight, tbias), (gy, gt))
+
+
+# ---- torch.func.vmap: one call per example ---------------------------------------------------------------
+# (the Functions' problem descriptors describe one example's shapes, which is what they see under vmap)
+
+for _fn in (NormFunction, NormJVPFunction, GeluFunction, GeluJVPFunction, GatedFunction, GatedJVPFunction,
+            LinearFunction, LinearJVPFunction):
+    _fn.vmap = vmap_by_example(_fn)
+del _fn
 
 
 # ---- torch.compile: the primal Functions without their jvp rule ----------------------------------------

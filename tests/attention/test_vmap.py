@@ -156,6 +156,22 @@ def test_jvp_of_vmap_and_its_gradients(backend, per_example_dims):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_jvp_of_vmap_with_shared_key_value(backend):
+    """jvp of vmap where only the queries are vmapped and the keys / values (with their tangents) are shared:
+    every tangent reaches the result."""
+    dtype = _dtype(backend)
+    q, _, _, tq, _, _ = _qkv(N, dtype, seed=5)
+    k, v, tk, tv = _draw((B, HKV, LK, D), (B, HKV, LK, DV), (B, HKV, LK, D), (B, HKV, LK, DV), dtype=dtype, seed=6)
+    with on_backend(backend):
+        o, to = torch.func.jvp(lambda a, b, c: vmap(lambda y: fk.attention(y, b, c, enable_gqa=True))(a),
+                               (q, k, v), (tq, tk, tv))
+    for i in range(N):
+        ro, rto = torch.func.jvp(lambda a, b, c: ref_attention(a, b, c, enable_gqa=True),
+                                 (q[i].double(), k.double(), v.double()), (tq[i].double(), tk.double(), tv.double()))
+        assert rel_err(o[i], ro) < _tol(backend) and rel_err(to[i], rto) < _tol(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_jacrev_jacfwd_hessian_match_float64_reference(backend):
     dtype = _dtype(backend)
     q, k, v = _draw((1, 2, 3, 4), (1, 1, 5, 4), (1, 1, 5, 3), dtype=dtype, seed=3)
