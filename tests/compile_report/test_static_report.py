@@ -288,3 +288,15 @@ def test_is_shipped():
     # float32 at D = 128 is routed to the "torch" backend (configs.fp32_head_dim_supported)
     assert not cr.is_shipped("forward", "fp32", 128, "sm_90a", configs.get_config("forward", 128, 4, "sm90"))
     assert cr.is_shipped("forward", "fp32", 64, "sm_90a", configs.get_config("forward", 64, 4, "sm90"))
+
+
+def test_one_pass_tangent_backward_at_small_head_dims_runs_32_query_columns():
+    """Up to D = 32 the one-launch tangent backward fits 32 query columns in registers: its score-type
+    products are m64n32 wgmma (m64n16 only where the head dim itself is 16: the output products), no spill."""
+    recs = cr.triton_records(["sm_90a"], (16, 32), ["bf16"], kernels=["jvp_backward_atomic"],
+                             cache=cr._default_cache(), workers=0)
+    by = {r["head_dim"]: r for r in recs}
+    assert by[32]["block_m"] == by[16]["block_m"] == 32
+    assert set(by[32]["loop_mma_shapes"]) == {"m64n32k16"} and by[32]["spill_bytes"] == 0
+    assert by[16]["loop_mma_shapes"]["m64n32k16"] > 0 and by[16]["spill_bytes"] == 0
+    assert all(r["products_per_tile"] == 15 and r["num_stages"] >= 2 for r in recs)

@@ -263,8 +263,9 @@ FAMILY_TABLE: dict = {
     ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1, S3)},
 }
 # The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
-# D = 128 in 16-bit (16x64/w4 at D <= 64: 15 products; 32x64/w4/s2/split3 at D = 128: 20, m64n32 wgmma) and as
-# shipped in float32, every 16-bit launch pipelined (num_stages 2).
+# D = 128 in 16-bit (15 products in one launch up to D = 64: 32 query columns (m64n32 score products) at
+# D <= 32, 16 at D = 64, where 32 spill 80 B; 32x64/w4/s2/split3 at D = 128: 20, m64n32) and as shipped in
+# float32, every 16-bit launch pipelined (num_stages 2).
 # sm80 (mma.sync): the key-block kernels' tiles for the primal backward, 32x32/w4/s2 for the tangent one.
 TABLE.update({
     ("backward_atomic", "sm90"): {
@@ -276,7 +277,7 @@ TABLE.update({
     # float32 D = 64: tiles within the 99 KB of the sm86 / sm120 families, which take these
     ("backward_atomic", "sm80"): {**TABLE[("backward_dkdv", "sm80")], (64, 4): C(32, 32, 4, 2)},
     ("jvp_backward_atomic", "sm90"): {
-        (16, 2): C(16, 64, 4, 2), (32, 2): C(16, 64, 4, 2), (64, 2): C(16, 64, 4, 2),
+        (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 64, 4, 2), (64, 2): C(16, 64, 4, 2),
         (128, 2): C(32, 64, 4, 2, S3), (256, 2): C(16, 64, 4, 1, S3),
         (16, 4): C(16, 64, 4, 2, S3), (32, 4): C(16, 64, 4, 2, S3), (64, 4): C(16, 16, 4, 1, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
