@@ -356,9 +356,7 @@ def _compile_one(task) -> dict:
         cfg = ln.config
         return dict(kernel=name, family=family(name), config=str(cfg), arch=arch, dtype=dtype, head_dim=d,
                     **_measure(compiled, arch), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    block_m=cfg.block_m, block_n=cfg.block_n,
-                    shipped=is_shipped(configs.table_key(name), dtype, d, arch, cfg),
-                    source="triton")
+                    block_m=cfg.block_m, block_n=cfg.block_n, source="triton")
     raise ValueError(f"kernels: no launch named {name!r}")
 
 
@@ -444,7 +442,8 @@ def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int]
                 for ln in triton_launches(d, dtype, kernels, fam):
                     sig, consts, attrs = _signature(ln.kernel, ln.args, ln.constexprs)
                     tasks.append((_cache_key(ln, sig, consts, attrs, arch), (arch, dtype, d, ln.name, str(ln.config))))
-    # (a padded head dim compiles the launches of its tile width: one compile, a record per head dim)
+    # (a padded head dim compiles the launches of its tile width: one compile, a record per head dim; whether
+    # a launch is shipped depends on the tables, not the compile, so it is decided here)
     todo: dict = {}
     for k, t in tasks:
         if k not in store:

@@ -103,10 +103,9 @@ def launch_head_dims(head_dim: int, v_head_dim: int, arch: str) -> tuple:
     operands, :func:`_padded`): their masked columns cost registers, so the sm_90a tiles that fit them
     were narrower or spilled, and tensor descriptors need no masked columns. Elsewhere (mma.sync, where the
     padded tiles spill as much) the tiles mask their columns in registers."""
-    widths = tuple(max(16, triton.next_power_of_2(d)) for d in (head_dim, v_head_dim))
     pad = _force_padded_head_dims[-1] if _force_padded_head_dims else arch in TMA_FAMILIES
     if pad and head_dim > 0 and v_head_dim > 0:
-        return widths
+        return configs.head_dim_bucket(head_dim), configs.head_dim_bucket(v_head_dim)
     return head_dim, v_head_dim
 
 
@@ -288,8 +287,7 @@ class Plan:
         # 8 B without); the interpreter runs it too, so that its tests cover it
         self.skip_interior = arch == "interpret" or (arch in TMA_FAMILIES and self.dims_multiple_of_16)
         self.kernels = kernels if jit is None else jit
-        self.block_d = max(16, triton.next_power_of_2(self.D))
-        self.block_dv = max(16, triton.next_power_of_2(self.DV))
+        self.block_d, self.block_dv = configs.head_dim_bucket(self.D), configs.head_dim_bucket(self.DV)
         # head dims below their tile width (72, 96, ...) run zero-padded to it on the wgmma / tcgen05 families
         self.pad_head_dims = launch_head_dims(self.D, self.DV, arch) != (self.D, self.DV)
         self.align = 1
@@ -565,15 +563,20 @@ def _cut(x: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
     return x if x is None or x.shape[-1] == width else x[..., :width].contiguous()
 
 
-def _padded(p: Plan, plan, qk: tuple, v: tuple) -> tuple:
-    """(plan, qk, v): where ``p.pad_head_dims``, the q/k-side operands zero-padded to ``p.block_d``, the
-    v-side ones (v, O, dO, ...) to ``p.block_dv``, with ``plan(q, k, v)`` the plan of the padded problem;
-    else as given. The zero columns add exact zeros to every product and give zero output columns, so the
+def _pad_operands(p: Plan, qk: tuple, v: tuple) -> tuple:
+    """(qk, v): the q/k-side operands zero-padded to ``p.block_d``, the v-side ones (v, O, dO, ...) to
+    ``p.block_dv``. The zero columns add exact zeros to every product and give zero output columns, so the
     results are those of the masked tiles, computed by the head-dim-exact tiles (no masked columns; tensor
     descriptors and SKIP_INTERIOR apply) for O(N D) copies."""
+    return tuple(_pad(x, p.block_d) for x in qk), tuple(_pad(x, p.block_dv) for x in v)
+
+
+def _padded(p: Plan, plan, qk: tuple, v: tuple) -> tuple:
+    """(plan, qk, v): where ``p.pad_head_dims``, the operands padded (:func:`_pad_operands`) with
+    ``plan(q, k, v)`` the plan of the padded problem; else as given."""
     if not p.pad_head_dims:
         return p, qk, v
-    qk, v = tuple(_pad(x, p.block_d) for x in qk), tuple(_pad(x, p.block_dv) for x in v)
+    qk, v = _pad_operands(p, qk, v)
     return plan(qk[0], qk[1], v[0]), qk, v
 
 
@@ -671,9 +674,7 @@ def _varlen_padded(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, tangents=(N
     p, views = _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, tangents)
     if not p.pad_head_dims:
         return p, views, rest
-    tq, tk, tv = tangents
-    q, k, tq, tk = (_pad(x, p.block_d) for x in (q, k, tq, tk))
-    v, tv, *rest = (_pad(x, p.block_dv) for x in (v, tv, *rest))
+    (q, k, tq, tk), (v, tv, *rest) = _pad_operands(p, (q, k, *tangents[:2]), (v, tangents[2], *rest))
     p, views = _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, (tq, tk, tv))
     return p, views, tuple(rest)
 
