@@ -75,16 +75,23 @@ def test_float64_never_goes_to_triton():
     assert reason is not None and "torch" in reason
 
 
-@pytest.mark.parametrize("dims,ships", [((16, 16), True), ((24, 24), True), ((32, 32), True), ((48, 48), True),
-                                         ((64, 64), True), ((64, 32), True), ((40, 40), False), ((64, 56), False),
-                                         ((80, 80), False), ((128, 128), False)])
-def test_float32_triton_head_dims(dims, ships):
-    """float32 goes to Triton on CUDA only for the head dims whose tiles compile spill-free (<= 32, 48, 64)."""
+@pytest.mark.parametrize("arch", [None, "sm80", "sm86", "sm90", "sm100", "sm120"])
+@pytest.mark.parametrize("dims,ships,ships_padded", [
+    ((16, 16), True, True), ((24, 24), True, True), ((32, 32), True, True), ((48, 48), True, True),
+    ((64, 64), True, True), ((64, 32), True, True), ((40, 40), False, True), ((64, 56), False, True),
+    ((33, 17), False, True), ((80, 80), False, False), ((128, 128), False, False), ((64, 72), False, False)])
+def test_float32_triton_head_dims(monkeypatch, arch, dims, ships, ships_padded):
+    """float32 goes to Triton on CUDA only for the head dims whose tiles compile spill-free on sm_90a
+    (<= 32, 48, 64); on sm90 / sm100, which run head dims zero-padded to their tile width, every head dim
+    up to 64. A CUDA device on a host without one (arch None) takes the stricter rule."""
+    from flowmap_kernels.attention import registry
+    monkeypatch.setattr(registry, "cuda_arch_family", lambda device: arch)
     reason = ATTENTION.impls["triton"].supports(device=torch.device("cuda"), dtype=torch.float32, head_dim=dims[0],
                                                 v_head_dim=dims[1], explicit=False, q_len=8, kv_len=8, mask_kind=None)
-    assert (reason is None) == ships, reason
-    if not ships:
-        assert "'torch' backend" in reason and str(dims[0]) in reason
+    expected = ships_padded if arch in ("sm90", "sm100") else ships
+    assert (reason is None) == expected, reason
+    if not expected:
+        assert "'torch' backend" in reason and str(dims[0]) in reason and str(arch) in reason
     for dt in (torch.float16, torch.bfloat16):  # 16-bit inputs ship for every head dim up to 256
         assert ATTENTION.impls["triton"].supports(device=torch.device("cuda"), dtype=dt, head_dim=dims[0],
                                                   v_head_dim=dims[1], explicit=False) is None

@@ -37,7 +37,8 @@ def triton_launcher_module():
 
 
 def _register_triton() -> None:
-    """Triton backend: CUDA tensors, float16/bfloat16 with head dims up to 256, float32 up to 32 and 48/64."""
+    """Triton backend: CUDA tensors, float16/bfloat16 with head dims up to 256, float32 up to 64 (see
+    :func:`registry.triton_supports`)."""
     def available() -> bool:  # cached once
         importlib.import_module("triton")
         return triton_launcher_module() is not None

@@ -365,13 +365,13 @@ def is_shipped(kernel: str, dtype: str, head_dim: int, arch: str, cfg) -> bool:
     config :func:`configs.get_config` returns there (the row pre-passes: ``configs.PREP_CONFIG``), for a
     dtype / head dim the registry routes to Triton (float32: :func:`configs.fp32_head_dim_supported`)."""
     from flowmap_kernels.attention.triton import configs
-    if dtype == "fp32" and not configs.fp32_head_dim_supported(head_dim):
+    family_name = configs.arch_family(arch)
+    if dtype == "fp32" and not configs.fp32_head_dim_supported(head_dim, arch=family_name):
         return False
     if kernel.endswith("_prep"):
         want = configs.PREP_CONFIG
     else:
         from flowmap_kernels.attention.triton.launch import launch_head_dims
-        family_name = configs.arch_family(arch)
         want = configs.get_config(kernel, launch_head_dims(head_dim, head_dim, family_name)[0],
                                   DTYPE_NAMES.get(dtype, dtype), family_name)
     return str(want) == str(cfg)

@@ -288,6 +288,9 @@ def test_is_shipped():
     # float32 at D = 128 is routed to the "torch" backend (configs.fp32_head_dim_supported)
     assert not cr.is_shipped("forward", "fp32", 128, "sm_90a", configs.get_config("forward", 128, 4, "sm90"))
     assert cr.is_shipped("forward", "fp32", 64, "sm_90a", configs.get_config("forward", 64, 4, "sm90"))
+    # float32 at D = 40 runs padded to 64 on sm90, and is routed to "torch" on the families that mask columns
+    assert cr.is_shipped("forward", "fp32", 40, "sm_90a", configs.get_config("forward", 64, 4, "sm90"))
+    assert not cr.is_shipped("forward", "fp32", 40, "sm_86", configs.get_config("forward", 40, 4, "sm86"))
 
 
 def test_one_pass_tangent_backward_at_small_head_dims_runs_32_query_columns():

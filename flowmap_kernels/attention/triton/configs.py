@@ -314,17 +314,26 @@ _launch_variant("jvp_forward_tangent_fp32", "jvp_forward", {(128, 2): C(64, 32, 
 _launch_variant("jvp_forward_tma", "jvp_forward", {(128, 2): C(128, 64, 8, 2)})
 del C, S2, S3
 
+#: Families that run head dims below their power-of-two tile width zero-padded to it (wgmma / tcgen05:
+#: Hopper and datacenter Blackwell; see ``launch.launch_head_dims``). mma.sync families mask the columns.
+PADDED_HEAD_DIM_FAMILIES = ("sm90", "sm100")
+
 #: float32 inputs run their products as 3xTF32 (about fp32 accuracy), which holds three times the operand
 #: registers: the shipped float32 tiles are spill-free on sm_90a for head dims up to 32, and for multiples
-#: of 16 up to 64 (48 and 64; 40 or 56 would tile 64 with masked columns and spill). The registry routes
-#: other float32 problems on CUDA to the "torch" backend (see :func:`fp32_head_dim_supported`).
+#: of 16 up to 64 (48 and 64). Where head dims run padded (sm90 / sm100), every head dim up to 64 runs those
+#: tiles (40 and 56 as 64); elsewhere 40 or 56 would tile 64 with masked columns and spill. At D = 128 every
+#: float32 launch spills on sm_90a (1-67 KB), so D > 64 cannot fit. The registry routes other float32
+#: problems on CUDA to the "torch" backend (see :func:`fp32_head_dim_supported`).
 FP32_MAX_HEAD_DIM = 64
 FP32_MAX_ANY_HEAD_DIM = 32
 
 
-def fp32_head_dim_supported(head_dim: int, v_head_dim: Optional[int] = None) -> bool:
-    """Whether the float32 Triton kernels ship for head dims (D, Dv) (see :data:`FP32_MAX_HEAD_DIM`)."""
+def fp32_head_dim_supported(head_dim: int, v_head_dim: Optional[int] = None, arch: Optional[str] = None) -> bool:
+    """Whether the float32 Triton kernels ship for head dims (D, Dv) on arch family ``arch`` (see
+    :data:`FP32_MAX_HEAD_DIM`); ``arch`` None: a family that does not pad head dims (the stricter rule)."""
     dims = (head_dim, v_head_dim or head_dim)
+    if arch in PADDED_HEAD_DIM_FAMILIES:
+        dims = tuple(head_dim_bucket(d) for d in dims)
     if max(dims) <= FP32_MAX_ANY_HEAD_DIM:
         return True
     return max(dims) <= FP32_MAX_HEAD_DIM and all(d % 16 == 0 for d in dims)

@@ -103,7 +103,7 @@ def launch_head_dims(head_dim: int, v_head_dim: int, arch: str) -> tuple:
     operands, :func:`_padded`): their masked columns cost registers, so the sm_90a tiles that fit them
     were narrower or spilled, and tensor descriptors need no masked columns. Elsewhere (mma.sync, where the
     padded tiles spill as much) the tiles mask their columns in registers."""
-    pad = _force_padded_head_dims[-1] if _force_padded_head_dims else arch in TMA_FAMILIES
+    pad = _force_padded_head_dims[-1] if _force_padded_head_dims else arch in configs.PADDED_HEAD_DIM_FAMILIES
     if pad and head_dim > 0 and v_head_dim > 0:
         return configs.head_dim_bucket(head_dim), configs.head_dim_bucket(v_head_dim)
     return head_dim, v_head_dim
