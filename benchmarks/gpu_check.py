@@ -103,10 +103,11 @@ def correctness(dtypes) -> list:
     return rows
 
 
-#: Launch configs timed beside the shipped one for the backward through the JVP (impl "triton[<config>]"): at
-#: D = 64 the static report ranks this two-launch split (18 products, m64n32) above the shipped 15-product
-#: launch (m64n16), an ESTIMATE only a GPU can settle (docs/triton.md).
-ALTERNATIVES = {64: ("32x64/w4/s2/split2",)}
+#: Launch configs timed beside the shipped one (32x64/w4/s2, 15 products, m64n32) for the backward through
+#: the JVP (impl "triton[<config>]") at D = 64: the two-launch split (18 products) and the 16-query-column
+#: launch shipped before (m64n16), which the static report ranks below it: an ESTIMATE only a GPU can
+#: settle (docs/triton.md).
+ALTERNATIVES = {64: ("32x64/w4/s2/split2", "16x64/w4/s2")}
 
 
 def timings(quick: bool) -> list:

@@ -245,9 +245,12 @@ def test_real_compile_pass_summary(sm90_records):
         if s["pass"] in ("forward", "jvp_forward", "jvp_forward_tma", "backward") or (
                 s["pass"] == "jvp_backward" and s["head_dim"] == 64):
             assert s["products"] == s["minimum_products"]
-    # with tensor descriptors the forward+JVP at D = 128 takes 64-key blocks: m64n64 wgmma, no spill
-    tma = {r["head_dim"]: r for r in sm90_records if r["kernel"] == "jvp_forward[tma]"}
-    assert tma[128]["block_n"] == 64 and tma[128]["spill_bytes"] == 0 and "m64n64k16" in tma[128]["wgmma_shapes"]
+    # the forward+JVP at D = 128 takes 128 x 64 tiles in all three variants (tensor descriptors, pointer
+    # loads, float32 tO with two-part products): m64n64 score products, no m64n16, no spill
+    for name in ("jvp_forward[tma]", "jvp_forward", "jvp_forward[tangent_fp32]"):
+        (r,) = [r for r in sm90_records if r["kernel"] == name and r["head_dim"] == 128]
+        assert (r["block_m"], r["block_n"], r["spill_bytes"]) == (128, 64, 0), r
+        assert "m64n64k16" in r["loop_mma_shapes"] and "m64n16k16" not in r["wgmma_shapes"], r
     # at D = 64 the P tV products accumulate apart (TV_ACC): every product after the tangent logits stays
     # asynchronous, 3 waits per key block for 6 products (4 at D = 128, where the extra accumulator spills)
     fwd = {(r["kernel"], r["head_dim"]): r for r in sm90_records if r["kernel"].startswith("jvp_forward")}
@@ -293,13 +296,16 @@ def test_is_shipped():
     assert not cr.is_shipped("forward", "fp32", 40, "sm_86", configs.get_config("forward", 40, 4, "sm86"))
 
 
-def test_one_pass_tangent_backward_at_small_head_dims_runs_32_query_columns():
-    """Up to D = 32 the one-launch tangent backward fits 32 query columns in registers: its score-type
-    products are m64n32 wgmma (m64n16 only where the head dim itself is 16: the output products), no spill."""
-    recs = cr.triton_records(["sm_90a"], (16, 32), ["bf16"], kernels=["jvp_backward_atomic"],
+def test_one_pass_tangent_backward_runs_32_query_columns_up_to_head_dim_64():
+    """Up to D = 64 the one-launch tangent backward fits 32 query columns in registers (at D = 64 with its
+    query-side tiles and gradient stores through tensor descriptors): its score-type products are m64n32
+    wgmma (m64n16 only where the head dim itself is 16: the output products), 15 products, no spill."""
+    recs = cr.triton_records(["sm_90a"], (16, 32, 64), ["bf16"], kernels=["jvp_backward_atomic"],
                              cache=cr._default_cache(), workers=0)
     by = {r["head_dim"]: r for r in recs}
-    assert by[32]["block_m"] == by[16]["block_m"] == 32
+    assert by[64]["block_m"] == by[32]["block_m"] == by[16]["block_m"] == 32
     assert set(by[32]["loop_mma_shapes"]) == {"m64n32k16"} and by[32]["spill_bytes"] == 0
+    assert set(by[64]["loop_mma_shapes"]) == {"m64n32k16", "m64n64k16"}
+    assert (by[64]["spill_bytes"], by[64]["products_per_tile"], by[64]["async_load_kind"]) == (0, 15, "tma")
     assert by[16]["loop_mma_shapes"]["m64n32k16"] > 0 and by[16]["spill_bytes"] == 0
     assert all(r["products_per_tile"] == 15 and r["num_stages"] >= 2 for r in recs)

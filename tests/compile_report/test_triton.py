@@ -62,12 +62,24 @@ def test_no_spills_on_sm90a_up_to_head_dim_128(records):
     shipped = [r for r in records if r["arch"] == "sm_90a" and r["head_dim"] <= 128
                and (r["dtype"] != "fp32" or fp32_head_dim_supported(r["head_dim"], arch="sm90"))]
     assert {r["dtype"] for r in shipped} == {"bf16", "fp16", "fp32"}
-    # the float32-tO forward+JVP included (64x32/w8/s2 at D = 80, 128: spill-free since its interior key
-    # blocks skip the mask arithmetic)
+    # the float32-tO forward+JVP included (128x64/w8/s2 at D = 80, 128: spill-free since its interior key
+    # blocks skip the mask arithmetic and its two-part products chain into the accumulator)
     assert any(r["kernel"] == "jvp_forward[tangent_fp32]" and r["head_dim"] > 64 for r in shipped)
     spilled = [(r["kernel"], r["dtype"], r["head_dim"], r["config"], r["spill_bytes"]) for r in shipped
                if r["spill_bytes"] > 0]
     assert not spilled, f"register spills on sm_90a: {spilled}"
+
+
+def test_no_m64n16_wgmma_on_sm90a_16bit_up_to_head_dim_128(records):
+    """No shipped sm_90a 16-bit launch from D = 17 to 128 issues m64n16 wgmma (a quarter of m64n64's work per
+    issue); at D = 16 the head dim itself is the output products' N."""
+    checked = 0
+    for r in records:
+        if r["arch"] != "sm_90a" or r["dtype"] == "fp32" or not 16 < r["head_dim"] <= 128 or not r["shipped"]:
+            continue
+        assert not any(s.startswith("m64n16k") for s in r["wgmma_shapes"]), r
+        checked += 1
+    assert checked > 50
 
 
 # sm_100a runs the sm90 tiles (configs.FAMILIES["sm100"].tiles). With them one launch spills there: the

@@ -26,7 +26,8 @@ from typing import Iterator, Optional
 from ..._autodiff import triton_interpreter
 
 KERNELS = ("forward", "jvp_forward", "jvp_forward_tma", "jvp_forward_tangent_fp32", "backward_atomic",
-           "backward_dkdv", "backward_dq", "jvp_backward_atomic", "jvp_backward_dkdv", "jvp_backward_dq")
+           "backward_dkdv", "backward_dq", "jvp_backward_atomic", "jvp_backward_atomic_pointer",
+           "jvp_backward_dkdv", "jvp_backward_dq")
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 
 
@@ -195,7 +196,7 @@ TABLE: dict = {
     },
     ("jvp_forward", "sm90"): {
         (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(128, 64, 8, 2),
-        (128, 2): C(128, 32, 8, 2), (256, 2): C(64, 32, 8, 1),
+        (128, 2): C(128, 64, 8, 2), (256, 2): C(64, 32, 8, 1),
         (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 16, 4, 1),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 32, 4, 1),
     },
@@ -277,7 +278,7 @@ TABLE.update({
     # float32 D = 64: tiles within the 99 KB of the sm86 / sm120 families, which take these
     ("backward_atomic", "sm80"): {**TABLE[("backward_dkdv", "sm80")], (64, 4): C(32, 32, 4, 2)},
     ("jvp_backward_atomic", "sm90"): {
-        (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 64, 4, 2), (64, 2): C(16, 64, 4, 2),
+        (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 64, 4, 2), (64, 2): C(32, 64, 4, 2),
         (128, 2): C(32, 64, 4, 2, S3), (256, 2): C(16, 64, 4, 1, S3),
         (16, 4): C(16, 64, 4, 2, S3), (32, 4): C(16, 64, 4, 2, S3), (64, 4): C(16, 16, 4, 1, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
@@ -290,7 +291,10 @@ TABLE.update({
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
 })
-FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): dict(FAMILY_TABLE[("jvp_backward_dkdv", "sm100")])})
+# sm100 keeps its accumulators in tensor memory: the one-pass tangent backward fits 32 query columns at D = 64
+# there (178 registers, no spill; on sm_90a the same tile spills 20 B)
+FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): {**FAMILY_TABLE[("jvp_backward_dkdv", "sm100")],
+                                                        (64, 2): C(32, 64, 4, 2)}})
 
 
 def _launch_variant(kernel: str, base: str, sm90_entries: dict) -> None:
@@ -304,14 +308,17 @@ def _launch_variant(kernel: str, base: str, sm90_entries: dict) -> None:
 
 
 # The forward+JVP with a float32 tO from 16-bit inputs (TANGENT_FP32: the probabilities enter the tangent
-# products as two 16-bit parts, 9 products): the jvp_forward tiles up to D = 64 (spill-free on sm_90a); at
-# D = 128 the only spill-free tile found is 64x32/w8/s2 (m64n16 wgmma; 128x32/w8/s2 spills 164 B, 64x32/w4/s2
-# 196 B, and with tensor descriptors 148 B and 60 B).
-_launch_variant("jvp_forward_tangent_fp32", "jvp_forward", {(128, 2): C(64, 32, 8, 2)})
-# The forward+JVP with tensor-descriptor (TMA) loads of the key-loop tiles (sm90 / sm100, where the strides
-# allow, launch.descriptors_allowed): the key tiles leave the registers, so D = 128 takes 64 keys per block
-# (251 registers, no spill; pointer loads: 128x32).
-_launch_variant("jvp_forward_tma", "jvp_forward", {(128, 2): C(128, 64, 8, 2)})
+# products as two 16-bit parts, 9 products) and with tensor-descriptor (TMA) loads of the key-loop tiles
+# (sm90 / sm100, where the strides allow, launch.descriptors_allowed): the jvp_forward tiles. At D = 128 on
+# sm_90a, 128x64/w8/s2 is spill-free in all three (TMA 249 registers; pointer loads and float32 tO 255),
+# since the two-part products chain into their accumulator (kernels._dot_split: the float32-tO launch spilled
+# 1,200 B before, and only 64x32/w8 fitted).
+_launch_variant("jvp_forward_tangent_fp32", "jvp_forward", {})
+_launch_variant("jvp_forward_tma", "jvp_forward", {})
+# The one-pass tangent backward where its key-block kernel keeps pointer loads (launch._key_block_descriptors:
+# operands the descriptors cannot read): at D = 64 the 32-query-column tile spills 20 B on sm_90a there, so
+# it keeps 16 columns (m64n16, spill-free).
+_launch_variant("jvp_backward_atomic_pointer", "jvp_backward_atomic", {(64, 2): C(16, 64, 4, 2)})
 del C, S2, S3
 
 #: Families that run head dims below their power-of-two tile width zero-padded to it (wgmma / tcgen05:

@@ -76,6 +76,18 @@ def _store_tile(base, x, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOC
 
 
 @triton.jit
+def _store_rows(base, x, start, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, TMA: tl.constexpr):
+    """base[start:start + BLOCK_R, :NCOLS] = x (rows < n_rows): a tensor-descriptor store when TMA (the rows
+    past n_rows are dropped), else :func:`_store_tile` (rows = start + arange(BLOCK_R))."""
+    if TMA:
+        desc = tl.make_tensor_descriptor(base, [n_rows, NCOLS], [s_r, 1], [BLOCK_R, BLOCK_C])
+        desc.store([start, 0], x.to(base.dtype.element_ty))
+    else:
+        _store_tile(base, x, rows, cols, n_rows, s_r, s_c, NCOLS, BLOCK_C, ALIGN)
+
+
+@triton.jit
 def _atomic_add_tile(base, x, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOCK_C: tl.constexpr):
     """base[rows, cols] += x (float32 atomics, relaxed: only the sum is read, after the launch)."""
     ptrs = base + rows[:, None] * s_r + cols[None, :] * s_c
@@ -185,12 +197,13 @@ def _valid_logits(rows, cols, n_rows, n_cols, IS_CAUSAL: tl.constexpr, ROWS_ARE_
 # forward and forward+JVP
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _dot_split(a, b, PREC: tl.constexpr):
-    """a @ b for a float32 tile ``a`` and a 16-bit tile ``b``: a = hi + lo, both in b's dtype, two products
-    (a keeps 16 (bfloat16) or 22 (float16) significant bits instead of 8 or 11)."""
+def _dot_split(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b for a float32 tile ``a`` and a 16-bit tile ``b``: a = hi + lo, both in b's dtype, two
+    products (a keeps 16 (bfloat16) or 22 (float16) significant bits instead of 8 or 11), chained into
+    ``acc`` (acc + (hi b + lo b) would hold a second float32 accumulator)."""
     hi = a.to(b.dtype)
     lo = (a - hi.to(tl.float32)).to(b.dtype)
-    return tl.dot(hi, b, input_precision=PREC) + tl.dot(lo, b, input_precision=PREC)
+    return tl.dot(lo, b, tl.dot(hi, b, acc, input_precision=PREC), input_precision=PREC)
 
 
 @triton.jit
@@ -299,7 +312,7 @@ def _attn_fwd(
             tacc = tacc * alpha[:, None] + (shift - shift_new)[:, None] * acc
             # (tV is loaded after the first product: earlier, its tile is live across it and D=72/256 spill more)
             if TANGENT_FP32:  # a float32 tO: the probabilities enter the products in two 16-bit parts
-                tacc += _dot_split(pts - p * shift_new[:, None], v, PREC)
+                tacc = _dot_split(pts - p * shift_new[:, None], v, tacc, PREC)
             else:
                 tacc += tl.dot((pts - p * shift_new[:, None]).to(dt), v, input_precision=PREC)
             if TMA:
@@ -309,12 +322,12 @@ def _attn_fwd(
             if TV_ACC:
                 tacc_v = tacc_v * alpha[:, None] + tl.dot(p.to(dt), tv, input_precision=PREC)
             elif TANGENT_FP32:
-                tacc += _dot_split(p, tv, PREC)
+                tacc = _dot_split(p, tv, tacc, PREC)
             else:
                 tacc += tl.dot(p.to(dt), tv, input_precision=PREC)
             shift = shift_new
         if TANGENT_FP32:  # (acc enters tO through the shift term: as accurate as the tangent products)
-            acc += _dot_split(p, v, PREC)
+            acc = _dot_split(p, v, acc, PREC)
         else:
             acc += tl.dot(p.to(dt), v, input_precision=PREC)
         m_i = m_new
@@ -446,10 +459,14 @@ def _attn_bwd_dkdv(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
     WANT_DK: tl.constexpr, WANT_DTK: tl.constexpr, WANT_DV: tl.constexpr,
     ADD_DQ_DS: tl.constexpr, ADD_DQ_DTS: tl.constexpr, ADD_DTQ: tl.constexpr, ALIGN: tl.constexpr,
-    LARGE_OFFSETS: tl.constexpr, VARLEN: tl.constexpr,
+    LARGE_OFFSETS: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """One program: BLOCK_N keys of one (batch, kv head); loops over its G query heads and the query
     blocks, in transposed tiles (keys x queries). Tangent terms only when TANGENT.
+
+    TMA: the query-side tiles of the loop (Q, tQ, dO, dtO) load, and dK, dtK, dV, dtV store, through tensor
+    descriptors over each head's (L, D) rows (rows past L zero-fill / are dropped): no pointer or mask
+    tensors in registers (sm_90a, D = 64: 32 query columns fit one warpgroup without spilling).
 
     P = exp(S - lse) from LSE; with an additive mask (MASK_KIND 2) P = exp(S - LSE) * LINV from the row
     statistics of :func:`_attn_row_stats` (LSE then holds a row max, LINV 1 / l).
@@ -469,6 +486,8 @@ def _attn_bwd_dkdv(
     total_q = Lq  # packed sequences (VARLEN): the per-row float32 buffers (lse, mu, ...) are (H, total_q)
     bq, Lq = _sequence(b, CU_Q, Lq, VARLEN)
     bk, Lk = _sequence(b, CU_K, Lk, VARLEN)
+    if start_n >= Lk:  # a key block past a shorter packed sequence's end: no rows, no dQ terms
+        return
     offs_n = _block_offsets(start_n, BLOCK_N, LARGE_OFFSETS)
     offs_m0 = _block_offsets(0, BLOCK_M, LARGE_OFFSETS)
     offs_d = _block_offsets(0, BLOCK_D, LARGE_OFFSETS)
@@ -513,10 +532,20 @@ def _attn_bwd_dkdv(
         if TANGENT:
             tq_base = TQ + bq * stqb + h * stqh
             g_base = DTO + bq * sgb + h * sgh
+        if TMA:
+            q_desc = tl.make_tensor_descriptor(q_base, [Lq, D], [sqm, 1], [BLOCK_M, BLOCK_D])
+            if HAS_DO:
+                do_desc = tl.make_tensor_descriptor(do_base, [Lq, DV], [sdom, 1], [BLOCK_M, BLOCK_DV])
+            if TANGENT:
+                tq_desc = tl.make_tensor_descriptor(tq_base, [Lq, D], [stqm, 1], [BLOCK_M, BLOCK_D])
+                g_desc = tl.make_tensor_descriptor(g_base, [Lq, DV], [sgm, 1], [BLOCK_M, BLOCK_DV])
         for start_m in range(lo, Lq, BLOCK_M):
             offs_m = start_m + offs_m0
             in_m = offs_m < Lq
-            q = _load_tile(q_base, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D, ALIGN)
+            if TMA:
+                q = q_desc.load([start_m, 0])
+            else:
+                q = _load_tile(q_base, offs_m, offs_d, Lq, sqm, sqd, D, BLOCK_D, ALIGN)
             st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
             # (every tile masked: a branch around it cost the split [dk,dq_ds] launch 8 B of spill at D = 128)
             st = _mask_logits(st, start_n, start_m, offs_n, offs_m, Lk, Lq, m_base, smn, smm, IS_CAUSAL, MASK_KIND,
@@ -532,7 +561,10 @@ def _attn_bwd_dkdv(
                 const = tl.load(CONST + row + offs_m, mask=in_m, other=0.0)
             if HAS_DO:
                 if WANT_DK or WANT_DV:
-                    do = _load_tile(do_base, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV, ALIGN)
+                    if TMA:
+                        do = do_desc.load([start_m, 0])
+                    else:
+                        do = _load_tile(do_base, offs_m, offs_dv, Lq, sdom, sdod, DV, BLOCK_DV, ALIGN)
                 if WANT_DV:
                     dv += tl.dot(pt.to(dt), do, input_precision=PREC)
                 if WANT_DK:
@@ -540,9 +572,15 @@ def _attn_bwd_dkdv(
             elif WANT_DK:
                 dpt = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             if TANGENT:
-                gg = _load_tile(g_base, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV, ALIGN)
+                if TMA:
+                    gg = g_desc.load([start_m, 0])
+                else:
+                    gg = _load_tile(g_base, offs_m, offs_dv, Lq, sgm, sgd, DV, BLOCK_DV, ALIGN)
                 if WANT_DK or WANT_DV:
-                    tq = _load_tile(tq_base, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D, ALIGN)
+                    if TMA:
+                        tq = tq_desc.load([start_m, 0])
+                    else:
+                        tq = _load_tile(tq_base, offs_m, offs_d, Lq, stqm, stqd, D, BLOCK_D, ALIGN)
                     mu = tl.load(MU + row + offs_m, mask=in_m, other=0.0)
                     tsmu = (tl.dot(k, tl.trans(tq), input_precision=PREC)
                             + tl.dot(tk, tl.trans(q), input_precision=PREC)) * scale - mu[None, :]
@@ -558,16 +596,16 @@ def _attn_bwd_dkdv(
                     if WANT_DK:
                         dpt += tl.dot(tv, tl.trans(gg), input_precision=PREC) + gvc * tsmu
                         dst16 = (pt * (dpt - const[None, :])).to(dt)
-                        dk += tl.dot(dst16, q, input_precision=PREC) + tl.dot(dtst16, tq, input_precision=PREC)
-                    if ADD_DTQ:
-                        _atomic_add_tile(dtq_base, tl.dot(tl.trans(dtst16), k, input_precision=PREC) * scale,
-                                         offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+                        if BLOCK_D <= 128:  # chained into dk: dk + (a + b) holds a second float32 accumulator
+                            dk = tl.dot(dtst16, tq, tl.dot(dst16, q, dk, input_precision=PREC), input_precision=PREC)
+                        else:  # (chained, D = 256 spilled 19 KB instead of 5 KB on sm_86)
+                            dk += tl.dot(dst16, q, input_precision=PREC) + tl.dot(dtst16, tq, input_precision=PREC)
             elif WANT_DK:
                 dst16 = (pt * (dpt - const[None, :])).to(dt)
                 dk += tl.dot(dst16, q, input_precision=PREC)
             if ADD_DQ_DS and ADD_DQ_DTS:
-                dqt = tl.dot(tl.trans(dst16), k, input_precision=PREC) + \
-                    tl.dot(tl.trans(dtst16), tk, input_precision=PREC)
+                dqt = tl.dot(tl.trans(dtst16), tk, tl.dot(tl.trans(dst16), k, input_precision=PREC),
+                             input_precision=PREC)
                 _atomic_add_tile(dq_base, dqt * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
             elif ADD_DQ_DS:
                 _atomic_add_tile(dq_base, tl.dot(tl.trans(dst16), k, input_precision=PREC) * scale,
@@ -575,14 +613,21 @@ def _attn_bwd_dkdv(
             elif ADD_DQ_DTS:
                 _atomic_add_tile(dq_base, tl.dot(tl.trans(dtst16), tk, input_precision=PREC) * scale,
                                  offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+            if ADD_DTQ:
+                _atomic_add_tile(dtq_base, tl.dot(tl.trans(dtst16), k, input_precision=PREC) * scale,
+                                 offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
     if WANT_DK:
-        _store_tile(DK + bk * sdkb + hk * sdkh, dk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D, ALIGN)
+        _store_rows(DK + bk * sdkb + hk * sdkh, dk * scale, start_n, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_N,
+                    BLOCK_D, ALIGN, TMA)
     if WANT_DTK:
-        _store_tile(DTK + bk * sdkb + hk * sdkh, dtk * scale, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_D, ALIGN)
+        _store_rows(DTK + bk * sdkb + hk * sdkh, dtk * scale, start_n, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_N,
+                    BLOCK_D, ALIGN, TMA)
     if WANT_DV:
-        _store_tile(DV_ + bk * sdvb + hk * sdvh, dv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV, ALIGN)
+        _store_rows(DV_ + bk * sdvb + hk * sdvh, dv, start_n, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_N,
+                    BLOCK_DV, ALIGN, TMA)
         if TANGENT:
-            _store_tile(DTV + bk * sdvb + hk * sdvh, dtv, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_DV, ALIGN)
+            _store_rows(DTV + bk * sdvb + hk * sdvh, dtv, start_n, offs_n, offs_dv, Lk, sdvn, sdvd, DV, BLOCK_N,
+                        BLOCK_DV, ALIGN, TMA)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -448,6 +448,17 @@ def _bwd_args(p: Plan, q, k, v, tq, tk, tv, do, dto, lse, linv, mu, const, crow,
             *_strides(do), *_strides(dto))
 
 
+def _key_block_descriptors(p: Plan, q, tq) -> bool:
+    """Whether the key-block kernel loads its query-side tiles and stores dK, dV (dtK, dtV) through tensor
+    descriptors (sm90 / sm100, 16-bit inputs, head dims a multiple of 16 up to 128, Q and tQ rows the
+    descriptors can read; the gradients are allocated here, dO and dtO copied if needed): its 32-query-column
+    tiles at D = 64 then fit sm_90a's registers. Elsewhere the pointer loads (at D = 256 the descriptors cost
+    8-40 B of spill in the primal deterministic key-block launch on sm_90a / sm_100a)."""
+    on = _force_tensor_descriptors[-1] if _force_tensor_descriptors else p.arch in TMA_FAMILIES
+    return bool(on and p.esize == 2 and not p.large_offsets and p.dims_multiple_of_16
+                and max(p.block_d, p.block_dv) <= 128 and descriptors_allowed(q, tq))
+
+
 def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> tuple:
     """((dq, dk, dv, dtq, dtk, dtv), launches) of the backward: the primal (``dto`` None: no tangent terms
     compiled in, tangent gradients None) or the backward through (O, tO); ``do`` None drops dO's terms.
@@ -470,6 +481,9 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
         return grads, []
     const = p.new_rows()
     crow = p.new_rows() if tangent else None
+    tma = _key_block_descriptors(p, q, tq)
+    if tma:  # (dO from autograd may be an expanded view: copied, O(N D), to rows the descriptors can read)
+        do, dto = (x if x is None or descriptors_allowed(x) else x.contiguous() for x in (do, dto))
     p.set_align(q, k, v, tq, tk, tv, o, to, do, dto, dq, dk, dv, dtq, dtk, dtv)
     flags = dict(TANGENT=tangent, HAS_DO=has_do)
     launches = []
@@ -497,7 +511,7 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
 
     one_pass = not p.deterministic
     kernel = prefix + ("_atomic" if one_pass else "_dkdv")
-    cfg = p.config(kernel)
+    cfg = p.config(kernel if tma or kernel + "_pointer" not in configs.KERNELS else kernel + "_pointer")
     if one_pass:  # dQ (dtQ) accumulate in float32 across key blocks, zeroed here, cast after the pass
         parts = configs.ONE_PASS[cfg.parts.tag] if tangent else configs.PRIMAL_ONE_PASS
         def accumulator(g):  # float32, zeroed: the gradient itself for float32 inputs
@@ -513,7 +527,8 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
         for part in parts.key_block:
             launches.append(Launch(kernel + (f"[{part.suffix}]" if part.suffix else ""),
                                    p.kernels._attn_bwd_dkdv, (triton.cdiv(p.blocks_k, cfg.block_n), p.Hkv, p.B), args,
-                                   p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **part.constexprs(), **flags),
+                                   p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **part.constexprs(), **flags,
+                                                TMA=tma),
                                    cfg, grid_block="BLOCK_N", cu_seqlens=p.cu_seqlens))
     else:
         dk.zero_(), dv.zero_()

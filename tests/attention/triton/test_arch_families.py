@@ -87,28 +87,21 @@ def test_launch_parts_name_what_each_launch_writes():
             assert all(configs.Config.parse(str(c)) == c for c in entries.values())
 
 
-KEY_BLOCK_KERNELS = ("backward_atomic", "backward_dkdv", "jvp_backward_atomic", "jvp_backward_dkdv")
-# (kernel, head dims) of the sm90 16-bit launches that keep 8 warps on 64 rows or one stage: the only
-# tiles found spill-free (or least spilling) there; see docs/triton.md, "Launch configs".
-SM90_NARROW_OR_SINGLE_STAGE = {
-    ("jvp_forward_tangent_fp32", "80-128"),  # 64x32/w8/s2: spill-free; 128x32/w8/s2 spills 164 B
-}
+KEY_BLOCK_KERNELS = ("backward_atomic", "backward_dkdv", "jvp_backward_atomic", "jvp_backward_atomic_pointer",
+                     "jvp_backward_dkdv")
 
 
 @pytest.mark.parametrize("kernel", configs.KERNELS)
 def test_sm90_16bit_tiles_are_wide_and_pipelined(kernel):
     """Up to D = 128 in 16 bits every sm90 launch pipelines its key loop (num_stages >= 2) and puts 8 warps
     only on 128 rows (queries, or keys in the key-block kernels), so that no wgmma's N is split across two
-    warpgroups; the exceptions are listed above. Head dims below their tile width run padded to it."""
+    warpgroups. Head dims below their tile width run padded to it."""
     from flowmap_kernels.attention.triton.launch import launch_head_dims
     for d in (16, 32, 48, 64, 72, 80, 96, 112, 128):
         run = launch_head_dims(d, d, "sm90")[0]
         assert run in configs.HEAD_DIM_BUCKETS
         cfg = configs.get_config(kernel, run, 2, "sm90")
         rows = cfg.block_n if kernel in KEY_BLOCK_KERNELS else cfg.block_m
-        group = "80-128" if run > 64 else "<=64"
-        if (kernel, group) in SM90_NARROW_OR_SINGLE_STAGE:
-            continue
         assert cfg.num_stages >= 2, (kernel, d, str(cfg))
         assert rows >= 64 and not (cfg.num_warps == 8 and rows < 128), (kernel, d, str(cfg))
 
@@ -145,3 +138,31 @@ def test_tangent_value_products_accumulate_apart_where_it_is_free(arch, head_dim
     assert fwd[0].constexprs["TV_ACC"] is tv_acc
     (_, fwd) = launch.forward_launches(plan, q, q, q)
     assert fwd[0].constexprs["TV_ACC"] is False
+
+
+def test_key_block_descriptors_and_the_pointer_fallback_tile():
+    """sm90, 16-bit, D = 64: the key-block kernel takes tensor descriptors (TMA) and 32 query columns; Q rows
+    the descriptors cannot read keep pointer loads and the 16-column tile (32 spill there); dO given as an
+    expanded view is copied, not a reason to fall back; float32 and D = 256 keep pointer loads."""
+    import torch
+    from flowmap_kernels.attention.triton import launch
+
+    def key_block(q, do, arch="sm90"):
+        x = torch.empty(1, 2, 64, q.shape[-1], dtype=q.dtype)
+        p = launch.Plan(q, x, x, None, False, 0.125, arch=arch)
+        (o, to, lse, mu), _ = launch.forward_launches(p, q, x, x, x, x, x)
+        launches = launch.backward_launches(p, q, x, x, x, x, x, o, to, lse, mu, do, do)[1]
+        return [(str(ln.config), ln.constexprs["TMA"]) for ln in launches if ln.name.startswith("jvp_backward_atomic")
+                and hasattr(ln, "constexprs")]
+
+    q = torch.empty(1, 2, 64, 64, dtype=torch.bfloat16)
+    assert key_block(q, torch.empty_like(q)) == [("32x64/w4/s2", True)]
+    assert key_block(q, torch.ones(1, 1, 1, 1, dtype=q.dtype).expand_as(q)) == [("32x64/w4/s2", True)]
+    unaligned = torch.empty(1, 2, 64, 65, dtype=torch.bfloat16)[..., 1:]  # rows start 2 bytes off 16
+    assert not launch.descriptors_allowed(unaligned)
+    assert key_block(unaligned, torch.empty_like(q)) == [("16x64/w4/s2", False)]
+    assert key_block(q, torch.empty_like(q), arch="sm80")[0][1] is False
+    q32 = torch.empty(1, 2, 64, 64)
+    assert all(not tma for _, tma in key_block(q32, torch.empty_like(q32)))
+    q256 = torch.empty(1, 2, 64, 256, dtype=torch.bfloat16)
+    assert all(not tma for _, tma in key_block(q256, torch.empty_like(q256)))

@@ -171,14 +171,27 @@ def test_split_backward_kernels():
 @pytest.mark.parametrize("case,dtype", [("D48-L77-gqa-causal", torch.bfloat16), ("D16-L17", torch.float32),
                                         ("D128-64x80-float-scale", torch.float16)])
 def test_forward_jvp_with_tensor_descriptors(case, dtype):
-    """The forward+JVP's TMA loads (tensor descriptors over each head's (Lk, D) rows, zero-filled past Lk):
-    forced on in the interpreter, every path against float64; the launch is the [tma] variant."""
+    """The forward+JVP's TMA loads (tensor descriptors over each head's (Lk, D) rows, zero-filled past Lk)
+    and the key-block kernel's (query-side tiles in, dK dV dtK dtV out; 16-bit inputs): forced on in the
+    interpreter, every path against float64 (one-pass and deterministic backwards)."""
     from flowmap_kernels.attention.triton import launch
     with launch.tensor_descriptors(True):
         q, k, v, tq, tk, tv = _make(CASES[case], dtype)[0]
         p = launch.Plan(q, k, v, None, False, 0.5)
-        assert [ln.name for ln in launch.forward_launches(p, q, k, v, tq, tk, tv)[1]] == ["jvp_forward[tma]"]
+        (o, to, lse, mu), fwd = launch.forward_launches(p, q, k, v, tq, tk, tv)
+        assert [ln.name for ln in fwd] == ["jvp_forward[tma]"]
+        for deterministic in (False, True):
+            p = launch.Plan(q, k, v, None, False, 0.5, deterministic=deterministic)
+            bwd = launch.backward_launches(p, q, k, v, tq, tk, tv, o, to, lse, mu, o, to)[1]
+            key_block = [ln for ln in bwd if getattr(ln, "kernel", None) is p.kernels._attn_bwd_dkdv]
+            assert key_block and all(ln.constexprs["TMA"] is (dtype != torch.float32) for ln in key_block)
         _full_check(CASES[case], dtype, seed=13)
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            _full_check(CASES[case], dtype, seed=14)
+        finally:
+            torch.use_deterministic_algorithms(before)
 
 
 def test_tensor_descriptors_only_where_the_strides_allow():

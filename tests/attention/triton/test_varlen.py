@@ -99,3 +99,14 @@ def test_padded_head_dims(dtype, path):
     from flowmap_kernels.attention.triton import launch
     with launch.padded_head_dims(True):
         _check(CASES[2], dtype, "triton", path)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=lambda c: c.id())
+@pytest.mark.parametrize("path", list(PATHS))
+def test_tensor_descriptors(case, path):
+    """Tensor descriptors (TMA: forward+JVP key tiles, the key-block kernel's query tiles and gradient
+    stores) over each packed sequence's rows, forced on here with the padding sm90 / sm100 use; with
+    empty sequences (no query, no key, neither)."""
+    from flowmap_kernels.attention.triton import launch
+    with launch.padded_head_dims(True), launch.tensor_descriptors(True):
+        _check(case, torch.bfloat16, "triton", path)
