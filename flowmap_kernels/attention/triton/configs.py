@@ -264,9 +264,9 @@ FAMILY_TABLE: dict = {
     ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1, S3)},
 }
 # The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
-# D = 128 in 16-bit (15 products in one launch up to D = 64: 32 query columns (m64n32 score products) at
-# D <= 32, 16 at D = 64, where 32 spill 80 B; 32x64/w4/s2/split3 at D = 128: 20, m64n32) and as shipped in
-# float32, every 16-bit launch pipelined (num_stages 2).
+# D = 128 in 16-bit (15 products in one launch up to D = 64 with 32 query columns, m64n32 score products; at
+# D = 64 that fits with the key-block kernel's tensor descriptors, see jvp_backward_atomic_pointer below;
+# 32x64/w4/s2/split3 at D = 128: 20, m64n32) and as shipped in float32, every 16-bit launch pipelined.
 # sm80 (mma.sync): the key-block kernels' tiles for the primal backward, 32x32/w4/s2 for the tangent one.
 TABLE.update({
     ("backward_atomic", "sm90"): {

@@ -398,6 +398,14 @@ def run(launches) -> None:
         launch.run()
 
 
+def _descriptors_apply(p: Plan) -> bool:
+    """Whether a kernel with a TMA variant may take it for this plan: a TMA family (or forced,
+    :func:`tensor_descriptors`), int32 offsets, head dims a multiple of 16 (with descriptors, masked columns
+    spill more); each launcher adds what its operands need (:func:`descriptors_allowed`)."""
+    on = _force_tensor_descriptors[-1] if _force_tensor_descriptors else p.arch in TMA_FAMILIES
+    return bool(on and not p.large_offsets and p.dims_multiple_of_16)
+
+
 def forward_launches(p: Plan, q, k, v, tq=None, tk=None, tv=None, tangent_dtype=None) -> tuple:
     """((o, to, lse, mu), launches) of the forward (``tq`` None: to = mu = None) or forward+JVP pass; ``to``
     in ``tangent_dtype`` (default the inputs' dtype; the kernel converts its float32 accumulator on store)."""
@@ -409,10 +417,7 @@ def forward_launches(p: Plan, q, k, v, tq=None, tk=None, tv=None, tangent_dtype=
     p.set_align(q, k, v, tq, tk, tv, o, to)
     name = "jvp_forward" if t else "forward"
     tangent_fp32 = bool(t and to.dtype != p.dtype)  # float32 tO from 16-bit inputs (tangent_dtype)
-    # (head dims not a multiple of 16 keep pointer loads: with descriptors their masked columns spill more)
-    tma = t and not tangent_fp32 and not p.large_offsets and p.dims_multiple_of_16 \
-        and descriptors_allowed(k, v, tk, tv) \
-        and (_force_tensor_descriptors[-1] if _force_tensor_descriptors else p.arch in TMA_FAMILIES)
+    tma = t and not tangent_fp32 and _descriptors_apply(p) and descriptors_allowed(k, v, tk, tv)
     # the P tV products in an accumulator of their own (every product after tS stays asynchronous on the
     # wgmma / tcgen05 families): spill-free up to Dv = 64 in 16 bits (D = 128 spilled 624 B, float32 inputs
     # at D = 48/64 56 B), not with two-part products
@@ -454,9 +459,8 @@ def _key_block_descriptors(p: Plan, q, tq) -> bool:
     descriptors can read; the gradients are allocated here, dO and dtO copied if needed): its 32-query-column
     tiles at D = 64 then fit sm_90a's registers. Elsewhere the pointer loads (at D = 256 the descriptors cost
     8-40 B of spill in the primal deterministic key-block launch on sm_90a / sm_100a)."""
-    on = _force_tensor_descriptors[-1] if _force_tensor_descriptors else p.arch in TMA_FAMILIES
-    return bool(on and p.esize == 2 and not p.large_offsets and p.dims_multiple_of_16
-                and max(p.block_d, p.block_dv) <= 128 and descriptors_allowed(q, tq))
+    return (_descriptors_apply(p) and p.esize == 2 and max(p.block_d, p.block_dv) <= 128
+            and descriptors_allowed(q, tq))
 
 
 def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> tuple:
@@ -511,7 +515,8 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
 
     one_pass = not p.deterministic
     kernel = prefix + ("_atomic" if one_pass else "_dkdv")
-    cfg = p.config(kernel if tma or kernel + "_pointer" not in configs.KERNELS else kernel + "_pointer")
+    pointer = kernel + "_pointer"  # a variant whose tile fits without descriptors (configs)
+    cfg = p.config(pointer if not tma and pointer in configs.KERNELS else kernel)
     if one_pass:  # dQ (dtQ) accumulate in float32 across key blocks, zeroed here, cast after the pass
         parts = configs.ONE_PASS[cfg.parts.tag] if tangent else configs.PRIMAL_ONE_PASS
         def accumulator(g):  # float32, zeroed: the gradient itself for float32 inputs

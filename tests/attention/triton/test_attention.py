@@ -18,6 +18,7 @@ torch.func.jvp): tests/numerics.py assert_within_2x_torch (measured 1.2-1.8x).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -186,12 +187,8 @@ def test_forward_jvp_with_tensor_descriptors(case, dtype):
             key_block = [ln for ln in bwd if getattr(ln, "kernel", None) is p.kernels._attn_bwd_dkdv]
             assert key_block and all(ln.constexprs["TMA"] is (dtype != torch.float32) for ln in key_block)
         _full_check(CASES[case], dtype, seed=13)
-        before = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
+        with deterministic_algorithms():
             _full_check(CASES[case], dtype, seed=14)
-        finally:
-            torch.use_deterministic_algorithms(before)
 
 
 def test_tensor_descriptors_only_where_the_strides_allow():
@@ -268,13 +265,22 @@ def test_non_contiguous_inputs():
         assert rel_err(a, b) < 1e-6
 
 
-@pytest.fixture
-def deterministic():
-    """torch.use_deterministic_algorithms(True) inside the test (the backward's two-pass dQ)."""
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) inside the block (the backward's two-pass dQ)."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) inside the test."""
+    with deterministic_algorithms():
+        yield
 
 
 def _backward_launch_names(dtype, tangent: bool, parts=None) -> list:
@@ -441,12 +447,8 @@ def test_padded_head_dims(case, dtype, monkeypatch):
         o, to, _, _ = ta.jvp_forward(q, k, v, tq, tk, tv, None, False, 0.5)
         assert o.shape == to.shape == (*q.shape[:3], v.shape[-1]) and o.is_contiguous() and to.is_contiguous()
         _full_check(PADDED_CASES[case], dtype, seed=17)
-        before = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
+        with deterministic_algorithms():
             _full_check(PADDED_CASES[case], dtype, seed=18)
-        finally:
-            torch.use_deterministic_algorithms(before)
     widths = (configs.head_dim_bucket(q.shape[-1]), configs.head_dim_bucket(v.shape[-1]))
     assert dims == {widths} or dims == {widths, (None, widths[1])}, dims  # (the row pre-passes: DV only)
     assert launch.launch_head_dims(72, 40, "sm90") == launch.launch_head_dims(72, 40, "sm100") == (128, 64)
