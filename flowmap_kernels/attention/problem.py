@@ -62,7 +62,7 @@ def _tensor(name: str, x) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(
-            f"{name}: expected 4 dims (batch, heads, tokens, head_dim), or 3 or more as in SDPA (N, ..., heads, "
+            f"{name}: expected 4 dims (batch, heads, tokens, head_dim), or 2 or more as in SDPA (N, ..., heads, "
             f"tokens, head_dim), got shape {tuple(x.shape)}"
         )
     if x.dtype not in SUPPORTED_DTYPES:
@@ -73,18 +73,19 @@ def _tensor(name: str, x) -> torch.Tensor:
 class SDPAShapes:
     """scaled_dot_product_attention's shapes (N, ..., heads, tokens, head_dim) in the 4-d layout.
 
-    3-d inputs (heads, tokens, head_dim) are a batch of one; the leading dims of inputs with more than 4 dims
-    are flattened into the batch (views where the strides allow). The mask broadcasts as in SDPA: one with
-    at most 3 dims is kept (it broadcasts over the flattened batch), a longer one is broadcast to the
-    leading dims and flattened with them. :meth:`restore` gives an output the leading dims back. 4-d inputs
-    (and anything :func:`make_problem` must reject) pass through unchanged."""
+    2-d inputs (tokens, head_dim) are one head of a batch of one, 3-d inputs (heads, tokens, head_dim) a
+    batch of one; the leading dims of inputs with more than 4 dims are flattened into the batch (views where
+    the strides allow). The mask broadcasts as in SDPA: one with at most 3 dims (2 with 2-d inputs) is kept (it
+    broadcasts over the flattened batch), a longer one is broadcast to the leading dims and flattened with
+    them. :meth:`restore` gives an output the leading dims back. 4-d inputs (and anything
+    :func:`make_problem` must reject) pass through unchanged."""
 
     def __init__(self, query, key, value):
         xs = (query, key, value)
         self.lead = None
         if not all(isinstance(x, torch.Tensor) for x in xs) or all(x.dim() == 4 for x in xs):
             return
-        if query.dim() < 3:
+        if query.dim() < 2:
             return  # make_problem names the bad shape
         for name, x in (("key", key), ("value", value)):
             if x.dim() != query.dim():
@@ -93,6 +94,7 @@ class SDPAShapes:
             if x.shape[:-3] != query.shape[:-3]:
                 raise ValueError(f"{name}: leading dims {tuple(x.shape[:-3])} must equal query's "
                                  f"{tuple(query.shape[:-3])}")
+        self.single_head = query.dim() == 2
         self.lead = tuple(query.shape[:-3])
 
     @property
@@ -102,6 +104,8 @@ class SDPAShapes:
 
     def inputs(self, *xs):
         """q, k, v or their tangents in the 4-d layout (None stays None)."""
+        if self.single_head:
+            return tuple(None if x is None else x.reshape(1, 1, *x.shape) for x in xs)
         return tuple(None if x is None else x.reshape(math.prod(self.lead), *x.shape[-3:]) for x in xs)
 
     def tangents(self, primals, tangents):
@@ -113,6 +117,9 @@ class SDPAShapes:
 
     def mask(self, attn_mask):
         """The mask for the 4-d inputs."""
+        if self.single_head and isinstance(attn_mask, torch.Tensor) and attn_mask.dim() > 2:
+            raise ValueError(f"attn_mask: expected at most 2 dims (tokens, keys) with 2-d query, key and value, got "
+                             f"shape {tuple(attn_mask.shape)}")
         if not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() <= 3:
             return attn_mask
         if attn_mask.dim() > len(self.lead) + 3:
@@ -129,6 +136,8 @@ class SDPAShapes:
 
     def restore(self, out: torch.Tensor) -> torch.Tensor:
         """A (batch, heads, tokens, channels) output with the inputs' leading dims."""
+        if self.single_head:
+            return out.reshape(out.shape[-2:])
         return out.reshape(*self.lead, *out.shape[-3:])
 
 

@@ -115,8 +115,8 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         if isinstance(x, torch.Tensor) and x.is_nested:
             return "nested", f"{name} is a nested tensor"
     if all(isinstance(x, torch.Tensor) for x in (query, key, value)) and not (
-            query.dim() == key.dim() == value.dim() and query.dim() >= 3):
-        return "ndim", (f"inputs must have the same number of dims, at least 3, got {query.dim()}, {key.dim()}, "
+            query.dim() == key.dim() == value.dim() and query.dim() >= 2):
+        return "ndim", (f"inputs must have the same number of dims, at least 2, got {query.dim()}, {key.dim()}, "
                         f"{value.dim()} dims")
     if isinstance(attn_mask, torch.Tensor) and _has_tangent(attn_mask):
         return "attn_mask.tangent", "attn_mask carries a forward-mode tangent"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import flowmap_kernels as fk
 from tests.attention.backend_env import BACKENDS, on_backend
 from tests.numerics import rel_err
-from tests.reference import ref_attention, ref_grads
+from tests.reference import loss_on_outputs, ref_attention, ref_grads
 
 
 def _qkv(dtype=torch.float32, b=1, hq=2, hkv=2, lq=4, lk=6, d=8, dv=5, seed=0):
@@ -164,6 +164,31 @@ def test_sdpa_shapes_3d_and_above_4d(backend, lead, mask_shape):
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=sdpa_mask, enable_gqa=True)
     assert rel_err(o, torch.nan_to_num(want)) < tol
     (o.double() * wo).sum().add((to.double() * wt).sum() + 0.5 * (to.double() ** 2).sum()).backward()
+    for x, r in zip(leaves, rgrads):
+        assert x.grad.shape == x.shape and rel_err(x.grad, r.reshape(x.shape)) < 5e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_sdpa_shapes_2d(backend, mask_kind):
+    """2-d (tokens, dim) inputs, as SDPA takes them: one head; O and tO against the float64 reference, O
+    against SDPA, and the gradients of a loss on both against the reference on the 4-d view."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v, tq, tk, tv = (torch.randn(n, d, generator=g, dtype=torch.float64).float()
+                           for n, d in ((5, 8), (6, 8), (6, 3)) * 2)
+    mask = {None: None, "bool": torch.rand(5, 6, generator=g) > 0.3, "float": torch.randn(6, generator=g)}[mask_kind]
+    wo, wt = (torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    (ro, rto), rgrads = ref_grads(*(x[None, None] for x in (q, k, v, tq, tk, tv, wo, wt)), attn_mask=mask)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, tq, tk, tv)]
+    with on_backend(backend):
+        o, to = fk.attention_jvp(*leaves, attn_mask=mask)
+        o2, to2 = torch.func.jvp(lambda a, b, c: fk.attention(a, b, c, attn_mask=mask), (q, k, v), (tq, tk, tv))
+    assert o.shape == to.shape == o2.shape == (5, 3)
+    for got, want in ((o, ro), (to, rto), (o2, ro), (to2, rto)):
+        assert rel_err(got, want.reshape(5, 3)) < 1e-5
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    assert rel_err(o, want) < 1e-5
+    loss_on_outputs(o, to, wo, wt).backward()
     for x, r in zip(leaves, rgrads):
         assert x.grad.shape == x.shape and rel_err(x.grad, r.reshape(x.shape)) < 5e-5
 
