@@ -10,6 +10,10 @@
                             kernels, differentiable (create_graph=True, torch.func.grad over jvp, jacrev of
                             jacrev, forward-over-reverse) through a recomputation in the naive math that runs
                             only when a second derivative is actually taken.
+``forward_over_forward``    the jvp rule of the explicit-tangent Functions (a JVP of a JVP: nested
+                            torch.func.jvp, jacfwd of jacfwd), by the same naive recomputation
+                            (``jvp_by_reverse``: J u in reverse mode only, valid inside a forward-AD level).
+``without_jvp`` / ``for_compile``  jvp-less twins of Functions for regions that torch.compile traces.
 ``float32_tangents``        float32 tangents of float16/bfloat16 primals (``tangent_dtype_allowed``: the dtype
                             rule); ``widened_jvp`` runs an explicit JVP on them in float32 (y back in the
                             primals' dtype, ty float32).
@@ -113,22 +117,60 @@ def vjp_of_vjp(outputs_fn, primals, cotangents, grads_of_grads):
     return list(second[:n]), cot_grads
 
 
-def jvp_of_vjp(outputs_fn, primals, cotangents, primal_tangents, cotangent_tangents):
-    """Forward-mode derivative of vjp(outputs_fn)(primals; cotangents) along the given tangents (None = zero).
+def jvp_by_reverse(fn, primals, tangents) -> tuple:
+    """The derivative of ``fn(*primals)`` (a tensor or a tuple of them) along ``tangents``: J u, one entry per
+    output. None primals are passed to ``fn`` as None; None tangents are zero.
 
-    Computed in reverse mode only (the vjp of the linear map u -> J^T u is u' -> J u'), so that it also runs
-    inside a forward-AD level (dual tensors), where a nested torch.func.jvp is not supported.
+    Computed in reverse mode only (the vjp of the linear map w -> J^T w is u -> J u), so that it also runs
+    inside a forward-AD level (a custom Function's jvp rule), where a nested torch.func.jvp is not supported.
     """
+    idx = [i for i, x in enumerate(primals) if x is not None]
+
+    def present(*xs):
+        full = list(primals)
+        for i, x in zip(idx, xs):
+            full[i] = x
+        out = fn(*full)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    outs, pull = torch.func.vjp(present, *(primals[i] for i in idx))
+    _, pull_transposed = torch.func.vjp(pull, tuple(torch.zeros_like(o) for o in outs))
+    (ju,) = pull_transposed(tuple(zeros_if_none(tangents[i], primals[i]) for i in idx))
+    return ju
+
+
+def jvp_of_vjp(outputs_fn, primals, cotangents, primal_tangents, cotangent_tangents):
+    """Forward-mode derivative of vjp(outputs_fn)(primals; cotangents) along the given tangents (None = zero),
+    by :func:`jvp_by_reverse` (so that it also runs inside a forward-AD level)."""
     n = len(primals)
     first, given = _vjp_fn(outputs_fn, n, cotangents)
-    args = (*primals, *(cotangents[i] for i in given))
-    tangents = [zeros_if_none(t, x) for x, t in zip(primals, primal_tangents)]
-    tangents += [zeros_if_none(cotangent_tangents[i], cotangents[i]) for i in given]
+    return jvp_by_reverse(first, (*primals, *(cotangents[i] for i in given)),
+                          (*primal_tangents, *(cotangent_tangents[i] for i in given)))
 
-    def transposed(*u):  # J^T u, J = d first / d args
-        return torch.func.vjp(first, *args)[1](u)
-    _, pull = torch.func.vjp(transposed, *(torch.zeros_like(p) for p in primals))
-    return pull(tuple(tangents))
+
+def forward_over_forward(naive_jvp, primals, tangents, differentiable) -> tuple:
+    """The jvp rule of an explicit-tangent Function (inputs ``primals`` = its operands and their tangents,
+    outputs (y, ty, statistics...)): the tangents of y and ty along ``tangents``, from ``naive_jvp(*primals)``
+    -> (y, ty) in plain PyTorch. This is a JVP of a JVP (nested torch.func.jvp, jacfwd of jacfwd): second
+    derivatives, through the naive recomputation that runs only when one is taken. ``differentiable``: whether
+    ty is (not marked non-differentiable); the statistics outputs get no tangent."""
+    ty_y, ty_ty = jvp_by_reverse(naive_jvp, primals, tangents)
+    return ty_y, (ty_ty if differentiable else None)
+
+
+def without_jvp(fn: type) -> type:
+    """``fn`` with the same forward, setup_context and backward but no jvp rule (and no vmap rule: give it its
+    own, applying the twin). Dynamo refuses to trace an autograd.Function that defines ``jvp`` when an input
+    requires grad (graph break "Unsupported custom jvp"), so the ops apply these twins while
+    ``torch.compiler.is_compiling()`` (:func:`for_compile`)."""
+    return type(f"{fn.__name__}Compiled", (torch.autograd.Function,),
+                {"__doc__": f"{fn.__name__} without its jvp rule (for regions that torch.compile traces).",
+                 "forward": staticmethod(fn.forward), "setup_context": staticmethod(fn.setup_context),
+                 "backward": staticmethod(fn.backward)})
+
+
+def for_compile(fn: type, compiled_fn: type) -> type:
+    """The Function to apply: its jvp-less twin while torch.compile traces (see :func:`without_jvp`)."""
+    return compiled_fn if torch.compiler.is_compiling() else fn
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,7 +5,8 @@
                           differentiable (reverse-over-forward, as TVM needs). ``attention`` calls
                           ``AttentionJVPFunction`` directly when its inputs carry tangents, so this
                           rule is a fallback for forward-mode levels it cannot see.
-``AttentionJVPFunction``  q, k, v, tq, tk, tv -> (O, tO) in one fused pass; backward through both outputs.
+``AttentionJVPFunction``  q, k, v, tq, tk, tv -> (O, tO) in one fused pass; backward through both outputs;
+                          its own JVP (forward-over-forward) through the naive recomputation.
 
 ``PrimalBackward`` / ``JVPBackward`` run the backward kernels; they are themselves differentiable
 (create_graph=True, torch.func.grad over jvp, jacrev of jacrev, and forward-over-reverse as in
@@ -23,7 +24,8 @@ import dataclasses
 
 import torch
 
-from .._autodiff import jvp_of_vjp, record_tangent_output, vjp_of_vjp, zeros_if_none
+from .._autodiff import (forward_over_forward, jvp_of_vjp, record_tangent_output, vjp_of_vjp, without_jvp,
+                         zeros_if_none)
 from . import kernels, naive
 from .problem import AttentionProblem, check_tangent_dtypes
 
@@ -127,20 +129,11 @@ class AttentionFunction(torch.autograd.Function):
         return to, None
 
 
-class AttentionCompiledFunction(torch.autograd.Function):
-    """``AttentionFunction`` without its jvp rule, for regions that torch.compile traces.
-
-    Dynamo refuses to trace an autograd.Function that defines ``jvp`` when an input requires grad
-    (graph break "Unsupported custom jvp"), so ``functional.attention`` uses this class while
-    ``torch.compiler.is_compiling()`` and no forward-mode AD level is active (with one active it runs the
-    naive math instead: AOTAutograd would give the custom ops a zero tangent). Forward, setup_context and
-    backward are AttentionFunction's, unchanged.
-    """
-
-    forward = staticmethod(AttentionFunction.forward)
-    setup_context = staticmethod(AttentionFunction.setup_context)
-    backward = staticmethod(AttentionFunction.backward)
-    vmap = _vmap_rule(lambda: AttentionCompiledFunction, 4, 3)
+# ``functional.attention`` applies the jvp-less twin while ``torch.compiler.is_compiling()`` and no forward-mode
+# AD level is active (with one active it runs the naive math instead: AOTAutograd would give the custom ops a
+# zero tangent); ``attention_jvp`` applies AttentionJVPFunction's twin there.
+AttentionCompiledFunction = without_jvp(AttentionFunction)
+AttentionCompiledFunction.vmap = _vmap_rule(lambda: AttentionCompiledFunction, 4, 3)
 
 
 class AttentionJVPFunction(torch.autograd.Function):
@@ -158,6 +151,7 @@ class AttentionJVPFunction(torch.autograd.Function):
         o, to, lse, mu = output
         ctx.problem, ctx.backend = problem, backend
         ctx.save_for_backward(q, k, v, tq, tk, tv, mask, o, to, lse, mu)
+        ctx.save_for_forward(q, k, v, tq, tk, tv)
         ctx.mark_non_differentiable(lse, mu)
         record_tangent_output(ctx, to)
         ctx.set_materialize_grads(False)
@@ -177,7 +171,21 @@ class AttentionJVPFunction(torch.autograd.Function):
         grads = JVPBackward.apply(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, p, ctx.backend)
         return tuple(grads) + none3
 
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, dtq, dtk, dtv, tmask, _tproblem, _tbackend):
+        """Forward-over-forward (a JVP of this JVP: nested torch.func.jvp, jacfwd of jacfwd): the naive
+        formula's JVP (the softmax's second derivatives; (B, H, Lq, Lk) memory, only when one is taken)."""
+        _check_mask_tangent(tmask)
+        p = ctx.problem
+        do, dto = forward_over_forward(lambda *a: naive.attention_jvp(*a, p), ctx.saved_tensors,
+                                       (dq, dk, dv, dtq, dtk, dtv), ctx.tangent_grad)
+        return do, dto, None, None
+
     vmap = _vmap_rule(lambda: AttentionJVPFunction, 7, 6)
+
+
+AttentionJVPCompiledFunction = without_jvp(AttentionJVPFunction)
+AttentionJVPCompiledFunction.vmap = _vmap_rule(lambda: AttentionJVPCompiledFunction, 7, 6)
 
 
 class PrimalBackward(torch.autograd.Function):

@@ -5,12 +5,12 @@ from typing import Optional
 
 import torch
 
-from .._autodiff import (float32_tangents, make_dual, tangent_dtype_allowed, unpack_duals, widened_jvp,
-                         zeros_if_none)
+from .._autodiff import (float32_tangents, for_compile, make_dual, tangent_dtype_allowed, unpack_duals,
+                         widened_jvp, zeros_if_none)
 from . import naive
 from ..backends import get_backend
-from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPFunction, _check_mask_tangent,
-                       check_tangent_dtypes)
+from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPCompiledFunction,
+                       AttentionJVPFunction, _check_mask_tangent, check_tangent_dtypes)
 from .problem import AttentionProblem, SDPAShapes, make_problem
 from .registry import ATTENTION
 from ..func import forward_mode_active
@@ -150,5 +150,6 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale
     if name == "naive" or _empty(p):
         return naive.attention_jvp(q, k, v, tq, tk, tv, p)
     tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
-    o, to, _, _ = AttentionJVPFunction.apply(q, k, v, tq, tk, tv, attn_mask, p, name)
+    fn = for_compile(AttentionJVPFunction, AttentionJVPCompiledFunction)
+    o, to, _, _ = fn.apply(q, k, v, tq, tk, tv, attn_mask, p, name)
     return o, to

@@ -9,7 +9,8 @@ reading key head h // (Hq / Hkv)); no padded work is done.
 
 ``VarlenFunction``     q, k, v -> O; backward by the primal backward kernel; its JVP rule runs
                        ``VarlenJVPFunction`` (fallback for forward-mode levels ``attention_varlen`` cannot see).
-``VarlenJVPFunction``  q, k, v, tq, tk, tv -> (O, tO) in one fused pass; backward through both outputs.
+``VarlenJVPFunction``  q, k, v, tq, tk, tv -> (O, tO) in one fused pass; backward through both outputs; its
+                       own JVP (forward-over-forward) through the naive recomputation.
 Both call the custom ops of :mod:`.kernels` with a backend name, so one pair serves every backend; the
 backward Functions are themselves differentiable through a naive recomputation (double backward).
 """
@@ -19,7 +20,8 @@ import torch
 
 from . import kernels, varlen_naive
 from ..backends import get_backend
-from .._autodiff import make_dual, unpack_duals, vjp_of_vjp, zeros_if_none
+from .._autodiff import (for_compile, forward_over_forward, make_dual, unpack_duals, vjp_of_vjp, without_jvp,
+                         zeros_if_none)
 from .varlen_problem import VarlenProblem, make_varlen_problem, offsets_int32
 from .varlen_registry import ATTENTION_VARLEN
 
@@ -77,6 +79,7 @@ class VarlenJVPFunction(torch.autograd.Function):
         o, to, lse, mu = output
         ctx.problem, ctx.backend = problem, backend
         ctx.save_for_backward(q, k, v, tq, tk, tv, cu_q, cu_k, o, to, lse, mu)
+        ctx.save_for_forward(q, k, v, tq, tk, tv)
         ctx.mark_non_differentiable(lse, mu)
         ctx.set_materialize_grads(False)
 
@@ -92,6 +95,17 @@ class VarlenJVPFunction(torch.autograd.Function):
         grads = VarlenJVPBackward.apply(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, ctx.problem,
                                         ctx.backend)
         return tuple(grads) + none4
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, dtq, dtk, dtv, _tcu_q, _tcu_k, _tproblem, _tbackend):
+        """Forward-over-forward (nested torch.func.jvp): the naive per-sequence formula's JVP."""
+        p = ctx.problem
+        do, dto = forward_over_forward(lambda *a: varlen_naive.attention_jvp(*a, p), ctx.saved_tensors,
+                                       (dq, dk, dv, dtq, dtk, dtv), True)
+        return do, dto, None, None
+
+
+VarlenJVPCompiledFunction = without_jvp(VarlenJVPFunction)
 
 
 class VarlenPrimalBackward(torch.autograd.Function):
@@ -183,6 +197,6 @@ def attention_varlen_jvp(q, k, v, tq, tk, tv, cu_seqlens_q, cu_seqlens_k, max_se
     if name == "naive":
         return varlen_naive.attention_jvp(q, k, v, tq, tk, tv, p)
     tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
-    o, to, _, _ = VarlenJVPFunction.apply(q, k, v, tq, tk, tv, offsets_int32(cu_seqlens_q),
-                                          offsets_int32(cu_seqlens_k), p, name)
+    fn = for_compile(VarlenJVPFunction, VarlenJVPCompiledFunction)
+    o, to, _, _ = fn.apply(q, k, v, tq, tk, tv, offsets_int32(cu_seqlens_q), offsets_int32(cu_seqlens_k), p, name)
     return o, to

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._autodiff import differentiable_backward, record_tangent_output, vmap_by_example, zeros_if_none
+from .._autodiff import (differentiable_backward, forward_over_forward, jvp_by_reverse, record_tangent_output,
+                         vmap_by_example, without_jvp, zeros_if_none)
 from . import kernels as K
 from . import naive
 from .problem import ElementwiseProblem, NormProblem, OperandLayout, rows_view
@@ -52,6 +53,16 @@ def _keep(ctx, problem, saved, forward=(), stats=None) -> None:
     if stats is not None:
         ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
+
+
+def _naive_jvp(fn, operands: int):
+    """(y, ty) of ``fn`` as a function of its operands followed by their tangents (None = zero), in reverse mode
+    only (:func:`jvp_by_reverse`), so that the jvp rules below can differentiate it again inside a forward-AD
+    level, where a nested torch.func.jvp is not supported."""
+    def both(*args):
+        primals, tangents = args[:operands], args[operands:]
+        return fn(*primals), jvp_by_reverse(fn, primals, tangents)[0]
+    return both
 
 
 # ---- the first-order fused passes (shared by each primal Function and its JVP Function's backward) ----------
@@ -132,7 +143,7 @@ class NormJVPFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         *tensors, cfg = inputs
-        _keep(ctx, cfg, tensors, stats=output[2])
+        _keep(ctx, cfg, tensors, tensors, stats=output[2])
         record_tangent_output(ctx, output[1])
 
     @staticmethod
@@ -158,6 +169,14 @@ class NormJVPFunction(torch.autograd.Function):
             return naive.jvp_of(lambda a_, s_, h_: naive_norm(a_, s_, h_, cfg), (a, s, h), (ta, ts, th))
         return differentiable_backward(fused, naive_jvp, (x, tx, scale, shift, tscale, tshift), (gy, gt),
                                        (stats,)) + (None,)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Forward-over-forward (nested torch.func.jvp): the naive formula's second derivatives."""
+        cfg = ctx.cfg
+        both = _naive_jvp(lambda a, s, h: naive_norm(a, s, h, cfg), 3)
+        return forward_over_forward(lambda x, tx, s, h, ts, th: both(x, s, h, tx, ts, th), ctx.saved_tensors,
+                                    tangents[:6], ctx.tangent_grad) + (None,)
 
 
 # ---- GELU (tanh) with optional bias ------------------------------------------------------------------
@@ -201,7 +220,7 @@ class GeluJVPFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         *tensors, cfg = inputs
-        _keep(ctx, cfg, tensors)
+        _keep(ctx, cfg, tensors, tensors)
         record_tangent_output(ctx, output[1])
 
     @staticmethod
@@ -225,6 +244,13 @@ class GeluJVPFunction(torch.autograd.Function):
         def naive_jvp(a, ta, b, tb):
             return naive.jvp_of(naive.gelu_tanh, (a, b), (ta, tb))
         return differentiable_backward(fused, naive_jvp, (x, tx, bias, tbias), (gy, gt)) + (None,)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Forward-over-forward (nested torch.func.jvp): the naive formula's second derivatives."""
+        both = _naive_jvp(naive.gelu_tanh, 2)
+        return forward_over_forward(lambda x, tx, b, tb: both(x, b, tx, tb), ctx.saved_tensors, tangents[:4],
+                                    ctx.tangent_grad)
 
 
 # ---- gated residual ----------------------------------------------------------------------------------
@@ -271,7 +297,7 @@ class GatedJVPFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, tx, gate, tgate, y, ty, cfg = inputs
-        _keep(ctx, cfg, (gate, tgate, y, ty))
+        _keep(ctx, cfg, (gate, tgate, y, ty), (gate, tgate, y, ty))
         record_tangent_output(ctx, output[1])
 
     @staticmethod
@@ -296,6 +322,16 @@ class GatedJVPFunction(torch.autograd.Function):
             return g * y_, tg * y_ + g * ty_
         dg, dtg, dy, dty = differentiable_backward(fused, naive_jvp, (gate, tgate, y, ty), (go, gto))
         return go, gto, dg, dtg, dy, dty, None
+
+    @staticmethod
+    def jvp(ctx, dx, dtx, dgate, dtgate, dy, dty, _tcfg):
+        """Forward-over-forward: out and tout are bilinear in (gate, y), linear in x and tx."""
+        gate, tgate, y, ty = ctx.saved_tensors
+        dgate, dtgate, dy, dty = (zeros_if_none(t, p) for t, p in ((dgate, gate), (dtgate, tgate), (dy, y), (dty, ty)))
+        dout = dgate * y + gate * dy
+        dtout = dtgate * y + tgate * dy + dgate * ty + gate * dty
+        dout, dtout = (d if t is None else d + t for d, t in ((dout, dx), (dtout, dtx)))
+        return dout, (dtout if ctx.tangent_grad else None)
 
 
 # ---- linear ------------------------------------------------------------------------------------------
@@ -365,6 +401,7 @@ class LinearJVPFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, tx, weight, bias, tweight, tbias = inputs
         ctx.save_for_backward(x, tx, weight, bias, tweight, tbias)
+        ctx.save_for_forward(x, tx, weight, bias, tweight, tbias)
         record_tangent_output(ctx, output[1])
         ctx.set_materialize_grads(False)
 
@@ -390,6 +427,15 @@ class LinearJVPFunction(torch.autograd.Function):
                     dtw if need_tw else None, gt2.sum(0) if tbias is not None else None)
         return differentiable_backward(fused, naive_linear_jvp, (x, tx, weight, bias, tweight, tbias), (gy, gt))
 
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Forward-over-forward (nested torch.func.jvp): the naive formula's JVP (bilinear in x and W). y and ty
+        are views of one stacked buffer; their tangents are laid out the same way (forward AD requires it)."""
+        dy, dty = forward_over_forward(naive_linear_jvp, ctx.saved_tensors, tangents, True)
+        stacked = torch.cat([dy.reshape(-1, dy.shape[-1]), dty.reshape(-1, dty.shape[-1])])
+        R = dy.numel() // dy.shape[-1]
+        return stacked[:R].view(dy.shape), (stacked[R:].view(dty.shape) if ctx.tangent_grad else None)
+
 
 # ---- torch.func.vmap: one call per example ---------------------------------------------------------------
 # (the Functions' problem descriptors describe one example's shapes, which is what they see under vmap)
@@ -400,20 +446,16 @@ for _fn in (NormFunction, NormJVPFunction, GeluFunction, GeluJVPFunction, GatedF
 del _fn
 
 
-# ---- torch.compile: the primal Functions without their jvp rule ----------------------------------------
+# ---- torch.compile: the Functions without their jvp rule (``_autodiff.without_jvp``) ----------------------
 
-def _without_jvp(fn):
-    """``fn`` with the same forward, setup_context and backward but no jvp rule. Dynamo refuses to trace an
-    autograd.Function that defines ``jvp`` when an input requires grad (graph break "Unsupported custom
-    jvp"), so ``functional`` applies these while ``torch.compiler.is_compiling()`` and no forward-mode level
-    is active (with one active it traces the naive formulas, whose tangents are exact)."""
-    return type(f"{fn.__name__}Compiled", (torch.autograd.Function,),
-                {"__doc__": f"{fn.__name__} without its jvp rule (for regions that torch.compile traces).",
-                 "forward": staticmethod(fn.forward), "setup_context": staticmethod(fn.setup_context),
-                 "backward": staticmethod(fn.backward)})
-
-
-NormCompiledFunction = _without_jvp(NormFunction)
-GeluCompiledFunction = _without_jvp(GeluFunction)
-GatedCompiledFunction = _without_jvp(GatedFunction)
-LinearCompiledFunction = _without_jvp(LinearFunction)
+NormCompiledFunction = without_jvp(NormFunction)
+GeluCompiledFunction = without_jvp(GeluFunction)
+GatedCompiledFunction = without_jvp(GatedFunction)
+LinearCompiledFunction = without_jvp(LinearFunction)
+NormJVPCompiledFunction = without_jvp(NormJVPFunction)
+GeluJVPCompiledFunction = without_jvp(GeluJVPFunction)
+GatedJVPCompiledFunction = without_jvp(GatedJVPFunction)
+LinearJVPCompiledFunction = without_jvp(LinearJVPFunction)
+for _fn in (NormJVPCompiledFunction, GeluJVPCompiledFunction, GatedJVPCompiledFunction, LinearJVPCompiledFunction):
+    _fn.vmap = vmap_by_example(_fn)
+del _fn

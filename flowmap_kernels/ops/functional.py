@@ -23,11 +23,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .._autodiff import float32_tangents, make_dual, unpack_duals, widened_jvp, zeros_if_none
+from .._autodiff import float32_tangents, for_compile, make_dual, unpack_duals, widened_jvp, zeros_if_none
 from . import naive
-from .autograd import (GatedCompiledFunction, GatedFunction, GatedJVPFunction, GeluCompiledFunction, GeluFunction,
-                       GeluJVPFunction, LinearCompiledFunction, LinearFunction, LinearJVPFunction,
-                       NormCompiledFunction, NormFunction, NormJVPFunction)
+from .autograd import (GatedCompiledFunction, GatedFunction, GatedJVPCompiledFunction, GatedJVPFunction,
+                       GeluCompiledFunction, GeluFunction, GeluJVPCompiledFunction, GeluJVPFunction,
+                       LinearCompiledFunction, LinearFunction, LinearJVPCompiledFunction, LinearJVPFunction,
+                       NormCompiledFunction, NormFunction, NormJVPCompiledFunction, NormJVPFunction)
 from .problem import (check_channels, check_linear, check_tangent, check_tensor, make_gated_residual_problem,
                       make_gelu_tanh_problem, make_modulated_layer_norm_problem, make_rms_norm_problem)
 from .registry import GATED_RESIDUAL, GELU_TANH, LINEAR, MODULATED_LAYER_NORM, RMS_NORM, REGISTRIES
@@ -39,11 +40,6 @@ def _compiled_forward_mode() -> bool:
     tangents). The explicit ``*_jvp`` forms have no such limit (flowmap_kernels.func.jvp uses them)."""
     from ..func import forward_mode_active
     return torch.compiler.is_compiling() and forward_mode_active()
-
-
-def _primal(fn, compiled_fn):
-    """The primal Function: its jvp-less twin while torch.compile traces (Dynamo refuses custom jvp rules)."""
-    return compiled_fn if torch.compiler.is_compiling() else fn
 
 
 def _resolve(registry, x) -> str:
@@ -70,6 +66,7 @@ def _check_tangents(operands, tangents, names) -> list:
 class _RowOp:
     """How a public row op maps onto its registry, naive formula, problem descriptor and Functions.
 
+    ``compiled_*``: the Functions' jvp-less twins, applied while torch.compile traces (``for_compile``).
     ``operands``: (operand, tangent, optional) names in the public argument order (``x`` first);
     ``order(*operands)``: the primal Function's tensor arguments; ``jvp_order(operands, tangents)``: the
     JVP Function's; ``outputs``: how many leading outputs of the Functions are results (the rest: statistics).
@@ -80,6 +77,7 @@ class _RowOp:
     function: type
     compiled_function: type
     jvp_function: type
+    compiled_jvp_function: type
     operands: tuple
     order: Callable
     jvp_order: Callable
@@ -97,22 +95,23 @@ def _check_x(x) -> None:
 
 _MODULATED_LAYER_NORM = _RowOp(
     MODULATED_LAYER_NORM, naive.modulated_layer_norm, make_modulated_layer_norm_problem, NormFunction,
-    NormCompiledFunction, NormJVPFunction, (("x", "tx", False), ("shift", "tshift", False), ("scale", "tscale", False)),
+    NormCompiledFunction, NormJVPFunction, NormJVPCompiledFunction,
+    (("x", "tx", False), ("shift", "tshift", False), ("scale", "tscale", False)),
     order=lambda x, shift, scale: (x, scale, shift),
     jvp_order=lambda p, t: (p[0], t[0], p[2], p[1], t[2], t[1]), check_x=_check_norm_x)
 _RMS_NORM = _RowOp(
     RMS_NORM, naive.rms_norm, make_rms_norm_problem, NormFunction, NormCompiledFunction, NormJVPFunction,
-    (("x", "tx", False), ("weight", "tweight", True)),
+    NormJVPCompiledFunction, (("x", "tx", False), ("weight", "tweight", True)),
     order=lambda x, weight: (x, weight, None),
     jvp_order=lambda p, t: (p[0], t[0], p[1], None, t[1], None), check_x=_check_norm_x)
 _GELU_TANH = _RowOp(
     GELU_TANH, naive.gelu_tanh, make_gelu_tanh_problem, GeluFunction, GeluCompiledFunction, GeluJVPFunction,
-    (("x", "tx", False), ("bias", "tbias", True)),
+    GeluJVPCompiledFunction, (("x", "tx", False), ("bias", "tbias", True)),
     order=lambda x, bias: (x, bias),
     jvp_order=lambda p, t: (p[0], t[0], p[1], t[1]), check_x=_check_x)
 _GATED_RESIDUAL = _RowOp(
     GATED_RESIDUAL, naive.gated_residual, make_gated_residual_problem, GatedFunction, GatedCompiledFunction,
-    GatedJVPFunction, (("x", "tx", False), ("gate", "tgate", False), ("y", "ty", False)),
+    GatedJVPFunction, GatedJVPCompiledFunction, (("x", "tx", False), ("gate", "tgate", False), ("y", "ty", False)),
     order=lambda x, gate, y: (x, gate, y),
     jvp_order=lambda p, t: (p[0], t[0], p[1], t[1], p[2], t[2]), check_x=_check_x)
 
@@ -134,9 +133,9 @@ def _run(op: _RowOp, operands: tuple, options: tuple = (), kwargs: Optional[dict
     problem = op.make_problem(*primals, *options, op.registry, name)
     if any(t is not None for t in tangents):
         tangents = [zeros_if_none(t, p) for t, p in zip(tangents, primals)]
-        out = op.jvp_function.apply(*op.jvp_order(primals, tangents), problem)
+        out = for_compile(op.jvp_function, op.compiled_jvp_function).apply(*op.jvp_order(primals, tangents), problem)
         return make_dual(out[0], out[1])
-    return _first(_primal(op.function, op.compiled_function).apply(*op.order(*operands), problem))
+    return _first(for_compile(op.function, op.compiled_function).apply(*op.order(*operands), problem))
 
 
 def _run_jvp(op: _RowOp, operands: tuple, tangents: tuple, options: tuple = (), kwargs: Optional[dict] = None):
@@ -152,7 +151,7 @@ def _run_jvp(op: _RowOp, operands: tuple, tangents: tuple, options: tuple = (), 
         return naive.jvp_of(op.naive, operands, tangents, **(kwargs or {}))
     problem = op.make_problem(*operands, *options, op.registry, name)
     tangents = [zeros_if_none(t, p) for t, p in zip(tangents, operands)]
-    out = op.jvp_function.apply(*op.jvp_order(operands, tangents), problem)
+    out = for_compile(op.jvp_function, op.compiled_jvp_function).apply(*op.jvp_order(operands, tangents), problem)
     return out[0], out[1]
 
 
@@ -228,9 +227,9 @@ def linear(x, weight, bias=None):
         return naive.linear(x, weight, bias)
     (xp, wp, bp), (tx, tw, tb) = unpack_duals(x, weight, bias)
     if tx is None and tw is None and tb is None:
-        return _primal(LinearFunction, LinearCompiledFunction).apply(x, weight, bias, name)
+        return for_compile(LinearFunction, LinearCompiledFunction).apply(x, weight, bias, name)
     if tx is not None:
-        y, ty = LinearJVPFunction.apply(xp, tx, wp, bp, tw, tb)
+        y, ty = for_compile(LinearJVPFunction, LinearJVPCompiledFunction).apply(xp, tx, wp, bp, tw, tb)
     else:  # weight / bias tangents only: no product with a zero tx
         y = F.linear(xp, wp, bp)
         ty = F.linear(xp, tw, tb) if tw is not None else tb.expand(y.shape)
@@ -246,7 +245,8 @@ def linear_jvp(x, weight, bias, tx, tweight=None, tbias=None):
     name = _resolve(LINEAR, x)
     if name == "naive":
         return naive.jvp_of(naive.linear, (x, weight, bias), (tx, tweight, tbias))
-    return LinearJVPFunction.apply(x, zeros_if_none(tx, x), weight, bias, tweight, tbias)
+    return for_compile(LinearJVPFunction, LinearJVPCompiledFunction).apply(x, zeros_if_none(tx, x), weight, bias,
+                                                                           tweight, tbias)
 
 
 def resolve_backend(op: str, x: torch.Tensor, backend: Optional[str] = None) -> str:

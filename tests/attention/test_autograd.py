@@ -1,9 +1,10 @@
 """Autograd modes: gradcheck through the primal, the tangent and the explicit op; double backward;
-torch.func.grad over torch.func.jvp."""
+torch.func.grad over torch.func.jvp; a JVP of the JVP (forward-over-forward)."""
 import pytest
 import torch
 
 import flowmap_kernels as fk
+from tests.attention.backend_env import BACKENDS, on_backend
 from tests.attention.cases import Case
 from tests.numerics import rel_err
 from tests.reference import ref_attention
@@ -112,3 +113,60 @@ def test_fallback_jvp_rule_of_the_primal_function():
     assert rel_err(o, ro) < 1e-12 and rel_err(to, rto) < 1e-12
     for g, rg in zip(grads, rgrads):
         assert rel_err(g, rg) < 1e-12
+
+
+def _nested_jvp(attend, kw, primals, inner, outer):
+    """The JVP along ``outer`` of (O, tO) = jvp(attend) along ``inner``: ((O, tO), their tangents)."""
+    def first(*xs):
+        return torch.func.jvp(lambda *a: attend(*a, **kw), xs, inner)
+    return torch.func.jvp(first, primals, outer)
+
+
+FOF_CASES = GRADCHECK_CASES + [Case(batch=2, q_heads=4, kv_heads=2, q_len=17, kv_len=33, head_dim=16,
+                                    v_head_dim=8, causal=True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FOF_CASES, ids=Case.id)
+def test_jvp_of_jvp(backend, case):
+    """Forward-over-forward (nested torch.func.jvp: second derivatives along two directions) through
+    attention and through the explicit attention_jvp, against the same nesting of the float64 reference;
+    "triton" in float32 (its first-order pass runs the kernels, the second the naive recomputation)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    t = case.make(dtype)
+    g = torch.Generator().manual_seed(11)
+    primals = tuple(t[n] for n in ("q", "k", "v"))
+    inner = tuple(t[n] for n in ("tq", "tk", "tv"))
+    outer = tuple(torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype) for x in primals)
+    (ro, rto), (rdo, rdto) = _nested_jvp(ref_attention, case.kwargs, *((tuple(x.double() for x in xs))
+                                                                    for xs in (primals, inner, outer)))
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    with on_backend(backend):
+        (o, to), (do, dto) = _nested_jvp(fk.attention, case.kwargs, primals, inner, outer)
+        (o2, to2), (do2, dto2) = torch.func.jvp(lambda *a: fk.attention_jvp(*a, *inner, **case.kwargs), primals, outer)
+    for got, want in ((o, ro), (to, rto), (do, rdo), (dto, rdto), (o2, ro), (to2, rto), (do2, rdo), (dto2, rdto)):
+        assert got.dtype == dtype and rel_err(got, want) < tol
+
+
+def test_gradcheck_through_jvp_of_jvp():
+    """Reverse over forward-over-forward: the second-order tangent is differentiable (gradcheck, float64)."""
+    case = GRADCHECK_CASES[0]
+    t, xs = _inputs(case)
+    outer = tuple(torch.randn_like(x) for x in xs[:3])
+
+    def second(q, k, v):
+        return _nested_jvp(fk.attention, case.kwargs, (q, k, v), tuple(xs[3:]), outer)[1][1]
+    assert torch.autograd.gradcheck(second, xs[:3])
+
+
+def test_jacfwd_of_jacfwd():
+    """The Hessian by forward-over-forward equals the reference's."""
+    case = Case(batch=1, q_heads=1, kv_heads=1, q_len=3, kv_len=4, head_dim=2, causal=True)
+    t = case.make(torch.float64)
+
+    def scalar(attend):
+        return lambda q: attend(q, t["k"], t["v"], **case.kwargs).sin().sum()
+    with fk.use_backend("torch"):
+        ours = torch.func.jacfwd(torch.func.jacfwd(scalar(fk.attention)))(t["q"])
+    ref = torch.func.jacfwd(torch.func.jacfwd(scalar(ref_attention)))(t["q"])
+    assert rel_err(ours, ref) < 1e-10

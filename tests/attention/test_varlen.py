@@ -232,6 +232,33 @@ def test_double_backward_matches_naive(kind):
             assert rel_err(g, rg) <= 1e-10, name
 
 
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+def test_jvp_of_jvp(backend):
+    """Forward-over-forward (nested torch.func.jvp) against the nested float64 reference, sequence by sequence
+    (an empty sequence included)."""
+    case = VarlenCase(q_lens=(5, 0, 9), k_lens=(7, 3, 4), q_heads=4, kv_heads=2, head_dim=8, v_head_dim=5,
+                      causal=True)
+    t = case.make(torch.float64)
+    g = torch.Generator().manual_seed(2)
+    primals = tuple(t[n] for n in ("q", "k", "v"))
+    inner = tuple(t[n] for n in ("tq", "tk", "tv"))
+    outer = tuple(torch.randn(x.shape, generator=g, dtype=torch.float64) for x in primals)
+
+    def nested(attend, xs, ts, us):
+        return torch.func.jvp(lambda *a: torch.func.jvp(attend, a, ts)[1], xs, us)[1]
+    with fk.use_backend(backend):
+        got = nested(lambda a, b, c: fk.attention_varlen(a, b, c, *_args(case, t), **case.kwargs), primals, inner,
+                     outer)
+    want = torch.zeros_like(got)
+    cq, ck = t["cu_q"].tolist(), t["cu_k"].tolist()
+    for i in range(len(case.q_lens)):
+        rows = (slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1]), slice(ck[i], ck[i + 1]))
+        pick = lambda xs: tuple(_heads_first(x[r]) for x, r in zip(xs, rows))  # noqa: E731
+        want[rows[0]] = _tokens_first(nested(lambda a, b, c: ref_attention(a, b, c, **case.kwargs), pick(primals),
+                                             pick(inner), pick(outer)))
+    assert want.abs().max() > 0 and rel_err(got, want) < 1e-10
+
+
 def test_no_attention_across_sequences():
     """Changing one sequence's keys and values leaves the other sequences' outputs unchanged."""
     case = CASES[2]

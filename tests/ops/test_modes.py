@@ -8,7 +8,8 @@ from flowmap_kernels import use_backend
 from flowmap_kernels.backends import BackendUnavailableError
 from flowmap_kernels.ops import kernels
 from tests.numerics import TOLERANCE, rel_err
-from tests.ops.helpers import make_inputs, ref_modulated_layer_norm
+from tests.ops.helpers import (make_inputs, ref_gated_residual, ref_gelu_tanh, ref_linear, ref_modulated_layer_norm,
+                               ref_rms_norm)
 
 F64 = torch.float64
 
@@ -73,6 +74,37 @@ def test_second_order_through_the_fused_backward(case):
         _, hv_ref = torch.func.jvp(loss_grad, (prim[0],), (tang[0],))
     assert rel_err(hv, hv_ref) <= TOLERANCE[F64]
     assert all(torch.equal(a, b.detach()) for a, b in zip(plain, graph))
+
+
+_REFS = {"mln": ref_modulated_layer_norm, "mln_expand": ref_modulated_layer_norm, "rms": ref_rms_norm,
+         "gelu": ref_gelu_tanh, "gated": ref_gated_residual, "linear": ref_linear}
+_EXPLICIT = {"mln": ops.modulated_layer_norm_jvp, "mln_expand": ops.modulated_layer_norm_jvp,
+             "rms": ops.rms_norm_jvp, "gelu": ops.gelu_tanh_jvp, "gated": ops.gated_residual_jvp,
+             "linear": ops.linear_jvp}
+
+
+@pytest.mark.parametrize("backend", ["torch", "extension"])
+@pytest.mark.parametrize("case", _gc_cases(), ids=lambda c: c[0])
+def test_jvp_of_jvp(case, backend):
+    """Forward-over-forward (a JVP of the JVP: nested torch.func.jvp, and forward_ad over the explicit *_jvp
+    form) against the nested float64 reference; float32 (the extension's kernels) and float64."""
+    import torch.autograd.forward_ad as fwAD
+    name, fn, shapes = case
+    dtype = torch.float32 if backend == "extension" else F64
+    prim, inner = make_inputs(shapes, dtype, seed=13)
+    _, outer = make_inputs(shapes, dtype, seed=14)
+
+    def nested(f, xs, ts, us):
+        return torch.func.jvp(lambda *a: torch.func.jvp(f, a, ts), xs, us)
+    (ry, rty), (rdy, rdty) = nested(_REFS[name], *(tuple(x.double() for x in xs) for xs in (prim, inner, outer)))
+    tol = TOLERANCE[dtype]
+    with use_backend(backend):
+        (y, ty), (dy, dty) = nested(fn, tuple(prim), tuple(inner), tuple(outer))
+        with fwAD.dual_level():
+            outs = _EXPLICIT[name](*(fwAD.make_dual(p, u) for p, u in zip(prim, outer)), *inner)
+            (y2, dy2), (ty2, dty2) = (tuple(fwAD.unpack_dual(o)) for o in outs)
+    for got, want in ((y, ry), (ty, rty), (dy, rdy), (dty, rdty), (y2, ry), (ty2, rty), (dy2, rdy), (dty2, rdty)):
+        assert got.dtype == dtype and rel_err(got, want) <= tol, name
 
 
 def test_func_grad_over_func_jvp():
