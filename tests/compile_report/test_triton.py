@@ -4,13 +4,14 @@ Compiles every kernel launch the Triton attention backend would make, for each G
 (configs.FAMILIES: sm_80, sm_86, sm_89, sm_90a, sm_100a, sm_120) with the tiles of that target's family,
 and checks: no register spills on sm_90a up to head dim 128 in bf16/fp16/fp32, nor on sm_100a up to head
 dim 128 in bf16/fp16 (sm_100a takes its own tiles where the Hopper ones spill or trap:
-configs.FAMILY_TABLE); no launch compiling to a trap; shared memory within the opt-in limit of each target's
-family (all six targets);
+configs.FAMILY_TABLE), nor in any shipped float32 launch on any target; no launch compiling to a trap;
+shared memory within the opt-in limit of each target's family (all six targets);
 the tensor-core instruction kind of each family (wgmma on sm_90a, tcgen05 on sm_100a, mma.sync on the
 others) in every 16-bit key-loop kernel up to head dim 128. sm_80 and head dim 256 spills are reported only.
 Coverage: sm_90a bf16 at D = 16, 48, 64, 80, 128, 256, fp16 at 64, 128, fp32 at its shipped head dims;
 sm_80 bf16 at 64, 128, 256; sm_86, sm_89, sm_100a, sm_120 bf16 and fp16 at 64, 128 and 256 (the largest
-shipped head dim) and fp32 at 64 (its largest shipped head dim).
+shipped head dim); sm_80, sm_86, sm_89, sm_100a, sm_120 fp32 at 16, 32, 48 and 64 (its head-dim buckets, 48
+a masked or padded 64).
 Results are cached (~/.cache/flowmap_kernels/compile_report.json) so reruns take seconds.
 """
 import json
@@ -29,7 +30,7 @@ SM90_FP16_DIMS = (64, 128)
 SM90_FP32_DIMS = (16, 24, 32, 40, 48, 56, 64)  # the float32 head dims that ship on sm90; others go to "torch"
 OTHER_ARCHS = ("sm_86", "sm_89", "sm_100a", "sm_120")
 OTHER_16BIT_DIMS = (64, 128, 256)  # 256: the largest shipped 16-bit head dim (shared-memory check)
-OTHER_FP32_DIMS = (configs.FP32_MAX_HEAD_DIM,)
+OTHER_FP32_DIMS = (16, 32, 48, configs.FP32_MAX_HEAD_DIM)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def records():
     recs += cr.triton_records(["sm_80"], (64, 128, 256), ["bf16"], cache=cache, workers=0)
     recs += cr.triton_records(["sm_90a"], (256,), ["bf16"], cache=cache, workers=0)
     recs += cr.triton_records(OTHER_ARCHS, OTHER_16BIT_DIMS, ["bf16", "fp16"], cache=cache, workers=0)
-    recs += cr.triton_records(OTHER_ARCHS, OTHER_FP32_DIMS, ["fp32"], cache=cache, workers=0)
+    recs += cr.triton_records(("sm_80",) + OTHER_ARCHS, OTHER_FP32_DIMS, ["fp32"], cache=cache, workers=0)
     print("\n" + cr.format_arch_figures(cr.arch_figures(recs)))
     print("\n" + cr.format_table(recs))
     return recs
@@ -99,6 +100,17 @@ def test_no_spills_on_sm100a_up_to_head_dim_128(records):
     assert not new, f"register spills on sm_100a: {new}"
     if spilled:
         print(f"\nknown sm_100a spills (see SM100A_KNOWN_SPILLS): {spilled}")
+
+
+def test_no_spills_in_shipped_float32_launches(records):
+    """float32 runs 3xTF32 products (three times the operand registers): its tiles are chosen per family so
+    that no shipped launch spills on any target (sm80 / sm86 / sm120 mma.sync, sm90 wgmma, sm100 tcgen05)."""
+    shipped = [r for r in records if r["dtype"] == "fp32" and r["shipped"]]
+    assert {r["arch"] for r in shipped} == {"sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120"}
+    assert {r["head_dim"] for r in shipped if r["arch"] == "sm_86"} == set(OTHER_FP32_DIMS)
+    spilled = {(r["kernel"], r["arch"], r["head_dim"]): (r["config"], r["spill_bytes"]) for r in shipped
+               if r["spill_bytes"] > 0}
+    assert not spilled, f"register spills in shipped float32 launches: {spilled}"
 
 
 # A launch whose PTX holds a trap would abort at run time (the kernels have no device asserts). On sm_100a

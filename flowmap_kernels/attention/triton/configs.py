@@ -188,10 +188,14 @@ TABLE: dict = {
         (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 64, 4, 2), (64, 4): C(64, 64, 4, 2),
         (128, 4): C(64, 32, 4, 2), (256, 4): C(32, 32, 4, 1),
     },
+    # float32 on mma.sync (sm80 and the sm86 / sm120 families that borrow these tiles), 3xTF32 products:
+    # (16, 4), (32, 4), (64, 4) are the largest tiles spill-free on sm_80, sm_86 and sm_120 at D = 16, 32, 48
+    # and 64 (the compile report; the earlier 64x64 forward+JVP at D = 32 spilled 37 KB on sm_80, the tangent
+    # backwards at D = 64 2-32 KB): the tangent backwards split (/split3) from D = 32, one launch at D = 16.
     ("forward", "sm80"): {
         (16, 2): C(128, 64, 4, 3), (32, 2): C(128, 64, 4, 3), (64, 2): C(128, 64, 4, 3),
         (128, 2): C(128, 32, 8, 2), (256, 2): C(64, 32, 8, 1),
-        (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 64, 4, 2), (64, 4): C(64, 32, 4, 2),
+        (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 16, 4, 2),
         (128, 4): C(32, 32, 4, 2), (256, 4): C(32, 32, 4, 1),
     },
     ("jvp_forward", "sm90"): {
@@ -203,7 +207,7 @@ TABLE: dict = {
     ("jvp_forward", "sm80"): {
         (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(64, 64, 4, 2),
         (128, 2): C(128, 32, 8, 2), (256, 2): C(32, 32, 4, 1),
-        (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 64, 4, 2), (64, 4): C(64, 32, 4, 2),
+        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(16, 32, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 32, 4, 1),
     },
     ("backward_dkdv", "sm90"): {
@@ -215,7 +219,7 @@ TABLE: dict = {
     ("backward_dkdv", "sm80"): {
         (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 128, 8, 2), (64, 2): C(32, 128, 8, 2),
         (128, 2): C(32, 64, 8, 2), (256, 2): C(16, 32, 4, 1),
-        (16, 4): C(32, 64, 4, 2), (32, 4): C(32, 64, 4, 2), (64, 4): C(32, 64, 4, 2),
+        (16, 4): C(32, 64, 4, 2), (32, 4): C(16, 32, 4, 2), (64, 4): C(32, 32, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(16, 32, 4, 1),
     },
     ("backward_dq", "sm90"): {
@@ -227,7 +231,7 @@ TABLE: dict = {
     ("backward_dq", "sm80"): {
         (16, 2): C(128, 32, 8, 2), (32, 2): C(128, 32, 8, 2), (64, 2): C(128, 32, 8, 2),
         (128, 2): C(64, 32, 8, 2), (256, 2): C(32, 16, 4, 1),
-        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 32, 4, 2),
+        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(32, 32, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 16, 4, 1),
     },
     ("jvp_backward_dkdv", "sm90"): {  # 2 stages: spill-free as with 1, fewer waits per key block (9 vs 12)
@@ -239,7 +243,7 @@ TABLE: dict = {
     ("jvp_backward_dkdv", "sm80"): {
         (16, 2): C(32, 64, 8, 2), (32, 2): C(32, 64, 8, 2), (64, 2): C(32, 64, 8, 2),
         (128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1),
-        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
+        (16, 4): C(16, 32, 4, 2), (32, 4): C(32, 16, 4, 2, S3), (64, 4): C(32, 16, 4, 2, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
     ("jvp_backward_dq", "sm90"): {
@@ -251,17 +255,24 @@ TABLE: dict = {
     ("jvp_backward_dq", "sm80"): {
         (16, 2): C(64, 32, 8, 2), (32, 2): C(64, 32, 8, 2), (64, 2): C(64, 32, 8, 2),
         (128, 2): C(32, 32, 4, 1, S2), (256, 2): C(32, 16, 4, 1),
-        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1),
+        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 16, 4, 2, S3), (64, 4): C(16, 16, 4, 2, S3),
         (128, 4): C(32, 16, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
 }
 # Entries where a family departs from the tiles it borrows (FAMILIES[...].tiles), found by the compile report:
 # on sm_100a the Hopper tiles of these launches compile to a kernel that only traps (D = 256: every 64-row
 # jvp_forward tile; the dV+dtV part of jvp_backward_dkdv at 16x64) or spill 216 B (D = 128 [dk] part).
+# float32 at D = 32 and 64 (and 33..63, run padded to 64): the Hopper tiles spill 16 B-2.6 KB on sm_100a; these
+# are spill-free there.
 FAMILY_TABLE: dict = {
-    ("jvp_forward", "sm100"): {(256, 2): C(32, 32, 4, 1)},
-    ("backward_dq", "sm100"): {(128, 2): C(64, 64, 8, 2)},  # the Hopper 128x64/w8/s2 spills 24 B there
-    ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1, S3)},
+    ("forward", "sm100"): {(32, 4): C(64, 32, 4, 2), (64, 4): C(64, 32, 4, 2)},
+    ("jvp_forward", "sm100"): {(256, 2): C(32, 32, 4, 1), (64, 4): C(32, 16, 4, 2)},
+    ("backward_dkdv", "sm100"): {(64, 4): C(32, 32, 4, 2)},
+    ("backward_dq", "sm100"): {(128, 2): C(64, 64, 8, 2),  # the Hopper 128x64/w8/s2 spills 24 B there
+                               (64, 4): C(32, 32, 4, 2)},
+    ("jvp_backward_dkdv", "sm100"): {(128, 2): C(32, 64, 8, 1, S3), (256, 2): C(16, 32, 4, 1, S3),
+                                     (32, 4): C(32, 16, 4, 2, S3)},
+    ("jvp_backward_dq", "sm100"): {(32, 4): C(32, 16, 4, 2, S3), (64, 4): C(16, 32, 4, 2, S3)},
 }
 # The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
 # D = 128 in 16-bit (15 products in one launch up to D = 64 with 32 query columns, m64n32 score products; at
@@ -287,14 +298,14 @@ TABLE.update({
     ("jvp_backward_atomic", "sm80"): {
         (16, 2): C(32, 32, 4, 2), (32, 2): C(32, 32, 4, 2), (64, 2): C(32, 32, 4, 2),
         (128, 2): C(32, 32, 4, 2, S3), (256, 2): C(16, 32, 4, 1, S3),
-        (16, 4): C(32, 32, 4, 1), (32, 4): C(32, 32, 4, 1), (64, 4): C(32, 32, 4, 1, S3),
+        (16, 4): C(16, 32, 4, 2), (32, 4): C(16, 32, 4, 2, S3), (64, 4): C(16, 16, 4, 2, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
     },
 })
 # sm100 keeps its accumulators in tensor memory: the one-pass tangent backward fits 32 query columns at D = 64
 # there (178 registers, no spill; on sm_90a the same tile spills 20 B)
 FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): {**FAMILY_TABLE[("jvp_backward_dkdv", "sm100")],
-                                                        (64, 2): C(32, 64, 4, 2)}})
+                                                        (64, 2): C(32, 64, 4, 2), (32, 4): C(16, 32, 4, 2, S3)}})
 
 
 def _launch_variant(kernel: str, base: str, sm90_entries: dict) -> None:
