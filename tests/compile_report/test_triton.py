@@ -4,14 +4,15 @@ Compiles every kernel launch the Triton attention backend would make, for each G
 (configs.FAMILIES: sm_80, sm_86, sm_89, sm_90a, sm_100a, sm_120) with the tiles of that target's family,
 and checks: no register spills on sm_90a up to head dim 128 in bf16/fp16/fp32, nor on sm_100a up to head
 dim 128 in bf16/fp16 (sm_100a takes its own tiles where the Hopper ones spill or trap:
-configs.FAMILY_TABLE), nor in any shipped float32 launch on any target; no launch compiling to a trap;
+configs.FAMILY_TABLE), nor on the mma.sync targets (sm_80, sm_86, sm_89, sm_120) up to head dim 128 in
+bf16/fp16, nor in any shipped float32 launch on any target; no launch compiling to a trap;
 shared memory within the opt-in limit of each target's family (all six targets);
 the tensor-core instruction kind of each family (wgmma on sm_90a, tcgen05 on sm_100a, mma.sync on the
-others) in every 16-bit key-loop kernel up to head dim 128. sm_80 and head dim 256 spills are reported only.
+others) in every 16-bit key-loop kernel up to head dim 128. Head dim 256 spills are reported only.
 Coverage: sm_90a bf16 at D = 16, 48, 64, 80, 128, 256, fp16 at 64, 128, fp32 at its shipped head dims;
-sm_80 bf16 at 64, 128, 256; sm_86, sm_89, sm_100a, sm_120 bf16 and fp16 at 64, 128 and 256 (the largest
-shipped head dim); sm_80, sm_86, sm_89, sm_100a, sm_120 fp32 at 16, 32, 48 and 64 (its head-dim buckets, 48
-a masked or padded 64).
+sm_80 bf16 at 64, 72 (DiT-XL's, masked in the 128 tile), 128, 256; sm_86, sm_89, sm_100a, sm_120 bf16 and
+fp16 at 64, 128 and 256 (the largest shipped head dim); sm_80, sm_86, sm_89, sm_100a, sm_120 fp32 at 16, 32,
+48 and 64 (its head-dim buckets, 48 a masked or padded 64).
 Results are cached (~/.cache/flowmap_kernels/compile_report.json) so reruns take seconds.
 """
 import json
@@ -39,7 +40,7 @@ def records():
     recs = cr.triton_records(["sm_90a"], SM90_BF16_DIMS, ["bf16"], cache=cache, workers=0)
     recs += cr.triton_records(["sm_90a"], SM90_FP16_DIMS, ["fp16"], cache=cache, workers=0)
     recs += cr.triton_records(["sm_90a"], SM90_FP32_DIMS, ["fp32"], cache=cache, workers=0)
-    recs += cr.triton_records(["sm_80"], (64, 128, 256), ["bf16"], cache=cache, workers=0)
+    recs += cr.triton_records(["sm_80"], (64, 72, 128, 256), ["bf16"], cache=cache, workers=0)
     recs += cr.triton_records(["sm_90a"], (256,), ["bf16"], cache=cache, workers=0)
     recs += cr.triton_records(OTHER_ARCHS, OTHER_16BIT_DIMS, ["bf16", "fp16"], cache=cache, workers=0)
     recs += cr.triton_records(("sm_80",) + OTHER_ARCHS, OTHER_FP32_DIMS, ["fp32"], cache=cache, workers=0)
@@ -100,6 +101,18 @@ def test_no_spills_on_sm100a_up_to_head_dim_128(records):
     assert not new, f"register spills on sm_100a: {new}"
     if spilled:
         print(f"\nknown sm_100a spills (see SM100A_KNOWN_SPILLS): {spilled}")
+
+
+def test_no_spills_on_mma_sync_targets_up_to_head_dim_128(records):
+    """sm_80 / sm_86 / sm_89 / sm_120 (mma.sync, register-held accumulators and operands): their 16-bit tiles
+    (configs.TABLE "sm80", which the 99 KB families borrow, and FAMILY_TABLE) are spill-free up to D = 128."""
+    shipped = [r for r in records if r["arch"] in ("sm_80", "sm_86", "sm_89", "sm_120") and r["shipped"]
+               and r["dtype"] in ("bf16", "fp16") and r["head_dim"] <= 128]
+    assert {(r["arch"], r["head_dim"]) for r in shipped} >= {(a, d) for a in ("sm_80", "sm_86", "sm_120")
+                                                            for d in (64, 128)}
+    spilled = {(r["kernel"], r["arch"], r["dtype"], r["head_dim"]): (r["config"], r["spill_bytes"])
+               for r in shipped if r["spill_bytes"] > 0}
+    assert not spilled, f"register spills on the mma.sync targets: {spilled}"
 
 
 def test_no_spills_in_shipped_float32_launches(records):
