@@ -305,19 +305,20 @@ TABLE.update({
     },
 })
 # sm100 keeps its accumulators in tensor memory: the one-pass tangent backward fits 32 query columns at D = 64
-# there (178 registers, no spill; on sm_90a the same tile spills 20 B)
+# there (178 registers, no spill; on sm_90a the same tile spills 20 B); float32 at D = 32: 16x32/split3 (no spill)
 FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): {**FAMILY_TABLE[("jvp_backward_dkdv", "sm100")],
                                                         (64, 2): C(32, 64, 4, 2), (32, 4): C(16, 32, 4, 2, S3)}})
 
 
-def _launch_variant(kernel: str, base: str, sm90_entries: dict) -> None:
-    """Table entries of ``kernel``, a launch variant of ``base``: ``base``'s tiles in every table, then
-    ``sm90_entries`` on sm90."""
+def _launch_variant(kernel: str, base: str, own: Optional[dict] = None) -> None:
+    """Table entries of ``kernel``, a launch variant of ``base``: ``base``'s tiles in every table, then the
+    variant's ``own`` entries ({tile-table family: {(bucket, bytes): Config}}) over them in :data:`TABLE`."""
     for table in (TABLE, FAMILY_TABLE):
         for (k, arch), entries in list(table.items()):
             if k == base:
                 table[(kernel, arch)] = dict(entries)
-    TABLE[(kernel, "sm90")].update(sm90_entries)
+    for arch, entries in (own or {}).items():
+        TABLE[(kernel, arch)].update(entries)
 
 
 # The forward+JVP with a float32 tO from 16-bit inputs (TANGENT_FP32: the probabilities enter the tangent
@@ -326,14 +327,13 @@ def _launch_variant(kernel: str, base: str, sm90_entries: dict) -> None:
 # sm_90a, 128x64/w8/s2 is spill-free in all three (TMA 249 registers; pointer loads and float32 tO 255),
 # since the two-part products chain into their accumulator (kernels._dot_split: the float32-tO launch spilled
 # 1,200 B before, and only 64x32/w8 fitted).
-_launch_variant("jvp_forward_tangent_fp32", "jvp_forward", {})
-# mma.sync at D = 72..128: the float32-tO launch holds more than the pointer one (128x16/w8 spills 8 B at D = 72)
-TABLE[("jvp_forward_tangent_fp32", "sm80")][(128, 2)] = C(32, 32, 4, 2)
-_launch_variant("jvp_forward_tma", "jvp_forward", {})
+# On mma.sync at D = 72..128 the float32-tO launch holds more than the pointer one (128x16/w8 spills 8 B at D = 72).
+_launch_variant("jvp_forward_tangent_fp32", "jvp_forward", {"sm80": {(128, 2): C(32, 32, 4, 2)}})
+_launch_variant("jvp_forward_tma", "jvp_forward")
 # The one-pass tangent backward where its key-block kernel keeps pointer loads (launch._key_block_descriptors:
 # operands the descriptors cannot read): at D = 64 the 32-query-column tile spills 20 B on sm_90a there, so
 # it keeps 16 columns (m64n16, spill-free).
-_launch_variant("jvp_backward_atomic_pointer", "jvp_backward_atomic", {(64, 2): C(16, 64, 4, 2)})
+_launch_variant("jvp_backward_atomic_pointer", "jvp_backward_atomic", {"sm90": {(64, 2): C(16, 64, 4, 2)}})
 del C, S2, S3
 
 #: Families that run head dims below their power-of-two tile width zero-padded to it (wgmma / tcgen05:
