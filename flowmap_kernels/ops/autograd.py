@@ -98,6 +98,12 @@ def naive_norm(x, scale, shift, cfg: NormProblem):
     return y if shift is None else y + shift
 
 
+def naive_norm_jvp(cfg: NormProblem):
+    """(y, ty) of the row norm in NormJVPFunction's argument order (x, tx, scale, shift, tscale, tshift)."""
+    both = _naive_jvp(lambda a, s, h: naive_norm(a, s, h, cfg), 3)
+    return lambda x, tx, s, h, ts, th: both(x, s, h, tx, ts, th)
+
+
 class NormFunction(torch.autograd.Function):
     """y = xh * (offset + scale) + shift, xh = LayerNorm (center) or RMSNorm of x over the last dim."""
 
@@ -165,18 +171,14 @@ class NormJVPFunction(torch.autograd.Function):
             return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(ds, ss, R, rpc, dt),
                     _table_grad(dh, hs, R, rpc, dt), _table_grad(dts, ss, R, rpc, dt), _table_grad(dth, hs, R, rpc, dt))
 
-        def naive_jvp(a, ta, s, h, ts, th):
-            return naive.jvp_of(lambda a_, s_, h_: naive_norm(a_, s_, h_, cfg), (a, s, h), (ta, ts, th))
-        return differentiable_backward(fused, naive_jvp, (x, tx, scale, shift, tscale, tshift), (gy, gt),
+        return differentiable_backward(fused, naive_norm_jvp(cfg), (x, tx, scale, shift, tscale, tshift), (gy, gt),
                                        (stats,)) + (None,)
 
     @staticmethod
     def jvp(ctx, *tangents):
         """Forward-over-forward (nested torch.func.jvp): the naive formula's second derivatives."""
-        cfg = ctx.cfg
-        both = _naive_jvp(lambda a, s, h: naive_norm(a, s, h, cfg), 3)
-        return forward_over_forward(lambda x, tx, s, h, ts, th: both(x, s, h, tx, ts, th), ctx.saved_tensors,
-                                    tangents[:6], ctx.tangent_grad) + (None,)
+        return forward_over_forward(naive_norm_jvp(ctx.cfg), ctx.saved_tensors, tangents[:6],
+                                    ctx.tangent_grad) + (None,)
 
 
 # ---- GELU (tanh) with optional bias ------------------------------------------------------------------
@@ -206,6 +208,11 @@ class GeluFunction(torch.autograd.Function):
         x, bias = ctx.saved_tensors
         _, ty = GeluJVPFunction.apply(x, zeros_if_none(tx, x), bias, zeros_if_none(tbias, bias), ctx.cfg)
         return ty
+
+
+def naive_gelu_jvp(x, tx, bias, tbias):
+    """(y, ty) of GELU in GeluJVPFunction's argument order."""
+    return _naive_jvp(naive.gelu_tanh, 2)(x, bias, tx, tbias)
 
 
 class GeluJVPFunction(torch.autograd.Function):
@@ -241,16 +248,12 @@ class GeluJVPFunction(torch.autograd.Function):
             return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(db, sp, R, rpc, dt),
                     _table_grad(dtb, sp, R, rpc, dt))
 
-        def naive_jvp(a, ta, b, tb):
-            return naive.jvp_of(naive.gelu_tanh, (a, b), (ta, tb))
-        return differentiable_backward(fused, naive_jvp, (x, tx, bias, tbias), (gy, gt)) + (None,)
+        return differentiable_backward(fused, naive_gelu_jvp, (x, tx, bias, tbias), (gy, gt)) + (None,)
 
     @staticmethod
     def jvp(ctx, *tangents):
         """Forward-over-forward (nested torch.func.jvp): the naive formula's second derivatives."""
-        both = _naive_jvp(naive.gelu_tanh, 2)
-        return forward_over_forward(lambda x, tx, b, tb: both(x, b, tx, tb), ctx.saved_tensors, tangents[:4],
-                                    ctx.tangent_grad)
+        return forward_over_forward(naive_gelu_jvp, ctx.saved_tensors, tangents[:4], ctx.tangent_grad)
 
 
 # ---- gated residual ----------------------------------------------------------------------------------
