@@ -83,6 +83,7 @@ class SDPAShapes:
     def __init__(self, query, key, value):
         xs = (query, key, value)
         self.lead = None
+        self.single_head = False
         if not all(isinstance(x, torch.Tensor) for x in xs) or all(x.dim() == 4 for x in xs):
             return
         if query.dim() < 2:
