@@ -55,3 +55,9 @@ def ref_grads(q, k, v, tq, tk, tv, wo, wt, **kw):
     o, to = ref_jvp(*leaves, **kw)
     loss = loss_on_outputs(o, to, wo, wt)
     return (o.detach(), to.detach()), torch.autograd.grad(loss, leaves)
+
+
+def jvp_of_jvp(fn, primals, inner, outer):
+    """Forward-over-forward by nested torch.func.jvp: ((y, ty), (dy, dty)) where (y, ty) = jvp(fn) along
+    ``inner`` and (dy, dty) their JVP along ``outer``."""
+    return torch.func.jvp(lambda *xs: torch.func.jvp(fn, xs, tuple(inner)), tuple(primals), tuple(outer))

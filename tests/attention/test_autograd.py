@@ -7,7 +7,7 @@ import flowmap_kernels as fk
 from tests.attention.backend_env import BACKENDS, on_backend
 from tests.attention.cases import Case
 from tests.numerics import rel_err
-from tests.reference import ref_attention
+from tests.reference import jvp_of_jvp, ref_attention
 
 GRADCHECK_CASES = [
     Case(batch=1, q_heads=2, kv_heads=1, q_len=5, kv_len=7, head_dim=3, v_head_dim=4, causal=True),
@@ -115,13 +115,6 @@ def test_fallback_jvp_rule_of_the_primal_function():
         assert rel_err(g, rg) < 1e-12
 
 
-def _nested_jvp(attend, kw, primals, inner, outer):
-    """The JVP along ``outer`` of (O, tO) = jvp(attend) along ``inner``: ((O, tO), their tangents)."""
-    def first(*xs):
-        return torch.func.jvp(lambda *a: attend(*a, **kw), xs, inner)
-    return torch.func.jvp(first, primals, outer)
-
-
 FOF_CASES = GRADCHECK_CASES + [Case(batch=2, q_heads=4, kv_heads=2, q_len=17, kv_len=33, head_dim=16,
                                     v_head_dim=8, causal=True)]
 
@@ -138,11 +131,11 @@ def test_jvp_of_jvp(backend, case):
     primals = tuple(t[n] for n in ("q", "k", "v"))
     inner = tuple(t[n] for n in ("tq", "tk", "tv"))
     outer = tuple(torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype) for x in primals)
-    (ro, rto), (rdo, rdto) = _nested_jvp(ref_attention, case.kwargs, *((tuple(x.double() for x in xs))
-                                                                    for xs in (primals, inner, outer)))
+    (ro, rto), (rdo, rdto) = jvp_of_jvp(lambda *a: ref_attention(*a, **case.kwargs),
+                                        *(tuple(x.double() for x in xs) for xs in (primals, inner, outer)))
     tol = 2e-5 if dtype == torch.float32 else 1e-10
     with on_backend(backend):
-        (o, to), (do, dto) = _nested_jvp(fk.attention, case.kwargs, primals, inner, outer)
+        (o, to), (do, dto) = jvp_of_jvp(lambda *a: fk.attention(*a, **case.kwargs), primals, inner, outer)
         (o2, to2), (do2, dto2) = torch.func.jvp(lambda *a: fk.attention_jvp(*a, *inner, **case.kwargs), primals, outer)
     for got, want in ((o, ro), (to, rto), (do, rdo), (dto, rdto), (o2, ro), (to2, rto), (do2, rdo), (dto2, rdto)):
         assert got.dtype == dtype and rel_err(got, want) < tol
@@ -155,7 +148,7 @@ def test_gradcheck_through_jvp_of_jvp():
     outer = tuple(torch.randn_like(x) for x in xs[:3])
 
     def second(q, k, v):
-        return _nested_jvp(fk.attention, case.kwargs, (q, k, v), tuple(xs[3:]), outer)[1][1]
+        return jvp_of_jvp(lambda *a: fk.attention(*a, **case.kwargs), (q, k, v), xs[3:], outer)[1][1]
     assert torch.autograd.gradcheck(second, xs[:3])
 
 

@@ -24,7 +24,7 @@ from flowmap_kernels.attention.varlen_blockwise import (varlen_backward, varlen_
                                                        varlen_jvp_forward)
 from flowmap_kernels.backends import BackendUnavailableError
 from tests.numerics import TOLERANCE, rel_err
-from tests.reference import loss_on_outputs, ref_attention, ref_grads
+from tests.reference import jvp_of_jvp, loss_on_outputs, ref_attention, ref_grads
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("q", "k", "v", "tq", "tk", "tv")
@@ -243,19 +243,16 @@ def test_jvp_of_jvp(backend):
     primals = tuple(t[n] for n in ("q", "k", "v"))
     inner = tuple(t[n] for n in ("tq", "tk", "tv"))
     outer = tuple(torch.randn(x.shape, generator=g, dtype=torch.float64) for x in primals)
-
-    def nested(attend, xs, ts, us):
-        return torch.func.jvp(lambda *a: torch.func.jvp(attend, a, ts)[1], xs, us)[1]
     with fk.use_backend(backend):
-        got = nested(lambda a, b, c: fk.attention_varlen(a, b, c, *_args(case, t), **case.kwargs), primals, inner,
-                     outer)
+        got = jvp_of_jvp(lambda a, b, c: fk.attention_varlen(a, b, c, *_args(case, t), **case.kwargs), primals,
+                         inner, outer)[1][1]
     want = torch.zeros_like(got)
     cq, ck = t["cu_q"].tolist(), t["cu_k"].tolist()
     for i in range(len(case.q_lens)):
         rows = (slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1]), slice(ck[i], ck[i + 1]))
         pick = lambda xs: tuple(_heads_first(x[r]) for x, r in zip(xs, rows))  # noqa: E731
-        want[rows[0]] = _tokens_first(nested(lambda a, b, c: ref_attention(a, b, c, **case.kwargs), pick(primals),
-                                             pick(inner), pick(outer)))
+        want[rows[0]] = _tokens_first(jvp_of_jvp(lambda a, b, c: ref_attention(a, b, c, **case.kwargs),
+                                                 pick(primals), pick(inner), pick(outer))[1][1])
     assert want.abs().max() > 0 and rel_err(got, want) < 1e-10
 
 

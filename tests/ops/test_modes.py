@@ -10,6 +10,7 @@ from flowmap_kernels.ops import kernels
 from tests.numerics import TOLERANCE, rel_err
 from tests.ops.helpers import (make_inputs, ref_gated_residual, ref_gelu_tanh, ref_linear, ref_modulated_layer_norm,
                                ref_rms_norm)
+from tests.reference import jvp_of_jvp
 
 F64 = torch.float64
 
@@ -93,13 +94,10 @@ def test_jvp_of_jvp(case, backend):
     dtype = torch.float32 if backend == "extension" else F64
     prim, inner = make_inputs(shapes, dtype, seed=13)
     _, outer = make_inputs(shapes, dtype, seed=14)
-
-    def nested(f, xs, ts, us):
-        return torch.func.jvp(lambda *a: torch.func.jvp(f, a, ts), xs, us)
-    (ry, rty), (rdy, rdty) = nested(_REFS[name], *(tuple(x.double() for x in xs) for xs in (prim, inner, outer)))
+    (ry, rty), (rdy, rdty) = jvp_of_jvp(_REFS[name], *(tuple(x.double() for x in xs) for xs in (prim, inner, outer)))
     tol = TOLERANCE[dtype]
     with use_backend(backend):
-        (y, ty), (dy, dty) = nested(fn, tuple(prim), tuple(inner), tuple(outer))
+        (y, ty), (dy, dty) = jvp_of_jvp(fn, prim, inner, outer)
         with fwAD.dual_level():
             outs = _EXPLICIT[name](*(fwAD.make_dual(p, u) for p, u in zip(prim, outer)), *inner)
             (y2, dy2), (ty2, dty2) = (tuple(fwAD.unpack_dual(o)) for o in outs)
