@@ -8,6 +8,11 @@
 ``AttentionJVPFunction``  q, k, v, tq, tk, tv -> (O, tO) in one fused pass; backward through both outputs;
                           its own JVP (forward-over-forward) through the naive recomputation.
 
+A float mask (an additive bias) may require grad: the backward Functions then also return its gradient, from
+one extra blockwise pass (``kernels.attention_mask_backward``, the same for every backend), and their second
+derivatives include the mask. A mask with a forward-mode tangent never reaches these Functions
+(``functional.attention`` runs the naive math for it).
+
 ``PrimalBackward`` / ``JVPBackward`` run the backward kernels; they are themselves differentiable
 (create_graph=True, torch.func.grad over jvp, jacrev of jacrev, and forward-over-reverse as in
 torch.func.hessian) through a recomputation in the naive math that runs only when a second derivative is
@@ -24,15 +29,43 @@ import dataclasses
 
 import torch
 
-from .._autodiff import (forward_over_forward, jvp_of_vjp, record_tangent_output, vjp_of_vjp, without_jvp,
-                         zeros_if_none)
+from .._autodiff import (forward_over_forward, jvp_by_reverse, jvp_of_vjp, record_tangent_output, vjp_of_vjp,
+                         without_jvp, zeros_if_none)
 from . import kernels, naive
 from .problem import AttentionProblem, check_tangent_dtypes
 
 
-def _check_mask_tangent(mask_tangent) -> None:
-    if mask_tangent is not None:
-        raise ValueError("attn_mask: forward-mode tangents of the mask are not supported (the mask must be a constant)")
+def _with_mask_grad(ctx, problem: AttentionProblem, mask_index: int) -> AttentionProblem:
+    """``problem`` with ``mask_grad`` set when the Function's mask input (a float mask) needs a gradient."""
+    if ctx.needs_input_grad[mask_index] and problem.mask_kind == "float":
+        return dataclasses.replace(problem, mask_grad=True)
+    return problem
+
+
+def _naive(fn, p: AttentionProblem, with_mask: bool):
+    """``fn(*inputs, p)`` (a naive-math function), taking the mask as a last argument when ``with_mask``:
+    the recomputation that second derivatives differentiate (with respect to the mask too when it needs a
+    gradient or carries a tangent)."""
+    if not with_mask:
+        return lambda *a: fn(*a, p)
+    return lambda *a: fn(*a[:-1], dataclasses.replace(p, mask=a[-1]))
+
+
+def _naive_tuple(fn, p: AttentionProblem, with_mask: bool):
+    """:func:`_naive` with a one-tuple output (for a single-output ``fn``)."""
+    f = _naive(fn, p, with_mask)
+    return lambda *a: (f(*a),)
+
+
+def _with(inputs: tuple, mask, with_mask: bool) -> tuple:
+    return (*inputs, mask) if with_mask else tuple(inputs)
+
+
+def _mask_pass(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, p: AttentionProblem):
+    """The mask's gradient when ``p.mask_grad``, else None."""
+    if not p.mask_grad:
+        return None
+    return kernels.attention_mask_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, p.is_causal, p.scale)
 
 
 # ---- torch.func.vmap: the vmapped dimension is folded into the batch dimension ----------------------------
@@ -76,14 +109,37 @@ def _unfold(outputs, n: int):
     return outs, tuple(None if o is None else 0 for o in outs)
 
 
+def _fold_mask_for_grad(mask, bdim, n: int, batch: int):
+    """A float mask whose gradient a vmapped backward returns, folded to an explicit (n * B, ...) batch so that
+    each example's gradient stays apart; also the mask's shape per example."""
+    example = tuple(mask.shape) if bdim is None else tuple(mask.shape[:bdim] + mask.shape[bdim + 1:])
+    m = mask.unsqueeze(0).expand(n, *mask.shape) if bdim is None else mask.movedim(bdim, 0)
+    m = m.reshape(n, *(1,) * (4 - len(example)), *example)  # (n, b, h, lq, lk), b in (1, B)
+    return m.expand(n, batch, *m.shape[2:]).reshape(n * batch, *m.shape[2:]), example
+
+
+def _unfold_mask_grad(grad, n: int, example: tuple):
+    """The (n * B, h, lq, lk) gradient of :func:`_fold_mask_for_grad`'s mask as (n, *example)."""
+    grad = grad.reshape(n, grad.shape[0] // n, *grad.shape[1:])
+    return grad.sum_to_size(n, *(1,) * (4 - len(example)), *example).reshape(n, *example)
+
+
 def _vmap_rule(fn, tensor_args: int, mask_index: int):
     """The ``vmap`` staticmethod of a Function whose args are ``tensor_args`` batch-leading tensors (the mask
-    among them at ``mask_index``), then the problem and the backend name."""
+    among them at ``mask_index``), then the problem and the backend name. With ``problem.mask_grad`` (a backward
+    Function whose last output is the mask's gradient) the mask is folded per example and its gradient unfolded."""
     def vmap(info, in_dims, *args):
         n = info.batch_size
         tensors, (problem, backend) = list(args[:tensor_args]), args[tensor_args:]
         dims = in_dims[:tensor_args]
         folded = [None if i == mask_index else _fold(x, d, n) for i, (x, d) in enumerate(zip(tensors, dims))]
+        if problem.mask_grad:
+            folded[mask_index], example = _fold_mask_for_grad(tensors[mask_index], dims[mask_index], n,
+                                                              problem.batch)
+            problem = dataclasses.replace(problem, batch=n * problem.batch, mask=folded[mask_index])
+            *out, dmask = fn().apply(*folded, problem, backend)
+            outs, out_dims = _unfold(out, n)
+            return (*outs, _unfold_mask_grad(dmask, n, example)), (*out_dims, 0)
         folded[mask_index], problem = _fold_problem(problem, tensors[mask_index], dims[mask_index], n)
         out = fn().apply(*folded, problem, backend)
         return _unfold(out if isinstance(out, tuple) else (out,), n)
@@ -114,16 +170,18 @@ class AttentionFunction(torch.autograd.Function):
         p = ctx.problem
         if do is None:
             return None, None, None, None, None, None
-        dq, dk, dv = PrimalBackward.apply(q, k, v, o, lse, do, mask, p, ctx.backend)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv, dmask = PrimalBackward.apply(q, k, v, o, lse, do, mask, _with_mask_grad(ctx, p, 3), ctx.backend)
+        return dq, dk, dv, dmask, None, None
 
     vmap = _vmap_rule(lambda: AttentionFunction, 4, 3)
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, tmask, _tproblem, _tbackend):
-        _check_mask_tangent(tmask)
         q, k, v, mask = ctx.saved_tensors
         check_tangent_dtypes((q, k, v), (tq, tk, tv))
+        if tmask is not None:  # the fused pass takes the mask as a constant: the naive math's JVP
+            (to,) = jvp_by_reverse(_naive(naive.attention, ctx.problem, True), (q, k, v, mask), (tq, tk, tv, tmask))
+            return to, None
         tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
         _, to, _, _ = AttentionJVPFunction.apply(q, k, v, tq, tk, tv, mask, ctx.problem, ctx.backend)
         return to, None
@@ -151,7 +209,7 @@ class AttentionJVPFunction(torch.autograd.Function):
         o, to, lse, mu = output
         ctx.problem, ctx.backend = problem, backend
         ctx.save_for_backward(q, k, v, tq, tk, tv, mask, o, to, lse, mu)
-        ctx.save_for_forward(q, k, v, tq, tk, tv)
+        ctx.save_for_forward(q, k, v, tq, tk, tv, mask)
         ctx.mark_non_differentiable(lse, mu)
         record_tangent_output(ctx, to)
         ctx.set_materialize_grads(False)
@@ -159,26 +217,27 @@ class AttentionJVPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dto, _dlse, _dmu):
         q, k, v, tq, tk, tv, mask, o, to, lse, mu = ctx.saved_tensors
-        p = ctx.problem
+        p = _with_mask_grad(ctx, ctx.problem, 6)
         none3 = (None, None, None)
         if dto is None or not ctx.tangent_grad:
             if do is None:
                 return (None,) * 9
-            dq, dk, dv = PrimalBackward.apply(q, k, v, o, lse, do, mask, p, ctx.backend)
-            return (dq, dk, dv) + none3 + none3
+            dq, dk, dv, dmask = PrimalBackward.apply(q, k, v, o, lse, do, mask, p, ctx.backend)
+            return (dq, dk, dv) + none3 + (dmask, None, None)
         if dto.dtype != q.dtype:  # a float32 tangent output (tangent_dtype): the backward kernels take the
             to, dto = to.to(q.dtype), dto.to(q.dtype)  # inputs' dtype (products in it, accumulation in fp32)
-        grads = JVPBackward.apply(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, p, ctx.backend)
-        return tuple(grads) + none3
+        *grads, dmask = JVPBackward.apply(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, p, ctx.backend)
+        return tuple(grads) + (dmask, None, None)
 
     @staticmethod
     def jvp(ctx, dq, dk, dv, dtq, dtk, dtv, tmask, _tproblem, _tbackend):
         """Forward-over-forward (a JVP of this JVP: nested torch.func.jvp, jacfwd of jacfwd): the naive
-        formula's JVP (the softmax's second derivatives; (B, H, Lq, Lk) memory, only when one is taken)."""
-        _check_mask_tangent(tmask)
-        p = ctx.problem
-        do, dto = forward_over_forward(lambda *a: naive.attention_jvp(*a, p), ctx.saved_tensors,
-                                       (dq, dk, dv, dtq, dtk, dtv), ctx.tangent_grad)
+        formula's JVP (the softmax's second derivatives; (B, H, Lq, Lk) memory, only when one is taken),
+        along the mask's tangent too when it has one."""
+        *xs, mask = ctx.saved_tensors
+        with_mask = tmask is not None
+        do, dto = forward_over_forward(_naive(naive.attention_jvp, ctx.problem, with_mask), _with(xs, mask, with_mask),
+                                       _with((dq, dk, dv, dtq, dtk, dtv), tmask, with_mask), ctx.tangent_grad)
         return do, dto, None, None
 
     vmap = _vmap_rule(lambda: AttentionJVPFunction, 7, 6)
@@ -189,70 +248,83 @@ AttentionJVPCompiledFunction.vmap = _vmap_rule(lambda: AttentionJVPCompiledFunct
 
 
 class PrimalBackward(torch.autograd.Function):
-    """(dQ, dK, dV) = backward kernel of the primal; differentiable (naive recomputation)."""
+    """(dQ, dK, dV, dMask) = backward kernel of the primal (dMask None unless ``problem.mask_grad``);
+    differentiable (naive recomputation)."""
 
     @staticmethod
     def forward(q, k, v, o, lse, do, mask, problem: AttentionProblem, backend: str):
-        return kernels.attention_backward(q, k, v, o, lse, do, mask, problem.is_causal, problem.scale, backend)
+        dq, dk, dv = kernels.attention_backward(q, k, v, o, lse, do, mask, problem.is_causal, problem.scale,
+                                                backend)
+        dmask = _mask_pass(q, k, v, None, None, None, o, None, lse, None, do, None, mask, problem)
+        return dq, dk, dv, dmask
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, o, lse, do, mask, problem, backend = inputs
         ctx.problem = problem
-        ctx.save_for_backward(q, k, v, do)
-        ctx.save_for_forward(q, k, v, do)
+        ctx.save_for_backward(q, k, v, do, mask)
+        ctx.save_for_forward(q, k, v, do, mask)
 
     @staticmethod
-    def backward(ctx, gdq, gdk, gdv):
-        q, k, v, do = ctx.saved_tensors
+    def backward(ctx, gdq, gdk, gdv, gdmask):
+        q, k, v, do, mask = ctx.saved_tensors
         p = ctx.problem
-        (gq, gk, gv), (gdo,) = vjp_of_vjp(lambda a, b, c: (naive.attention(a, b, c, p),), (q, k, v), (do,),
-                                          (gdq, gdk, gdv))
-        return gq, gk, gv, None, None, gdo, None, None, None
+        with_mask = ctx.needs_input_grad[6]
+        grads, (gdo,) = vjp_of_vjp(_naive_tuple(naive.attention, p, with_mask), _with((q, k, v), mask, with_mask),
+                                   (do,), _with((gdq, gdk, gdv), gdmask, with_mask))
+        gmask = grads.pop() if with_mask else None
+        return (*grads, None, None, gdo, gmask, None, None)
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, tmask, _tproblem, _tbackend):
         """Forward-over-reverse (torch.func.hessian, jacfwd of jacrev): the naive recomputation's JVP; O and
-        lse are functions of (q, k, v), whose tangents it already follows."""
-        _check_mask_tangent(tmask)
-        q, k, v, do = ctx.saved_tensors
+        lse are functions of (q, k, v) and the mask, whose tangents it already follows."""
+        q, k, v, do, mask = ctx.saved_tensors
         p = ctx.problem
-        return tuple(jvp_of_vjp(lambda a, b, c: (naive.attention(a, b, c, p),), (q, k, v), (do,), (tq, tk, tv),
-                                 (tdo,)))
+        with_mask = p.mask_grad or tmask is not None
+        out = jvp_of_vjp(_naive_tuple(naive.attention, p, with_mask), _with((q, k, v), mask, with_mask), (do,),
+                         _with((tq, tk, tv), tmask, with_mask), (tdo,))
+        return (*out[:3], out[3] if p.mask_grad else None)
 
     vmap = _vmap_rule(lambda: PrimalBackward, 7, 6)
 
 
 class JVPBackward(torch.autograd.Function):
-    """Gradients of (O, tO) for all six inputs from the fused kernel; differentiable (naive recomputation)."""
+    """Gradients of (O, tO) for all six inputs from the fused kernel, and the mask's (None unless
+    ``problem.mask_grad``); differentiable (naive recomputation)."""
 
     @staticmethod
     def forward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, problem: AttentionProblem, backend: str):
-        return kernels.attention_jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask,
-                                              problem.is_causal, problem.scale, backend)
+        grads = kernels.attention_jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask,
+                                               problem.is_causal, problem.scale, backend)
+        return (*grads, _mask_pass(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, problem))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, problem, backend = inputs
         ctx.problem = problem
-        ctx.save_for_backward(q, k, v, tq, tk, tv, do, dto)
-        ctx.save_for_forward(q, k, v, tq, tk, tv, do, dto)
+        ctx.save_for_backward(q, k, v, tq, tk, tv, do, dto, mask)
+        ctx.save_for_forward(q, k, v, tq, tk, tv, do, dto, mask)
 
     @staticmethod
     def backward(ctx, *ggrads):
-        q, k, v, tq, tk, tv, do, dto = ctx.saved_tensors
+        q, k, v, tq, tk, tv, do, dto, mask = ctx.saved_tensors
         p = ctx.problem
-        xs, (gdo, gdto) = vjp_of_vjp(lambda *a: naive.attention_jvp(*a, p), (q, k, v, tq, tk, tv), (do, dto),
-                                     ggrads)
-        return (*xs, None, None, None, None, gdo, gdto, None, None, None)
+        with_mask = ctx.needs_input_grad[12]
+        grads, (gdo, gdto) = vjp_of_vjp(_naive(naive.attention_jvp, p, with_mask),
+                                        _with((q, k, v, tq, tk, tv), mask, with_mask), (do, dto),
+                                        _with(ggrads[:6], ggrads[6], with_mask))
+        gmask = grads.pop() if with_mask else None
+        return (*grads, None, None, None, None, gdo, gdto, gmask, None, None)
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, ttq, ttk, ttv, _to, _tto, _tlse, _tmu, tdo, tdto, tmask, _tproblem, _tbackend):
         """Forward-over-reverse through (O, tO): the naive recomputation's JVP."""
-        _check_mask_tangent(tmask)
-        q, k, v, tq0, tk0, tv0, do, dto = ctx.saved_tensors
+        q, k, v, tq0, tk0, tv0, do, dto, mask = ctx.saved_tensors
         p = ctx.problem
-        return tuple(jvp_of_vjp(lambda *a: naive.attention_jvp(*a, p), (q, k, v, tq0, tk0, tv0), (do, dto),
-                                 (tq, tk, tv, ttq, ttk, ttv), (tdo, tdto)))
+        with_mask = p.mask_grad or tmask is not None
+        out = jvp_of_vjp(_naive(naive.attention_jvp, p, with_mask), _with((q, k, v, tq0, tk0, tv0), mask, with_mask),
+                         (do, dto), _with((tq, tk, tv, ttq, ttk, ttv), tmask, with_mask), (tdo, tdto))
+        return (*out[:6], out[6] if p.mask_grad else None)
 
     vmap = _vmap_rule(lambda: JVPBackward, 13, 12)

@@ -12,6 +12,8 @@ Kernel signatures (shared with the Triton backend):
     jvp_forward(q, k, v, tq, tk, tv, mask, causal, scale, tangent_dtype=None) -> o, to, lse, mu
     jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
                                                               -> dq, dk, dv, dtq, dtk, dtv
+and, for every backend (it runs here whichever backend ran the other passes):
+    mask_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale) -> dmask
 lse and mu are (B, Hq, Lq) in the accumulation dtype (float64 for float64 inputs, else float32); do or dto
 may be None (no gradient reaches that output).
 """
@@ -210,14 +212,52 @@ def _row_stats(q, k, lse, t: _Tiles):
     return t.rows(rowmax), t.rows(rowinv)
 
 
-def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale):
+@torch.no_grad()
+def mask_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do: Optional[torch.Tensor], dto: Optional[torch.Tensor],
+                  mask: torch.Tensor, causal: bool, scale: float):
+    """Gradient of a float mask (an additive bias, broadcast to (B, Hq, Lq, Lk)) in the mask's shape and dtype.
+
+    The mask is added to the logits, so its gradient is dS, the gradient of the logits, summed over the dims the
+    mask broadcasts along: dS = P * (dO V^T - rowsum(dO * O)) for O, plus the terms of tO (docs/math.md section
+    1) when ``dto`` is given (tangent inputs and tO, mu then too). One pass over the tiles; memory: the mask's
+    size plus one tile.
+    """
+    return _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale, mask_only=True)
+
+
+class _MaskGrad:
+    """Accumulates a tile's logits gradient dS (B, Hkv, G, bq, bk) into the gradient of a float mask, summed over
+    the dims along which the mask broadcasts to (B, Hq, Lq, Lk)."""
+
+    def __init__(self, mask: torch.Tensor, t: _Tiles):
+        self.mask, self.t = mask, t
+        self.shape4 = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        self.grad = torch.zeros(self.shape4, dtype=t.acc, device=mask.device)
+
+    def add(self, ds, i0, i1, j0, j1):
+        mb, mh, mq, mk = self.shape4
+        rows = slice(i0, i1) if mq != 1 else slice(0, 1)
+        cols = slice(j0, j1) if mk != 1 else slice(0, 1)
+        tile = ds.flatten(1, 2)  # (B, Hq, bq, bk)
+        self.grad[..., rows, cols] += tile.sum_to_size(mb, mh, rows.stop - rows.start, cols.stop - cols.start)
+
+    def result(self):
+        return self.grad.reshape(self.mask.shape).to(self.mask.dtype)
+
+
+def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale, mask_only=False):
     t = _Tiles(q, k, mask, causal, scale)
     acc = t.acc
     tangent = dto is not None
     primal = do is not None
-    dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
-    dtq, dtk, dtv = ((torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
-                     if tangent else (None, None, None))
+    if mask_only:
+        dmask = _MaskGrad(mask, t)
+        if not (primal or tangent):
+            return dmask.result()
+    else:
+        dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+        dtq, dtk, dtv = ((torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+                         if tangent else (None, None, None))
     lse_s, inv_s = _row_stats(q, k, lse, t)
     delta = _rowdot(do, o, t) if primal else None
     if tangent:
@@ -242,33 +282,40 @@ def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
             p = torch.exp(t.logits(qb, kb, i0, i1, j0, j1) - lb)
             if invb is not None:
                 p = p * invb
-            pT = p.transpose(-1, -2)
             dp = dob @ vb.transpose(-1, -2) if primal else 0.0
             if tangent:
                 tkb, tvb = t.load(tk, j0, j1, "kv"), t.load(tv, j0, j1, "kv")
                 ts = t.tangent_logits(qb, kb, tqb, tkb)
                 gv = gb @ vb.transpose(-1, -2)
-                tp = p * (ts - mub)
-                dtv[..., cs, :] += (pT @ gb).sum(dim=2)
-                dv_tile = tp.transpose(-1, -2) @ gb
                 dts = p * (gv - cb)
                 dp = dp + gb @ tvb.transpose(-1, -2) + gv * (ts - mub) - cb * ts
                 ds = p * (dp - constb)
-                dq_b += (ds @ kb + dts @ tkb) * scale
-                dtq_b += (dts @ kb) * scale
-                dtsT = dts.transpose(-1, -2)
-                dk[..., cs, :] += ((ds.transpose(-1, -2) @ qb + dtsT @ tqb) * scale).sum(dim=2)
-                dtk[..., cs, :] += ((dtsT @ qb) * scale).sum(dim=2)
             else:
                 ds = p * (dp - delta[..., rs, :])
-                dv_tile = 0.0
-                dq_b += (ds @ kb) * scale
-                dk[..., cs, :] += ((ds.transpose(-1, -2) @ qb) * scale).sum(dim=2)
-            if primal:
-                dv_tile = dv_tile + pT @ dob
-            dv[..., cs, :] += dv_tile.sum(dim=2) if torch.is_tensor(dv_tile) else 0.0
+            if mask_only:
+                dmask.add(ds, i0, i1, j0, j1)
+                continue
+            pT = p.transpose(-1, -2)
+            dv_tile = pT @ dob if primal else 0.0
+            dq_b += (ds @ kb) * scale
+            dsT_q = ds.transpose(-1, -2) @ qb
+            if tangent:
+                dtv[..., cs, :] += (pT @ gb).sum(dim=2)
+                dv_tile = dv_tile + (p * (ts - mub)).transpose(-1, -2) @ gb
+                dq_b += (dts @ tkb) * scale
+                dtq_b += (dts @ kb) * scale
+                dtsT = dts.transpose(-1, -2)
+                dsT_q = dsT_q + dtsT @ tqb
+                dtk[..., cs, :] += ((dtsT @ qb) * scale).sum(dim=2)
+            dk[..., cs, :] += (dsT_q * scale).sum(dim=2)
+            if torch.is_tensor(dv_tile):
+                dv[..., cs, :] += dv_tile.sum(dim=2)
+        if mask_only:
+            continue
         t.q5(dq)[..., rs, :] = dq_b
         if tangent:
             t.q5(dtq)[..., rs, :] = dtq_b
+    if mask_only:
+        return dmask.result()
     cast = lambda x, like: None if x is None else x.to(like.dtype)  # noqa: E731
     return cast(dq, q), cast(dk, k), cast(dv, v), cast(dtq, q), cast(dtk, k), cast(dtv, v)

@@ -10,7 +10,7 @@ from .._autodiff import (float32_tangents, for_compile, make_dual, tangent_dtype
 from . import naive
 from ..backends import get_backend
 from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPCompiledFunction,
-                       AttentionJVPFunction, _check_mask_tangent, check_tangent_dtypes)
+                       AttentionJVPFunction, check_tangent_dtypes)
 from .problem import AttentionProblem, SDPAShapes, make_problem
 from .registry import ATTENTION
 from ..func import forward_mode_active
@@ -72,7 +72,9 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     query (B, Hq, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv) -> (B, Hq, Lq, Dv), same dtype.
     O = softmax(scale * Q K^T + mask) V; ``scale`` defaults to 1/sqrt(D). ``attn_mask`` broadcasts to
     (B, Hq, Lq, Lk): bool (True = may attend) or float (added to the logits). ``is_causal`` is top-left
-    aligned. With ``enable_gqa`` each key/value head serves Hq/Hkv consecutive query heads. Rows with no
+    aligned. A float mask may require grad (a learned bias: its gradient comes from one extra blockwise pass,
+    memory linear in N plus the mask's size) or carry a forward-mode tangent (then the naive math runs, (B, Hq, Lq,
+    Lk) memory). With ``enable_gqa`` each key/value head serves Hq/Hkv consecutive query heads. Rows with no
     allowed key give 0 (no key at all, Lk = 0: zeros, as SDPA). Works under torch.func.jvp,
     torch.autograd.forward_ad and torch.func.vmap (jacrev, jacfwd, hessian, per-sample gradients); the tangent
     output is differentiable with respect to the inputs and their tangents. ``is_causal`` must be a bool and
@@ -88,10 +90,14 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         return shapes.restore(o)
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     name = resolve_backend(p)
+    mask_tangent = False
     if not torch.compiler.is_compiling():
         primals, tangents = unpack_duals(query, key, value)
         check_tangent_dtypes(primals, tangents)
-    if name == "naive" or _empty(p):
+        mask_tangent = attn_mask is not None and unpack_duals(attn_mask)[1][0] is not None
+    if name == "naive" or _empty(p) or mask_tangent:
+        # (a mask with a forward-mode tangent: the fused passes take the mask as a constant; the naive math
+        # follows its tangent, at O(N^2) memory)
         return naive.attention(query, key, value, p)
     if torch.compiler.is_compiling():
         if forward_mode_active():  # (evaluated at trace time: see flowmap_kernels.func.forward_mode_active)
@@ -105,8 +111,6 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if any(t is not None for t in tangents):
         # Forward mode (torch.func.jvp or forward_ad): one fused pass for O and tO, whose backward runs
         # through both outputs at once, instead of a forward followed by the JVP rule's own pass.
-        if attn_mask is not None:
-            _check_mask_tangent(unpack_duals(attn_mask)[1][0])
         tangents = [zeros_if_none(t, x) for t, x in zip(tangents, primals)]
         o, to, _, _ = AttentionJVPFunction.apply(*primals, *tangents, attn_mask, p, name)
         return make_dual(o, to)

@@ -62,6 +62,18 @@ def attention_jvp_backward(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tens
     return _impl(backend).jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
 
 
+@torch.library.custom_op(f"{_LIB}::attention_mask_backward", mutates_args=())
+def attention_mask_backward(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Optional[Tensor],
+                            tv: Optional[Tensor], o: Tensor, to: Optional[Tensor], lse: Tensor, mu: Optional[Tensor],
+                            do: Optional[Tensor], dto: Optional[Tensor], mask: Tensor, causal: bool,
+                            scale: float) -> Tensor:
+    """Gradient of a float mask (an additive bias) in its own shape, from dO and/or dtO (the tangent arguments
+    None when only O was computed). One implementation for every backend: the blockwise PyTorch pass
+    (:func:`flowmap_kernels.attention.blockwise.mask_backward`), memory linear in N plus the mask's size."""
+    from . import blockwise
+    return blockwise.mask_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale)
+
+
 def _o_like(q, v):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
@@ -96,6 +108,11 @@ def _(q, k, v, tq, tk, tv, mask, causal, scale, backend, tangent_fp32=False):
 @attention_jvp_backward.register_fake
 def _(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale, backend):
     return tuple(_contiguous_like(x) for x in (q, k, v, tq, tk, tv))
+
+
+@attention_mask_backward.register_fake
+def _(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale):
+    return _contiguous_like(mask)
 
 
 def product_flops(q_shape, k_shape, v_shape, n_qk: int, n_pv: int) -> int:

@@ -38,6 +38,9 @@ class AttentionProblem:
     device: torch.device
     #: dtype of the tangent output tO of the forward+JVP pass: ``dtype``, or float32 for 16-bit inputs
     tangent_dtype: Optional[torch.dtype] = None
+    #: whether a backward pass also returns the gradient of the float mask (set by the autograd.Functions when
+    #: the mask needs one; the mask pass is the same for every backend)
+    mask_grad: bool = False
 
     @property
     def tangent_fp32(self) -> bool:
@@ -257,8 +260,6 @@ def make_problem(
                 f"attn_mask: shape {tuple(attn_mask.shape)} is not broadcastable to (batch, heads, q_len, kv_len)"
                 f" = {(B, Hq, Lq, Lk)}"
             )
-        if attn_mask.requires_grad:
-            raise ValueError("attn_mask: gradients with respect to the mask are not supported; pass mask.detach()")
     return AttentionProblem(
         batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lk, head_dim=D, v_head_dim=Dv, scale=scale,
         is_causal=is_causal, mask=attn_mask, mask_kind=mask_kind, dtype=q.dtype, device=q.device,

@@ -22,13 +22,14 @@ a reference stored elsewhere (``self.fn = F.scaled_dot_product_attention``) no
 =======================================================================  ==========================
 
 Calls the patch cannot serve exactly run the original function (never a different result) with a
-:class:`SDPAFallbackWarning` once per reason: ``dropout_p > 0``, nested tensors, inputs with fewer than 3
-dims or different numbers of dims (SDPA broadcasts those), ``attn_mask`` together with ``is_causal``, a
-mask that requires grad or carries a tangent, unknown keyword arguments, and anything
+:class:`SDPAFallbackWarning` once per reason: ``dropout_p > 0``, nested tensors, inputs with fewer than 2
+dims or different numbers of dims (SDPA broadcasts those), ``attn_mask`` together with ``is_causal``,
+unknown keyword arguments, and anything
 :func:`flowmap_kernels.attention.make_problem` or the backend registry rejects (dtype, shapes, batch dims
-that differ, an explicitly selected backend that cannot run the call). 3-d inputs (heads, tokens, dim) and
-inputs with more than 4 dims are served as ``fk.attention`` serves them (leading dims flattened into the
-batch). The routing ignores
+that differ, an explicitly selected backend that cannot run the call). 2-d (tokens, dim) and 3-d inputs
+(heads, tokens, dim) and inputs with more than 4 dims are served as ``fk.attention`` serves them (leading dims
+flattened into the batch); so are float masks that require grad (learned biases) or carry a forward-mode
+tangent. The routing ignores
 ``torch.nn.attention.sdpa_kernel``: inside the patch every supported call goes to ``fk.attention``.
 
 install/uninstall are reference-counted per target under one lock (nest freely, from any thread);
@@ -77,16 +78,11 @@ def _bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra
 
 
-def _has_tangent(x: torch.Tensor) -> bool:
-    return torch.autograd.forward_ad.unpack_dual(x).tangent is not None
-
-
 #: make_problem errors that reject a call option rather than the inputs have their own fallback reason:
 #: (argument the message starts with, text in the message, reason).
 _OPTION_REASONS = (
     ("dropout_p", "", "dropout_p"),
     ("attn_mask", "is_causal", "attn_mask+is_causal"),
-    ("attn_mask", "gradients", "attn_mask.requires_grad"),
 )
 
 
@@ -118,8 +114,6 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
             query.dim() == key.dim() == value.dim() and query.dim() >= 2):
         return "ndim", (f"inputs must have the same number of dims, at least 2, got {query.dim()}, {key.dim()}, "
                         f"{value.dim()} dims")
-    if isinstance(attn_mask, torch.Tensor) and _has_tangent(attn_mask):
-        return "attn_mask.tangent", "attn_mask carries a forward-mode tangent"
     try:
         q, k, v, m = query, key, value, attn_mask
         shapes = SDPAShapes(query, key, value)

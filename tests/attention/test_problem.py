@@ -43,8 +43,6 @@ def _call(q, k, v, **kw):
      r"attn_mask: expected dtype bool or the query dtype"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(5, 7, dtype=torch.bool), "is_causal": True},
      ValueError, r"attn_mask: cannot be combined with is_causal"),
-    (lambda q, k, v: (q, k, v), {"attn_mask": torch.zeros(5, 7, requires_grad=True)}, ValueError,
-     r"attn_mask: gradients with respect to the mask"),
     (lambda q, k, v: ([1.0], k, v), {}, TypeError, r"query: expected a torch.Tensor"),
 ])
 def test_bad_input_names_the_argument(mutate, kw, exc, pattern):
@@ -72,13 +70,6 @@ def test_tangent_shape_is_checked():
         fk.attention_jvp(q, k, v, torch.zeros_like(q), torch.zeros(1, 2, 6, 8), torch.zeros_like(v))
     with pytest.raises(ValueError, match=r"tangent of value: expected dtype torch.float32 \(the dtype of value\)"):
         fk.attention_jvp(q, k, v, None, None, v.double())
-
-
-def test_mask_tangent_is_refused():
-    q, k, v = _qkv()
-    mask = torch.zeros(5, 7)
-    with pytest.raises(ValueError, match=r"attn_mask: forward-mode tangents of the mask"):
-        torch.func.jvp(lambda m: fk.attention(q, k, v, attn_mask=m), (mask,), (torch.ones_like(mask),))
 
 
 @pytest.mark.parametrize("backend", ["torch", "naive"])

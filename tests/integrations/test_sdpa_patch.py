@@ -164,13 +164,12 @@ def _fallback_cases():
     return {
         "dropout_p": (dict(dropout_p=0.25), (q, k, v)),
         "ndim": (dict(), (q, k[0], v[0])),  # SDPA broadcasts the key/value over the batch
-        "attn_mask.requires_grad": (dict(attn_mask=m.clone().requires_grad_()), (q, k, v)),
         # SDPA accepts a float32 mask with half inputs; fk.attention wants the query dtype
         "ValueError:attn_mask": (dict(attn_mask=m), (q.half(), k.half(), v.half())),
     }
 
 
-@pytest.mark.parametrize("reason", ["dropout_p", "ndim", "attn_mask.requires_grad", "ValueError:attn_mask"])
+@pytest.mark.parametrize("reason", ["dropout_p", "ndim", "ValueError:attn_mask"])
 def test_fallback_gives_the_original_result_and_warns_once_per_reason(reason):
     kw, (q, k, v) = _fallback_cases()[reason]
     torch.manual_seed(7)
@@ -419,9 +418,9 @@ def test_threads_install_and_route_concurrently():
     assert fallback_counts() == {}
 
 
-def test_mask_with_a_tangent_falls_back_to_the_original():
-    """A float mask computed from a JVP input (its tangent cannot be served): the original runs; with
-    SDPA's math backend selected that gives the exact JVP."""
+def test_mask_with_a_tangent_is_served():
+    """A float mask computed from a JVP input: fk.attention follows its tangent (the naive math); equal to the
+    original under SDPA's math backend, no fallback."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     q, k, v = _qkv(dtype=torch.float32)
     x, tx = torch.randn(1, 1, 7, 7), torch.randn(1, 1, 7, 7)
@@ -431,7 +430,29 @@ def test_mask_with_a_tangent_falls_back_to_the_original():
 
     with sdpa_kernel(SDPBackend.MATH):
         want = torch.func.jvp(f, (x,), (tx,))
-        with patch_sdpa(), pytest.warns(SDPAFallbackWarning, match="tangent"):
-            got = torch.func.jvp(f, (x,), (tx,))
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and want[1].abs().max() > 0
-    assert fallback_counts() == {"attn_mask.tangent": 1}
+    with patch_sdpa():
+        got = torch.func.jvp(f, (x,), (tx,))
+    assert rel_err(got[0], want[0]) < 1e-6 and rel_err(got[1], want[1]) < 1e-6 and want[1].abs().max() > 0
+    assert fallback_counts() == {}
+
+
+def test_learned_bias_is_served_under_jvp_and_backward():
+    """A learned relative-position bias passed as attn_mask (as T5 / Swin style models do): the JVP of the
+    patched model and the bias's gradient through (O, tO) match the math backend's, no fallback."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = _qkv(dtype=torch.float64)
+    tq = torch.randn_like(q)
+    bias = torch.randn(1, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+
+    def grads():
+        def f(x):
+            return F.scaled_dot_product_attention(x, k, v, attn_mask=bias)
+        o, to = torch.func.jvp(f, (q,), (tq,))
+        return torch.autograd.grad((o * o).sum() + (to * to).sum(), bias)[0]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        want = grads()
+    with patch_sdpa():
+        got = grads()
+    assert rel_err(got, want) < 1e-12
+    assert fallback_counts() == {}
