@@ -280,6 +280,43 @@ def differentiable_backward(fused: Callable, naive: Callable, primals: Sequence,
     return FusedBackward.apply(rule, *tensors, *(None,) * (_SLOTS - len(tensors)))
 
 
+# ---- torch.autocast ----------------------------------------------------------------------------------------
+
+def autocast_dtype(x) -> Optional[torch.dtype]:
+    """The dtype of an enabled ``torch.autocast`` region on ``x``'s device type, else None.
+
+    The public ops follow autocast's policy for SDPA and linear there: floating arguments other than float64
+    are cast to this dtype (mixed inputs included), and the op runs with autocast disabled, so that its own
+    float32 accumulation (the blockwise tiles, the row statistics) is not lowered by autocast.
+    """
+    if not isinstance(x, torch.Tensor):
+        return None
+    kind = x.device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def autocast_cast(x, dtype: torch.dtype):
+    """``x`` cast as autocast casts a lower-precision op's argument: floating tensors other than float64."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype not in (torch.float64, dtype):
+        return x.to(dtype)
+    return x
+
+
+def autocast_tangent(t, primal, dtype: torch.dtype):
+    """An explicit tangent under autocast: cast with its primal when it has the primal's dtype; a float32
+    tangent of a 16-bit primal (the float32-tangent mode) stays float32."""
+    if isinstance(t, torch.Tensor) and isinstance(primal, torch.Tensor) and t.dtype == primal.dtype:
+        return autocast_cast(t, dtype)
+    return t
+
+
+def without_autocast(x: torch.Tensor):
+    """A context that disables autocast on ``x``'s device type."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 # ---- float32 tangents of 16-bit primals ------------------------------------------------------------------
 
 SIXTEEN_BIT_DTYPES = (torch.float16, torch.bfloat16)

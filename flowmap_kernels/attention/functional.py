@@ -5,13 +5,13 @@ from typing import Optional
 
 import torch
 
-from .._autodiff import (float32_tangents, for_compile, make_dual, tangent_dtype_allowed, unpack_duals,
-                         widened_jvp, zeros_if_none)
+from .._autodiff import (autocast_cast, autocast_dtype, autocast_tangent, float32_tangents, for_compile,
+                         make_dual, tangent_dtype_allowed, unpack_duals, widened_jvp, without_autocast, zeros_if_none)
 from . import naive
 from ..backends import get_backend
 from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPCompiledFunction,
                        AttentionJVPFunction, check_tangent_dtypes)
-from .problem import AttentionProblem, SDPAShapes, make_problem
+from .problem import AttentionProblem, SDPAShapes, broadcast_batch, make_problem
 from .registry import ATTENTION
 from ..func import forward_mode_active
 
@@ -71,23 +71,31 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
     query (B, Hq, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv) -> (B, Hq, Lq, Dv), same dtype.
     O = softmax(scale * Q K^T + mask) V; ``scale`` defaults to 1/sqrt(D). ``attn_mask`` broadcasts to
-    (B, Hq, Lq, Lk): bool (True = may attend) or float (added to the logits). ``is_causal`` is top-left
-    aligned. A float mask may require grad (a learned bias: its gradient comes from one extra blockwise pass,
-    memory linear in N plus the mask's size) or carry a forward-mode tangent (then the naive math runs, (B, Hq, Lq,
-    Lk) memory). With ``enable_gqa`` each key/value head serves Hq/Hkv consecutive query heads. Rows with no
+    (B, Hq, Lq, Lk): bool (True = may attend) or float (float32 or the inputs' dtype, added to the logits).
+    ``is_causal`` is top-left aligned. A batch of 1 in query or key / value broadcasts (as in SDPA). A float
+    mask may require grad (a learned bias: its gradient comes from one extra blockwise pass, memory linear in N
+    plus the mask's size) or carry a forward-mode tangent (then the naive math runs, (B, Hq, Lq, Lk) memory).
+    With ``enable_gqa`` each key/value head serves Hq/Hkv consecutive query heads. Rows with no
     allowed key give 0 (no key at all, Lk = 0: zeros, as SDPA). Works under torch.func.jvp,
     torch.autograd.forward_ad and torch.func.vmap (jacrev, jacfwd, hessian, per-sample gradients); the tangent
     output is differentiable with respect to the inputs and their tangents. ``is_causal`` must be a bool and
     ``scale`` None or a real number (TypeError otherwise); tangents must have their primal's dtype.
     SDPA's other shapes work as there: 2-d (tokens, head_dim), 3-d (heads, tokens, head_dim) and
     (N, ..., heads, tokens, head_dim),
-    whose leading dims are flattened into the batch (:class:`~.problem.SDPAShapes`).
+    whose leading dims are flattened into the batch (:class:`~.problem.SDPAShapes`). Inside ``torch.autocast``
+    the inputs and a float mask are cast to the autocast dtype first, as SDPA's are (float64 is not cast).
     """
+    ac = autocast_dtype(query)
+    if ac is not None:
+        with without_autocast(query):
+            return attention(*(autocast_cast(x, ac) for x in (query, key, value, attn_mask)), dropout_p, is_causal,
+                             scale, enable_gqa)
     shapes = SDPAShapes(query, key, value)
     if shapes.reshaped:
         o = attention(*shapes.inputs(query, key, value), shapes.mask(attn_mask), dropout_p, is_causal, scale,
                       enable_gqa)
         return shapes.restore(o)
+    (query, key, value), _ = broadcast_batch((query, key, value))
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     name = resolve_backend(p)
     mask_tangent = False
@@ -128,14 +136,23 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale
     ``tangent_dtype=torch.float32`` with float16/bfloat16 inputs returns tO in float32, as the kernels
     accumulate it, instead of rounded to the inputs' dtype (every backend; O keeps the inputs' dtype).
     Float32 tangents with float16/bfloat16 q, k, v (the models' dual forms with float32 tangents) run the
-    float32 attention (O rounded to the inputs' dtype once, at the output; tO in float32).
+    float32 attention (O rounded to the inputs' dtype once, at the output; tO in float32). Inside
+    ``torch.autocast`` q, k, v and a float mask are cast to the autocast dtype, each tangent with its primal.
     """
+    ac = autocast_dtype(q)
+    if ac is not None:
+        with without_autocast(q):
+            return attention_jvp(*(autocast_cast(x, ac) for x in (q, k, v)),
+                                 *(autocast_tangent(t, x, ac) for t, x in zip((tq, tk, tv), (q, k, v))),
+                                 attn_mask=autocast_cast(attn_mask, ac), is_causal=is_causal, scale=scale,
+                                 enable_gqa=enable_gqa, tangent_dtype=tangent_dtype)
     shapes = SDPAShapes(q, k, v)
     if shapes.reshaped:
         o, to = attention_jvp(*shapes.inputs(q, k, v), *shapes.tangents((q, k, v), (tq, tk, tv)),
                               attn_mask=shapes.mask(attn_mask), is_causal=is_causal, scale=scale,
                               enable_gqa=enable_gqa, tangent_dtype=tangent_dtype)
         return shapes.restore(o), shapes.restore(to)
+    (q, k, v), (tq, tk, tv) = broadcast_batch((q, k, v), (tq, tk, tv))
     if isinstance(q, torch.Tensor) and float32_tangents(q, (tq, tk, tv)):
         make_problem(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa)  # q, k, v and the mask as given
         if tangent_dtype not in (None, torch.float32):

@@ -20,7 +20,7 @@ class AttentionProblem:
     """Sizes and options of one attention call, in the (batch, heads, tokens, head_dim) layout.
 
     ``mask`` is the user's mask unchanged (never expanded in memory); ``mask_kind`` is ``"bool"``
-    (True = may attend), ``"float"`` (added to the logits) or ``None``.
+    (True = may attend), ``"float"`` (added to the logits; float32 or the query dtype, as in SDPA) or ``None``.
     """
 
     batch: int
@@ -145,6 +145,23 @@ class SDPAShapes:
         return out.reshape(*self.lead, *out.shape[-3:])
 
 
+def broadcast_batch(primals, tangents=(None, None, None)):
+    """4-d q, k, v (and their tangents, None = zero) with the batch dim broadcast as SDPA broadcasts it (a key /
+    value batch of 1 serves every query batch, and the reverse): expanded views, never copies. Anything else
+    comes back unchanged (make_problem names a batch mismatch); a tangent must have its primal's shape."""
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in primals):
+        return primals, tangents
+    sizes = {x.shape[0] for x in primals}
+    if len(sizes) == 1 or len(sizes - {1}) > 1:
+        return primals, tangents
+    for name, x, t in zip(("query", "key", "value"), primals, tangents):
+        if isinstance(t, torch.Tensor) and t.shape != x.shape:
+            raise ValueError(f"tangent of {name}: expected shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    batch = max(sizes)
+    expand = lambda x: x if x is None or x.shape[0] == batch else x.expand(batch, *x.shape[1:])  # noqa: E731
+    return tuple(expand(x) for x in primals), tuple(expand(t) for t in tangents)
+
+
 def check_tangent_dtypes(primals, tangents) -> None:
     """Each tangent (None = zero) has its primal's dtype: torch.func.jvp and forward_ad accept a float64 tangent
     for a float32 primal, which the kernels would silently mix. ValueError naming the input otherwise."""
@@ -245,10 +262,11 @@ def make_problem(
             raise ValueError(f"attn_mask: device {attn_mask.device} does not match query device {q.device}")
         if attn_mask.dtype == torch.bool:
             mask_kind = "bool"
-        elif attn_mask.dtype == q.dtype:
+        elif attn_mask.dtype in (q.dtype, torch.float32):
             mask_kind = "float"
         else:
-            raise ValueError(f"attn_mask: expected dtype bool or the query dtype {q.dtype}, got {attn_mask.dtype}")
+            raise ValueError(f"attn_mask: expected dtype bool, float32 or the query dtype {q.dtype} (as SDPA), got "
+                             f"{attn_mask.dtype}")
         if attn_mask.dim() > 4:
             raise ValueError(f"attn_mask: expected at most 4 dims, got shape {tuple(attn_mask.shape)}")
         try:

@@ -55,7 +55,7 @@ class FlowmapAttnProcessor:
     hidden_states (B, N, C) or (B, C, H, W); returns the same shape. Differences from AttnProcessor2_0:
     the attention runs fk.attention (forward-mode AD, backward through the tangent) and the softmax scale
     is ``attn.scale`` (AttnProcessor2_0 ignores it; they agree whenever ``scale_qk=True``, the default).
-    A float mask is cast to the query dtype (SDPA requires that too).
+    A float mask is cast to the query dtype.
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,

@@ -29,7 +29,8 @@ unknown keyword arguments, and anything
 that differ, an explicitly selected backend that cannot run the call). 2-d (tokens, dim) and 3-d inputs
 (heads, tokens, dim) and inputs with more than 4 dims are served as ``fk.attention`` serves them (leading dims
 flattened into the batch); so are float masks that require grad (learned biases) or carry a forward-mode
-tangent. The routing ignores
+tangent, float32 masks with 16-bit inputs, a batch of 1 in query or key / value (broadcast, as SDPA) and, inside
+``torch.autocast``, mixed input dtypes (cast to the autocast dtype, as SDPA's). The routing ignores
 ``torch.nn.attention.sdpa_kernel``: inside the patch every supported call goes to ``fk.attention``.
 
 install/uninstall are reference-counted per target under one lock (nest freely, from any thread);
@@ -49,8 +50,9 @@ from typing import Any, Callable, Iterable, Union
 import torch
 import torch.nn.functional as F
 
+from .._autodiff import autocast_cast, autocast_dtype
 from ..attention import functional as _fk
-from ..attention.problem import SDPAShapes, make_problem
+from ..attention.problem import SDPAShapes, broadcast_batch, make_problem
 from ..backends import BackendUnavailableError
 
 __all__ = [
@@ -114,11 +116,15 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
             query.dim() == key.dim() == value.dim() and query.dim() >= 2):
         return "ndim", (f"inputs must have the same number of dims, at least 2, got {query.dim()}, {key.dim()}, "
                         f"{value.dim()} dims")
+    ac = autocast_dtype(query)
+    if ac is not None:  # fk.attention casts as autocast casts SDPA's arguments
+        query, key, value, attn_mask = (autocast_cast(x, ac) for x in (query, key, value, attn_mask))
     try:
         q, k, v, m = query, key, value, attn_mask
         shapes = SDPAShapes(query, key, value)
         if shapes.reshaped:
             (q, k, v), m = shapes.inputs(query, key, value), shapes.mask(attn_mask)
+        (q, k, v), _ = broadcast_batch((q, k, v))
         p = make_problem(q, k, v, m, dropout_p, is_causal, scale, enable_gqa)
         _fk.resolve_backend(p)
     except (TypeError, ValueError, BackendUnavailableError) as e:

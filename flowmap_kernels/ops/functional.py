@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .._autodiff import float32_tangents, for_compile, make_dual, unpack_duals, widened_jvp, zeros_if_none
+from .._autodiff import (autocast_cast, autocast_dtype, autocast_tangent, float32_tangents, for_compile, make_dual,
+                         unpack_duals, widened_jvp, without_autocast, zeros_if_none)
 from . import naive
 from .autograd import (GatedCompiledFunction, GatedFunction, GatedJVPCompiledFunction, GatedJVPFunction,
                        GeluCompiledFunction, GeluFunction, GeluJVPCompiledFunction, GeluJVPFunction,
@@ -122,8 +123,12 @@ def _first(out):
 
 def _run(op: _RowOp, operands: tuple, options: tuple = (), kwargs: Optional[dict] = None):
     """The primal op. Under forward AD (dual inputs) one fused forward+JVP pass (the primal is not computed
-    twice) and a dual result."""
+    twice) and a dual result. Inside ``torch.autocast`` the floating operands are cast to its dtype first."""
     x = operands[0]
+    ac = autocast_dtype(x)
+    if ac is not None:
+        with without_autocast(x):
+            return _run(op, tuple(autocast_cast(o, ac) for o in operands), options, kwargs)
     op.check_x(x)
     name = _resolve(op.registry, x)
     if name == "naive" or _compiled_forward_mode() or x.numel() == 0:  # (empty: nothing for a kernel to do)
@@ -139,8 +144,14 @@ def _run(op: _RowOp, operands: tuple, options: tuple = (), kwargs: Optional[dict
 
 
 def _run_jvp(op: _RowOp, operands: tuple, tangents: tuple, options: tuple = (), kwargs: Optional[dict] = None):
-    """(y, ty) of the op along ``tangents`` (None = zero), in one fused pass."""
+    """(y, ty) of the op along ``tangents`` (None = zero), in one fused pass (under ``torch.autocast`` the
+    operands cast to its dtype, each tangent with its operand)."""
     x = operands[0]
+    ac = autocast_dtype(x)
+    if ac is not None:
+        with without_autocast(x):
+            return _run_jvp(op, tuple(autocast_cast(o, ac) for o in operands),
+                            tuple(autocast_tangent(t, o, ac) for t, o in zip(tangents, operands)), options, kwargs)
     op.check_x(x)
     tangents = _check_tangents(operands, tangents, op.operands)
     if float32_tangents(x, tangents):
@@ -219,8 +230,13 @@ def linear(x, weight, bias=None):
 
     Under forward-mode AD (torch.func.jvp, forward_ad dual tensors) the primal and the tangent come from
     ONE product on the stacked [x; tx] (plus x tW^T only when the weight has a tangent): the inputs'
-    tangents are unpacked here and the result re-packed, so the primal is not computed twice.
+    tangents are unpacked here and the result re-packed, so the primal is not computed twice. Inside
+    ``torch.autocast`` the operands are cast to its dtype first, as F.linear's are.
     """
+    ac = autocast_dtype(x)
+    if ac is not None:
+        with without_autocast(x):
+            return linear(*(autocast_cast(o, ac) for o in (x, weight, bias)))
     check_linear(x, weight, bias)
     name = _resolve(LINEAR, x)
     if name == "naive" or _compiled_forward_mode():
@@ -237,7 +253,14 @@ def linear(x, weight, bias=None):
 
 
 def linear_jvp(x, weight, bias, tx, tweight=None, tbias=None):
-    """(y, ty): y = x W^T + b, ty = tx W^T (+ x tW^T when tweight is given) (+ tb); [x; tx] share one product."""
+    """(y, ty): y = x W^T + b, ty = tx W^T (+ x tW^T when tweight is given) (+ tb); [x; tx] share one product.
+    Under ``torch.autocast`` the operands are cast to its dtype, each tangent with its operand."""
+    ac = autocast_dtype(x)
+    if ac is not None:
+        with without_autocast(x):
+            ops = (x, weight, bias)
+            return linear_jvp(*(autocast_cast(o, ac) for o in ops),
+                              *(autocast_tangent(t, o, ac) for t, o in zip((tx, tweight, tbias), ops)))
     check_linear(x, weight, bias)
     tx, tweight, tbias = _check_tangents((x, weight, bias), (tx, tweight, tbias), _LINEAR_OPERANDS)
     if float32_tangents(x, (tx, tweight, tbias)):

@@ -197,3 +197,32 @@ def test_sdpa_shapes_tangent_shape_is_checked_before_flattening():
     q, k, v = (x[None].expand(2, 3, *x.shape[1:]).contiguous() for x in _qkv())
     with pytest.raises(ValueError, match=r"tangent of key: expected shape \(2, 3, 2, 6, 8\), got \(3, 2, 2, 6, 8\)"):
         fk.attention_jvp(q, k, v, None, torch.zeros(3, 2, 2, 6, 8), None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batches", [(3, 1, 1), (1, 2, 2)], ids=["kv-batch-1", "q-batch-1"])
+def test_batch_of_one_broadcasts_as_in_sdpa(backend, batches):
+    """A key/value batch of 1 serves every query batch (shared context) and the reverse, as SDPA broadcasts
+    them (expanded views, never copies): O, tO and the gradients of a loss on both against the reference on the
+    expanded inputs; O against SDPA."""
+    g = torch.Generator().manual_seed(6)
+    bq, bk, _ = batches
+    shapes = ((bq, 2, 9, 8), (bk, 2, 11, 8), (bk, 2, 11, 5))
+    q, k, v, tq, tk, tv = (torch.randn(s, generator=g, dtype=torch.float64).float() for s in shapes * 2)
+    b = max(bq, bk)
+    wo, wt = (torch.randn(b, 2, 9, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, tq, tk, tv)]
+    expanded = [x.expand(b, *x.shape[1:]) for x in leaves]
+    (ro, rto), _ = ref_grads(*(x.detach() for x in expanded), wo, wt)
+    rgrads = torch.autograd.grad(loss_on_outputs(*torch.func.jvp(
+        lambda a, c, d: ref_attention(a, c, d), tuple(x.double() for x in expanded[:3]),
+        tuple(x.double() for x in expanded[3:])), wo, wt), leaves)
+    with on_backend(backend):
+        o, to = fk.attention_jvp(*leaves)
+        o2, to2 = torch.func.jvp(fk.attention, (q, k, v), (tq, tk, tv))
+    for got, want in ((o, ro), (to, rto), (o2, ro), (to2, rto)):
+        assert got.shape == want.shape and rel_err(got, want) < 1e-5
+    assert rel_err(o, F.scaled_dot_product_attention(q.double(), k.double(), v.double())) < 1e-5
+    loss_on_outputs(o, to, wo, wt).backward()
+    for x, r in zip(leaves, rgrads):
+        assert x.grad.shape == x.shape and rel_err(x.grad, r) < 5e-5

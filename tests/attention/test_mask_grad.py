@@ -186,3 +186,21 @@ def test_mask_tangent_is_followed(backend):
     want = torch.autograd.grad(loss_on_outputs(ro, rto, wo, wt), leaves)
     assert rel_err(o, ro) < 1e-12 and rel_err(to, rto) < 1e-12
     _check(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_mask_with_16bit_inputs(backend, dtype):
+    """SDPA takes a float32 mask with 16-bit inputs (autocast builds them so): added to the float32 logits
+    unrounded; O, tO and the mask's gradient (float32) against the reference."""
+    (q, k, v, tq, tk, tv, mask), (wo, wt), gqa = _inputs(CASES[0], dtype, seed=6)
+    mask32 = _inputs(CASES[0], torch.float32, seed=6)[0][6]
+    want = _ref_jvp_grads(q, k, v, tq, tk, tv, mask32, wo, wt, gqa)
+    m = mask32.clone().requires_grad_(True)
+    with on_backend(backend):
+        o, to = torch.func.jvp(lambda a, b, c: fk.attention(a, b, c, attn_mask=m), (q, k, v), (tq, tk, tv))
+        (g,) = torch.autograd.grad(loss_on_outputs(o, to, wo, wt), m)
+    ro, rto = ref_jvp(q, k, v, tq, tk, tv, attn_mask=mask32)
+    assert o.dtype == dtype and g.dtype == torch.float32
+    assert rel_err(o, ro) < tolerance(dtype) and rel_err(to, rto) < tolerance(dtype)
+    assert rel_err(g, want[6]) < tolerance(dtype)

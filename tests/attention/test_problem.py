@@ -40,7 +40,7 @@ def _call(q, k, v, **kw):
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(3, 7, dtype=torch.bool)}, ValueError,
      r"attn_mask: shape \(3, 7\) is not broadcastable"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(5, 7, dtype=torch.int32)}, ValueError,
-     r"attn_mask: expected dtype bool or the query dtype"),
+     r"attn_mask: expected dtype bool, float32 or the query dtype"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(5, 7, dtype=torch.bool), "is_causal": True},
      ValueError, r"attn_mask: cannot be combined with is_causal"),
     (lambda q, k, v: ([1.0], k, v), {}, TypeError, r"query: expected a torch.Tensor"),

@@ -14,8 +14,8 @@ import torch
 
 import flowmap_kernels.distributed as fkd
 from tests.distributed.harness import spawn
-from tests.distributed.workers import (CPCase, attention_cases, dit_checks, error_checks, ring_jvp_rule_check,
-                                      functional_grad_check, shard_gather_checks, subgroup_cases)
+from tests.distributed.workers import (CPCase, attention_cases, autocast_check, dit_checks, error_checks,
+                                      functional_grad_check, ring_jvp_rule_check, shard_gather_checks, subgroup_cases)
 from tests.numerics import TOLERANCE
 
 TOL = TOLERANCE[torch.float64]  # 1e-11 relative (norm ratio)
@@ -60,7 +60,7 @@ def _check_attention(results, world, cases=CASES):
 def _world2_job(rank, world):
     return dict(attention=attention_cases(rank, world, CASES), shard=shard_gather_checks(rank, world),
                 errors=error_checks(rank, world), jvp_rule=ring_jvp_rule_check(rank, world),
-                func_grad=functional_grad_check(rank, world),
+                func_grad=functional_grad_check(rank, world), autocast=autocast_check(rank, world),
                 dit=dit_checks(rank, world, DIT_CONFIGS))
 
 
@@ -117,6 +117,11 @@ def test_func_grad_over_func_jvp(world2):
     """Pure function transforms (torch.func.grad of a loss on torch.func.jvp), both modes."""
     errs = world2["func_grad"]
     assert set(errs) == {"ring", "ulysses"} and max(errs.values()) < TOL, errs
+
+
+def test_autocast_casts_as_sdpa(world2):
+    """Mixed float32 / bfloat16 inputs under torch.autocast: equal to the hand-cast call, both modes, all ranks."""
+    assert world2["autocast"] == {"ring": 1.0, "ulysses": 1.0}, world2["autocast"]
 
 
 def test_dit_context_parallel_matches_single_process(world2):

@@ -229,7 +229,7 @@ def error_checks(rank, world):
     res["tangent_shape"] = _raises(lambda: fkd.context_parallel_attention_jvp(q, q, q, q[..., :4], None, None),
                                    ValueError, "tangent of query")
     res["float_mask_dtype"] = _raises(lambda: fkd.context_parallel_attention(
-        q, q, q, torch.zeros(1, 1, 4, 4 * world, dtype=torch.float32)), ValueError, "attn_mask")
+        q, q, q, torch.zeros(1, 1, 4, 4 * world, dtype=torch.float16)), ValueError, "attn_mask")  # SDPA refuses it
     return res
 
 
@@ -322,3 +322,25 @@ def functional_grad_check(rank, world):
             return loss_on_outputs(o, to, wo, wt)
         errors[mode] = rel_err(torch.func.grad(loss)(q), shard(rgrads[0]))
     return _max_over_ranks(errors)
+
+
+def autocast_check(rank, world):
+    """Under torch.autocast (bfloat16) with a float32 query and a bfloat16 key / value, both modes: equal to the
+    call on inputs cast by hand outside autocast (1.0 when bitwise equal), O and tO in bfloat16."""
+    case = CPCase.of(causal=True, q_len=12, kv_len=12, batch=1, q_heads=2, kv_heads=2, dtype=torch.float32)
+    t = _full_tensors(case)
+    shard = lambda x: fkd.shard_sequence(x.float(), None, dim=2)  # noqa: E731
+    q, k, v, tq, tk, tv = (shard(t[n]) for n in ("q", "k", "v", "tq", "tk", "tv"))
+    k, v, tk, tv = (x.bfloat16() for x in (k, v, tk, tv))
+    out = {}
+    for mode in ("ring", "ulysses"):
+        def run(*xs):
+            return torch.func.jvp(lambda a, b, c: fkd.context_parallel_attention(a, b, c, is_causal=True, mode=mode),
+                                  xs[:3], xs[3:])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o, to = run(q, k, v, tq, tk, tv)
+            o2, to2 = fkd.context_parallel_attention_jvp(q, k, v, tq, tk, tv, is_causal=True, mode=mode)
+        want = run(*(x.bfloat16() for x in (q, k, v, tq, tk, tv)))
+        same = all(torch.equal(a, b) for a, b in zip((o, to, o2, to2), (*want, *want)))
+        out[mode] = -float(same and o.dtype == to.dtype == torch.bfloat16)
+    return {m: -x for m, x in _max_over_ranks(out).items()}  # the minimum over ranks

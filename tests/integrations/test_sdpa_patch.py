@@ -164,12 +164,12 @@ def _fallback_cases():
     return {
         "dropout_p": (dict(dropout_p=0.25), (q, k, v)),
         "ndim": (dict(), (q, k[0], v[0])),  # SDPA broadcasts the key/value over the batch
-        # SDPA accepts a float32 mask with half inputs; fk.attention wants the query dtype
-        "ValueError:attn_mask": (dict(attn_mask=m), (q.half(), k.half(), v.half())),
+        # a float16 mask with float32 inputs: SDPA's own error (fk.attention refuses it too)
+        "ValueError:attn_mask": (dict(attn_mask=m.half()), (q, k, v)),
     }
 
 
-@pytest.mark.parametrize("reason", ["dropout_p", "ndim", "ValueError:attn_mask"])
+@pytest.mark.parametrize("reason", ["dropout_p", "ndim"])
 def test_fallback_gives_the_original_result_and_warns_once_per_reason(reason):
     kw, (q, k, v) = _fallback_cases()[reason]
     torch.manual_seed(7)
@@ -185,6 +185,30 @@ def test_fallback_gives_the_original_result_and_warns_once_per_reason(reason):
     assert fallback_counts() == {reason: 3}
     for o in outs:
         assert torch.equal(o, want)
+
+
+def test_sdpa_error_cases_fall_back_to_the_original_error():
+    kw, (q, k, v) = _fallback_cases()["ValueError:attn_mask"]
+    with pytest.raises(RuntimeError, match="attn_mask dtype"):
+        ORIGINAL(q, k, v, **kw)
+    with patch_sdpa(), pytest.warns(SDPAFallbackWarning), pytest.raises(RuntimeError, match="attn_mask dtype"):
+        F.scaled_dot_product_attention(q, k, v, **kw)
+    assert fallback_counts() == {"ValueError:attn_mask": 1}
+
+
+def test_float32_mask_with_half_inputs_and_a_shared_key_batch_are_served():
+    """What SDPA accepts beyond fk.attention's 4-d contract is served, not fallen back: a float32 mask with
+    float16 inputs and a key / value batch of 1 (broadcast over the query batch)."""
+    q, k, v = _qkv(dtype=torch.float32)
+    m = torch.randn(1, 1, 7, 7)
+    tq = torch.randn_like(q)
+    cases = [((q.half(), k.half(), v.half()), dict(attn_mask=m)), ((q, k[:1], v[:1]), {})]
+    for (a, b, c), kw in cases:
+        want = ORIGINAL(a.float(), b.float(), c.float(), **kw)
+        with patch_sdpa():
+            o, to = torch.func.jvp(lambda x: F.scaled_dot_product_attention(x, b, c, **kw), (a,), (tq.to(a.dtype),))
+        assert rel_err(o, want) < 1e-3 and torch.isfinite(to).all()
+    assert fallback_counts() == {}
 
 
 def test_distinct_reasons_warn_separately_and_reset_rearms():
