@@ -2,7 +2,8 @@
 
 Runs the test suite's cases (tests/attention/cases.py) through torch.func.jvp, forward_ad and the explicit
 attention_jvp, then the backward of a loss on (O, tO) to all six inputs, and prints the worst
-norm(a - b) / norm(b) per (backend, dtype) for outputs, tangents and gradients.
+norm(a - b) / norm(b) per (backend, dtype) for outputs, tangents and gradients; then the gradient of a
+learned float mask (tests/attention/test_mask_grad.py's cases) through O and through (O, tO).
 
     python -m benchmarks.attention_accuracy [--backends torch] [--out bench_out/attention_accuracy]
     python -m benchmarks.attention_accuracy --backends triton   # Triton kernels in the CPU interpreter
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 
 import flowmap_kernels as fk  # noqa: E402
 from flowmap_kernels.bench.harness import check_output, metadata, print_table, write_results  # noqa: E402
+from tests.attention import test_mask_grad as mask_cases  # noqa: E402
 from tests.attention.cases import Case  # noqa: E402
 from tests.attention.test_functional import CASES, PATHS  # noqa: E402
 from tests.numerics import TOLERANCE, rel_err  # noqa: E402
@@ -50,6 +52,24 @@ def worst_errors(backend: str, dtype: torch.dtype, cases: list[Case]) -> dict:
     return worst
 
 
+def worst_mask_errors(backend: str, dtype: torch.dtype) -> dict:
+    """Worst relative error of the gradient of a learned float mask: through O and through (O, tO)."""
+    worst = {"dmask_o": 0.0, "dmask_o_to": 0.0}
+    for case in mask_cases.CASES:
+        (q, k, v, tq, tk, tv, mask), (wo, wt), gqa = mask_cases._inputs(case, dtype)
+        want_o = mask_cases._ref_primal_grads(q, k, v, mask, wo, gqa)[3]
+        want_j = mask_cases._ref_jvp_grads(q, k, v, tq, tk, tv, mask, wo, wt, gqa)[6]
+        with fk.use_backend(backend):
+            m = mask.clone().requires_grad_(True)
+            o = fk.attention(q, k, v, attn_mask=m, enable_gqa=gqa)
+            (g_o,) = torch.autograd.grad((o.double() * wo).sum(), m)
+            o, to = fk.attention_jvp(q, k, v, tq, tk, tv, attn_mask=m, enable_gqa=gqa)
+            (g_j,) = torch.autograd.grad(loss_on_outputs(o, to, wo, wt), m)
+        worst["dmask_o"] = max(worst["dmask_o"], rel_err(g_o, want_o))
+        worst["dmask_o_to"] = max(worst["dmask_o_to"], rel_err(g_j, want_j))
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", default=["torch"])
@@ -65,10 +85,10 @@ def main() -> None:
         if backend == "triton":
             dtypes = dtypes[1:]
         for dtype in dtypes:
-            w = worst_errors(backend, dtype, CASES)
+            w = {**worst_errors(backend, dtype, CASES), **worst_mask_errors(backend, dtype)}
             rows.append({"backend": backend, "dtype": str(dtype).replace("torch.", ""), **w,
                          "tolerance": TOLERANCE[dtype]})
-    print_table(rows, ["backend", "dtype", "o", "to", "grads", "tolerance"])
+    print_table(rows, ["backend", "dtype", "o", "to", "grads", "dmask_o", "dmask_o_to", "tolerance"])
     write_results(rows, out, meta=metadata("cpu"))
 
 

@@ -139,11 +139,14 @@ def jvp(model, cond, primals, tangents, w=None, tangent_grad: bool = True):
     forward-mode AD, so a torch.compile'd step keeps the fused kernels) when it has one, torch.func.jvp
     otherwise (same results). Both outputs stay in the autograd graph (differentiable w.r.t. the
     parameters); ``tangent_grad=False`` returns dV detached and keeps the backward through it out of the
-    graph (methods whose loss stops the gradient of the JVP: MeanFlow, iMF, sCM).
+    graph (methods whose loss stops the gradient of the JVP: MeanFlow, iMF, sCM). A tangent computed by the
+    model (iMF's and ESD's v_hat) is cast to its primal's dtype: under torch.autocast it comes out in the
+    autocast dtype while the primal x_s stays float32.
     """
     from ..func import bind, jvp as _jvp
     f = bind(model, y=cond) if w is None else bind(model, y=cond, w=w)  # as call(): w only when given
-    return _jvp(f, tuple(primals), tuple(tangents), tangent_grad=tangent_grad)
+    tangents = tuple(t.to(p.dtype) for p, t in zip(primals, tangents))
+    return _jvp(f, tuple(primals), tangents, tangent_grad=tangent_grad)
 
 
 def sq_err(a, b=None):
@@ -263,7 +266,14 @@ def sample_gap_pair(n: int, c: dict, *, device=None, dtype=torch.float32, genera
     """TVM's time pairs (arXiv:2511.19797, its released loss): the gap s - t = sigmoid(N(gap_mu,
     gap_sigma^2)), the target t from logit-normal(time_mu, time_sigma) truncated to t <= 1 - gap
     (inverse-CDF sampling of the truncated normal in logit space), source s = min(t + gap, 1).
-    Draws: one normal (gap), then one uniform (truncated target). Returns (s, t) with s >= t."""
+    Draws: one normal (gap), then one uniform (truncated target). Returns (s, t) with s >= t, drawn in float32
+    (float64 for float64) and cast to ``dtype`` (ndtri has no 16-bit kernel)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    s, t = _gap_pair(n, c, device, work, generator)
+    return s.to(dtype), t.to(dtype)
+
+
+def _gap_pair(n: int, c: dict, device, dtype, generator):
     gap = torch.sigmoid(c["gap_mu"] + c["gap_sigma"] * torch.randn(n, device=device, dtype=dtype, generator=generator))
     hi = torch.logit(1 - gap)  # the largest target time, in logit space
     cdf_hi = torch.special.ndtr((hi - c["time_mu"]) / c["time_sigma"])
