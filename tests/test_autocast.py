@@ -132,3 +132,18 @@ def test_package_dit_under_autocast():
     (o.float().square().mean() + to.float().square().mean()).backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_varlen_under_autocast_equals_the_cast_call():
+    g = torch.Generator().manual_seed(8)
+    q, k, v, tq = (torch.randn(20, 2, 8, generator=g) for _ in range(4))
+    v = v.to(BF16)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    with fk.use_backend("torch"):
+        with torch.autocast("cpu", dtype=BF16):
+            o = fk.attention_varlen(q, k, v, cu, cu)
+            o2, to2 = fk.attention_varlen_jvp(q, k, v, tq, None, None, cu, cu)
+        want = fk.attention_varlen(q.to(BF16), k.to(BF16), v, cu, cu)
+        want2 = fk.attention_varlen_jvp(q.to(BF16), k.to(BF16), v, tq.to(BF16), None, None, cu, cu)
+    assert o.dtype == BF16 and torch.equal(o, want)
+    assert torch.equal(o2, want2[0]) and torch.equal(to2, want2[1])
