@@ -10,8 +10,9 @@
 
 A float mask (an additive bias) may require grad: the backward Functions then also return its gradient, from
 one extra blockwise pass (``kernels.attention_mask_backward``, the same for every backend), and their second
-derivatives include the mask. A mask with a forward-mode tangent never reaches these Functions
-(``functional.attention`` runs the naive math for it).
+derivatives include the mask. A mask with a forward-mode tangent: ``functional.attention`` runs the naive math
+for it; the jvp rules here (reached from forward-mode levels that it cannot see) follow that tangent through
+the naive recomputation.
 
 ``PrimalBackward`` / ``JVPBackward`` run the backward kernels; they are themselves differentiable
 (create_graph=True, torch.func.grad over jvp, jacrev of jacrev, and forward-over-reverse as in

@@ -204,3 +204,24 @@ def test_float32_mask_with_16bit_inputs(backend, dtype):
     assert o.dtype == dtype and g.dtype == torch.float32
     assert rel_err(o, ro) < tolerance(dtype) and rel_err(to, rto) < tolerance(dtype)
     assert rel_err(g, want[6]) < tolerance(dtype)
+
+
+def test_function_jvp_rules_follow_a_mask_tangent():
+    """The Functions' own jvp rules (forward-mode levels that fk.attention's dual unpacking cannot see) follow
+    a mask tangent: AttentionFunction's tO and AttentionJVPFunction's forward-over-forward, against
+    torch.func.jvp of the reference."""
+    import torch.autograd.forward_ad as fwAD
+    from flowmap_kernels.attention import make_problem
+    from flowmap_kernels.attention.autograd import AttentionFunction, AttentionJVPFunction
+    (q, k, v, tq, tk, tv, mask), _, _ = _inputs(CASES[0], torch.float64, seed=7)
+    tmask = torch.randn_like(mask)
+    tmask[..., -1, 0] = 0.0
+    p = make_problem(q, k, v, mask)
+    with fwAD.dual_level():
+        o, _ = AttentionFunction.apply(q, k, v, fwAD.make_dual(mask, tmask), p, "torch")
+        got = fwAD.unpack_dual(o).tangent
+        o2, to2, _, _ = AttentionJVPFunction.apply(q, k, v, tq, tk, tv, fwAD.make_dual(mask, tmask), p, "torch")
+        got_o, got_to = fwAD.unpack_dual(o2).tangent, fwAD.unpack_dual(to2).tangent
+    want = torch.func.jvp(lambda m: ref_attention(q, k, v, attn_mask=m), (mask,), (tmask,))[1]
+    want_o, want_to = torch.func.jvp(lambda m: ref_jvp(q, k, v, tq, tk, tv, attn_mask=m), (mask,), (tmask,))[1]
+    assert rel_err(got, want) < 1e-12 and rel_err(got_o, want_o) < 1e-12 and rel_err(got_to, want_to) < 1e-12
