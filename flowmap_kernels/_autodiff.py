@@ -20,6 +20,8 @@
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -315,6 +317,41 @@ def autocast_tangent(t, primal, dtype: torch.dtype):
 def without_autocast(x: torch.Tensor):
     """A context that disables autocast on ``x``'s device type."""
     return torch.autocast(x.device.type, enabled=False)
+
+
+def follows_autocast(*cast: str, tangents: Sequence[tuple] = ()):
+    """Decorator of a public op whose first argument is a tensor: inside an enabled ``torch.autocast`` region on
+    its device type, the arguments named in ``cast`` go through :func:`autocast_cast`, each (tangent, primal)
+    pair named in ``tangents`` through :func:`autocast_tangent` (against the primal as given), and the op runs
+    with autocast disabled. Outside autocast the call is unchanged."""
+    def wrap(fn):
+        names = list(inspect.signature(fn).parameters)
+        cast_at = [(n, names.index(n)) for n in cast]
+        tangent_at = [(t, names.index(t), p, names.index(p)) for t, p in tangents]
+
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            dtype = autocast_dtype(args[0]) if args else None
+            if dtype is None:
+                return fn(*args, **kwargs)
+            args = list(args)
+
+            def get(name, i):
+                return args[i] if i < len(args) else kwargs.get(name)
+
+            def put(name, i, x):
+                if i < len(args):
+                    args[i] = x
+                elif name in kwargs:
+                    kwargs[name] = x
+            for t, ti, p, pi in tangent_at:  # before the primals are cast: compared with the primal as given
+                put(t, ti, autocast_tangent(get(t, ti), get(p, pi), dtype))
+            for n, i in cast_at:
+                put(n, i, autocast_cast(get(n, i), dtype))
+            with without_autocast(args[0]):
+                return fn(*args, **kwargs)
+        return op
+    return wrap
 
 
 # ---- float32 tangents of 16-bit primals ------------------------------------------------------------------

@@ -230,7 +230,7 @@ class _MaskGrad:
     the dims along which the mask broadcasts to (B, Hq, Lq, Lk)."""
 
     def __init__(self, mask: torch.Tensor, t: _Tiles):
-        self.mask, self.t = mask, t
+        self.mask = mask
         self.shape4 = (1,) * (4 - mask.dim()) + tuple(mask.shape)
         self.grad = torch.zeros(self.shape4, dtype=t.acc, device=mask.device)
 

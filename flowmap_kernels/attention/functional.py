@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-from .._autodiff import (autocast_cast, autocast_dtype, autocast_tangent, float32_tangents, for_compile,
-                         make_dual, tangent_dtype_allowed, unpack_duals, widened_jvp, without_autocast, zeros_if_none)
+from .._autodiff import (float32_tangents, follows_autocast, for_compile, make_dual, tangent_dtype_allowed,
+                         unpack_duals, widened_jvp, zeros_if_none)
 from . import naive
 from ..backends import get_backend
 from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPCompiledFunction,
@@ -65,6 +65,7 @@ def _empty(p: AttentionProblem) -> bool:
     return p.batch * p.q_heads * p.q_len * p.v_head_dim == 0 or p.kv_len == 0
 
 
+@follows_autocast("query", "key", "value", "attn_mask")
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False) -> torch.Tensor:
     """scaled_dot_product_attention with forward-mode AD and backward through the tangent.
@@ -85,11 +86,6 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     whose leading dims are flattened into the batch (:class:`~.problem.SDPAShapes`). Inside ``torch.autocast``
     the inputs and a float mask are cast to the autocast dtype first, as SDPA's are (float64 is not cast).
     """
-    ac = autocast_dtype(query)
-    if ac is not None:
-        with without_autocast(query):
-            return attention(*(autocast_cast(x, ac) for x in (query, key, value, attn_mask)), dropout_p, is_causal,
-                             scale, enable_gqa)
     shapes = SDPAShapes(query, key, value)
     if shapes.reshaped:
         o = attention(*shapes.inputs(query, key, value), shapes.mask(attn_mask), dropout_p, is_causal, scale,
@@ -126,6 +122,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     return o
 
 
+@follows_autocast("q", "k", "v", "attn_mask", tangents=(("tq", "q"), ("tk", "k"), ("tv", "v")))
 def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale=None,
                   enable_gqa=False, tangent_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, tO): attention and its directional derivative along (tq, tk, tv), in one fused pass.
@@ -139,13 +136,6 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale
     float32 attention (O rounded to the inputs' dtype once, at the output; tO in float32). Inside
     ``torch.autocast`` q, k, v and a float mask are cast to the autocast dtype, each tangent with its primal.
     """
-    ac = autocast_dtype(q)
-    if ac is not None:
-        with without_autocast(q):
-            return attention_jvp(*(autocast_cast(x, ac) for x in (q, k, v)),
-                                 *(autocast_tangent(t, x, ac) for t, x in zip((tq, tk, tv), (q, k, v))),
-                                 attn_mask=autocast_cast(attn_mask, ac), is_causal=is_causal, scale=scale,
-                                 enable_gqa=enable_gqa, tangent_dtype=tangent_dtype)
     shapes = SDPAShapes(q, k, v)
     if shapes.reshaped:
         o, to = attention_jvp(*shapes.inputs(q, k, v), *shapes.tangents((q, k, v), (tq, tk, tv)),

@@ -114,9 +114,7 @@ class SDPAShapes:
 
     def tangents(self, primals, tangents):
         """Tangents (None = zero) in the 4-d layout, each first checked to have its primal's shape."""
-        for name, x, t in zip(("query", "key", "value"), primals, tangents):
-            if isinstance(t, torch.Tensor) and t.shape != x.shape:
-                raise ValueError(f"tangent of {name}: expected shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        check_tangent_shapes(primals, tangents)
         return self.inputs(*tangents)
 
     def mask(self, attn_mask):
@@ -154,12 +152,29 @@ def broadcast_batch(primals, tangents=(None, None, None)):
     sizes = {x.shape[0] for x in primals}
     if len(sizes) == 1 or len(sizes - {1}) > 1:
         return primals, tangents
-    for name, x, t in zip(("query", "key", "value"), primals, tangents):
-        if isinstance(t, torch.Tensor) and t.shape != x.shape:
-            raise ValueError(f"tangent of {name}: expected shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    check_tangent_shapes(primals, tangents)
     batch = max(sizes)
     expand = lambda x: x if x is None or x.shape[0] == batch else x.expand(batch, *x.shape[1:])  # noqa: E731
     return tuple(expand(x) for x in primals), tuple(expand(t) for t in tangents)
+
+
+def check_tangent_shapes(primals, tangents) -> None:
+    """Each tangent (None = zero) has its primal's shape (ValueError naming the input otherwise): checked before
+    the inputs are reshaped or broadcast, which would hide a mismatch."""
+    for name, x, t in zip(("query", "key", "value"), primals, tangents):
+        if isinstance(t, torch.Tensor) and t.shape != x.shape:
+            raise ValueError(f"tangent of {name}: expected shape {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def mask_kind(attn_mask: torch.Tensor, q: torch.Tensor) -> str:
+    """``"bool"`` or ``"float"`` for a mask of dtype bool, float32 or the query's (what SDPA accepts); ValueError
+    naming attn_mask otherwise."""
+    if attn_mask.dtype == torch.bool:
+        return "bool"
+    if attn_mask.dtype in (q.dtype, torch.float32):
+        return "float"
+    raise ValueError(f"attn_mask: expected dtype bool, float32 or the query dtype {q.dtype} (as SDPA), got "
+                     f"{attn_mask.dtype}")
 
 
 def check_tangent_dtypes(primals, tangents) -> None:
@@ -251,7 +266,7 @@ def make_problem(
         raise TypeError(f"is_causal: expected a bool (as scaled_dot_product_attention), got {type(is_causal).__name__}"
                         f" {is_causal!r}")
     scale = check_scale(scale, D)
-    mask_kind = None
+    kind = None
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -260,13 +275,7 @@ def make_problem(
                              "fold causality into the mask")
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask: device {attn_mask.device} does not match query device {q.device}")
-        if attn_mask.dtype == torch.bool:
-            mask_kind = "bool"
-        elif attn_mask.dtype in (q.dtype, torch.float32):
-            mask_kind = "float"
-        else:
-            raise ValueError(f"attn_mask: expected dtype bool, float32 or the query dtype {q.dtype} (as SDPA), got "
-                             f"{attn_mask.dtype}")
+        kind = mask_kind(attn_mask, q)
         if attn_mask.dim() > 4:
             raise ValueError(f"attn_mask: expected at most 4 dims, got shape {tuple(attn_mask.shape)}")
         try:
@@ -280,6 +289,6 @@ def make_problem(
             )
     return AttentionProblem(
         batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lk, head_dim=D, v_head_dim=Dv, scale=scale,
-        is_causal=is_causal, mask=attn_mask, mask_kind=mask_kind, dtype=q.dtype, device=q.device,
+        is_causal=is_causal, mask=attn_mask, mask_kind=kind, dtype=q.dtype, device=q.device,
         tangent_dtype=check_tangent_dtype(tangent_dtype, q.dtype),
     )

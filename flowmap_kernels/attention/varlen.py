@@ -20,8 +20,8 @@ import torch
 
 from . import kernels, varlen_naive
 from ..backends import get_backend
-from .._autodiff import (autocast_cast, autocast_dtype, autocast_tangent, for_compile, forward_over_forward,
-                         make_dual, unpack_duals, vjp_of_vjp, without_autocast, without_jvp, zeros_if_none)
+from .._autodiff import (follows_autocast, for_compile, forward_over_forward, make_dual, unpack_duals, vjp_of_vjp,
+                         without_jvp, zeros_if_none)
 from .varlen_problem import VarlenProblem, make_varlen_problem, offsets_int32
 from .varlen_registry import ATTENTION_VARLEN
 
@@ -154,6 +154,7 @@ def resolve_varlen_backend(problem: VarlenProblem, backend=None) -> str:
     return ATTENTION_VARLEN.resolve(backend or get_backend(), **problem.as_dict()).backend
 
 
+@follows_autocast("query", "key", "value")
 def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                      is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:
     """Attention over sequences packed along the token dim, with forward-mode AD.
@@ -168,11 +169,6 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     tangent output is differentiable with respect to the inputs and their tangents. Inside ``torch.autocast``
     the inputs are cast to the autocast dtype first (float64 is not cast).
     """
-    ac = autocast_dtype(query)
-    if ac is not None:
-        with without_autocast(query):
-            return attention_varlen(*(autocast_cast(x, ac) for x in (query, key, value)), cu_seqlens_q, cu_seqlens_k,
-                                    max_seqlen_q, max_seqlen_k, is_causal, scale, enable_gqa)
     primals, tangents = unpack_duals(query, key, value)
     p = make_varlen_problem(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             is_causal, scale, enable_gqa, tangents=tangents)
@@ -189,6 +185,7 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     return o
 
 
+@follows_autocast("q", "k", "v", tangents=(("tq", "q"), ("tk", "k"), ("tv", "v")))
 def attention_varlen_jvp(q, k, v, tq, tk, tv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                          *, is_causal=False, scale=None, enable_gqa=False) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, tO): packed attention and its directional derivative along (tq, tk, tv), in one fused pass.
@@ -198,13 +195,6 @@ def attention_varlen_jvp(q, k, v, tq, tk, tv, cu_seqlens_q, cu_seqlens_k, max_se
     tS = scale (tQ K^T + Q tK^T). Differentiable with respect to all six inputs. Inside ``torch.autocast``
     q, k, v are cast to the autocast dtype, each tangent with its primal.
     """
-    ac = autocast_dtype(q)
-    if ac is not None:
-        with without_autocast(q):
-            return attention_varlen_jvp(*(autocast_cast(x, ac) for x in (q, k, v)),
-                                        *(autocast_tangent(t, x, ac) for t, x in zip((tq, tk, tv), (q, k, v))),
-                                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal=is_causal,
-                                        scale=scale, enable_gqa=enable_gqa)
     p = make_varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
                             enable_gqa, tangents=(tq, tk, tv))
     name = resolve_varlen_backend(p)

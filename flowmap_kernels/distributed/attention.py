@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .._autodiff import (autocast_cast, autocast_dtype, autocast_tangent, make_dual, unpack_duals, without_autocast,
-                         zeros_if_none)
+from .._autodiff import follows_autocast, make_dual, unpack_duals, zeros_if_none
 from ..attention import ATTENTION, make_problem
+from ..attention.problem import mask_kind
 from .comm import all_gather_lengths, layout_from_lengths, world_and_rank
 from .ring import RingAttentionFunction, RingAttentionJVPFunction, RingSpec
 from .ulysses import ulysses_attention
@@ -26,9 +26,7 @@ def _normalise_mask(attn_mask, q, is_causal, lq_local: int, lk_total: int):
         raise ValueError("attn_mask: forward-mode tangents of the mask are not supported (the mask must be a constant)")
     if attn_mask.requires_grad:
         raise ValueError("attn_mask: gradients with respect to the mask are not supported; pass mask.detach()")
-    if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
-        raise ValueError(f"attn_mask: expected dtype bool, float32 or the query dtype {q.dtype} (as SDPA), got "
-                         f"{attn_mask.dtype}")
+    mask_kind(attn_mask, q)  # ValueError unless bool, float32 or the query dtype
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask: device {attn_mask.device} does not match query device {q.device}")
     if attn_mask.dim() > 4:
@@ -100,6 +98,7 @@ def _run(q, k, v, tq, tk, tv, attn_mask, is_causal, scale, enable_gqa, group, mo
     return o, to
 
 
+@follows_autocast("q", "k", "v", "attn_mask")
 def context_parallel_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *,
                                group=None, mode: str = "ring", load_balance: bool = False) -> torch.Tensor:
     """Attention over a sequence sharded along tokens across the ranks of ``group``.
@@ -115,11 +114,6 @@ def context_parallel_attention(q, k, v, attn_mask=None, is_causal=False, scale=N
     ``group`` must call it with the same options. Inside ``torch.autocast`` the inputs and a float mask are
     cast to the autocast dtype first, as SDPA's are.
     """
-    ac = autocast_dtype(q)
-    if ac is not None:
-        with without_autocast(q):
-            return context_parallel_attention(*(autocast_cast(x, ac) for x in (q, k, v, attn_mask)), is_causal, scale,
-                                              enable_gqa, group=group, mode=mode, load_balance=load_balance)
     primals, tangents = unpack_duals(q, k, v)
     if all(isinstance(x, torch.Tensor) for x in (q, k, v)) and any(t is not None for t in tangents):
         tangents = [zeros_if_none(t, p) for t, p in zip(tangents, primals)]
@@ -128,6 +122,7 @@ def context_parallel_attention(q, k, v, attn_mask=None, is_causal=False, scale=N
     return _run(q, k, v, None, None, None, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance)
 
 
+@follows_autocast("q", "k", "v", "attn_mask", tangents=(("tq", "q"), ("tk", "k"), ("tv", "v")))
 def context_parallel_attention_jvp(q, k, v, tq, tk, tv, attn_mask=None, is_causal=False, scale=None,
                                    enable_gqa=False, *, group=None, mode: str = "ring",
                                    load_balance: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,12 +131,5 @@ def context_parallel_attention_jvp(q, k, v, tq, tk, tv, attn_mask=None, is_causa
     tO = tP V + P tV, tP = P * (tS - rowsum(P * tS)), tS = scale (tQ K^T + Q tK^T). Under ``torch.autocast``
     the inputs are cast to its dtype, each tangent with its primal.
     """
-    ac = autocast_dtype(q)
-    if ac is not None:
-        with without_autocast(q):
-            return context_parallel_attention_jvp(
-                *(autocast_cast(x, ac) for x in (q, k, v)),
-                *(autocast_tangent(t, x, ac) for t, x in zip((tq, tk, tv), (q, k, v))), autocast_cast(attn_mask, ac),
-                is_causal, scale, enable_gqa, group=group, mode=mode, load_balance=load_balance)
     tq, tk, tv = (zeros_if_none(t, x) for x, t in zip((q, k, v), (tq, tk, tv)))
     return _run(q, k, v, tq, tk, tv, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance)

@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .._autodiff import (autocast_cast, autocast_dtype, autocast_tangent, float32_tangents, for_compile, make_dual,
-                         unpack_duals, widened_jvp, without_autocast, zeros_if_none)
+from .._autodiff import (autocast_cast, autocast_dtype, autocast_tangent, float32_tangents, follows_autocast,
+                         for_compile, make_dual, unpack_duals, widened_jvp, without_autocast, zeros_if_none)
 from . import naive
 from .autograd import (GatedCompiledFunction, GatedFunction, GatedJVPCompiledFunction, GatedJVPFunction,
                        GeluCompiledFunction, GeluFunction, GeluJVPCompiledFunction, GeluJVPFunction,
@@ -225,6 +225,7 @@ def gated_residual_jvp(x, gate, y, tx, tgate=None, ty=None):
 _LINEAR_OPERANDS = (("x", "tx", False), ("weight", "tweight", False), ("bias", "tbias", True))
 
 
+@follows_autocast("x", "weight", "bias")
 def linear(x, weight, bias=None):
     """x W^T + b: x (..., K), weight (N, K), bias (N,) or None.
 
@@ -233,10 +234,6 @@ def linear(x, weight, bias=None):
     tangents are unpacked here and the result re-packed, so the primal is not computed twice. Inside
     ``torch.autocast`` the operands are cast to its dtype first, as F.linear's are.
     """
-    ac = autocast_dtype(x)
-    if ac is not None:
-        with without_autocast(x):
-            return linear(*(autocast_cast(o, ac) for o in (x, weight, bias)))
     check_linear(x, weight, bias)
     name = _resolve(LINEAR, x)
     if name == "naive" or _compiled_forward_mode():
@@ -252,15 +249,10 @@ def linear(x, weight, bias=None):
     return make_dual(y, ty)
 
 
+@follows_autocast("x", "weight", "bias", tangents=(("tx", "x"), ("tweight", "weight"), ("tbias", "bias")))
 def linear_jvp(x, weight, bias, tx, tweight=None, tbias=None):
     """(y, ty): y = x W^T + b, ty = tx W^T (+ x tW^T when tweight is given) (+ tb); [x; tx] share one product.
     Under ``torch.autocast`` the operands are cast to its dtype, each tangent with its operand."""
-    ac = autocast_dtype(x)
-    if ac is not None:
-        with without_autocast(x):
-            ops = (x, weight, bias)
-            return linear_jvp(*(autocast_cast(o, ac) for o in ops),
-                              *(autocast_tangent(t, o, ac) for t, o in zip((tx, tweight, tbias), ops)))
     check_linear(x, weight, bias)
     tx, tweight, tbias = _check_tangents((x, weight, bias), (tx, tweight, tbias), _LINEAR_OPERANDS)
     if float32_tangents(x, (tx, tweight, tbias)):
