@@ -17,7 +17,7 @@ import flowmap_kernels.distributed as fkd
 from flowmap_kernels.attention import kernels
 from tests.attention.cases import Case
 from tests.numerics import rel_err
-from tests.reference import loss_on_outputs, ref_attention, ref_grads
+from tests.reference import loss_on_outputs, ref_attention, ref_grads, ref_jvp
 
 
 @dataclass
@@ -326,13 +326,16 @@ def functional_grad_check(rank, world):
 
 def autocast_check(rank, world):
     """Under torch.autocast (bfloat16) with a float32 query and a bfloat16 key / value, both modes: equal to the
-    call on inputs cast by hand outside autocast (1.0 when bitwise equal), O and tO in bfloat16."""
-    case = CPCase.of(causal=True, q_len=12, kv_len=12, batch=1, q_heads=2, kv_heads=2, dtype=torch.float32)
+    call on inputs cast by hand outside autocast (1.0 when bitwise equal), O and tO in bfloat16; and O, tO
+    against the single-process float64 reference on the bfloat16-rounded inputs (worst relative error)."""
+    case = CPCase.of(causal=True, q_len=12, kv_len=12, batch=1, q_heads=4, kv_heads=4, dtype=torch.float32)
     t = _full_tensors(case)
     shard = lambda x: fkd.shard_sequence(x.float(), None, dim=2)  # noqa: E731
     q, k, v, tq, tk, tv = (shard(t[n]) for n in ("q", "k", "v", "tq", "tk", "tv"))
     k, v, tk, tv = (x.bfloat16() for x in (k, v, tk, tv))
-    out = {}
+    rounded = [t[n].bfloat16().double() for n in ("q", "k", "v", "tq", "tk", "tv")]
+    ro, rto = ref_jvp(*rounded, is_causal=True)  # single process, float64, whole sequence
+    out, err = {}, {}
     for mode in ("ring", "ulysses"):
         def run(*xs):
             return torch.func.jvp(lambda a, b, c: fkd.context_parallel_attention(a, b, c, is_causal=True, mode=mode),
@@ -343,4 +346,6 @@ def autocast_check(rank, world):
         want = run(*(x.bfloat16() for x in (q, k, v, tq, tk, tv)))
         same = all(torch.equal(a, b) for a, b in zip((o, to, o2, to2), (*want, *want)))
         out[mode] = -float(same and o.dtype == to.dtype == torch.bfloat16)
-    return {m: -x for m, x in _max_over_ranks(out).items()}  # the minimum over ranks
+        err[mode] = max(rel_err(o, shard(ro)), rel_err(to, shard(rto)))
+    same = {m: -x for m, x in _max_over_ranks(out).items()}  # the minimum over ranks
+    return {"same": same, "error": _max_over_ranks(err)}
