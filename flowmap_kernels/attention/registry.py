@@ -24,7 +24,8 @@ def cuda_arch_family(device) -> Optional[str]:
 def triton_supports(device, dtype, head_dim, v_head_dim, explicit=False, **_):
     """None when the Triton kernels take this problem, else why not (shared by attention and attention_varlen):
     CUDA tensors (CPU ones only in the interpreter, backend named), float16/bfloat16 with head dims up to
-    256, float32 up to 32 and 48/64 (every head dim up to 64 on sm90 / sm100; anything in the interpreter)."""
+    256, float32 up to 32 and 48/64 (every head dim up to 64 on sm90 / sm100, up to 32 on sm120; anything in
+    the interpreter)."""
     import torch
     interpreted = explicit and device.type == "cpu" and triton_interpreter()
     if device.type != "cuda" and not interpreted:
@@ -40,7 +41,7 @@ def triton_supports(device, dtype, head_dim, v_head_dim, explicit=False, **_):
         if not fp32_head_dim_supported(head_dim, v_head_dim, arch):
             return (f"float32 with head dims ({head_dim}, {v_head_dim}) runs on the 'torch' backend on {arch} "
                     f"(Triton float32 covers head dims <= 32 and 48 or 64, on sm90 / sm100 every head dim "
-                    f"<= 64: 3xTF32 products spill registers beyond; see docs/triton.md)")
+                    f"<= 64, on sm120 <= 32: 3xTF32 products spill registers beyond; see docs/triton.md)")
     return None
 
 

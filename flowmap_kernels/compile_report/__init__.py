@@ -16,7 +16,8 @@ divisibility hint). Triton emits the arch-specific targets
 sm_90a, sm_100a and sm_120a for capabilities 90, 100 and 120 (``target`` in the records). Then
 
 - registers and stack: ``cuobjdump --dump-resource-usage`` from the Triton wheel on the cubin;
-- spill bytes: ``ptxas-blackwell -v`` from the Triton wheel on the PTX (stores + loads reported);
+- spill bytes: the local-memory stores and loads (STL / LDL) in the cubin's SASS (``cuobjdump -sass``):
+  what ptxas -v reports, read from the binary Triton built with its own ptxas and flags;
 - shared memory: the compiled kernel's metadata (dynamic shared memory per block);
 - tensor cores (``mma``: "mma.sync", "wgmma", "tcgen05" or "none", read from the PTX), their shapes
   (``wgmma_shapes``: static instruction counts by shape, e.g. {"m64n64k16": 16}; mma.sync shapes, or
@@ -47,7 +48,8 @@ from typing import Iterable, Optional
 
 from .triton import (ARCHS, DEFAULT_HEAD_DIMS, DTYPE_NAMES, FAMILIES, RECORD_VERSION, SHARED_LIMIT,  # noqa: F401
                      TRITON_KERNELS, _worker_main, async_loads, family, is_shipped, mma_kind, mma_shapes, ptx_loops,
-                     ptx_main_loop, traps, triton_launches, triton_records, ttir_products, waits_per_iteration)
+                     ptx_main_loop, sass_spill_bytes, traps, triton_launches, triton_records, ttir_products,
+                     waits_per_iteration)
 
 
 def _default_cache() -> Path:

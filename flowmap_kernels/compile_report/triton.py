@@ -161,9 +161,12 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
 
 
 _REG = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
-_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+#: Local-memory stores / loads in SASS and their widths (Triton kernels use local memory only for spills).
+_LOCAL = re.compile(r"\b(STL|LDL)(?:\.(U8|S8|U16|S16|64|128))?\b")
+_LOCAL_BYTES = {None: 4, "U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
 #: Version of the record layout: part of the cache key, so records cached by an older report are remade.
-RECORD_VERSION = 3
+#: 4: spill bytes read from the cubin Triton built (before: a separate ptxas run without Triton's flags).
+RECORD_VERSION = 4
 
 # ---- static analysis of the compiled text (TTIR, PTX) ----------------------------------------------------
 
@@ -295,9 +298,26 @@ def ttir_products(ttir: str) -> tuple:
     return per_loop[key], outside + sum(n for k, n in per_loop.items() if k != key)
 
 
+def sass_spill_bytes(sass: str) -> tuple:
+    """(store bytes, load bytes) of the local-memory instructions (STL / LDL) in a SASS listing: the
+    static spill figures ptxas -v prints ("N bytes spill stores, M bytes spill loads"), read from the
+    binary itself."""
+    stores = loads = 0
+    for op, width in _LOCAL.findall(sass):
+        n = _LOCAL_BYTES[width or None]
+        if op == "STL":
+            stores += n
+        else:
+            loads += n
+    return stores, loads
+
+
 def _measure(compiled, arch: str) -> dict:
-    """Registers/stack (cuobjdump), spill bytes (ptxas-blackwell -v), shared bytes, tensor-core kind,
-    shapes, key-loop waits, async loads and products per tile of one compiled kernel."""
+    """Registers/stack (cuobjdump), spill bytes (the STL / LDL of the cubin's SASS), shared bytes,
+    tensor-core kind, shapes, key-loop waits, async loads and products per tile of one compiled kernel.
+
+    Everything is read from the cubin Triton built (with its own ptxas and flags, e.g.
+    ``--regAllocOptLevel=2``), which is what runs: a separate ptxas run on the PTX allocates differently."""
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     m = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.M)
     target = m.group(1) if m else arch  # what Triton emitted (capability 120 -> sm_120a)
@@ -307,12 +327,8 @@ def _measure(compiled, arch: str) -> dict:
         res = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cub)], capture_output=True, text=True)
         m = _REG.search(res.stdout)
         regs, stack = (int(m.group(1)), int(m.group(2))) if m else (getattr(compiled, "n_regs", -1), -1)
-        ptx_path = Path(tmp, "k.ptx")
-        ptx_path.write_text(ptx)
-        res = subprocess.run([_tool("ptxas-blackwell"), "-v", f"-arch={target}", str(ptx_path), "-o",
-                              str(Path(tmp, "o.cubin"))], capture_output=True, text=True)
-        spills = [(int(a), int(b)) for a, b in _SPILL.findall(res.stdout + res.stderr)]
-    spill_bytes = sum(a + b for a, b in spills) if spills else -1
+        res = subprocess.run([_tool("cuobjdump"), "-sass", str(cub)], capture_output=True, text=True)
+    spill_bytes = sum(sass_spill_bytes(res.stdout)) if res.returncode == 0 and "Function" in res.stdout else -1
     per_tile, outside = ttir_products(compiled.asm.get("ttir", ""))
     loop = ptx_main_loop(ptx)
     return dict(registers=regs, stack_bytes=stack, spill_bytes=spill_bytes,

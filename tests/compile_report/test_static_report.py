@@ -216,12 +216,15 @@ def test_real_compile_counts(sm90_records):
         for r in (by[("forward", d)], by[("backward_dq", d)]):
             assert (r["num_warps"], r["num_stages"]) == (int(r["config"].split("/w")[1].split("/")[0]),
                                                         int(r["config"].split("/s")[1].split("/")[0]))
-    # the one-pass backwards at the mathematical minimum: 5 products per tile (primal), 15 with tangents at
-    # D = 64 (one launch); at D = 128 the tangent one splits in three launches (20 products, spill-free)
+    # the primal one-pass backward at the mathematical minimum, 5 products per tile; with tangents the one
+    # launch of 15 products spills on sm_90a from D = 48: two launches at D = 64 (18 products), three at
+    # D = 128 (20), spill-free
     assert by[("backward_atomic", 64)]["products_per_tile"] == by[("backward_atomic", 128)]["products_per_tile"] == 5
-    assert by[("jvp_backward_atomic", 64)]["products_per_tile"] == 15
-    assert sum(r["products_per_tile"] for (k, d), r in by.items() if k.startswith("jvp_backward_atomic[")
-               and d == 128) == 20
+    tangent = {d: [r for (k, dd), r in by.items() if k.startswith("jvp_backward_atomic[") and dd == d]
+               for d in (64, 128)}
+    assert [len(tangent[64]), sum(r["products_per_tile"] for r in tangent[64])] == [2, 18]
+    assert [len(tangent[128]), sum(r["products_per_tile"] for r in tangent[128])] == [3, 20]
+    assert all(r["spill_bytes"] == 0 for r in tangent[64] + tangent[128])
     # at D = 128 the split one-pass tangent launches run 32 query columns: no m64n16 wgmma
     for (k, d), r in by.items():
         if k.startswith("jvp_backward_atomic[") and d == 128:
@@ -242,15 +245,15 @@ def test_real_compile_pass_summary(sm90_records):
         assert s["products"] >= s["minimum_products"], s  # recorded, not a target: see the printed table
         assert s["predicted_ratio_fa2"] is not None and s["predicted_ratio_fa2"] > 0
         assert s["products"] == sum(s["products_by_launch"].values())
-        if s["pass"] in ("forward", "jvp_forward", "jvp_forward_tma", "backward") or (
-                s["pass"] == "jvp_backward" and s["head_dim"] == 64):
+        if s["pass"] in ("forward", "jvp_forward", "jvp_forward_tma", "backward"):
             assert s["products"] == s["minimum_products"]
-    # the forward+JVP at D = 128 takes 128 x 64 tiles in all three variants (tensor descriptors, pointer
-    # loads, float32 tO with two-part products): m64n64 score products, no m64n16, no spill
-    for name in ("jvp_forward[tma]", "jvp_forward", "jvp_forward[tangent_fp32]"):
+    # the forward+JVP at D = 128: 128 x 64 tiles with tensor descriptors (m64n64 score products); with
+    # pointer loads or a float32 tO that tile spills, and they take 128 x 32 (m64n32); no m64n16, no spill
+    for name, block_n, shape in (("jvp_forward[tma]", 64, "m64n64k16"), ("jvp_forward", 32, "m64n32k16"),
+                                 ("jvp_forward[tangent_fp32]", 32, "m64n32k16")):
         (r,) = [r for r in sm90_records if r["kernel"] == name and r["head_dim"] == 128]
-        assert (r["block_m"], r["block_n"], r["spill_bytes"]) == (128, 64, 0), r
-        assert "m64n64k16" in r["loop_mma_shapes"] and "m64n16k16" not in r["wgmma_shapes"], r
+        assert (r["block_m"], r["block_n"], r["spill_bytes"]) == (128, block_n, 0), r
+        assert shape in r["loop_mma_shapes"] and "m64n16k16" not in r["wgmma_shapes"], r
     # at D = 64 the P tV products accumulate apart (TV_ACC): every product after the tangent logits stays
     # asynchronous, 3 waits per key block for 6 products (4 at D = 128, where the extra accumulator spills)
     fwd = {(r["kernel"], r["head_dim"]): r for r in sm90_records if r["kernel"].startswith("jvp_forward")}
@@ -285,9 +288,14 @@ def test_is_shipped():
     assert cr.is_shipped("forward", "bf16", 64, "sm_90a", cfg)
     assert cr.is_shipped("backward_prep", "bf16", 64, "sm_90a", configs.PREP_CONFIG)
     assert not cr.is_shipped("forward", "bf16", 64, "sm_90a", configs.Config(16, 16, 4, 1))  # an override
-    # sm_100a borrows the sm90 tiles, sm_120 the sm80 ones
-    assert cr.is_shipped("jvp_forward", "fp16", 128, "sm_100a", configs.get_config("jvp_forward", 128, 2, "sm90"))
-    assert cr.is_shipped("jvp_forward", "fp16", 128, "sm_120", configs.get_config("jvp_forward", 128, 2, "sm80"))
+    # sm_100a borrows the sm90 tiles, sm_120 the sm80 ones, except where their own entries replace them
+    assert cr.is_shipped("forward", "fp16", 128, "sm_100a", configs.get_config("forward", 128, 2, "sm90"))
+    assert cr.is_shipped("forward", "fp16", 16, "sm_120", configs.get_config("forward", 16, 2, "sm80"))
+    for kernel in ("jvp_forward", "forward"):  # own entries (configs.FAMILY_TABLE): the borrowed tiles spill
+        arch = "sm_100a" if kernel == "jvp_forward" else "sm_120"
+        borrowed = configs.get_config(kernel, 128, 2, "sm90" if arch == "sm_100a" else "sm80")
+        assert not cr.is_shipped(kernel, "fp16", 128, arch, borrowed)
+        assert cr.is_shipped(kernel, "fp16", 128, arch, configs.get_config(kernel, 128, 2, arch))
     # float32 at D = 128 is routed to the "torch" backend (configs.fp32_head_dim_supported)
     assert not cr.is_shipped("forward", "fp32", 128, "sm_90a", configs.get_config("forward", 128, 4, "sm90"))
     assert cr.is_shipped("forward", "fp32", 64, "sm_90a", configs.get_config("forward", 64, 4, "sm90"))
@@ -297,15 +305,20 @@ def test_is_shipped():
 
 
 def test_one_pass_tangent_backward_runs_32_query_columns_up_to_head_dim_64():
-    """Up to D = 64 the one-launch tangent backward fits 32 query columns in registers (at D = 64 with its
-    query-side tiles and gradient stores through tensor descriptors): its score-type products are m64n32
-    wgmma (m64n16 only where the head dim itself is 16: the output products), 15 products, no spill."""
+    """Up to D = 32 the one-launch tangent backward (15 products) fits 32 query columns in registers; at
+    D = 64 it runs them in two launches (dK+dtK with dQ, dtQ | dV+dtV: 12 + 6 products, query-side tiles
+    through tensor descriptors): score-type products m64n32 wgmma (m64n16 only where the head dim itself
+    is 16: the output products), no spill."""
     recs = cr.triton_records(["sm_90a"], (16, 32, 64), ["bf16"], kernels=["jvp_backward_atomic"],
                              cache=cr._default_cache(), workers=0)
-    by = {r["head_dim"]: r for r in recs}
-    assert by[64]["block_m"] == by[32]["block_m"] == by[16]["block_m"] == 32
-    assert set(by[32]["loop_mma_shapes"]) == {"m64n32k16"} and by[32]["spill_bytes"] == 0
-    assert set(by[64]["loop_mma_shapes"]) == {"m64n32k16", "m64n64k16"}
-    assert (by[64]["spill_bytes"], by[64]["products_per_tile"], by[64]["async_load_kind"]) == (0, 15, "tma")
-    assert by[16]["loop_mma_shapes"]["m64n32k16"] > 0 and by[16]["spill_bytes"] == 0
-    assert all(r["products_per_tile"] == 15 and r["num_stages"] >= 2 for r in recs)
+    by = {}
+    for r in recs:
+        by.setdefault(r["head_dim"], []).append(r)
+    assert all(r["block_m"] == 32 and r["spill_bytes"] == 0 and r["num_stages"] >= 2 for r in recs)
+    assert [r["products_per_tile"] for r in by[16]] == [r["products_per_tile"] for r in by[32]] == [15]
+    assert set(by[32][0]["loop_mma_shapes"]) == {"m64n32k16"}
+    assert by[16][0]["loop_mma_shapes"]["m64n32k16"] > 0
+    assert [(r["kernel"], r["products_per_tile"]) for r in by[64]] == [
+        ("jvp_backward_atomic[dk,dtk,dq,dtq]", 12), ("jvp_backward_atomic[dv,dtv]", 6)]
+    for r in by[64]:
+        assert set(r["loop_mma_shapes"]) == {"m64n32k16", "m64n64k16"} and r["async_load_kind"] == "tma"

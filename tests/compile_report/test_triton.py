@@ -184,6 +184,27 @@ def test_wgmma_on_sm90a(records):
     assert not any(r["uses_wgmma"] for r in records if r["arch"] == "sm_80")  # mma.sync there
 
 
+def test_spill_bytes_are_the_local_memory_instructions_of_the_cubin():
+    """Spill bytes are read from the binary Triton built (its own ptxas and flags): the widths of its STL /
+    LDL, what ptxas -v prints as "N bytes spill stores, M bytes spill loads"."""
+    sass = """
+        /*0080*/                   STL [R1+0x70], R185 ;
+        /*3950*/                   STL.64 [R1+0x8], R22 ;
+        /*4ca0*/                   LDL R185, [R1+0x68] ;
+        /*4cb0*/                   LDL.128 R4, [R1+0x10] ;
+        /*4cc0*/                   LDL.U8 R9, [R1+0x3] ;
+        /*4cd0*/                   STS [R3], R4 ;
+        /*4ce0*/                   LDS R5, [R3] ;
+        /*4cf0*/                   LDG.E R6, desc[UR4][R2.64] ;"""
+    assert cr.sass_spill_bytes(sass) == (12, 21)
+    assert cr.sass_spill_bytes("") == (0, 0)
+
+
+def test_a_launch_spills_exactly_when_its_stack_frame_is_used(records):
+    """The stack frame (cuobjdump) holds only spills in these kernels: the two figures agree on every launch."""
+    assert all((r["spill_bytes"] > 0) == (r["stack_bytes"] > 0) for r in records)
+
+
 def test_family_names():
     assert cr.family("jvp_backward_dkdv[dk]") == "jvp_backward"
     assert cr.family("backward_dq") == "backward"

@@ -198,10 +198,11 @@ TABLE: dict = {
         (16, 4): C(64, 64, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 16, 4, 2),
         (128, 4): C(32, 32, 4, 2), (256, 4): C(32, 32, 4, 1),
     },
+    # D = 128: 128x32/w8 with pointer loads (and float32 tO); the tensor-descriptor variant takes 128x64
     ("jvp_forward", "sm90"): {
         (16, 2): C(128, 64, 8, 2), (32, 2): C(128, 64, 8, 2), (64, 2): C(128, 64, 8, 2),
-        (128, 2): C(128, 64, 8, 2), (256, 2): C(64, 32, 8, 1),
-        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(64, 16, 4, 1),
+        (128, 2): C(128, 32, 8, 2), (256, 2): C(64, 32, 8, 1),
+        (16, 4): C(64, 32, 4, 2), (32, 4): C(64, 32, 4, 2), (64, 4): C(32, 16, 4, 2),
         (128, 4): C(32, 32, 4, 1), (256, 4): C(32, 32, 4, 1),
     },
     # D = 48 / 64: 128x32/w8 (64x64/w4 spilled 24 B at D = 48); D = 72..128: 128x16 (128x32 spilled 344-708 B)
@@ -267,8 +268,16 @@ TABLE: dict = {
 # are spill-free there.
 FAMILY_TABLE: dict = {
     ("forward", "sm100"): {(32, 4): C(64, 32, 4, 2), (64, 4): C(64, 32, 4, 2)},
-    ("backward_atomic", "sm120"): {(16, 2): C(32, 128, 8, 3)},  # the sm80 32x128/w8/s2 spills 24 B on sm_120
-    ("jvp_forward", "sm100"): {(256, 2): C(32, 32, 4, 1), (64, 4): C(32, 16, 4, 2)},
+    # sm_120: the sm80 32x128/w8/s2 spills 24 B at D = 16, the float32 tiles 12-44 B at D = 32 / 64
+    ("backward_atomic", "sm120"): {(16, 2): C(32, 128, 8, 3), (32, 4): C(16, 16, 4, 2), (64, 4): C(16, 32, 4, 2)},
+    # sm_120: the sm80 forward tiles spill 160 B at D = 48 / 64 (128x64/w4/s3) and D = 72 (128x32/w8/s2)
+    ("forward", "sm120"): {(64, 2): C(128, 32, 4, 3), (128, 2): C(64, 64, 4, 2)},
+    # sm_120: the sm80 128x16/w8/s2 spills 48 B at D = 80..128 (620 B at D = 72), float32 64x32 64 B at D = 32
+    ("jvp_forward", "sm120"): {(128, 2): C(32, 32, 4, 2), (32, 4): C(64, 16, 4, 2)},
+    ("jvp_backward_dq", "sm120"): {(32, 4): C(16, 16, 4, 2, S3)},  # float32: the sm80 32x16 [dq_ds] spills 32 B
+    # sm_100a: with pointer loads (and float32 tO) the Hopper 128x64/w8/s2 spills 24-48 B at D = 128; the
+    # tensor-descriptor variant keeps it (below); float32 at D = 64: 32x16/w4/s2 spilled 8-32 B
+    ("jvp_forward", "sm100"): {(256, 2): C(32, 32, 4, 1), (128, 2): C(64, 64, 8, 2), (64, 4): C(16, 32, 4, 2)},
     ("backward_dkdv", "sm100"): {(64, 4): C(32, 32, 4, 2)},
     ("backward_dq", "sm100"): {(128, 2): C(64, 64, 8, 2),  # the Hopper 128x64/w8/s2 spills 24 B there
                                (64, 4): C(32, 32, 4, 2)},
@@ -277,9 +286,10 @@ FAMILY_TABLE: dict = {
     ("jvp_backward_dq", "sm100"): {(32, 4): C(32, 16, 4, 2, S3), (64, 4): C(16, 32, 4, 2, S3)},
 }
 # The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
-# D = 128 in 16-bit (15 products in one launch up to D = 64 with 32 query columns, m64n32 score products; at
-# D = 64 that fits with the key-block kernel's tensor descriptors, see jvp_backward_atomic_pointer below;
-# 32x64/w4/s2/split3 at D = 128: 20, m64n32) and as shipped in float32, every 16-bit launch pipelined.
+# D = 128 in 16-bit (15 products in one launch up to D = 32 with 32 query columns, m64n32 score products; at
+# D = 48 / 64 that one launch spills 56-112 B in every 32-column tile (1-4 stages, 4 or 8 warps), so it splits
+# in two, 32x64/w4/s2/split2: 18 products; 32x64/w4/s2/split3 at D = 128: 20, m64n32) and as shipped in
+# float32, every 16-bit launch pipelined.
 # sm80 (mma.sync): the key-block kernels' tiles for the primal backward, 32x32/w4/s2 for the tangent one.
 TABLE.update({
     ("backward_atomic", "sm90"): {
@@ -291,7 +301,7 @@ TABLE.update({
     # float32 D = 64: tiles within the 99 KB of the sm86 / sm120 families, which take these
     ("backward_atomic", "sm80"): {**TABLE[("backward_dkdv", "sm80")], (64, 4): C(32, 32, 4, 2)},
     ("jvp_backward_atomic", "sm90"): {
-        (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 64, 4, 2), (64, 2): C(32, 64, 4, 2),
+        (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 64, 4, 2), (64, 2): C(32, 64, 4, 2, S2),
         (128, 2): C(32, 64, 4, 2, S3), (256, 2): C(16, 64, 4, 1, S3),
         (16, 4): C(16, 64, 4, 2, S3), (32, 4): C(16, 64, 4, 2, S3), (64, 4): C(16, 16, 4, 1, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
@@ -305,7 +315,7 @@ TABLE.update({
     },
 })
 # sm100 keeps its accumulators in tensor memory: the one-pass tangent backward fits 32 query columns at D = 64
-# there (178 registers, no spill; on sm_90a the same tile spills 20 B); float32 at D = 32: 16x32/split3 (no spill)
+# there in one launch (no spill; on sm_90a the same tile spills 64 B); float32 at D = 32: 16x32/split3 (no spill)
 FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): {**FAMILY_TABLE[("jvp_backward_dkdv", "sm100")],
                                                         (64, 2): C(32, 64, 4, 2), (32, 4): C(16, 32, 4, 2, S3)}})
 
@@ -324,15 +334,18 @@ def _launch_variant(kernel: str, base: str, own: Optional[dict] = None) -> None:
 # The forward+JVP with a float32 tO from 16-bit inputs (TANGENT_FP32: the probabilities enter the tangent
 # products as two 16-bit parts, 9 products) and with tensor-descriptor (TMA) loads of the key-loop tiles
 # (sm90 / sm100, where the strides allow, launch.descriptors_allowed): the jvp_forward tiles. At D = 128 on
-# sm_90a, 128x64/w8/s2 is spill-free in all three (TMA 249 registers; pointer loads and float32 tO 255),
-# since the two-part products chain into their accumulator (kernels._dot_split: the float32-tO launch spilled
-# 1,200 B before, and only 64x32/w8 fitted).
+# sm_90a, 128x64/w8/s2 is spill-free with tensor descriptors (249 registers) and spills 56 B with pointer loads,
+# 108-136 B with float32 tO: those two take 128x32/w8/s2 (233 / 245 registers).
 # On mma.sync at D = 72..128 the float32-tO launch holds more than the pointer one (128x16/w8 spills 8 B at D = 72).
 _launch_variant("jvp_forward_tangent_fp32", "jvp_forward", {"sm80": {(128, 2): C(32, 32, 4, 2)}})
-_launch_variant("jvp_forward_tma", "jvp_forward")
+# With tensor descriptors the loads hold no pointer or mask tensors: 128x64/w8/s2 at D = 128 (249 registers on
+# sm_90a, spill-free on sm_100a), and on sm_90a float32 at D = 64 pipelined 64x16/w4/s2 (wgmma; with pointer
+# loads that tile spills 40 B there, and the pointer launch takes 32x16/w4/s2, mma.sync).
+_launch_variant("jvp_forward_tma", "jvp_forward", {"sm90": {(128, 2): C(128, 64, 8, 2), (64, 4): C(64, 16, 4, 2)}})
+FAMILY_TABLE[("jvp_forward_tma", "sm100")][(128, 2)] = C(128, 64, 8, 2)
 # The one-pass tangent backward where its key-block kernel keeps pointer loads (launch._key_block_descriptors:
-# operands the descriptors cannot read): at D = 64 the 32-query-column tile spills 20 B on sm_90a there, so
-# it keeps 16 columns (m64n16, spill-free).
+# operands the descriptors cannot read): at D = 64 it keeps one launch with 16 query columns on sm_90a (15
+# products, m64n16, 244 registers, spill-free).
 _launch_variant("jvp_backward_atomic_pointer", "jvp_backward_atomic", {"sm90": {(64, 2): C(16, 64, 4, 2)}})
 del C, S2, S3
 
@@ -348,6 +361,9 @@ PADDED_HEAD_DIM_FAMILIES = ("sm90", "sm100")
 #: problems on CUDA to the "torch" backend (see :func:`fp32_head_dim_supported`).
 FP32_MAX_HEAD_DIM = 64
 FP32_MAX_ANY_HEAD_DIM = 32
+#: Families with a lower float32 limit: on sm_120 every float32 tile of the tangent backwards tried at D = 48 / 64
+#: spills (12-72 B: 16x16 and 32x16 query x key tiles, 1 to 3 stages, split in three launches).
+FP32_MAX_HEAD_DIM_BY_FAMILY = {"sm120": 32}
 
 
 def fp32_head_dim_supported(head_dim: int, v_head_dim: Optional[int] = None, arch: Optional[str] = None) -> bool:
@@ -358,7 +374,7 @@ def fp32_head_dim_supported(head_dim: int, v_head_dim: Optional[int] = None, arc
         dims = tuple(head_dim_bucket(d) for d in dims)
     if max(dims) <= FP32_MAX_ANY_HEAD_DIM:
         return True
-    return max(dims) <= FP32_MAX_HEAD_DIM and all(d % 16 == 0 for d in dims)
+    return max(dims) <= FP32_MAX_HEAD_DIM_BY_FAMILY.get(arch, FP32_MAX_HEAD_DIM) and all(d % 16 == 0 for d in dims)
 
 
 #: Tiles used in the CPU interpreter: few programs and few key blocks (cost ~10 ms per program x block).

@@ -141,9 +141,9 @@ def test_tangent_value_products_accumulate_apart_where_it_is_free(arch, head_dim
 
 
 def test_key_block_descriptors_and_the_pointer_fallback_tile():
-    """sm90, 16-bit, D = 64: the key-block kernel takes tensor descriptors (TMA) and 32 query columns; Q rows
-    the descriptors cannot read keep pointer loads and the 16-column tile (32 spill there); dO given as an
-    expanded view is copied, not a reason to fall back; float32 and D = 256 keep pointer loads."""
+    """sm90, 16-bit, D = 64: the key-block kernel takes tensor descriptors (TMA) and 32 query columns (two
+    launches); Q rows the descriptors cannot read keep pointer loads and the 16-column tile in one launch; dO
+    given as an expanded view is copied, not a reason to fall back; float32 and D = 256 keep pointer loads."""
     import torch
     from flowmap_kernels.attention.triton import launch
 
@@ -156,8 +156,8 @@ def test_key_block_descriptors_and_the_pointer_fallback_tile():
                 and hasattr(ln, "constexprs")]
 
     q = torch.empty(1, 2, 64, 64, dtype=torch.bfloat16)
-    assert key_block(q, torch.empty_like(q)) == [("32x64/w4/s2", True)]
-    assert key_block(q, torch.ones(1, 1, 1, 1, dtype=q.dtype).expand_as(q)) == [("32x64/w4/s2", True)]
+    assert key_block(q, torch.empty_like(q)) == [("32x64/w4/s2/split2", True)] * 2  # two launches
+    assert key_block(q, torch.ones(1, 1, 1, 1, dtype=q.dtype).expand_as(q)) == [("32x64/w4/s2/split2", True)] * 2
     unaligned = torch.empty(1, 2, 64, 65, dtype=torch.bfloat16)[..., 1:]  # rows start 2 bytes off 16
     assert not launch.descriptors_allowed(unaligned)
     assert key_block(unaligned, torch.empty_like(q)) == [("16x64/w4/s2", False)]
