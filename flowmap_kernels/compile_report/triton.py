@@ -324,10 +324,10 @@ def _measure(compiled, arch: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cub = Path(tmp, "k.cubin")
         cub.write_bytes(cubin)
-        res = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cub)], capture_output=True, text=True)
-        m = _REG.search(res.stdout)
-        regs, stack = (int(m.group(1)), int(m.group(2))) if m else (getattr(compiled, "n_regs", -1), -1)
-        res = subprocess.run([_tool("cuobjdump"), "-sass", str(cub)], capture_output=True, text=True)
+        res = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", "-sass", str(cub)],
+                             capture_output=True, text=True)
+    m = _REG.search(res.stdout)
+    regs, stack = (int(m.group(1)), int(m.group(2))) if m else (getattr(compiled, "n_regs", -1), -1)
     spill_bytes = sum(sass_spill_bytes(res.stdout)) if res.returncode == 0 and "Function" in res.stdout else -1
     per_tile, outside = ttir_products(compiled.asm.get("ttir", ""))
     loop = ptx_main_loop(ptx)

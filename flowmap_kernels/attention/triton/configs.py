@@ -322,13 +322,15 @@ FAMILY_TABLE.update({("jvp_backward_atomic", "sm100"): {**FAMILY_TABLE[("jvp_bac
 
 def _launch_variant(kernel: str, base: str, own: Optional[dict] = None) -> None:
     """Table entries of ``kernel``, a launch variant of ``base``: ``base``'s tiles in every table, then the
-    variant's ``own`` entries ({tile-table family: {(bucket, bytes): Config}}) over them in :data:`TABLE`."""
+    variant's ``own`` entries ({family: {(bucket, bytes): Config}}) over them: in :data:`TABLE` for a family
+    with a tile table of its own, in :data:`FAMILY_TABLE` for one that borrows another's tiles."""
     for table in (TABLE, FAMILY_TABLE):
         for (k, arch), entries in list(table.items()):
             if k == base:
                 table[(kernel, arch)] = dict(entries)
     for arch, entries in (own or {}).items():
-        TABLE[(kernel, arch)].update(entries)
+        table = TABLE if (base, arch) in TABLE else FAMILY_TABLE
+        table.setdefault((kernel, arch), {}).update(entries)
 
 
 # The forward+JVP with a float32 tO from 16-bit inputs (TANGENT_FP32: the probabilities enter the tangent
@@ -341,8 +343,8 @@ _launch_variant("jvp_forward_tangent_fp32", "jvp_forward", {"sm80": {(128, 2): C
 # With tensor descriptors the loads hold no pointer or mask tensors: 128x64/w8/s2 at D = 128 (249 registers on
 # sm_90a, spill-free on sm_100a), and on sm_90a float32 at D = 64 pipelined 64x16/w4/s2 (wgmma; with pointer
 # loads that tile spills 40 B there, and the pointer launch takes 32x16/w4/s2, mma.sync).
-_launch_variant("jvp_forward_tma", "jvp_forward", {"sm90": {(128, 2): C(128, 64, 8, 2), (64, 4): C(64, 16, 4, 2)}})
-FAMILY_TABLE[("jvp_forward_tma", "sm100")][(128, 2)] = C(128, 64, 8, 2)
+_launch_variant("jvp_forward_tma", "jvp_forward", {"sm90": {(128, 2): C(128, 64, 8, 2), (64, 4): C(64, 16, 4, 2)},
+                                                   "sm100": {(128, 2): C(128, 64, 8, 2)}})
 # The one-pass tangent backward where its key-block kernel keeps pointer loads (launch._key_block_descriptors:
 # operands the descriptors cannot read): at D = 64 it keeps one launch with 16 query columns on sm_90a (15
 # products, m64n16, 244 registers, spill-free).
