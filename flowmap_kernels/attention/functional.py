@@ -73,7 +73,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     query (B, Hq, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv) -> (B, Hq, Lq, Dv), same dtype.
     O = softmax(scale * Q K^T + mask) V; ``scale`` defaults to 1/sqrt(D). ``attn_mask`` broadcasts to
     (B, Hq, Lq, Lk): bool (True = may attend) or float (float32 or the inputs' dtype, added to the logits).
-    ``is_causal`` is top-left aligned. A batch of 1 in query or key / value broadcasts (as in SDPA). A float
+    ``is_causal`` is top-left aligned. A batch of 1 in query or key / value broadcasts, and so does one key /
+    value head over the query's heads (as in SDPA). A float
     mask may require grad (a learned bias: its gradient comes from one extra blockwise pass, memory linear in N
     plus the mask's size) or carry a forward-mode tangent (then the naive math runs, (B, Hq, Lq, Lk) memory).
     With ``enable_gqa`` each key/value head serves Hq/Hkv consecutive query heads. Rows with no
@@ -82,8 +83,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     output is differentiable with respect to the inputs and their tangents. ``is_causal`` must be a bool and
     ``scale`` None or a real number (TypeError otherwise); tangents must have their primal's dtype.
     SDPA's other shapes work as there: 2-d (tokens, head_dim), 3-d (heads, tokens, head_dim) and
-    (N, ..., heads, tokens, head_dim),
-    whose leading dims are flattened into the batch (:class:`~.problem.SDPAShapes`). Inside ``torch.autocast``
+    (N, ..., heads, tokens, head_dim), whose leading dims broadcast as in SDPA (inputs with fewer dims read
+    with leading ones) and are flattened into the batch (:class:`~.problem.SDPAShapes`). Inside ``torch.autocast``
     the inputs and a float mask are cast to the autocast dtype first, as SDPA's are (float64 is not cast).
     """
     shapes = SDPAShapes(query, key, value)

@@ -76,12 +76,15 @@ def _tensor(name: str, x) -> torch.Tensor:
 class SDPAShapes:
     """scaled_dot_product_attention's shapes (N, ..., heads, tokens, head_dim) in the 4-d layout.
 
-    2-d inputs (tokens, head_dim) are one head of a batch of one, 3-d inputs (heads, tokens, head_dim) a
-    batch of one; the leading dims of inputs with more than 4 dims are flattened into the batch (views where
-    the strides allow). The mask broadcasts as in SDPA: one with at most 3 dims (2 with 2-d inputs) is kept (it
-    broadcasts over the flattened batch), a longer one is broadcast to the leading dims and flattened with
-    them. :meth:`restore` gives an output the leading dims back. 4-d inputs (and anything
-    :func:`make_problem` must reject) pass through unchanged."""
+    As in SDPA, the dims before (heads, tokens, head_dim) broadcast: inputs with fewer dims are read with
+    leading ones (a 3-d key serves a 4-d query's every batch entry), and leading dims of 1 stretch. 2-d inputs
+    (tokens, head_dim) are one head of a batch of one, 3-d inputs (heads, tokens, head_dim) a batch of one; the
+    leading dims of inputs with more than 4 dims are flattened into the batch (views where the strides allow;
+    an input broadcast over some but not all of them is copied). The mask broadcasts as in SDPA: one with at
+    most 3 dims (2 with 2-d inputs) is kept (it broadcasts over the flattened batch), a longer one is
+    broadcast to the leading dims and flattened with them. :meth:`restore` gives an output the leading dims
+    back. 4-d inputs (and anything :func:`make_problem` must reject) pass through unchanged: their batch
+    broadcasts in :func:`broadcast_batch`, without copies."""
 
     def __init__(self, query, key, value):
         xs = (query, key, value)
@@ -89,28 +92,44 @@ class SDPAShapes:
         self.single_head = False
         if not all(isinstance(x, torch.Tensor) for x in xs) or all(x.dim() == 4 for x in xs):
             return
-        if query.dim() < 2:
-            return  # make_problem names the bad shape
-        for name, x in (("key", key), ("value", value)):
-            if x.dim() != query.dim():
-                raise ValueError(f"{name}: expected {query.dim()} dims like query (N, ..., heads, tokens, head_dim),"
-                                 f" got shape {tuple(x.shape)}")
-            if x.shape[:-3] != query.shape[:-3]:
-                raise ValueError(f"{name}: leading dims {tuple(x.shape[:-3])} must equal query's "
-                                 f"{tuple(query.shape[:-3])}")
-        self.single_head = query.dim() == 2
-        self.lead = tuple(query.shape[:-3])
+        for name, x in zip(("query", "key", "value"), xs):
+            if x.dim() < 2:
+                if name == "query":
+                    return  # make_problem names the bad shape
+                raise ValueError(f"{name}: expected at least 2 dims (..., tokens, head_dim), got shape "
+                                 f"{tuple(x.shape)}")
+        self.ndim = max(x.dim() for x in xs)
+        self.single_head = self.ndim == 2
+        leads = [(1,) * (self.ndim - x.dim()) + tuple(x.shape[:-2]) for x in xs]
+        try:
+            self.lead = tuple(torch.broadcast_shapes(*(lead[:-1] for lead in leads))) if self.ndim > 3 else ()
+        except RuntimeError:
+            bad = next(i for i in (1, 2) if not _broadcastable(leads[i][:-1], leads[0][:-1]))
+            name = ("key", "value")[bad - 1]
+            raise ValueError(f"{name}: leading dims {leads[bad][:-1]} do not broadcast with query's "
+                             f"{leads[0][:-1]} (SDPA's (N, ..., heads, tokens, head_dim))") from None
+        self._heads = [lead[-1] if self.ndim > 2 else 1 for lead in leads]
 
     @property
     def reshaped(self) -> bool:
         """Whether the inputs are not already 4-d."""
         return self.lead is not None
 
+    def _four_d(self, x, heads):
+        """One input (heads as given) as (batch, heads, tokens, channels): the leading dims flattened, a
+        leading-dims-all-one input kept a batch of one (broadcast_batch stretches it without a copy)."""
+        if x is None:
+            return None
+        lead = (1,) * (len(self.lead) + 3 - x.dim()) + tuple(x.shape[:-3]) if x.dim() > 3 else (1,) * len(self.lead)
+        if all(n == 1 for n in lead):
+            return x.reshape(1, heads, *x.shape[-2:])
+        if lead != self.lead:
+            x = x.reshape(*lead, heads, *x.shape[-2:]).expand(*self.lead, heads, *x.shape[-2:])
+        return x.reshape(math.prod(self.lead), heads, *x.shape[-2:])
+
     def inputs(self, *xs):
-        """q, k, v or their tangents in the 4-d layout (None stays None)."""
-        if self.single_head:
-            return tuple(None if x is None else x.reshape(1, 1, *x.shape) for x in xs)
-        return tuple(None if x is None else x.reshape(math.prod(self.lead), *x.shape[-3:]) for x in xs)
+        """q, k, v or their tangents (in that order; None stays None) in the 4-d layout."""
+        return tuple(self._four_d(x, h) for x, h in zip(xs, self._heads))
 
     def tangents(self, primals, tangents):
         """Tangents (None = zero) in the 4-d layout, each first checked to have its primal's shape."""
@@ -127,20 +146,26 @@ class SDPAShapes:
         if attn_mask.dim() > len(self.lead) + 3:
             raise ValueError(f"attn_mask: expected at most {len(self.lead) + 3} dims like query, got shape "
                              f"{tuple(attn_mask.shape)}")
-        try:
-            lead = torch.broadcast_shapes(tuple(attn_mask.shape[:-3]), self.lead)
-        except RuntimeError:
-            lead = None
-        if lead != self.lead:
-            raise ValueError(f"attn_mask: leading dims {tuple(attn_mask.shape[:-3])} do not broadcast to query's "
-                             f"{self.lead}")
+        if not _broadcastable(tuple(attn_mask.shape[:-3]), self.lead):
+            raise ValueError(f"attn_mask: leading dims {tuple(attn_mask.shape[:-3])} do not broadcast to the "
+                             f"inputs' {self.lead}")
         return attn_mask.expand(*self.lead, *attn_mask.shape[-3:]).reshape(math.prod(self.lead), *attn_mask.shape[-3:])
 
     def restore(self, out: torch.Tensor) -> torch.Tensor:
         """A (batch, heads, tokens, channels) output with the inputs' leading dims."""
         if self.single_head:
             return out.reshape(out.shape[-2:])
+        if self.ndim == 3:
+            return out.reshape(out.shape[-3:])
         return out.reshape(*self.lead, *out.shape[-3:])
+
+
+def _broadcastable(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target``."""
+    try:
+        return tuple(torch.broadcast_shapes(tuple(shape), tuple(target))) == tuple(target)
+    except RuntimeError:
+        return False
 
 
 def broadcast_batch(primals, tangents=(None, None, None)):
@@ -254,7 +279,7 @@ def make_problem(
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
         raise ValueError(f"query: heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if Hq != Hkv and not enable_gqa:
+    if Hq != Hkv and Hkv != 1 and not enable_gqa:  # one key/value head broadcasts over the query's (as in SDPA)
         raise ValueError(
             f"key: {Hkv} heads differ from query's {Hq}; pass enable_gqa=True for grouped-query attention"
         )

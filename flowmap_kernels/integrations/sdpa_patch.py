@@ -23,13 +23,13 @@ a reference stored elsewhere (``self.fn = F.scaled_dot_product_attention``) no
 
 Calls the patch cannot serve exactly run the original function (never a different result) with a
 :class:`SDPAFallbackWarning` once per reason: ``dropout_p > 0``, nested tensors, inputs with fewer than 2
-dims or different numbers of dims (SDPA broadcasts those), ``attn_mask`` together with ``is_causal``,
-unknown keyword arguments, and anything
-:func:`flowmap_kernels.attention.make_problem` or the backend registry rejects (dtype, shapes, batch dims
-that differ, an explicitly selected backend that cannot run the call). 2-d (tokens, dim) and 3-d inputs
-(heads, tokens, dim) and inputs with more than 4 dims are served as ``fk.attention`` serves them (leading dims
-flattened into the batch); so are float masks that require grad (learned biases) or carry a forward-mode
-tangent, float32 masks with 16-bit inputs, a batch of 1 in query or key / value (broadcast, as SDPA) and, inside
+dims, ``attn_mask`` together with ``is_causal``, unknown keyword arguments, and anything
+:func:`flowmap_kernels.attention.make_problem` or the backend registry rejects (dtype, shapes, leading dims
+that do not broadcast, an explicitly selected backend that cannot run the call). 2-d (tokens, dim) and 3-d
+inputs (heads, tokens, dim), inputs with more than 4 dims and inputs with different numbers of dims are
+served as ``fk.attention`` serves them (leading dims broadcast as in SDPA and flattened into the batch); so
+are float masks that require grad (learned biases) or carry a forward-mode tangent, float32 masks with 16-bit
+inputs, a batch of 1 in query or key / value and one key / value head (broadcast, as SDPA) and, inside
 ``torch.autocast``, mixed input dtypes (cast to the autocast dtype, as SDPA's). The routing ignores
 ``torch.nn.attention.sdpa_kernel``: inside the patch every supported call goes to ``fk.attention``.
 
@@ -104,7 +104,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
 
     The arguments are checked by :func:`flowmap_kernels.attention.make_problem` (what fk.attention itself
     runs) and the backend registry; before that only what the patch adds to fk.attention's contract: SDPA's
-    keyword set, nested tensors, inputs of fewer or different numbers of dims and a mask's forward-mode tangent.
+    keyword set, nested tensors, inputs of fewer than 2 dims and a mask's forward-mode tangent.
     """
     if extra:
         return "keywords", f"unknown keyword arguments {sorted(extra)}"
@@ -112,10 +112,9 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     for name, x in named:
         if isinstance(x, torch.Tensor) and x.is_nested:
             return "nested", f"{name} is a nested tensor"
-    if all(isinstance(x, torch.Tensor) for x in (query, key, value)) and not (
-            query.dim() == key.dim() == value.dim() and query.dim() >= 2):
-        return "ndim", (f"inputs must have the same number of dims, at least 2, got {query.dim()}, {key.dim()}, "
-                        f"{value.dim()} dims")
+    if all(isinstance(x, torch.Tensor) for x in (query, key, value)) and min(query.dim(), key.dim(),
+                                                                             value.dim()) < 2:
+        return "ndim", f"inputs must have at least 2 dims, got {query.dim()}, {key.dim()}, {value.dim()} dims"
     ac = autocast_dtype(query)
     if ac is not None:  # fk.attention casts as autocast casts SDPA's arguments
         query, key, value, attn_mask = (autocast_cast(x, ac) for x in (query, key, value, attn_mask))

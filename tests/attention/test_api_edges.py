@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import flowmap_kernels as fk
 from tests.attention.backend_env import BACKENDS, on_backend
 from tests.numerics import rel_err
-from tests.reference import loss_on_outputs, ref_attention, ref_grads
+from tests.reference import loss_on_outputs, ref_attention, ref_grads, ref_jvp
 
 
 def _qkv(dtype=torch.float32, b=1, hq=2, hkv=2, lq=4, lk=6, d=8, dv=5, seed=0):
@@ -191,6 +191,79 @@ def test_sdpa_shapes_2d(backend, mask_kind):
     loss_on_outputs(o, to, wo, wt).backward()
     for x, r in zip(leaves, rgrads):
         assert x.grad.shape == x.shape and rel_err(x.grad, r.reshape(x.shape)) < 5e-5
+
+
+def _ref_broadcast(xs, wo, wt, lead, **kw):
+    """Float64 (O, tO) and the gradients of loss_on_outputs for q, k, v, tq, tk, tv whose dims before
+    (heads, tokens, dim) broadcast to ``lead`` as in SDPA: each expanded and flattened by hand."""
+    leaves = [x.detach().double().requires_grad_(True) for x in xs]
+    nd = len(lead) + 3
+    flat = [x.reshape((1,) * (nd - x.dim()) + tuple(x.shape)).expand(*lead, *x.shape[-3:]).reshape(-1, *x.shape[-3:])
+            if x.dim() >= 3 else x[None, None] for x in leaves]
+    mask = kw.get("attn_mask")
+    if mask is not None and mask.dim() > 3:
+        kw = {**kw, "attn_mask": mask.expand(*lead, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])}
+    o, to = ref_jvp(*flat, **kw)
+    out_shape = (*lead, *o.shape[1:]) if nd > 3 else o.shape[-3 if xs[0].dim() == 3 else -2:]
+    o, to = o.reshape(out_shape), to.reshape(out_shape)
+    grads = torch.autograd.grad(loss_on_outputs(o, to, wo, wt), leaves)
+    return (o.detach(), to.detach()), grads
+
+
+# (query, key, value) dims before (tokens, dim), incl. heads; the broadcast leading dims; enable_gqa; mask shape
+BROADCAST_CASES = {
+    "5d-q-4d-kv-gqa": ((2, 3, 4), (3, 2), (3, 2), (2, 3), True, None),
+    "both-broadcast": ((2, 1, 2), (1, 3, 2), (1, 3, 2), (2, 3), False, (3, 1, 5, 6)),
+    "4d-q-3d-kv-one-head": ((2, 2), (1,), (1,), (2,), False, (5, 6)),
+    "3d-q-4d-kv": ((2,), (2, 2), (2, 2), (2,), False, None),
+    "key-value-leads-differ": ((2, 3, 2), (2, 1, 2), (1, 3, 2), (2, 3), False, (2, 3, 1, 5, 6)),
+    "4d-batch-and-head-broadcast": ((2, 4), (1, 1), (1, 1), (2,), False, None),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BROADCAST_CASES)
+def test_sdpa_broadcasting_of_leading_dims_and_one_key_head(backend, case):
+    """SDPA broadcasts the dims before (tokens, dim): fewer dims read with leading ones, dims of 1 stretched,
+    one key/value head serving every query head. O and tO of fk.attention under torch.func.jvp and of
+    attention_jvp against the float64 reference on inputs broadcast by hand, O against SDPA, and the gradients
+    (summed over the broadcast dims) of a loss on both outputs."""
+    qd, kd, vd, lead, gqa, mask_shape = BROADCAST_CASES[case]
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(*dims, n, d, generator=g, dtype=torch.float64).float()
+          for dims, n, d in ((qd, 5, 8), (kd, 6, 8), (vd, 6, 3)) * 2]
+    mask = None if mask_shape is None else torch.rand(*mask_shape, generator=g) > 0.3
+    kw = dict(attn_mask=mask, enable_gqa=gqa)
+    want = F.scaled_dot_product_attention(*(x.double() for x in xs[:3]), **kw)
+    wo, wt = (torch.randn(want.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    (ro, rto), rgrads = _ref_broadcast(xs, wo, wt, lead, **kw)
+    assert ro.shape == want.shape and rel_err(ro, torch.nan_to_num(want)) < 1e-12
+    leaves = [x.clone().requires_grad_(True) for x in xs]
+    with on_backend(backend):
+        o2, to2 = torch.func.jvp(lambda a, b, c: fk.attention(a, b, c, **kw), tuple(xs[:3]), tuple(xs[3:]))
+        o, to = fk.attention_jvp(*leaves, **kw)
+    assert o.shape == to.shape == o2.shape == want.shape
+    for got, ref in ((o, ro), (to, rto), (o2, ro), (to2, rto)):
+        assert rel_err(got, ref) < 1e-5
+    loss_on_outputs(o, to, wo, wt).backward()
+    for x, r in zip(leaves, rgrads):
+        assert x.grad.shape == x.shape and rel_err(x.grad, r) < 5e-5
+
+
+@pytest.mark.parametrize("shapes, pattern", [
+    (((2, 2, 5, 8), (3, 2, 6, 8), (3, 2, 6, 8)), r"key/value: batch size must match query's 2"),
+    (((2, 3, 2, 5, 8), (3, 2, 6, 8), (2, 2, 6, 8)), r"value: leading dims \(1, 2\) do not broadcast with query's "
+                                                    r"\(2, 3\)"),
+    (((2, 3, 2, 5, 8), (4, 2, 2, 6, 8), (2, 2, 6, 8)), r"key: leading dims \(4, 2\) do not broadcast"),
+    (((2, 5, 8), (2, 6, 8), (6,)), r"value: expected at least 2 dims"),
+    (((4, 5, 8), (2, 6, 8), (2, 6, 8)), r"key: 2 heads differ from query's 4; pass enable_gqa=True"),
+])
+def test_sdpa_leading_dims_that_do_not_broadcast_are_named(shapes, pattern):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=pattern):
+        fk.attention(q, k, v)
+    with pytest.raises(ValueError, match=pattern):
+        fk.attention_jvp(q, k, v, None, None, None)
 
 
 def test_sdpa_shapes_tangent_shape_is_checked_before_flattening():

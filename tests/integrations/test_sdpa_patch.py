@@ -163,13 +163,12 @@ def _fallback_cases():
     m = torch.zeros(1, 1, 7, 7, dtype=torch.float32)
     return {
         "dropout_p": (dict(dropout_p=0.25), (q, k, v)),
-        "ndim": (dict(), (q, k[0], v[0])),  # SDPA broadcasts the key/value over the batch
         # a float16 mask with float32 inputs: SDPA's own error (fk.attention refuses it too)
         "ValueError:attn_mask": (dict(attn_mask=m.half()), (q, k, v)),
     }
 
 
-@pytest.mark.parametrize("reason", ["dropout_p", "ndim"])
+@pytest.mark.parametrize("reason", ["dropout_p"])
 def test_fallback_gives_the_original_result_and_warns_once_per_reason(reason):
     kw, (q, k, v) = _fallback_cases()[reason]
     torch.manual_seed(7)
@@ -198,15 +197,17 @@ def test_sdpa_error_cases_fall_back_to_the_original_error():
 
 def test_float32_mask_with_half_inputs_and_a_shared_key_batch_are_served():
     """What SDPA accepts beyond fk.attention's 4-d contract is served, not fallen back: a float32 mask with
-    float16 inputs and a key / value batch of 1 (broadcast over the query batch)."""
+    float16 inputs, a key / value batch of 1 (broadcast over the query batch), 3-d key / value with 4-d
+    query, and leading dims that broadcast."""
     q, k, v = _qkv(dtype=torch.float32)
     m = torch.randn(1, 1, 7, 7)
-    tq = torch.randn_like(q)
-    cases = [((q.half(), k.half(), v.half()), dict(attn_mask=m)), ((q, k[:1], v[:1]), {})]
+    cases = [((q.half(), k.half(), v.half()), dict(attn_mask=m)), ((q, k[:1], v[:1]), {}),
+             ((q, k[0], v[0]), {}), ((q[:1].expand(3, *q.shape[1:])[:, None].contiguous(), k[None], v[None]), {})]
     for (a, b, c), kw in cases:
         want = ORIGINAL(a.float(), b.float(), c.float(), **kw)
         with patch_sdpa():
-            o, to = torch.func.jvp(lambda x: F.scaled_dot_product_attention(x, b, c, **kw), (a,), (tq.to(a.dtype),))
+            o, to = torch.func.jvp(lambda x: F.scaled_dot_product_attention(x, b, c, **kw), (a,),
+                                   (torch.randn_like(a),))
         assert rel_err(o, want) < 1e-3 and torch.isfinite(to).all()
     assert fallback_counts() == {}
 
@@ -216,7 +217,8 @@ def test_distinct_reasons_warn_separately_and_reset_rearms():
     with patch_sdpa(), warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
-        F.scaled_dot_product_attention(q, k[0], v[0])
+        with pytest.raises(RuntimeError, match="attn_mask dtype"):  # the original's error, after its warning
+            F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(1, 1, 7, 7, dtype=torch.half))
         F.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
         reset_fallbacks()
         F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
