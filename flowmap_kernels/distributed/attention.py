@@ -24,8 +24,6 @@ def _normalise_mask(attn_mask, q, is_causal, lq_local: int, lk_total: int):
         raise ValueError("attn_mask: cannot be combined with is_causal=True (as in SDPA); fold causality into the mask")
     if fwAD.unpack_dual(attn_mask).tangent is not None:
         raise ValueError("attn_mask: forward-mode tangents of the mask are not supported (the mask must be a constant)")
-    if attn_mask.requires_grad:
-        raise ValueError("attn_mask: gradients with respect to the mask are not supported; pass mask.detach()")
     mask_kind(attn_mask, q)  # ValueError unless bool, float32 or the query dtype
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask: device {attn_mask.device} does not match query device {q.device}")
@@ -107,7 +105,9 @@ def context_parallel_attention(q, k, v, attn_mask=None, is_causal=False, scale=N
     ``shard_sequence(x, group, dim=2, load_balance=load_balance)`` (queries and keys sharded separately, so
     Lq != Lk works) -> O (B, Hq, Lq_local, Dv), this rank's rows of SDPA over the full sequence. ``attn_mask``
     holds this rank's query rows against all keys in global order, broadcastable to (B, Hq, Lq_local, Lk);
-    bool (True = may attend) or float (added to the logits). ``is_causal`` is top-left aligned in global
+    bool (True = may attend) or float (added to the logits). A float mask may require grad (a learned bias):
+    this rank's rows get their gradient; one broadcast over the rows gets this rank's share, the shares
+    summing over the ranks to the whole. ``is_causal`` is top-left aligned in global
     positions. ``mode``: "ring" (K/V blocks passed around the ring, partials merged exactly) or "ulysses"
     (all-to-all to head shards; needs Hq and Hkv divisible by the group size). Works under torch.func.jvp
     and torch.autograd.forward_ad with a differentiable tangent; gradients reach q, k, v. Every rank of

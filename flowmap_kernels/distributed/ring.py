@@ -52,8 +52,9 @@ class RingSpec:
 
 
 def _block_pairs(spec: RingSpec, src: int, mask: Optional[torch.Tensor], device):
-    """(query slice, key slice, causal flag, mask) for every visible (query piece, key piece) pair between
-    this rank's queries and the key block of rank ``src``."""
+    """(query slice, key slice, causal flag, mask, mask index) for every visible (query piece, key piece) pair
+    between this rank's queries and the key block of rank ``src``; the mask of a pair is ``mask[mask index]``
+    (both None without a user mask)."""
     for ql0, qg0, qn in spec.q_layout.local_pieces(spec.rank):
         for kl0, kg0, kn in spec.k_layout.local_pieces(src):
             qs, ks = slice(ql0, ql0 + qn), slice(kl0, kl0 + kn)
@@ -61,22 +62,26 @@ def _block_pairs(spec: RingSpec, src: int, mask: Optional[torch.Tensor], device)
                 if kg0 > qg0 + qn - 1:
                     continue  # every key after every query: invisible
                 if kg0 + kn - 1 <= qg0:
-                    yield qs, ks, False, None  # every key at or before every query: fully visible
+                    yield qs, ks, False, None, None  # every key at or before every query: fully visible
                 elif kg0 == qg0:
-                    yield qs, ks, True, None  # aligned diagonal block: the kernels' own causal flag
+                    yield qs, ks, True, None, None  # aligned diagonal block: the kernels' own causal flag
                 else:
                     rows = torch.arange(qg0, qg0 + qn, device=device)[:, None]
                     cols = torch.arange(kg0, kg0 + kn, device=device)[None, :]
-                    yield qs, ks, False, (rows >= cols)[None, None]
+                    yield qs, ks, False, (rows >= cols)[None, None], None
                 continue
-            block_mask = None
-            if mask is not None:
-                block_mask = mask
-                if spec.mask_rows:
-                    block_mask = block_mask[:, :, ql0:ql0 + qn]
-                if spec.mask_cols:
-                    block_mask = block_mask[..., kg0:kg0 + kn]
-            yield qs, ks, False, block_mask
+            if mask is None:
+                yield qs, ks, False, None, None
+            else:
+                index = _mask_index(spec, ql0, qn, kg0, kn)
+                yield qs, ks, False, mask[index], index
+
+
+def _mask_index(spec: RingSpec, ql0: int, qn: int, kg0: int, kn: int):
+    """The index of the (local query rows, global key columns) piece in the 4-d mask (its broadcast dims whole)."""
+    rows = slice(ql0, ql0 + qn) if spec.mask_rows else slice(None)
+    cols = slice(kg0, kg0 + kn) if spec.mask_cols else slice(None)
+    return slice(None), slice(None), rows, cols
 
 
 def _rows(x, s):
@@ -126,7 +131,7 @@ def ring_forward(q, k, v, tq, tk, tv, mask, spec: RingSpec):
         if step < W - 1:
             n_next = spec.k_layout.local_length((r - step - 1) % W)
             exchange = RingExchange(block, [_shape_with_len(x, n_next) for x in block], spec.group, "ring", tag=0)
-        for qs, ks, causal, bmask in _block_pairs(spec, src, mask, q.device):
+        for qs, ks, causal, bmask, _ in _block_pairs(spec, src, mask, q.device):
             kb, vb = _rows(block[0], ks), _rows(block[1], ks)
             qb, tqb = q_rows[(qs.start, qs.stop)]
             if with_tangent:
@@ -147,12 +152,15 @@ def ring_forward(q, k, v, tq, tk, tv, mask, spec: RingSpec):
     return o.to(q.dtype), (to.to(q.dtype) if with_tangent else None), lse, mu
 
 
-def ring_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, spec: RingSpec):
-    """Gradients for (q, k, v[, tq, tk, tv]) from dO (may be None) and dtO (None: primal backward).
+def ring_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, spec: RingSpec, mask_grad: bool = False):
+    """Gradients for (q, k, v[, tq, tk, tv]) from dO (may be None) and dtO (None: primal backward), and of
+    the float mask when ``mask_grad`` (else None): (dq, dk, dv, dtq, dtk, dtv, dmask).
 
     At step s this rank adds its queries' share to the accumulators of block r - s, which arrived from rank
     r - 1 while step s - 1 was computing, and sends them on to rank r + 1 without waiting; after W steps
-    the accumulators of its own block come home.
+    the accumulators of its own block come home. The mask holds this rank's query rows against every key,
+    so its gradient stays here: each (query piece, key block) pair adds its logits gradient (one blockwise
+    pass, ``kernels.attention_mask_backward``, with the merged row statistics) to the pair's piece of it.
     """
     tangent = dto is not None
     acc = acc_dtype(q.dtype)
@@ -171,6 +179,7 @@ def ring_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, spec: Ring
             mu=mu[:, :, qs].contiguous() if tangent else None, dto=_rows(dto, qs) if tangent else None)
     incoming = None  # exchange delivering the accumulators of the block processed next
     grads = None
+    dmask = torch.zeros(mask.shape, dtype=acc_dtype(mask.dtype), device=mask.device) if mask_grad else None
     for step in range(W):
         src = (r - step) % W
         exchange = None
@@ -178,9 +187,14 @@ def ring_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, spec: Ring
         if step < W - 1:
             exchange = RingExchange(block, [_shape_with_len(x, n_next) for x in block], spec.group, "ring", tag=0)
         contrib = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in block]
-        for qs, ks, causal, bmask in _block_pairs(spec, src, mask, q.device):
+        for qs, ks, causal, bmask, mindex in _block_pairs(spec, src, mask, q.device):
             qr = rows[(qs.start, qs.stop)]
             kb, vb = _rows(block[0], ks), _rows(block[1], ks)
+            if mask_grad and mindex is not None:
+                tkb, tvb = (_rows(block[2], ks), _rows(block[3], ks)) if tangent else (None, None)
+                g = kernels.attention_mask_backward(qr["q"], kb, vb, qr["tq"], tkb, tvb, qr["o"], qr["to"], qr["lse"],
+                                                    qr["mu"], qr["do"], qr["dto"], bmask, causal, spec.scale)
+                dmask[mindex] += g
             if tangent:
                 gs = kernels.attention_jvp_backward(qr["q"], kb, vb, qr["tq"], _rows(block[2], ks),
                                                     _rows(block[3], ks), qr["o"], qr["to"], qr["lse"], qr["mu"],
@@ -207,9 +221,10 @@ def ring_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, spec: Ring
     if incoming is not None:
         grads = incoming.wait()
     dk, dv = grads[0].to(k.dtype), grads[1].to(v.dtype)
+    dmask = None if dmask is None else dmask.to(mask.dtype)
     if not tangent:
-        return dq.to(q.dtype), dk, dv, None, None, None
-    return dq.to(q.dtype), dk, dv, dtq.to(q.dtype), grads[2].to(k.dtype), grads[3].to(v.dtype)
+        return dq.to(q.dtype), dk, dv, None, None, None, dmask
+    return dq.to(q.dtype), dk, dv, dtq.to(q.dtype), grads[2].to(k.dtype), grads[3].to(v.dtype), dmask
 
 
 class RingAttentionJVPFunction(torch.autograd.Function):
@@ -234,9 +249,17 @@ class RingAttentionJVPFunction(torch.autograd.Function):
         q, k, v, tq, tk, tv, mask, o, to, lse, mu = ctx.saved_tensors
         if do is None and dto is None:
             return (None,) * 8
-        grads = ring_backward(q, k, v, tq, tk, tv, o, to if dto is not None else None, lse,
-                              mu if dto is not None else None, do, dto, mask, ctx.spec)
-        return (*grads, None, None)
+        *grads, dmask = ring_backward(q, k, v, tq, tk, tv, o, to if dto is not None else None, lse,
+                                      mu if dto is not None else None, do, dto, mask, ctx.spec,
+                                      mask_grad=ctx.needs_input_grad[6])
+        return (*grads, dmask, None)
+
+    @staticmethod
+    def jvp(ctx, *_tangents):
+        raise NotImplementedError(
+            "context_parallel_attention: mode='ring' has no forward-mode derivative of (O, tO) (forward-over-forward, "
+            "e.g. nested torch.func.jvp); mode='ulysses' has one, and reverse mode through the tangent works in "
+            "both modes (torch.autograd.grad / torch.func.grad over one jvp)")
 
 
 class RingAttentionFunction(torch.autograd.Function):
@@ -265,8 +288,9 @@ class RingAttentionFunction(torch.autograd.Function):
         q, k, v, mask, o, lse = ctx.saved_tensors
         if do is None:
             return (None,) * 5
-        dq, dk, dv = ring_backward(q, k, v, None, None, None, o, None, lse, None, do, None, mask, ctx.spec)[:3]
-        return dq, dk, dv, None, None
+        grads = ring_backward(q, k, v, None, None, None, o, None, lse, None, do, None, mask, ctx.spec,
+                              mask_grad=ctx.needs_input_grad[3])
+        return (*grads[:3], grads[6], None)
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, tmask, _tspec):

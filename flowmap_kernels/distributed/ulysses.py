@@ -101,12 +101,21 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.spec, ctx.to_heads = inputs[0], inputs[1]
+        ctx.inputs_like = [(x.shape, x.dtype, x.device) for x in inputs[2:]]
 
     @staticmethod
     def backward(ctx, *gs):
         gs = [g.contiguous() for g in gs]
         inverse = heads_to_seq if ctx.to_heads else seq_to_heads
         return (None, None, *inverse(gs, ctx.spec.layouts, ctx.spec.group))
+
+    @staticmethod
+    def jvp(ctx, _spec, _to_heads, *tangents):
+        # linear: the tangents move as the tensors do (every rank sends, so absent ones move as zeros)
+        tangents = [torch.zeros(shape, dtype=dtype, device=device) if t is None else t.contiguous()
+                    for (shape, dtype, device), t in zip(ctx.inputs_like, tangents)]
+        fn = seq_to_heads if ctx.to_heads else heads_to_seq
+        return tuple(fn(tangents, ctx.spec.layouts, ctx.spec.group))
 
 
 def _seq_to_heads(spec: UlyssesSpec, *xs):
@@ -119,8 +128,29 @@ def _heads_to_seq(spec: UlyssesSpec, *ys):
     return _AllToAll.apply(spec, False, *ys)
 
 
+class _GatherRows(torch.autograd.Function):
+    """(Bm, 1, L_local, Lk) rows of a mask shared by every head -> all (Bm, 1, L, Lk) rows on every rank; the
+    gradient of each rank's rows is the sum of every rank's gradient of them."""
+
+    @staticmethod
+    def forward(spec: UlyssesSpec, x):
+        return seq_to_heads([x.contiguous()], spec.layouts, spec.group, split_heads=False)[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec = inputs[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        parts = heads_to_seq([g.contiguous()], ctx.spec.layouts, ctx.spec.group)[0]  # (Bm, W, L_local, Lk)
+        return None, parts.sum(dim=1, keepdim=True)
+
+
 def mask_to_heads(mask, q_heads: int, q_layout: SequenceLayout, group):
-    """This rank's (Bm, Hm or H/W, L or 1, Lk) mask from its (Bm, Hm, L_local or 1, Lk) rows."""
+    """This rank's (Bm, Hm or H/W, L or 1, Lk) mask from its (Bm, Hm, L_local or 1, Lk) rows. A float mask
+    is moved by differentiable all-to-alls, so that a learned one gets its gradient: that of this rank's rows
+    comes back to it (a mask broadcast over the rows gets this rank's heads' share, summing to the whole over
+    the ranks)."""
     world, rank = world_and_rank(group)
     per_head = mask.shape[1] == q_heads and q_heads > 1
     if mask.shape[2] == 1 or q_layout.total == 0:
@@ -128,6 +158,9 @@ def mask_to_heads(mask, q_heads: int, q_layout: SequenceLayout, group):
             h = q_heads // world
             return mask[:, rank * h:(rank + 1) * h]
         return mask
+    if mask.is_floating_point():  # (not mask.requires_grad: inside torch.func.jvp a captured tensor reads False)
+        spec = UlyssesSpec(group, (q_layout,))
+        return _seq_to_heads(spec, mask)[0] if per_head else _GatherRows.apply(spec, mask)
     as_bytes = mask.dtype == torch.bool
     with torch._C._DisableFuncTorch():  # a constant: plain tensors even inside torch.func transforms
         m = mask.to(torch.uint8) if as_bytes else mask

@@ -5,7 +5,8 @@ and the six gradients of a loss on both outputs, under torch.func.jvp, forward_a
 function, plus the primal path (O and dQ, dK, dV; it must run the primal kernels only); every dtype
 within tests.numerics.TOLERANCE (float64 1e-11 relative). Shard / gather round trips, two
 sub-groups side by side, torch.func.grad over torch.func.jvp, the ring Function's own forward-mode rule,
-the DiT switch (with and without activation checkpointing) and argument errors run in the same jobs.
+learned float masks' gradients, nested jvp, the DiT switch (with and without activation checkpointing) and
+argument errors run in the same jobs.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 import flowmap_kernels.distributed as fkd
 from tests.distributed.harness import spawn
 from tests.distributed.workers import (CPCase, attention_cases, autocast_check, dit_checks, error_checks,
-                                      functional_grad_check, ring_jvp_rule_check, shard_gather_checks, subgroup_cases)
+                                      forward_over_forward_check, functional_grad_check, mask_grad_cases,
+                                      ring_jvp_rule_check, shard_gather_checks, subgroup_cases)
 from tests.numerics import TOLERANCE
 
 TOL = TOLERANCE[torch.float64]  # 1e-11 relative (norm ratio)
@@ -37,6 +39,13 @@ CASES = [
     CPCase.of(name="bfloat16_bool_mask", mask="bool", q_len=16, kv_len=16, dtype=torch.bfloat16),
 ]
 BY_NAME = {c.name: c for c in CASES}
+# float masks that require grad (learned biases): per row and head, shared by the heads, broadcast over rows
+MASK_GRAD_CASES = [
+    CPCase.of(name="float_mask_grad", mask="float", q_len=10, kv_len=12, head_dim=4),
+    CPCase.of(name="float_rows_mask_grad_load_balance", mask="float_rows", load_balance=True, q_len=13, kv_len=13),
+    CPCase.of(name="key_bias_grad_gqa", mask="float_keys", q_heads=4, kv_heads=2, batch=1, q_len=9, kv_len=15),
+    CPCase.of(name="head_key_bias_grad", mask="float_head_keys", batch=1, q_len=11, kv_len=7),
+]
 
 
 def _check_attention(results, world, cases=CASES):
@@ -57,10 +66,21 @@ def _check_attention(results, world, cases=CASES):
     assert modes == expected
 
 
+def _check_mask_grad(results, world):
+    expected = {(c.name, m) for c in MASK_GRAD_CASES for m in ("ring", "ulysses")
+                if m == "ring" or (c.q_heads % world == 0 and c.kv_heads % world == 0)}
+    assert set(results) == expected
+    bad = {key: {k: v for k, v in errs.items() if not v < TOL} for key, errs in results.items()}
+    assert not any(bad.values()), bad
+    assert all({"dmask/func.jvp", "dmask/explicit", "dmask/primal"} <= set(errs) for errs in results.values())
+
+
 def _world2_job(rank, world):
     return dict(attention=attention_cases(rank, world, CASES), shard=shard_gather_checks(rank, world),
+                mask_grad=mask_grad_cases(rank, world, MASK_GRAD_CASES),
                 errors=error_checks(rank, world), jvp_rule=ring_jvp_rule_check(rank, world),
                 func_grad=functional_grad_check(rank, world), autocast=autocast_check(rank, world),
+                forward_over_forward=forward_over_forward_check(rank, world),
                 dit=dit_checks(rank, world, DIT_CONFIGS))
 
 
@@ -71,6 +91,7 @@ DIT_CONFIGS = [("ring", False, False), ("ring", True, False), ("ulysses", False,
 
 def _world4_job(rank, world):
     return dict(attention=attention_cases(rank, world, CASES), shard=shard_gather_checks(rank, world),
+                mask_grad=mask_grad_cases(rank, world, MASK_GRAD_CASES),
                 subgroups=subgroup_cases(rank, world, SUBGROUP_CASES), autocast=autocast_check(rank, world))
 
 
@@ -98,6 +119,13 @@ def test_attention_on_two_subgroups_of_four_ranks(world4):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_mask_gradient(world, world2, world4):
+    """A float mask that requires grad: its gradient (and every other output and gradient) against the
+    single-process float64 reference, ring and Ulysses, on the JVP and primal paths."""
+    _check_mask_grad((world2 if world == 2 else world4)["mask_grad"], world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_shard_and_gather(world, world2, world4):
     res = (world2 if world == 2 else world4)["shard"]
     assert res and all(v == 1.0 for v in res.values()), {k: v for k, v in res.items() if v != 1.0}
@@ -117,6 +145,15 @@ def test_func_grad_over_func_jvp(world2):
     """Pure function transforms (torch.func.grad of a loss on torch.func.jvp), both modes."""
     errs = world2["func_grad"]
     assert set(errs) == {"ring", "ulysses"} and max(errs.values()) < TOL, errs
+
+
+def test_forward_over_forward(world2):
+    """Nested torch.func.jvp: Ulysses (its all-to-alls carry tangents, the local attention has its own rule)
+    against the float64 reference; the ring refuses it naming mode='ulysses'."""
+    res = world2["forward_over_forward"]
+    assert res["ring_error"] == 1.0, res
+    assert set(res) == {"ring_error", "y", "ty", "dy", "dty"} and max(v for k, v in res.items() if k != "ring_error") \
+        < TOL, res
 
 
 @pytest.mark.parametrize("world", [2, 4])

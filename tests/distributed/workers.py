@@ -58,6 +58,12 @@ def _full_tensors(case: CPCase):
         mask[..., 1, :] = float("-inf")  # a fully masked row
     elif case.mask == "keys_only":  # (1, 1, 1, Lk): broadcast over rows
         mask = torch.rand(1, 1, 1, Lk, generator=g) > 0.3
+    elif case.mask == "float_rows":  # (B, 1, Lq, Lk): shared by the heads
+        mask = torch.randn(B, 1, Lq, Lk, generator=g, dtype=torch.float64)
+    elif case.mask == "float_keys":  # (1, 1, 1, Lk): a key bias, broadcast over rows and heads
+        mask = torch.randn(1, 1, 1, Lk, generator=g, dtype=torch.float64)
+    elif case.mask == "float_head_keys":  # (1, Hq, 1, Lk): per head, broadcast over rows
+        mask = torch.randn(1, Hq, 1, Lk, generator=g, dtype=torch.float64)
     if mask is not None and mask.dtype == torch.float64:
         mask = mask.to(case.dtype)
     t = {n: x.to(case.dtype) for n, x in t.items()}  # the reference runs on these values in float64
@@ -162,6 +168,60 @@ def attention_cases(rank, world, cases, modes=("ring", "ulysses"), group=None):
     return out
 
 
+def mask_grad_cases(rank, world, cases, modes=("ring", "ulysses")):
+    """{(case name, mode): {quantity/path: max relative error over ranks}} for a float mask that requires grad
+    (a learned bias): O, tO and the gradients of q, k, v, their tangents and the mask, from a loss on (O, tO)
+    and, on the primal path, on O alone. A mask with per-row entries holds this rank's rows: its gradient is
+    this rank's rows of the reference's. One broadcast over the rows is held whole by every rank: the ranks'
+    gradients sum (all_reduce) to the reference's."""
+    out = {}
+    for case in cases:
+        t = _full_tensors(case)
+        kw_ref = dict(case.kwargs)
+        full = [t[n].clone().requires_grad_() for n in ("q", "k", "v", "tq", "tk", "tv")]
+        ref_mask = t["mask"].clone().requires_grad_()
+        ro, rto = ref_jvp(*full, **kw_ref, attn_mask=ref_mask)
+        rgrads = torch.autograd.grad(loss_on_outputs(ro, rto, t["wo"], t["wt"]), full + [ref_mask])
+        ref_o = ref_attention(*full[:3], **kw_ref, attn_mask=ref_mask)
+        rgrads_primal = torch.autograd.grad((ref_o * t["wo"]).sum(), full[:3] + [ref_mask])
+        lb = case.load_balance
+        shard = lambda x: fkd.shard_sequence(x, None, dim=2, load_balance=lb)  # noqa: E731
+        wo, wt = shard(t["wo"]), shard(t["wt"])
+
+        def mask_err(local_grad, ref_grad):
+            if t["mask"].shape[2] == 1:
+                total = local_grad.detach().clone()
+                dist.all_reduce(total)
+                return rel_err(total, ref_grad)
+            return rel_err(local_grad, shard(ref_grad))
+
+        for mode in modes:
+            if mode == "ulysses" and (case.q_heads % world or case.kv_heads % world):
+                continue
+            kw = dict(case.kwargs, mode=mode, load_balance=lb)
+            errors = {}
+            for path in ("func.jvp", "explicit"):
+                leaves = [shard(t[n]).requires_grad_() for n in ("q", "k", "v", "tq", "tk", "tv")]
+                mask = _local_mask(t["mask"], None, lb).clone().requires_grad_()
+                o, to = _cp_jvp(path, *leaves, mask, kw)
+                errors[f"o/{path}"] = rel_err(o, shard(ro.detach()))
+                errors[f"to/{path}"] = rel_err(to, shard(rto.detach()))
+                grads = torch.autograd.grad(loss_on_outputs(o, to, wo, wt), leaves + [mask])
+                for n, a, b in zip(("dq", "dk", "dv", "dtq", "dtk", "dtv"), grads, rgrads):
+                    errors[f"{n}/{path}"] = rel_err(a, shard(b))
+                errors[f"dmask/{path}"] = mask_err(grads[6], rgrads[6])
+            leaves = [shard(t[n]).requires_grad_() for n in ("q", "k", "v")]
+            mask = _local_mask(t["mask"], None, lb).clone().requires_grad_()
+            o = fkd.context_parallel_attention(*leaves, mask, **kw)
+            grads = torch.autograd.grad((o * wo).sum(), leaves + [mask])
+            errors["o/primal"] = rel_err(o, shard(ref_o.detach()))
+            for n, a, b in zip(("dq", "dk", "dv"), grads, rgrads_primal):
+                errors[f"{n}/primal"] = rel_err(a, shard(b))
+            errors["dmask/primal"] = mask_err(grads[3], rgrads_primal[3])
+            out[(case.name, mode)] = _max_over_ranks(errors)
+    return out
+
+
 def shard_gather_checks(rank, world):
     """Round trips and the gradient / tangent of gather_sequence; returns {check: value}."""
     res = {}
@@ -217,7 +277,8 @@ def error_checks(rank, world):
     m = torch.ones(1, 1, 4, 4 * world, dtype=torch.bool)
     res["mask_causal"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, m, is_causal=True), ValueError,
                                  "is_causal")
-    res["gqa_flag"] = _raises(lambda: fkd.context_parallel_attention(q, q[:, :1], q[:, :1]), ValueError,
+    q4 = torch.randn(1, 4, 4, 8, dtype=torch.float64)
+    res["gqa_flag"] = _raises(lambda: fkd.context_parallel_attention(q4, q4[:, :2], q4[:, :2]), ValueError,
                               "enable_gqa")
     res["dim"] = _raises(lambda: fkd.shard_sequence(q, dim=4), ValueError, "dim")
     from flowmap_kernels.nn import dit_tiny
@@ -322,6 +383,27 @@ def functional_grad_check(rank, world):
             return loss_on_outputs(o, to, wo, wt)
         errors[mode] = rel_err(torch.func.grad(loss)(q), shard(rgrads[0]))
     return _max_over_ranks(errors)
+
+
+def forward_over_forward_check(rank, world):
+    """Nested torch.func.jvp (forward-over-forward) of the context-parallel attention: Ulysses against the
+    reference's (y, ty, dy, dty); the ring refuses it with a clear error. {quantity or "ring_error": value}."""
+    from tests.reference import jvp_of_jvp
+    g = torch.Generator().manual_seed(4)
+    full = [torch.randn(1, 4, 10, 8, generator=g, dtype=torch.float64) for _ in range(9)]
+    shard = lambda x: fkd.shard_sequence(x, None, dim=2)  # noqa: E731
+    ref = jvp_of_jvp(lambda a, b, c: ref_attention(a, b, c, is_causal=True), full[:3], full[3:6], full[6:])
+    local = [[shard(x) for x in full[i:i + 3]] for i in (0, 3, 6)]
+    out = {}
+    for mode in ("ring", "ulysses"):
+        f = lambda a, b, c: fkd.context_parallel_attention(a, b, c, is_causal=True, mode=mode)  # noqa: E731
+        if mode == "ring":
+            out["ring_error"] = float(_raises(lambda: jvp_of_jvp(f, *local), NotImplementedError, "mode='ulysses'"))
+            continue
+        (y, ty), (dy, dty) = jvp_of_jvp(f, *local)
+        for n, a, b in zip(("y", "ty", "dy", "dty"), (y, ty, dy, dty), (*ref[0], *ref[1])):
+            out[n] = rel_err(a, shard(b))
+    return _max_over_ranks(out)
 
 
 def autocast_check(rank, world):
