@@ -124,8 +124,12 @@ def _stream(q, k, v, tq, tk, tv, mask, causal, scale, tangent_dtype=None):
         l = torch.zeros(shape, dtype=t.acc, device=q.device)
         acc = torch.zeros(shape + (Dv,), dtype=t.acc, device=q.device)
         if with_tangent:
-            tacc = torch.zeros_like(acc)  # A + B of the streaming form
+            # tacc = sum_j P~_j (tV_j + (tS_j - c) V_j) around the running mean c = r / l of tS, moved by
+            # (c - c') acc when c moves to c': at the end c = mu and tO = tacc / l, with no cancellation
+            # between two large terms (tS can be large where the softmax is sharp)
+            tacc = torch.zeros_like(acc)
             r = torch.zeros_like(l)
+            c = torch.zeros_like(l)
         for j0, j1 in t.k_blocks(i0, i1):
             kb, vb = t.load(k, j0, j1, "kv"), t.load(v, j0, j1, "kv")
             s = t.logits(qb, kb, i0, i1, j0, j1)
@@ -134,21 +138,24 @@ def _stream(q, k, v, tq, tk, tv, mask, causal, scale, tangent_dtype=None):
             alpha = torch.exp(m - m_safe)
             pt = torch.exp(s - m_safe.unsqueeze(-1))
             l = l * alpha + pt.sum(dim=-1)
-            acc = acc * alpha.unsqueeze(-1) + pt @ vb
+            acc = acc * alpha.unsqueeze(-1)
             if with_tangent:
                 tkb, tvb = t.load(tk, j0, j1, "kv"), t.load(tv, j0, j1, "kv")
-                pts = pt * t.tangent_logits(qb, kb, tqb, tkb)
-                r = r * alpha + pts.sum(dim=-1)
-                tacc = tacc * alpha.unsqueeze(-1) + pt @ tvb + pts @ vb
+                ts = t.tangent_logits(qb, kb, tqb, tkb)
+                r = r * alpha + (pt * ts).sum(dim=-1)
+                c_new = torch.where(l > 0, r / torch.where(l > 0, l, torch.ones_like(l)), c)
+                tacc = (tacc * alpha.unsqueeze(-1) + (c - c_new).unsqueeze(-1) * acc + pt @ tvb
+                        + (pt * (ts - c_new.unsqueeze(-1))) @ vb)
+                c = c_new
+            acc = acc + pt @ vb
             m = m_new
         l_safe = torch.where(l == 0, torch.ones_like(l), l).unsqueeze(-1)
         ob = acc / l_safe
         o5[..., i0:i1, :] = ob.to(o.dtype)
         lse5[..., i0:i1] = m + torch.log(l)
         if with_tangent:
-            mub = r.unsqueeze(-1) / l_safe
-            t.q5(to)[..., i0:i1, :] = (tacc / l_safe - mub * ob).to(to.dtype)
-            t.q5(mu)[..., i0:i1] = mub.squeeze(-1)
+            t.q5(to)[..., i0:i1, :] = (tacc / l_safe).to(to.dtype)
+            t.q5(mu)[..., i0:i1] = c
     return o, to, lse, mu
 
 
