@@ -101,13 +101,14 @@ class SDPAShapes:
         self.ndim = max(x.dim() for x in xs)
         self.single_head = self.ndim == 2
         leads = [(1,) * (self.ndim - x.dim()) + tuple(x.shape[:-2]) for x in xs]
-        try:
-            self.lead = tuple(torch.broadcast_shapes(*(lead[:-1] for lead in leads))) if self.ndim > 3 else ()
-        except RuntimeError:
-            bad = next(i for i in (1, 2) if not _broadcastable(leads[i][:-1], leads[0][:-1]))
-            name = ("key", "value")[bad - 1]
-            raise ValueError(f"{name}: leading dims {leads[bad][:-1]} do not broadcast with query's "
-                             f"{leads[0][:-1]} (SDPA's (N, ..., heads, tokens, head_dim))") from None
+        names = ("query", "key", "value")
+        for i, j in ((0, 1), (0, 2), (1, 2)):  # the first pair that does not broadcast names the input
+            try:
+                torch.broadcast_shapes(leads[i][:-1], leads[j][:-1])
+            except RuntimeError:
+                raise ValueError(f"{names[j]}: leading dims {leads[j][:-1]} do not broadcast with {names[i]}'s "
+                                 f"{leads[i][:-1]} (SDPA's (N, ..., heads, tokens, head_dim))") from None
+        self.lead = tuple(torch.broadcast_shapes(*(lead[:-1] for lead in leads)))
         self._heads = [lead[-1] if self.ndim > 2 else 1 for lead in leads]
 
     @property
@@ -120,7 +121,7 @@ class SDPAShapes:
         leading-dims-all-one input kept a batch of one (broadcast_batch stretches it without a copy)."""
         if x is None:
             return None
-        lead = (1,) * (len(self.lead) + 3 - x.dim()) + tuple(x.shape[:-3]) if x.dim() > 3 else (1,) * len(self.lead)
+        lead = (1,) * (len(self.lead) - len(x.shape[:-3])) + tuple(x.shape[:-3])
         if all(n == 1 for n in lead):
             return x.reshape(1, heads, *x.shape[-2:])
         if lead != self.lead:
