@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .triton import (ARCHS, DEFAULT_HEAD_DIMS, DTYPE_NAMES, FAMILIES, RECORD_VERSION, SHARED_LIMIT,  # noqa: F401
-                     TRITON_KERNELS, _worker_main, async_loads, family, is_shipped, mma_kind, mma_shapes, ptx_loops,
-                     ptx_main_loop, sass_spill_bytes, traps, triton_launches, triton_records, ttir_products,
-                     waits_per_iteration)
+                     TRITON_KERNELS, VARIANTS, _worker_main, async_loads, family, is_shipped, mma_kind, mma_shapes,
+                     ptx_loops, ptx_main_loop, sass_spill_bytes, traps, triton_launches, triton_records,
+                     ttir_products, waits_per_iteration)
 
 
 def _default_cache() -> Path:
@@ -151,11 +151,13 @@ def summaries(records: Iterable[dict]) -> list:
     ``complete``: every launch of the pass is among the records; ``predicted_ratio_fa2``: the modelled time
     of the pass over FlashAttention-2's forward (forward, jvp_forward) or backward (backward,
     jvp_backward) on the same problem, None where not modelled (:func:`launch_efficiency`): an ESTIMATE.
+    Dense problems only (records of other ``variant`` s are left out).
     """
     from flowmap_kernels.attention.triton.configs import table_key
     groups: dict = {}
     for r in records:
-        if r.get("source", "triton") != "triton" or "products_per_tile" not in r:
+        if r.get("source", "triton") != "triton" or "products_per_tile" not in r or \
+                r.get("variant", "dense") != "dense":
             continue
         groups.setdefault((pass_of(r["kernel"]), r["dtype"], r["head_dim"], r["arch"]), []).append(r)
     order = list(PASSES)
@@ -213,8 +215,9 @@ def cuda_records_source(archs, **_) -> list:
 
 
 def triton_records_source(archs, head_dims=DEFAULT_HEAD_DIMS, dtypes=("bf16", "fp16", "fp32"),
-                          kernels=TRITON_KERNELS, cache=None, progress=None, workers=1, **_) -> list:
-    return triton_records(archs, head_dims, dtypes, kernels, cache, progress, workers)
+                          kernels=TRITON_KERNELS, cache=None, progress=None, workers=1, variants=("dense",),
+                          **_) -> list:
+    return triton_records(archs, head_dims, dtypes, kernels, cache, progress, workers, variants)
 
 
 #: Record sources: callables (archs, **filters) -> list of records. Append to add more.
@@ -239,7 +242,9 @@ def format_table(records: list) -> str:
     lines = [head, "-" * len(head)]
     for r in records:
         waits = r.get("waits_per_iteration")
-        lines.append(f"{r['kernel']:26s} {r['arch']:7s} {str(r.get('dtype', '')):5s} {str(r.get('head_dim', '')):>4s} "
+        variant = r.get("variant", "dense")
+        kernel = r["kernel"] if variant == "dense" else f"{r['kernel']} ({variant})"
+        lines.append(f"{kernel:26s} {r['arch']:7s} {str(r.get('dtype', '')):5s} {str(r.get('head_dim', '')):>4s} "
                      f"{str(r.get('config', '')):19s} {r['registers']:>4d} {r['spill_bytes']:>6d} "
                      f"{r['shared_bytes']:>7d} {_mma(r):8s} {str(r.get('products_per_tile', '-')):>4s} "
                      f"{'-' if waits is None else str(waits):>5s} {r.get('async_load_kind', '-'):8s} "
@@ -300,6 +305,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", nargs="+", type=int, default=list(DEFAULT_HEAD_DIMS))
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], choices=list(DTYPE_NAMES))
     ap.add_argument("--kernels", nargs="+", default=list(TRITON_KERNELS), choices=list(TRITON_KERNELS))
+    ap.add_argument("--variants", nargs="+", default=["dense"], choices=list(VARIANTS),
+                    help="problems whose launches are compiled: masks, causal, packed sequences, int64 offsets")
     ap.add_argument("--json", type=Path, default=None,
                     help="write the records (then the per-pass summary records, source 'summary') to this JSON file")
     ap.add_argument("--markdown", type=Path, default=None, help="write the records as a Markdown table")
@@ -311,7 +318,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     recs = collect(a.arch, sources=[triton_records_source] if a.triton_only else None, head_dims=a.head_dims,
                    dtypes=a.dtypes, kernels=a.kernels, cache=None if a.no_cache else _default_cache(),
-                   workers=a.workers)
+                   workers=a.workers, variants=a.variants)
     summary = summaries(recs)
     if a.summary:
         print(format_summary(summary))

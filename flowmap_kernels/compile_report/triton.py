@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -44,6 +45,12 @@ TRITON_KERNELS = ("forward", "jvp_forward", "backward_prep", "backward_atomic", 
                   "jvp_backward_prep", "jvp_backward_atomic", "jvp_backward_dkdv", "jvp_backward_dq")
 #: Kernels of the deterministic backward (torch.use_deterministic_algorithms(True)): dQ in a pass of its own.
 DETERMINISTIC_KERNELS = ("backward_dkdv", "backward_dq", "jvp_backward_dkdv", "jvp_backward_dq")
+#: Problems whose launches the report compiles: "dense" (no mask, the default), "causal", a boolean or an
+#: additive (float) mask of shape (1, 1, L, L), packed sequences ("varlen", two sequences) and the int64
+#: row-offset kernels ("large_offsets", as for slices of more than 2**31 elements). The same tiles run
+#: each (the tables are keyed by kernel, not by problem); the kernels compile the mask, causal, VARLEN
+#: and LARGE_OFFSETS code in or out.
+VARIANTS = ("dense", "causal", "bool_mask", "float_mask", "varlen", "large_offsets")
 
 
 def family(kernel: str) -> str:
@@ -111,14 +118,15 @@ def _signature(fn, args: list, constexprs: dict):
 
 
 def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRITON_KERNELS,
-                    arch_family: str = "sm90", length: int = 256) -> list:
+                    arch_family: str = "sm90", length: int = 256, variant: str = "dense") -> list:
     """The launches (:class:`flowmap_kernels.attention.triton.launch.Launch`) of the Triton kernels named in
     ``kernels`` (split launches come with their kernel) for one head dim and dtype.
 
     The launchers' own descriptions (``launch.forward_launches``, ``launch.backward_launches``) of a problem
-    on small CPU tensors (B=1, H=2, L=``length``, no mask, not causal, dO and dtO given) with the tiles of
-    ``arch_family``, launching the kernels of :func:`_aot_module`; where the launchers pad the head dim
-    (``launch.launch_head_dims``), the launches of the padded width.
+    on small CPU tensors (B=1, H=2, L=``length``, the problem ``variant`` of :data:`VARIANTS`: by default no
+    mask, not causal; dO and dtO given) with the tiles of ``arch_family``, launching the kernels of
+    :func:`_aot_module`; where the launchers pad the head dim (``launch.launch_head_dims``), the launches of
+    the padded width.
     """
     import torch
     from flowmap_kernels.attention.triton import launch
@@ -126,14 +134,34 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
     unknown = [k for k in kernels if k not in TRITON_KERNELS]
     if unknown:
         raise ValueError(f"kernels: unknown Triton kernel {unknown[0]!r}; expected some of {TRITON_KERNELS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     dt = getattr(torch, DTYPE_NAMES.get(dtype_name, dtype_name))
     B, H, L = 1, 2, length
     D = launch.launch_head_dims(head_dim, head_dim, arch_family)[0]  # the padded width where the launchers pad
-    q, k, v, tq, tk, tv, do, dto = (torch.empty(B, H, L, D, dtype=dt) for _ in range(8))
+    if variant == "varlen":  # packed (T, H, D) as the varlen launchers view them (launch._rows4)
+        q, k, v, tq, tk, tv, do, dto = (launch._rows4(torch.empty(2 * L, H, D, dtype=dt)) for _ in range(8))
+        cu = torch.tensor([0, L // 2, 2 * L], dtype=torch.int32)
+    else:
+        q, k, v, tq, tk, tv, do, dto = (torch.empty(B, H, L, D, dtype=dt) for _ in range(8))
+    mask = {"bool_mask": torch.empty(1, 1, L, L, dtype=torch.bool),
+            "float_mask": torch.empty(1, 1, L, L, dtype=dt)}.get(variant)
 
     def plan(deterministic):
-        return launch.Plan(q, k, v, None, False, D ** -0.5, arch=arch_family, jit=_aot_module(),
-                           deterministic=deterministic)
+        kw = dict(arch=arch_family, jit=_aot_module(), deterministic=deterministic)
+        if variant == "varlen":
+            packed = [launch._packed(x) for x in (q, k, v)]
+            return launch._varlen_plan(*packed, cu, cu, 2 * L, 2 * L, False, D ** -0.5, **kw)[0]
+        return launch.Plan(q, k, v, mask, variant == "causal", D ** -0.5, **kw)
+
+    with launch.large_offsets(variant == "large_offsets"):
+        return _launches(kernels, plan, dt, q, k, v, tq, tk, tv, do, dto)
+
+
+def _launches(kernels, plan, dt, q, k, v, tq, tk, tv, do, dto) -> list:
+    """The launches of ``kernels`` on the plans ``plan(deterministic)`` makes (see :func:`triton_launches`)."""
+    import torch
+    from flowmap_kernels.attention.triton import launch
 
     passes: dict = {}
     out = []
@@ -155,7 +183,7 @@ def triton_launches(head_dim: int, dtype_name: str, kernels: Iterable[str] = TRI
                 passes[name, deterministic] = launch.backward_launches(
                     plan(deterministic), q, k, v, *(tangents or (None,) * 3), o, to, lse, mu, do,
                     dto if tangents else None)[1]
-        out += [ln for ln in passes[name, deterministic] if ln.name.split("[")[0] == kernel
+        out += [ln for ln in passes[name, deterministic] if ln.name.split("[")[0].removesuffix("_pointer") == kernel
                 and isinstance(ln, launch.Launch)]
     return out
 
@@ -351,19 +379,19 @@ def _cache_key(launch, sig, consts, attrs, arch) -> str:
 
 
 def _compile_one(task) -> dict:
-    """Compile and measure one launch: task = (arch, dtype, head_dim, launch name, config name)."""
+    """Compile and measure one launch: task = (arch, dtype, head_dim, launch name, config name, variant)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from flowmap_kernels.attention.triton import configs
     from flowmap_kernels.attention.triton import launch as launch_module
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    arch, dtype, d, name, config = task
-    base = name.split("[")[0]
+    arch, dtype, d, name, config, variant = task
+    unnamed = name.replace("_pointer", "")  # (under one override config a pointer variant takes its base's name)
     with configs.override(configs.Config.parse(config)):  # the parent's config (it may be an override there)
-        launches = triton_launches(d, dtype, [base], configs.arch_family(arch))
+        launches = triton_launches(d, dtype, [unnamed.split("[")[0]], configs.arch_family(arch), variant=variant)
     for ln in launches:
-        if ln.name != name:
+        if ln.name.replace("_pointer", "") != unnamed:
             continue
         sig, consts, attrs = _signature(ln.kernel, ln.args, ln.constexprs)
         compiled = triton.compile(ASTSource(ln.kernel, sig, consts, attrs), target=GPUTarget("cuda", ARCHS[arch], 32),
@@ -371,6 +399,7 @@ def _compile_one(task) -> dict:
                                                enable_fp_fusion=launch_module.ENABLE_FP_FUSION))
         cfg = ln.config
         return dict(kernel=name, family=family(name), config=str(cfg), arch=arch, dtype=dtype, head_dim=d,
+                    variant=variant,
                     **_measure(compiled, arch), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     block_m=cfg.block_m, block_n=cfg.block_n, source="triton")
     raise ValueError(f"kernels: no launch named {name!r}")
@@ -432,8 +461,9 @@ def _worker_main() -> int:
 def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int] = DEFAULT_HEAD_DIMS,
                    dtypes: Iterable[str] = ("bf16", "fp16", "fp32"), kernels: Iterable[str] = TRITON_KERNELS,
                    cache: Optional[Path] = None, progress: Optional[Callable[[dict], None]] = None,
-                   workers: int = 1) -> list:
-    """Compile and measure every Triton attention kernel launch; a list of records.
+                   workers: int = 1, variants: Iterable[str] = ("dense",)) -> list:
+    """Compile and measure every Triton attention kernel launch of the problem ``variants``
+    (:data:`VARIANTS`); a list of records.
 
     ``cache``: JSON file of earlier records keyed by a hash of the kernel sources, config and arguments.
     Compiles run in ``workers`` fresh processes (0: one per CPU), see :func:`_compile_in_subprocesses`.
@@ -454,10 +484,11 @@ def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int]
         for dtype in dtypes:
             if dtype not in DTYPE_NAMES:
                 raise ValueError(f"dtypes: expected some of {tuple(DTYPE_NAMES)}, got {dtype!r}")
-            for d in head_dims:
-                for ln in triton_launches(d, dtype, kernels, fam):
+            for d, variant in itertools.product(head_dims, variants):
+                for ln in triton_launches(d, dtype, kernels, fam, variant=variant):
                     sig, consts, attrs = _signature(ln.kernel, ln.args, ln.constexprs)
-                    tasks.append((_cache_key(ln, sig, consts, attrs, arch), (arch, dtype, d, ln.name, str(ln.config))))
+                    tasks.append((_cache_key(ln, sig, consts, attrs, arch),
+                                  (arch, dtype, d, ln.name, str(ln.config), variant)))
     # (a padded head dim compiles the launches of its tile width: one compile, a record per head dim; whether
     # a launch is shipped depends on the tables, not the compile, so it is decided here)
     todo: dict = {}
@@ -467,9 +498,9 @@ def triton_records(archs: Iterable[str] = tuple(ARCHS), head_dims: Iterable[int]
     done = _compile_in_subprocesses(list(todo.values()), workers or os.cpu_count() or 1)
     for k, rec in zip(todo, done):
         store[k] = rec
-    records = [dict(store[k], head_dim=d,
+    records = [dict(store[k], head_dim=d, variant=variant,
                     shipped=is_shipped(configs.table_key(name), dtype, d, arch, store[k]["config"]))
-               for k, (arch, dtype, d, name, _) in tasks]
+               for k, (arch, dtype, d, name, _, variant) in tasks]
     if progress:
         for r in records:
             progress(r)

@@ -515,8 +515,10 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
 
     one_pass = not p.deterministic
     kernel = prefix + ("_atomic" if one_pass else "_dkdv")
+    cfg = p.config(kernel)
     pointer = kernel + "_pointer"  # a variant whose tile fits without descriptors (configs)
-    cfg = p.config(pointer if not tma and pointer in configs.KERNELS else kernel)
+    if not tma and pointer in configs.KERNELS and p.config(pointer) != cfg:
+        kernel, cfg = pointer, p.config(pointer)  # (named apart where its tile differs: the compile report's key)
     if one_pass:  # dQ (dtQ) accumulate in float32 across key blocks, zeroed here, cast after the pass
         parts = configs.ONE_PASS[cfg.parts.tag] if tangent else configs.PRIMAL_ONE_PASS
         def accumulator(g):  # float32, zeroed: the gradient itself for float32 inputs
@@ -538,7 +540,8 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
     else:
         dk.zero_(), dv.zero_()
     if one_pass:
-        launches += [Cast(kernel + "_cast", a, g) for a, g in ((dqa, dq), (dtqa, dtq)) if g is not None and a is not g]
+        launches += [Cast(prefix + "_atomic_cast", a, g) for a, g in ((dqa, dq), (dtqa, dtq))
+                     if g is not None and a is not g]
         return grads, launches
 
     cfg = p.config(prefix + "_dq")
@@ -657,8 +660,9 @@ def _packed(x4: torch.Tensor) -> torch.Tensor:
     return x4[0].transpose(0, 1)
 
 
-def _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, tangents=(None, None, None)):
-    """Validated (Plan, 4-D views of q, k, v, tq, tk, tv) of a packed problem."""
+def _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, tangents=(None, None, None), **plan_kw):
+    """Validated (Plan, 4-D views of q, k, v, tq, tk, tv) of a packed problem (``plan_kw``: :class:`Plan`'s
+    ``arch``, ``jit``, ``deterministic``)."""
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.dim() != 3:
             raise ValueError(f"{name}: expected a packed (total, heads, head_dim) tensor, got shape {tuple(x.shape)}")
@@ -677,7 +681,7 @@ def _varlen_plan(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, tangents=(Non
     if int(max_q) < 0 or int(max_k) < 0:
         raise ValueError(f"max_seqlen_q/max_seqlen_k: expected >= 0, got {max_q}, {max_k}")
     views = [_rows4(x) for x in (q, k, v, *tangents)]
-    p = Plan(*views[:3], None, causal, scale)
+    p = Plan(*views[:3], None, causal, scale, **plan_kw)
     p.B = cu_q.numel() - 1
     p.varlen = True
     p.cu_q, p.cu_k = cu_q.contiguous(), cu_k.contiguous()
