@@ -81,7 +81,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     allowed key give 0 (no key at all, Lk = 0: zeros, as SDPA). Works under torch.func.jvp,
     torch.autograd.forward_ad and torch.func.vmap (jacrev, jacfwd, hessian, per-sample gradients); the tangent
     output is differentiable with respect to the inputs and their tangents. ``is_causal`` must be a bool and
-    ``scale`` None or a real number (TypeError otherwise); tangents must have their primal's dtype.
+    ``scale`` None, a real number or a 0-d tensor not requiring grad (TypeError otherwise); tangents must have
+    their primal's dtype.
     SDPA's other shapes work as there: 2-d (tokens, head_dim), 3-d (heads, tokens, head_dim) and
     (N, ..., heads, tokens, head_dim), whose leading dims broadcast as in SDPA (inputs with fewer dims read
     with leading ones) and are flattened into the batch (:class:`~.problem.SDPAShapes`). Inside ``torch.autocast``

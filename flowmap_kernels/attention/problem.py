@@ -236,11 +236,19 @@ def check_tangents(primals, tangents) -> None:
 
 
 def check_scale(scale, head_dim: int) -> float:
-    """The softmax scale: 1/sqrt(head_dim) for None, else a finite real number (TypeError / ValueError)."""
+    """The softmax scale: 1/sqrt(head_dim) for None, else a finite real number (TypeError / ValueError); a
+    0-d real tensor is read as its value, as SDPA reads it, unless it requires grad (the scale is a constant
+    here, and SDPA would drop that gradient silently)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if isinstance(scale, torch.Tensor):
-        raise TypeError("scale: expected None or a real number (a Python float), got a Tensor")
+        if scale.dim() != 0 or scale.is_complex() or scale.dtype == torch.bool:
+            raise TypeError(f"scale: expected None, a real number or a 0-d real tensor, got a tensor of shape "
+                            f"{tuple(scale.shape)} and dtype {scale.dtype}")
+        if scale.requires_grad:
+            raise TypeError("scale: a tensor that requires grad; the softmax scale is a constant here (its "
+                            "gradient would be lost): pass float(scale) or a detached tensor")
+        scale = scale.item()
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected None or a real number, got {type(scale).__name__} {scale!r}")
     scale = float(scale)

@@ -38,19 +38,26 @@ def test_string_false_is_no_longer_causal_under_patch():
         F.scaled_dot_product_attention(q, k, v, is_causal="False")
 
 
-@pytest.mark.parametrize("scale", ["0.5", True, [0.5], 1j, torch.tensor(0.5)], ids=lambda v: type(v).__name__)
+@pytest.mark.parametrize("scale", ["0.5", True, [0.5], 1j, torch.tensor([0.5]), torch.tensor(True),
+                                   torch.tensor(0.5 + 1j), torch.tensor(0.5, requires_grad=True)],
+                         ids=["str", "bool", "list", "complex", "tensor-1d", "tensor-bool", "tensor-complex",
+                              "tensor-requires-grad"])
 def test_scale_must_be_none_or_a_real_number(scale):
     q, k, v = _qkv()
-    with pytest.raises(TypeError, match=r"scale: expected None or a real number"):
+    with pytest.raises(TypeError, match=r"scale: (expected None|a tensor that requires grad)"):
         fk.attention(q, k, v, scale=scale)
-    with pytest.raises(TypeError, match=r"scale: expected None or a real number"):
+    with pytest.raises(TypeError, match=r"scale: (expected None|a tensor that requires grad)"):
         fk.attention_jvp(q, k, v, None, None, v, scale=scale)
 
 
-@pytest.mark.parametrize("scale", [2, 0.25, np.float32(0.25), np.float64(0.7)], ids=lambda v: type(v).__name__)
+@pytest.mark.parametrize("scale", [2, 0.25, np.float32(0.25), np.float64(0.7), torch.tensor(0.3),
+                                   torch.tensor(3, dtype=torch.int64)], ids=lambda v: f"{type(v).__name__}-{v}")
 def test_real_scales_are_accepted(scale):
+    """Python and NumPy reals, and 0-d real tensors (as SDPA takes them), against the reference and SDPA."""
     q, k, v = _qkv(torch.float64)
-    assert rel_err(fk.attention(q, k, v, scale=scale), ref_attention(q, k, v, scale=float(scale))) < 1e-12
+    want = ref_attention(q, k, v, scale=float(scale))
+    assert rel_err(fk.attention(q, k, v, scale=scale), want) < 1e-12
+    assert rel_err(F.scaled_dot_product_attention(q, k, v, scale=scale), want) < 1e-12
 
 
 def _entry_points(q, k, v, t, which):

@@ -405,7 +405,8 @@ ERRORS = [
     (dict(max_seqlen_q=3), ValueError, "max_seqlen_q: 3 is less than the longest sequence .4 tokens."),
     (dict(max_seqlen_k=5.0), TypeError, "max_seqlen_k: expected an int"),
     (dict(max_seqlen_k=True), TypeError, "max_seqlen_k: expected an int"),
-    (dict(scale=torch.tensor(0.5)), TypeError, "scale"),
+    (dict(scale=torch.tensor([0.5, 1.0])), TypeError, "scale: expected None, a real number or a 0-d real tensor"),
+    (dict(scale=torch.tensor(0.5, requires_grad=True)), TypeError, "scale: a tensor that requires grad"),
     (dict(scale=float("nan")), ValueError, "scale: expected a finite number"),
     (dict(is_causal=1), TypeError, "is_causal: expected a bool"),
 ]
