@@ -73,8 +73,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     query (B, Hq, Lq, D), key (B, Hkv, Lk, D), value (B, Hkv, Lk, Dv) -> (B, Hq, Lq, Dv), same dtype.
     O = softmax(scale * Q K^T + mask) V; ``scale`` defaults to 1/sqrt(D). ``attn_mask`` broadcasts to
     (B, Hq, Lq, Lk): bool (True = may attend) or float (float32 or the inputs' dtype, added to the logits).
-    ``is_causal`` is top-left aligned. A batch of 1 in query or key / value broadcasts, and so does one key /
-    value head over the query's heads (as in SDPA). A float
+    ``is_causal`` is top-left aligned. A batch of 1 in query or key / value broadcasts, and so, without
+    ``enable_gqa``, does a heads dim of 1 in any of them (as in SDPA). A float
     mask may require grad (a learned bias: its gradient comes from one extra blockwise pass, memory linear in N
     plus the mask's size) or carry a forward-mode tangent (then the naive math runs, (B, Hq, Lq, Lk) memory).
     With ``enable_gqa`` each key/value head serves Hq/Hkv consecutive query heads. Rows with no
@@ -93,7 +93,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         o = attention(*shapes.inputs(query, key, value), shapes.mask(attn_mask), dropout_p, is_causal, scale,
                       enable_gqa)
         return shapes.restore(o)
-    (query, key, value), _ = broadcast_batch((query, key, value))
+    (query, key, value), _ = broadcast_batch((query, key, value), enable_gqa=enable_gqa)
     p = make_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     name = resolve_backend(p)
     mask_tangent = False
@@ -144,7 +144,7 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, is_causal=False, scale
                               attn_mask=shapes.mask(attn_mask), is_causal=is_causal, scale=scale,
                               enable_gqa=enable_gqa, tangent_dtype=tangent_dtype)
         return shapes.restore(o), shapes.restore(to)
-    (q, k, v), (tq, tk, tv) = broadcast_batch((q, k, v), (tq, tk, tv))
+    (q, k, v), (tq, tk, tv) = broadcast_batch((q, k, v), (tq, tk, tv), enable_gqa=enable_gqa)
     if isinstance(q, torch.Tensor) and float32_tangents(q, (tq, tk, tv)):
         make_problem(q, k, v, attn_mask, 0.0, is_causal, scale, enable_gqa)  # q, k, v and the mask as given
         if tangent_dtype not in (None, torch.float32):

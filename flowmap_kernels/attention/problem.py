@@ -169,19 +169,42 @@ def _broadcastable(shape, target) -> bool:
         return False
 
 
-def broadcast_batch(primals, tangents=(None, None, None)):
+def _broadcast_size(sizes):
+    """The size these sizes broadcast to (None where they do not)."""
+    try:
+        return torch.broadcast_shapes(*((n,) for n in sizes))[0]
+    except RuntimeError:
+        return None
+
+
+def broadcast_batch(primals, tangents=(None, None, None), enable_gqa: bool = False):
     """4-d q, k, v (and their tangents, None = zero) with the batch dim broadcast as SDPA broadcasts it (a key /
-    value batch of 1 serves every query batch, and the reverse): expanded views, never copies. Anything else
-    comes back unchanged (make_problem names a batch mismatch); a tangent must have its primal's shape."""
+    value batch of 1 serves every query batch, and the reverse), and, without ``enable_gqa``, the heads dim too
+    (one query head against several key / value heads, or one of key / value with one head): expanded views,
+    never copies. One key / value head for several query heads stays as it is (the kernels read it once per
+    query head). Anything else comes back unchanged (make_problem names the mismatch); a tangent must have its
+    primal's shape."""
     if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in primals):
         return primals, tangents
-    sizes = {x.shape[0] for x in primals}
-    if len(sizes) == 1 or len(sizes - {1}) > 1:
+    heads = [x.shape[1] for x in primals]
+    batch = _broadcast_size(x.shape[0] for x in primals)
+    if batch is None:
+        return primals, tangents
+    head = None if enable_gqa else _broadcast_size(heads)
+    if head is None:
+        target = [(batch, h) for h in heads]
+    else:
+        kv_heads = heads[1] if heads[1] == heads[2] else head
+        target = [(batch, head), (batch, kv_heads), (batch, kv_heads)]
+    if all(tuple(x.shape[:2]) == t for x, t in zip(primals, target)):
         return primals, tangents
     check_tangent_shapes(primals, tangents)
-    batch = max(sizes)
-    expand = lambda x: x if x is None or x.shape[0] == batch else x.expand(batch, *x.shape[1:])  # noqa: E731
-    return tuple(expand(x) for x in primals), tuple(expand(t) for t in tangents)
+
+    def expand(x, t):
+        return x if x is None or tuple(x.shape[:2]) == t else x.expand(*t, *x.shape[2:])
+
+    return (tuple(expand(x, t) for x, t in zip(primals, target)),
+            tuple(expand(x, t) for x, t in zip(tangents, target)))
 
 
 def check_tangent_shapes(primals, tangents) -> None:

@@ -29,7 +29,8 @@ that do not broadcast, an explicitly selected backend that cannot run the call).
 inputs (heads, tokens, dim), inputs with more than 4 dims and inputs with different numbers of dims are
 served as ``fk.attention`` serves them (leading dims broadcast as in SDPA and flattened into the batch); so
 are float masks that require grad (learned biases) or carry a forward-mode tangent, float32 masks with 16-bit
-inputs, a batch of 1 in query or key / value and one key / value head (broadcast, as SDPA) and, inside
+inputs, a batch of 1 in query or key / value and, without enable_gqa, a heads dim of 1 in any input (broadcast,
+as SDPA) and, inside
 ``torch.autocast``, mixed input dtypes (cast to the autocast dtype, as SDPA's). The routing ignores
 ``torch.nn.attention.sdpa_kernel``: inside the patch every supported call goes to ``fk.attention``.
 
@@ -123,7 +124,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
         shapes = SDPAShapes(query, key, value)
         if shapes.reshaped:
             (q, k, v), m = shapes.inputs(query, key, value), shapes.mask(attn_mask)
-        (q, k, v), _ = broadcast_batch((q, k, v))
+        (q, k, v), _ = broadcast_batch((q, k, v), enable_gqa=enable_gqa)
         p = make_problem(q, k, v, m, dropout_p, is_causal, scale, enable_gqa)
         _fk.resolve_backend(p)
     except (TypeError, ValueError, BackendUnavailableError) as e:

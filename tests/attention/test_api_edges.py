@@ -202,11 +202,15 @@ def test_sdpa_shapes_2d(backend, mask_kind):
 
 def _ref_broadcast(xs, wo, wt, lead, **kw):
     """Float64 (O, tO) and the gradients of loss_on_outputs for q, k, v, tq, tk, tv whose dims before
-    (heads, tokens, dim) broadcast to ``lead`` as in SDPA: each expanded and flattened by hand."""
+    (heads, tokens, dim) broadcast to ``lead`` as in SDPA (and without GQA, heads of 1 to the others'): each
+    expanded and flattened by hand."""
     leaves = [x.detach().double().requires_grad_(True) for x in xs]
     nd = len(lead) + 3
     flat = [x.reshape((1,) * (nd - x.dim()) + tuple(x.shape)).expand(*lead, *x.shape[-3:]).reshape(-1, *x.shape[-3:])
             if x.dim() >= 3 else x[None, None] for x in leaves]
+    if not kw.get("enable_gqa"):  # a heads dim of 1 stretches too
+        heads = max(x.shape[1] for x in flat)
+        flat = [x.expand(x.shape[0], heads, *x.shape[2:]) for x in flat]
     mask = kw.get("attn_mask")
     if mask is not None and mask.dim() > 3:
         kw = {**kw, "attn_mask": mask.expand(*lead, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])}
@@ -225,14 +229,17 @@ BROADCAST_CASES = {
     "3d-q-4d-kv": ((2,), (2, 2), (2, 2), (2,), False, None),
     "key-value-leads-differ": ((2, 3, 2), (2, 1, 2), (1, 3, 2), (2, 3), False, (2, 3, 1, 5, 6)),
     "4d-batch-and-head-broadcast": ((2, 4), (1, 1), (1, 1), (2,), False, None),
+    "one-query-head": ((2, 1), (2, 3), (2, 3), (2,), False, (3, 5, 6)),
+    "one-key-head-value-several": ((2, 3), (2, 1), (2, 3), (2,), False, None),
+    "3d-one-query-head-one-value-head": ((1,), (3,), (1,), (), False, (1, 5, 6)),
 }
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", BROADCAST_CASES)
 def test_sdpa_broadcasting_of_leading_dims_and_one_key_head(backend, case):
-    """SDPA broadcasts the dims before (tokens, dim): fewer dims read with leading ones, dims of 1 stretched,
-    one key/value head serving every query head. O and tO of fk.attention under torch.func.jvp and of
+    """SDPA broadcasts the dims before (tokens, dim): fewer dims read with leading ones, dims of 1 stretched
+    (without enable_gqa, a heads dim of 1 in any input too). O and tO of fk.attention under torch.func.jvp and of
     attention_jvp against the float64 reference on inputs broadcast by hand, O against SDPA, and the gradients
     (summed over the broadcast dims) of a loss on both outputs."""
     qd, kd, vd, lead, gqa, mask_shape = BROADCAST_CASES[case]
