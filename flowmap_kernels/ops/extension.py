@@ -19,6 +19,7 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _mods: dict = {}
 
 
+@torch.compiler.assume_constant_result  # (traced code reads the result; dynamo cannot trace the import)
 def _load(name: str):
     if name not in _mods:
         try:
@@ -114,13 +115,18 @@ def supports(device=None, dtype=None, explicit=False, numel=None, **_) -> Option
     return f"device {getattr(device, 'type', device)} is not supported (CPU or CUDA tensors)"
 
 
+@torch.compiler.assume_constant_result  # (a compiled graph keeps the thread count it was traced with)
+def _cpu_threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
 def chunk_target(rows: int, device, groups: int = 1) -> int:
     """Rows per chunk of a reduction over rows (parameter gradients): enough chunks to fill the machine
     (GPU: ~1024 blocks); on the CPU whole groups when there are at least as many groups as threads (the
     kernel then writes the final gradient, no reduction of partial sums)."""
     if device.type == "cuda":
         return max(1, rows // 1024)
-    threads = max(1, torch.get_num_threads())
+    threads = _cpu_threads()
     if groups >= threads:
         return max(1, rows)
     return max(1, rows // (4 * threads))

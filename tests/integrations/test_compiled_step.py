@@ -280,3 +280,48 @@ def test_mlp_flow_map_step_compiles_with_ema_teacher_and_step_kwarg():
         for a, b in zip(results["default"][0], results["none"][0]):
             assert rel_err(a, b) < 1e-12
         assert max(rel_err(a, b) for a, b in zip(results["default"][1], results["none"][1])) < 1e-10
+
+
+_FRESH_PROCESS_COMPILE = """
+import torch, flowmap_kernels as fk
+from flowmap_kernels import ops
+g = torch.Generator().manual_seed(0)
+x, tx = (torch.randn(2, 5, 8, generator=g) for _ in range(2))
+shift, scale, b = (torch.randn(2, 1, 8, generator=g), torch.randn(2, 1, 8, generator=g), torch.randn(8, generator=g))
+
+def f(x, tx):  # per-channel operands (the row-chunked gradient reductions) and the modules' first probe
+    y, ty = ops.modulated_layer_norm_jvp(x, shift, scale, tx)
+    return ops.gelu_tanh_jvp(y, b, ty)
+
+got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, tx)  # the first call of any fused op
+want = f(x, tx)
+assert all(torch.equal(a, w) for a, w in zip(got, want)), [(a - w).abs().max() for a, w in zip(got, want)]
+print(ops.resolve_backend("gelu_tanh", x))
+"""
+
+
+def test_extension_ops_compile_fullgraph_as_a_process_first_call():
+    """The compiled extension's ops inside a fullgraph trace, before anything ran eagerly (the module import and
+    the CPU thread count are read outside the traced code)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_COMPILE], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if fk.build_info().get("cpu_extension"):
+        assert r.stdout.strip().endswith("extension"), r.stdout
+
+
+def test_float32_step_compiles_with_the_extension_ops():
+    """float32 runs the DiT primitives on the compiled extension ("auto"): the whole step still traces into one
+    graph and equals eager."""
+    if not fk.build_info().get("cpu_extension"):
+        pytest.skip("the CPU extension is not built")
+    base = _model_for("meanflow", torch.float32)
+    with fk.use_backend("auto"):
+        eager_losses, eager_params, _ = _run_steps(copy.deepcopy(base), meanflow, "none", None, dtype=torch.float32)
+        rec = GraphRecorder()
+        losses, params, _ = _run_steps(copy.deepcopy(base), meanflow, "default", rec.backend, dtype=torch.float32)
+    for a, b in zip(losses, eager_losses):
+        assert rel_err(a, b) < 1e-6
+    assert max(rel_err(a, b) for a, b in zip(params, eager_params)) < 1e-5
+    assert len(rec.code) == 1 and _ops(rec.code[0]).get("norm_jvp_forward") == 4 * DEPTH + 1
