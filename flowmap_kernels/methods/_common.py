@@ -15,11 +15,18 @@ __all__ = ["merge_cfg", "bcast", "sample_times", "sample_pair", "interpolate", "
 CALLS_JVP_PRIMAL = "J (primal is the prediction) + B through the primal; tangent detached"
 
 
-def merge_cfg(defaults: dict, cfg: dict, method: str) -> dict:
-    """defaults updated by cfg; a key not in defaults is a TypeError naming it."""
+_NO_BATCH = object()
+
+
+def merge_cfg(defaults: dict, cfg: dict, method: str, x0=_NO_BATCH) -> dict:
+    """defaults updated by cfg; a key not in defaults is a TypeError naming it. ``x0`` (the loss's data batch,
+    when given) must be a tensor with at least one example (ValueError otherwise)."""
     unknown = sorted(set(cfg) - set(defaults))
     if unknown:
         raise TypeError(f"{method}.loss: unknown config key(s) {unknown}; known: {sorted(defaults)}")
+    if x0 is not _NO_BATCH and (not isinstance(x0, torch.Tensor) or x0.dim() < 1 or x0.shape[0] == 0):
+        shape = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+        raise ValueError(f"{method}.loss: x0: expected a tensor (B, ...) with B >= 1, got {shape}")
     return {**defaults, **cfg}
 
 

@@ -39,11 +39,13 @@ def compositional_loss(model, x0, cond, c: dict, sample_hops: Callable):
     xsc = xs[b - nsc:]
     ysc = None if cond is None else cond[b - nsc:]
     with torch.no_grad():
-        T = self_or_teacher(model, c["teacher"])
-        v1 = T(xsc, s_sc, a1, y=ysc)
-        x_mid = xsc - bcast(s_sc - u, xsc) * v1
-        v2 = T(x_mid, u, a2, y=ysc)
-        v_hat = bcast(w, xsc) * v1 + bcast(1 - w, xsc) * v2
+        v_hat = xsc  # (no consistency example: round(B sc_fraction) = 0)
+        if nsc:
+            T = self_or_teacher(model, c["teacher"])
+            v1 = T(xsc, s_sc, a1, y=ysc)
+            x_mid = xsc - bcast(s_sc - u, xsc) * v1
+            v2 = T(x_mid, u, a2, y=ysc)
+            v_hat = bcast(w, xsc) * v1 + bcast(1 - w, xsc) * v2
     pred = model(xs, s, t, y=cond)
     fm = sq_err(pred[: b - nsc], v[: b - nsc])
     sc = sq_err(pred[b - nsc:], v_hat)

@@ -37,7 +37,7 @@ DEFAULTS = {"time_dist": "uniform", "time_mu": 0.0, "time_sigma": 1.0, "ratio_ne
 
 
 def loss(model, x0, *, cond=None, **cfg):
-    c = merge_cfg(DEFAULTS, cfg, NAME)
+    c = merge_cfg(DEFAULTS, cfg, NAME, x0)
     g = c["generator"]
     b = x0.shape[0]
     cond, _ = drop_labels(model, cond, c["cfg_dropout"], g)

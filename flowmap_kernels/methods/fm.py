@@ -22,7 +22,7 @@ DEFAULTS = {"time_dist": "logit_normal", "time_mu": 0.0, "time_sigma": 1.0, "cfg
 
 
 def loss(model, x0, *, cond=None, **cfg):
-    c = merge_cfg(DEFAULTS, cfg, NAME)
+    c = merge_cfg(DEFAULTS, cfg, NAME, x0)
     g = c["generator"]
     cond, _ = drop_labels(model, cond, c["cfg_dropout"], g)
     eps = randn_like(x0, g)

@@ -102,7 +102,7 @@ def guidance_inputs(model, s, t, dropped, c, g):
 
 
 def loss(model, x0, *, cond=None, **cfg):
-    c = merge_cfg(DEFAULTS, cfg, NAME)
+    c = merge_cfg(DEFAULTS, cfg, NAME, x0)
     if c["aux_head"]:
         return _aux_head_loss(model, x0, cond, c)
     cond_in, dropped, s, t, xs, v = eulerian_draws(model, x0, cond, c)

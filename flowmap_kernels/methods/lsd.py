@@ -30,4 +30,4 @@ DEFAULTS = {"time_dist": "uniform", "time_mu": 0.0, "time_sigma": 1.0, "ratio_ne
 
 
 def loss(model, x0, *, cond=None, **cfg):
-    return lagrangian_loss(model, x0, cond, merge_cfg(DEFAULTS, cfg, NAME))
+    return lagrangian_loss(model, x0, cond, merge_cfg(DEFAULTS, cfg, NAME, x0))

@@ -76,7 +76,7 @@ def guided_velocity(model, xs, s, v, cond, dropped, c):
 
 
 def loss(model, x0, *, cond=None, **cfg):
-    c = merge_cfg(DEFAULTS, cfg, NAME)
+    c = merge_cfg(DEFAULTS, cfg, NAME, x0)
     cond_in, dropped, s, t, xs, v = eulerian_draws(model, x0, cond, c)
     if cond is not None and (c["cfg_scale"] != 1.0 or c["cfg_kappa"] != 0.0):
         v = guided_velocity(model, xs, s, v, cond, dropped, c)

@@ -35,7 +35,7 @@ DEFAULTS = {"time_dist": "uniform", "time_mu": 0.0, "time_sigma": 1.0, "sc_fract
 
 
 def loss(model, x0, *, cond=None, **cfg):
-    c = merge_cfg(DEFAULTS, cfg, NAME)
+    c = merge_cfg(DEFAULTS, cfg, NAME, x0)
 
     def sample_hops(n, g, **kw):
         a, b = (sample_times(n, c["time_dist"], c["time_mu"], c["time_sigma"], generator=g, **kw) for _ in range(2))

@@ -68,7 +68,7 @@ def prepare_model(model, cfg=None):
 
 
 def loss(model, x0, *, cond=None, **cfg):
-    c = merge_cfg(DEFAULTS, cfg, NAME)
+    c = merge_cfg(DEFAULTS, cfg, NAME, x0)
     gen = c["generator"]
     if c["param"] not in PARAMS:
         raise ValueError(f"param: expected one of {list(PARAMS)}, got {c['param']!r}")

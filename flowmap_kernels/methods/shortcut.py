@@ -39,7 +39,7 @@ DEFAULTS = {"base_steps": 128, "sc_fraction": 0.125, "sc_weight": 1.0, "cfg_drop
 
 
 def loss(model, x0, *, cond=None, **cfg):
-    c = merge_cfg(DEFAULTS, cfg, NAME)
+    c = merge_cfg(DEFAULTS, cfg, NAME, x0)
     M = int(c["base_steps"])
     if M < 2 or M & (M - 1):
         raise ValueError(f"base_steps: expected a power of two >= 2, got {M}")

@@ -64,4 +64,4 @@ DEFAULTS = {"time_dist": "tvm", "time_mu": -0.4, "time_sigma": 1.0, "gap_mu": -0
 
 
 def loss(model, x0, *, cond=None, **cfg):
-    return lagrangian_loss(model, x0, cond, merge_cfg(DEFAULTS, cfg, NAME))
+    return lagrangian_loss(model, x0, cond, merge_cfg(DEFAULTS, cfg, NAME, x0))

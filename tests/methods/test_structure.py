@@ -113,3 +113,22 @@ def test_every_loss_runs_in_bfloat16_and_under_autocast(name, precision):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is None or torch.isfinite(g).all() for g in grads)
     assert sum(g is not None for g in grads) > len(grads) // 2
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_small_batches(name, batch):
+    """Every method takes batches of 1-3 (shortcut and psd: round(B sc_fraction) = 0 consistency examples is a
+    pure flow-matching batch, its teacher never called on an empty batch); its loss is finite and differentiable."""
+    model = prepare_model(METHODS[name], tiny_mlp())
+    x0 = torch.randn(batch, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
+    lo, _ = METHODS[name].loss(model, x0, generator=torch.Generator().manual_seed(0))
+    lo.backward()
+    assert torch.isfinite(lo) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("x0", [torch.zeros(0, 2, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), None])
+def test_empty_or_missing_batch_is_named(name, x0):
+    with pytest.raises(ValueError, match=rf"{name}\.loss: x0: expected a tensor \(B, \.\.\.\) with B >= 1"):
+        METHODS[name].loss(prepare_model(METHODS[name], tiny_mlp()), x0)
