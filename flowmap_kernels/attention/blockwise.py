@@ -270,8 +270,9 @@ def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale,
     if tangent:
         mu5 = t.rows(mu)
         c, e = _rowdot(dto, o, t), _rowdot(dto, to, t)
-        # dS = P * (dP - (e - mu c) - delta): fold the row constants once
-        row_const = e - mu5 * c + (delta if primal else 0.0)
+        # dS = P * (dP - e - delta), the tangent part of dP taken as (G V^T - c) (tS - mu): both factors vanish
+        # where P saturates, so no product of large logits cancels (docs/math.md section 1)
+        row_const = e + (delta if primal else 0.0)
     for i0, i1 in t.q_blocks():
         rs = slice(i0, i1)
         qb = t.load(q, i0, i1, "q")
@@ -292,10 +293,10 @@ def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale,
             dp = dob @ vb.transpose(-1, -2) if primal else 0.0
             if tangent:
                 tkb, tvb = t.load(tk, j0, j1, "kv"), t.load(tv, j0, j1, "kv")
-                ts = t.tangent_logits(qb, kb, tqb, tkb)
-                gv = gb @ vb.transpose(-1, -2)
-                dts = p * (gv - cb)
-                dp = dp + gb @ tvb.transpose(-1, -2) + gv * (ts - mub) - cb * ts
+                tsmu = t.tangent_logits(qb, kb, tqb, tkb) - mub
+                gvc = gb @ vb.transpose(-1, -2) - cb
+                dts = p * gvc
+                dp = dp + gb @ tvb.transpose(-1, -2) + gvc * tsmu
                 ds = p * (dp - constb)
             else:
                 ds = p * (dp - delta[..., rs, :])
@@ -308,7 +309,7 @@ def _backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, causal, scale,
             dsT_q = ds.transpose(-1, -2) @ qb
             if tangent:
                 dtv[..., cs, :] += (pT @ gb).sum(dim=2)
-                dv_tile = dv_tile + (p * (ts - mub)).transpose(-1, -2) @ gb
+                dv_tile = dv_tile + (p * tsmu).transpose(-1, -2) @ gb
                 dq_b += (dts @ tkb) * scale
                 dtq_b += (dts @ kb) * scale
                 dtsT = dts.transpose(-1, -2)
