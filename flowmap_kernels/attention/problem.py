@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -271,6 +272,9 @@ def check_scale(scale, head_dim: int) -> float:
         if scale.requires_grad:
             raise TypeError("scale: a tensor that requires grad; the softmax scale is a constant here (its "
                             "gradient would be lost): pass float(scale) or a detached tensor")
+        if not torch.compiler.is_compiling() and fwAD.unpack_dual(scale).tangent is not None:
+            raise TypeError("scale: a tensor with a forward-mode tangent; the softmax scale is a constant here (its "
+                            "tangent would be lost): pass float(scale), or fold a varying scale into query")
         scale = scale.item()
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale: expected None or a real number, got {type(scale).__name__} {scale!r}")
@@ -287,8 +291,11 @@ def check_tangent_dtype(tangent_dtype, dtype: torch.dtype) -> Optional[torch.dty
         return None
     if tangent_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16):
         return torch.float32
-    raise ValueError(f"tangent_dtype: expected None, {dtype} (the inputs' dtype) or torch.float32 for "
-                     f"float16/bfloat16 inputs, got {tangent_dtype}")
+    if dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"tangent_dtype: expected None, {dtype} (the inputs' dtype) or torch.float32, got "
+                         f"{tangent_dtype}")
+    raise ValueError(f"tangent_dtype: expected None or {dtype} (the inputs' dtype; a float32 tO is for float16/"
+                     f"bfloat16 inputs), got {tangent_dtype}")
 
 
 def make_problem(
@@ -317,7 +324,9 @@ def make_problem(
         )
     check_tangent_dtypes((q, k, v), tangents)
     check_tangents((q, k, v), tangents)
-    if not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
+    if isinstance(dropout_p, torch.Tensor) and dropout_p.dim() == 0 and dropout_p.dtype.is_floating_point:
+        dropout_p = dropout_p.item()  # (as SDPA reads it)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0.0:
         raise ValueError(f"dropout_p: only 0.0 is supported (attention dropout is not implemented), got {dropout_p}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal: expected a bool (as scaled_dot_product_attention), got {type(is_causal).__name__}"

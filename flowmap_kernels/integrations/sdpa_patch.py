@@ -76,8 +76,8 @@ class SDPAFallbackWarning(UserWarning):
 
 # ---------------------------------------------------------------------------------------------- routing
 
-def _bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-          **extra):
+def _bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
+          **extra):  # (scale and enable_gqa keyword-only, as in SDPA)
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, extra
 
 

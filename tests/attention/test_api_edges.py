@@ -50,6 +50,20 @@ def test_scale_must_be_none_or_a_real_number(scale):
         fk.attention_jvp(q, k, v, None, None, v, scale=scale)
 
 
+def test_scale_with_a_forward_mode_tangent_is_refused():
+    """The scale is a constant of the fused passes: a tangent on it (which SDPA drops silently) is a TypeError,
+    under torch.func.jvp and forward_ad; a 0-d tensor scale without a tangent still works inside a JVP."""
+    q, k, v = _qkv(torch.float64)
+    with pytest.raises(TypeError, match=r"scale: a tensor with a forward-mode tangent"):
+        torch.func.jvp(lambda s: fk.attention(q, k, v, scale=s), (torch.tensor(0.5),), (torch.tensor(1.0),))
+    with fwAD.dual_level(), pytest.raises(TypeError, match=r"scale: a tensor with a forward-mode tangent"):
+        fk.attention_jvp(q, k, v, None, None, v, scale=fwAD.make_dual(torch.tensor(0.5), torch.tensor(1.0)))
+    tq = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(3))
+    o, to = torch.func.jvp(lambda a: fk.attention(a, k, v, scale=torch.tensor(0.5)), (q,), (tq,))
+    ro, rto = ref_jvp(q, k, v, tq, torch.zeros_like(k), torch.zeros_like(v), scale=0.5)
+    assert rel_err(o, ro) < 1e-12 and rel_err(to, rto) < 1e-12
+
+
 @pytest.mark.parametrize("scale", [2, 0.25, np.float32(0.25), np.float64(0.7), torch.tensor(0.3),
                                    torch.tensor(3, dtype=torch.int64)], ids=lambda v: f"{type(v).__name__}-{v}")
 def test_real_scales_are_accepted(scale):

@@ -37,6 +37,8 @@ def _call(q, k, v, **kw):
     (lambda q, k, v: (torch.cat([q, q], 1), k, v), {}, ValueError, r"key: 2 heads differ from query's 4; pass "
                                                                       r"enable_gqa=True"),
     (lambda q, k, v: (q, k, v), {"dropout_p": 0.1}, ValueError, r"dropout_p: only 0.0"),
+    (lambda q, k, v: (q, k, v), {"dropout_p": torch.tensor(0.1)}, ValueError, r"dropout_p: only 0.0 .*got 0.1"),
+    (lambda q, k, v: (q, k, v), {"dropout_p": "0"}, ValueError, r"dropout_p: only 0.0"),
     (lambda q, k, v: (q, k, v), {"scale": float("nan")}, ValueError, r"scale: expected a finite number"),
     (lambda q, k, v: (q, k, v), {"scale": math.inf}, ValueError, r"scale: expected a finite number"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(3, 7, dtype=torch.bool)}, ValueError,
@@ -82,3 +84,9 @@ def test_none_tangents_mean_zero(backend):
         o1, to1 = fk.attention_jvp(q, k, v, None, None, tv)
         o2, to2 = fk.attention_jvp(q, k, v, torch.zeros_like(q), torch.zeros_like(k), tv)
     assert torch.allclose(o1, o2) and torch.allclose(to1, to2)
+
+
+def test_zero_dropout_as_a_tensor_is_accepted():
+    """SDPA reads a 0-d dropout_p tensor as its value."""
+    q, k, v = _qkv()
+    assert torch.equal(fk.attention(q, k, v, dropout_p=torch.tensor(0.0)), fk.attention(q, k, v))

@@ -227,7 +227,8 @@ def test_distinct_reasons_warn_separately_and_reset_rearms():
 
 def test_original_behaviour_is_kept_for_mask_with_causal_and_bad_calls():
     """attn_mask with is_causal: whatever the original does (torch 2.13 on CPU combines both; other
-    versions raise), the patched name does. Unknown keywords and missing arguments raise TypeError."""
+    versions raise), the patched name does. Unknown keywords, missing arguments and a positional scale raise
+    TypeError."""
     q, k, v = _qkv(dtype=torch.float32)
     m = torch.rand(7, 7, generator=torch.Generator().manual_seed(0)) > 0.3
     try:
@@ -245,6 +246,10 @@ def test_original_behaviour_is_kept_for_mask_with_causal_and_bad_calls():
             F.scaled_dot_product_attention(q, k, v, not_an_argument=1)
         with pytest.raises(TypeError):
             F.scaled_dot_product_attention(q, k)
+        with pytest.raises(TypeError):  # scale and enable_gqa are keyword-only in SDPA
+            F.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.3)
+    with pytest.raises(TypeError):
+        ORIGINAL(q, k, v, None, 0.0, False, 0.3)
     assert fallback_counts() == {"attn_mask+is_causal": 1, "keywords": 1}
 
 
