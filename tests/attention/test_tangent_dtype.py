@@ -58,7 +58,7 @@ def test_tangent_dtype_float32_is_a_no_op_for_float32_and_errors_name_the_argume
                                          r"float32 tO is for float16/bfloat16 inputs\), got torch.float16"):
         fk.attention_jvp(*args, tangent_dtype=torch.float16)
     t64 = Case(q_len=9, kv_len=11, head_dim=8).make(torch.float64)
-    with pytest.raises(ValueError, match=r"tangent_dtype: expected None or torch.float64 .*a float32 tO is for float16/bfloat16"):
+    with pytest.raises(ValueError, match=r"tangent_dtype: expected None or torch.float64 .*a float32 tO is for "):
         fk.attention_jvp(*(t64[n] for n in ("q", "k", "v", "tq", "tk", "tv")), tangent_dtype=torch.float32)
     tb = Case(q_len=9, kv_len=11, head_dim=8).make(torch.bfloat16)
     with pytest.raises(ValueError, match=r"tangent_dtype: expected None, torch.bfloat16 \(the inputs' dtype\) or "
