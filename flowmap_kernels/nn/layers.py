@@ -190,13 +190,19 @@ def silu_jvp(x, tx):
     return F.silu(x), tx * (sig * (1 + x * (1 - sig)))
 
 
+def _embedding_dtype(t: torch.Tensor) -> torch.dtype:
+    """The sinusoids are computed in float32 (float64 for float64 times)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def timestep_embedding_jvp(t: torch.Tensor, tt: torch.Tensor, dim: int, max_period: float = 10000.0,
                            time_scale: float = 1000.0):
     """(emb, temb) of :func:`timestep_embedding` along tt (same shape as t): d cos = -sin * targ, d sin = cos * targ."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (time_scale * t.float())[:, None] * freqs[None]
-    targs = (time_scale * tt.float())[:, None] * freqs[None]
+    dt = _embedding_dtype(t)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dt, device=t.device) / half)
+    args = (time_scale * t.to(dt))[:, None] * freqs[None]
+    targs = (time_scale * tt.to(dt))[:, None] * freqs[None]
     cos, sin = torch.cos(args), torch.sin(args)
     emb, temb = torch.cat([cos, sin], dim=-1), torch.cat([targs * -sin, targs * cos], dim=-1)
     if dim % 2:
@@ -209,10 +215,11 @@ def timestep_embedding_jvp(t: torch.Tensor, tt: torch.Tensor, dim: int, max_peri
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, time_scale: float = 1000.0):
     """Sinusoidal embedding of float times t (B,) -> (B, dim): [cos(f t'), sin(f t')], t' = time_scale t,
-    f_i = max_period^(-i / (dim/2)). Differentiable in t (tangents along t flow through)."""
+    f_i = max_period^(-i / (dim/2)), computed in float32 (float64 for float64 t). Differentiable in t."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (time_scale * t.float())[:, None] * freqs[None]
+    dt = _embedding_dtype(t)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dt, device=t.device) / half)
+    args = (time_scale * t.to(dt))[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)

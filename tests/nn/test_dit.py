@@ -153,3 +153,25 @@ def test_dit_jvp_along_parameters():
             res[backend] = torch.func.jvp(f, (params,), (tangents,))
     for a, b in zip(res["auto"], res["naive"]):
         assert rel_err(a, b) < TOL
+
+
+def test_float64_dit_is_float64_throughout():
+    """A float64 DiT computes its time embedding in float64 too: its explicit-tangent form (fk.func.jvp) and
+    torch.func.jvp over the naive ops agree to float64 rounding, along x and both times."""
+    from flowmap_kernels.nn.layers import timestep_embedding
+    t = torch.rand(5, dtype=torch.float64)
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=torch.float64)) * torch.arange(8, dtype=torch.float64) / 8)
+    args = 1000.0 * t[:, None] * freqs[None]
+    assert rel_err(timestep_embedding(t, 16), torch.cat([args.cos(), args.sin()], -1)) < 1e-13
+    torch.manual_seed(0)
+    model = dit_tiny(hidden_size=32, depth=1, num_heads=2, num_classes=10).double()
+    _randomise(model, 4)
+    x, tx = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    s, t = torch.rand(2, dtype=torch.float64) * 0.5, 0.5 + torch.rand(2, dtype=torch.float64) * 0.5
+    y = torch.tensor([1, 4])
+    primals, tangents = (x, s, t), (tx, torch.full_like(s, 0.3), torch.ones_like(t))
+    fn = lambda x_, s_, t_: model(x_, s_, t_, y)  # noqa: E731
+    v, tv = fk.func.jvp(fn, primals, tangents)
+    with fk.use_backend("naive"):
+        v0, tv0 = torch.func.jvp(fn, primals, tangents)
+    assert rel_err(v, v0) < 1e-12 and rel_err(tv, tv0) < 1e-12
