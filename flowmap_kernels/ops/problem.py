@@ -194,8 +194,8 @@ class ElementwiseProblem:
 def make_modulated_layer_norm_problem(x, shift, scale, eps, registry, backend: str) -> NormProblem:
     check_tensor("x", x)
     check_channels(x)
-    check_tensor("shift", shift, ref=x)
-    check_tensor("scale", scale, ref=x)
+    check_tensor("shift", shift, ref=x, min_dim=0)
+    check_tensor("scale", scale, ref=x, min_dim=0)
     check_broadcast("shift", shift, x)
     check_broadcast("scale", scale, x)
     ss, hs = OperandLayout.of(scale, x), OperandLayout.of(shift, x)
@@ -226,7 +226,7 @@ def make_gelu_tanh_problem(x, bias, registry, backend: str) -> ElementwiseProble
 
 def make_gated_residual_problem(x, gate, y, registry, backend: str) -> ElementwiseProblem:
     check_tensor("x", x)
-    check_tensor("gate", gate, ref=x)
+    check_tensor("gate", gate, ref=x, min_dim=0)
     check_tensor("y", y, ref=x)
     if y.shape != x.shape:
         raise ValueError(f"y: expected x's shape {tuple(x.shape)}, got {tuple(y.shape)}")

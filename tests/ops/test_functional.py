@@ -59,6 +59,8 @@ BROADCAST = [
     ("gated_residual", [(2, 5, 72), (72,), (2, 5, 72)]),
     ("gated_residual", [(2, 5, 72), (1, 5, 72), (2, 5, 72)]),
     ("gated_residual", [(4, 6, 37), (4, 1, 37), (4, 6, 37)]),
+    ("modulated_layer_norm", [(2, 5, 37), (), (1,)]),  # 0-d and one-element operands broadcast as in PyTorch
+    ("gated_residual", [(2, 5, 37), (), (2, 5, 37)]),
 ]
 
 
