@@ -1,6 +1,8 @@
 """Public context-parallel attention: ``context_parallel_attention`` and ``context_parallel_attention_jvp``."""
 from __future__ import annotations
 
+import struct
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -14,8 +16,21 @@ from .ulysses import ulysses_attention
 MODES = ("ring", "ulysses")
 
 
-def _normalise_mask(attn_mask, q, is_causal, lq_local: int, lk_total: int):
-    """The mask as a 4-d (Bm, Hm, Lq_local or 1, Lk or 1) tensor, checked."""
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The fields every rank sends before any other exchange (an all_gather of int64): its shard lengths, whether its
+# arguments passed the checks, and what must agree across ranks. ``mask_rows``: -1 no mask, 0 one row broadcast
+# over this rank's query rows, 1 one row per query row, 2 either (one query row, one mask row).
+_FIELDS = ("q_len", "k_len", "ok", "dtype", "batch", "q_heads", "kv_heads", "head_dim", "v_head_dim", "mode",
+           "is_causal", "load_balance", "enable_gqa", "scale", "mask_kind", "mask_rows", "mask_keys")
+_AGREE = {"dtype": "dtype", "batch": "batch size", "q_heads": "query heads", "kv_heads": "key/value heads",
+          "head_dim": "head_dim", "v_head_dim": "value head_dim", "mode": "mode", "is_causal": "is_causal",
+          "load_balance": "load_balance", "enable_gqa": "enable_gqa", "scale": "scale",
+          "mask_kind": "attn_mask (None, bool or float)"}
+
+
+def _check_mask(attn_mask, q, is_causal):
+    """The mask as a 4-d (Bm, Hm, Lq_local or 1, Lk or 1) tensor, checked against this rank's query shard (its
+    key dim against every rank's keys after the exchange)."""
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
@@ -30,12 +45,56 @@ def _normalise_mask(attn_mask, q, is_causal, lq_local: int, lk_total: int):
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask: expected at most 4 dims, got shape {tuple(attn_mask.shape)}")
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    want = (q.shape[0], q.shape[1], lq_local, lk_total)
-    if any(s not in (1, w) for s, w in zip(m.shape, want)):
+    want = (q.shape[0], q.shape[1], q.shape[2])
+    if any(s not in (1, w) for s, w in zip(m.shape[:3], want)):
         raise ValueError(f"attn_mask: shape {tuple(attn_mask.shape)} must broadcast to (batch, heads, local query "
-                         f"rows, all keys) = {want}: this rank's query rows against the keys of every rank, in "
-                         f"global key order")
+                         f"rows, all keys) = {(*want, 'Lk')}: this rank's query rows against the keys of every rank, "
+                         f"in global key order")
     return m
+
+
+def _local_checks(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, mode, load_balance):
+    """(problem, mask) from this rank's arguments; TypeError / ValueError naming the bad one."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(load_balance, bool):
+        raise TypeError(f"load_balance: expected a bool, got {type(load_balance).__name__} {load_balance!r}")
+    p = make_problem(q, k, v, None, 0.0, False, scale, enable_gqa, tangents=tangents)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__name__}")
+    return p, _check_mask(attn_mask, q, is_causal)
+
+
+def _signature(p, mask, q, mode, is_causal, load_balance, enable_gqa) -> list:
+    if p is None:
+        return [0, 0, 0] + [-1] * (len(_FIELDS) - 3)
+    mask_rows = -1 if mask is None else (2 if mask.shape[2] == 1 == q.shape[2] else int(mask.shape[2] != 1))
+    mask_kind_code = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+    return [p.q_len, p.kv_len, 1, _DTYPES.index(p.dtype), p.batch, p.q_heads, p.kv_heads, p.head_dim,
+            p.v_head_dim, MODES.index(mode), int(is_causal), int(load_balance), int(bool(enable_gqa)),
+            struct.unpack("<q", struct.pack("<d", p.scale))[0], mask_kind_code, mask_rows,
+            -1 if mask is None else mask.shape[3]]
+
+
+def _agree(rows: list) -> None:
+    """ValueError (on every rank alike) naming the first field in which the ranks' calls differ."""
+    for i, name in enumerate(_FIELDS):
+        if name not in _AGREE:
+            continue
+        values = [r[i] for r in rows]
+        if len(set(values)) > 1:
+            if name == "dtype":
+                values = [_DTYPES[x] for x in values]
+            elif name == "mode":
+                values = [MODES[x] for x in values]
+            elif name == "scale":
+                values = [struct.unpack("<d", struct.pack("<q", x))[0] for x in values]
+            elif name == "mask_kind":
+                values = [("None", "bool", "float")[x] for x in values]
+            elif name in ("is_causal", "load_balance", "enable_gqa"):
+                values = [bool(x) for x in values]
+            raise ValueError(f"{_AGREE[name]}: every rank of the group must call context-parallel attention alike; "
+                             f"got {', '.join(f'rank {r}: {x}' for r, x in enumerate(values))}")
 
 
 def _ring_backend(q, k, v, scale, enable_gqa, mask, is_causal) -> str:
@@ -46,49 +105,68 @@ def _ring_backend(q, k, v, scale, enable_gqa, mask, is_causal) -> str:
 
 
 def _prepare(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance):
-    """Check the arguments and exchange the shard lengths: (problem, world, rank, q layout, k layout, mask)."""
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    p = make_problem(q, k, v, None, 0.0, False, scale, enable_gqa, tangents=tangents)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__name__}")
+    """Check the arguments and exchange the shard lengths: (problem, world, rank, q layout, k layout, mask,
+    mask_rows). The exchange comes first, so that an error on one rank is raised on every rank (none waits in
+    a collective for the others); it also checks that the ranks' calls agree."""
     world, rank = world_and_rank(group)
-    lengths = all_gather_lengths([q.shape[2], k.shape[2]], group, world)
-    q_layout = layout_from_lengths("query", [row[0] for row in lengths], world, bool(load_balance))
-    k_layout = layout_from_lengths("key", [row[1] for row in lengths], world, bool(load_balance))
-    mask = _normalise_mask(attn_mask, q, is_causal, q.shape[2], k_layout.total)
+    error, p, mask = None, None, None
+    try:
+        p, mask = _local_checks(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, mode, load_balance)
+    except (TypeError, ValueError) as e:
+        error = e
+    rows = all_gather_lengths(_signature(p, mask, q, mode, is_causal, load_balance, enable_gqa), group, world)
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(rows) if not row[_FIELDS.index("ok")]]
+    if failed:
+        raise ValueError(f"context-parallel attention: rank(s) {failed} of the group rejected their arguments (their "
+                         f"error names the argument); every rank stops")
+    _agree(rows)
+    q_layout = layout_from_lengths("query", [row[0] for row in rows], world, load_balance)
+    k_layout = layout_from_lengths("key", [row[1] for row in rows], world, load_balance)
+    keys = {row[_FIELDS.index("mask_keys")] for row in rows} - {1, k_layout.total}
+    if mask is not None and keys:
+        raise ValueError(f"attn_mask: its last dim must be 1 or all {k_layout.total} keys on every rank, got "
+                         f"{sorted(keys)} (this rank: {mask.shape[3]})")
+    states = {row[_FIELDS.index("mask_rows")] for row in rows}
+    if {0, 1} <= states:
+        raise ValueError("attn_mask: some ranks pass one mask row per query row, others one row broadcast over "
+                         "their rows; every rank must do the same")
+    mask_rows = mask is not None and 0 not in states  # (one query row with one mask row reads as either)
     if mode == "ulysses":
         for name, h in (("query", p.q_heads), ("key", p.kv_heads)):
             if h % world:
                 raise ValueError(f"{name}: mode='ulysses' splits heads over the {world} ranks of the group; "
                                  f"{h} heads are not divisible by {world} (use mode='ring')")
-    return p, world, rank, q_layout, k_layout, mask
+    return p, world, rank, q_layout, k_layout, mask, mask_rows
 
 
 def ring_spec(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, group=None,
               load_balance=False) -> tuple[RingSpec, "torch.Tensor | None"]:
     """The (RingSpec, normalised mask) that ``context_parallel_attention`` hands to the ring Functions."""
-    p, world, rank, q_layout, k_layout, mask = _prepare(q, k, v, (), attn_mask, is_causal, scale, enable_gqa,
-                                                        group, "ring", load_balance)
-    return _ring_spec(p, world, rank, q_layout, k_layout, mask, q, k, v, group, is_causal, enable_gqa), mask
+    p, world, rank, q_layout, k_layout, mask, mask_rows = _prepare(q, k, v, (), attn_mask, is_causal, scale,
+                                                                   enable_gqa, group, "ring", load_balance)
+    return _ring_spec(p, world, rank, q_layout, k_layout, mask, mask_rows, q, k, v, group, is_causal,
+                      enable_gqa), mask
 
 
-def _ring_spec(p, world, rank, q_layout, k_layout, mask, q, k, v, group, is_causal, enable_gqa) -> RingSpec:
+def _ring_spec(p, world, rank, q_layout, k_layout, mask, mask_rows, q, k, v, group, is_causal,
+               enable_gqa) -> RingSpec:
     return RingSpec(group, world, rank, q_layout, k_layout, is_causal, p.scale,
                     _ring_backend(q, k, v, p.scale, enable_gqa, mask, is_causal),
-                    mask_rows=mask is not None and mask.shape[2] != 1,
+                    mask_rows=mask_rows,
                     mask_cols=mask is not None and mask.shape[3] != 1)
 
 
 def _run(q, k, v, tq, tk, tv, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance):
     """O (tangents None) or (O, tO) through the autograd-tracked mode implementation."""
     tangents = () if tq is None else (tq, tk, tv)
-    p, world, rank, q_layout, k_layout, mask = _prepare(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa,
-                                                        group, mode, load_balance)
+    p, world, rank, q_layout, k_layout, mask, mask_rows = _prepare(q, k, v, tangents, attn_mask, is_causal, scale,
+                                                                   enable_gqa, group, mode, load_balance)
     if mode == "ulysses":
-        return ulysses_attention(q, k, v, tq, tk, tv, mask, is_causal, p.scale, enable_gqa, group, q_layout,
-                                 k_layout)
-    spec = _ring_spec(p, world, rank, q_layout, k_layout, mask, q, k, v, group, is_causal, enable_gqa)
+        return ulysses_attention(q, k, v, tq, tk, tv, mask, mask_rows, is_causal, p.scale, enable_gqa, group,
+                                 q_layout, k_layout)
+    spec = _ring_spec(p, world, rank, q_layout, k_layout, mask, mask_rows, q, k, v, group, is_causal, enable_gqa)
     if tq is None:
         o, _ = RingAttentionFunction.apply(q, k, v, mask, spec)
         return o

@@ -146,14 +146,15 @@ class _GatherRows(torch.autograd.Function):
         return None, parts.sum(dim=1, keepdim=True)
 
 
-def mask_to_heads(mask, q_heads: int, q_layout: SequenceLayout, group):
-    """This rank's (Bm, Hm or H/W, L or 1, Lk) mask from its (Bm, Hm, L_local or 1, Lk) rows. A float mask
+def mask_to_heads(mask, mask_rows: bool, q_heads: int, q_layout: SequenceLayout, group):
+    """This rank's (Bm, Hm or H/W, L or 1, Lk) mask from its (Bm, Hm, L_local or 1, Lk) rows (``mask_rows``: one
+    per query row, decided alike on every rank; else one row broadcast over the rows). A float mask
     is moved by differentiable all-to-alls, so that a learned one gets its gradient: that of this rank's rows
     comes back to it (a mask broadcast over the rows gets this rank's heads' share, summing to the whole over
     the ranks)."""
     world, rank = world_and_rank(group)
     per_head = mask.shape[1] == q_heads and q_heads > 1
-    if mask.shape[2] == 1 or q_layout.total == 0:
+    if not mask_rows or q_layout.total == 0:
         if per_head:
             h = q_heads // world
             return mask[:, rank * h:(rank + 1) * h]
@@ -168,14 +169,15 @@ def mask_to_heads(mask, q_heads: int, q_layout: SequenceLayout, group):
         return out.bool() if as_bytes else out
 
 
-def ulysses_attention(q, k, v, tq, tk, tv, mask, is_causal, scale, enable_gqa, group, q_layout, k_layout):
+def ulysses_attention(q, k, v, tq, tk, tv, mask, mask_rows, is_causal, scale, enable_gqa, group, q_layout,
+                      k_layout):
     """O (tangents None) or (O, tO) on this rank's sequence shards, via head-sharded fused attention."""
     with_tangent = tq is not None
     layouts = (q_layout, k_layout, k_layout)
     xs = (q, k, v) + ((tq, tk, tv) if with_tangent else ())
     spec = UlyssesSpec(group, layouts * (2 if with_tangent else 1))
     hs = _seq_to_heads(spec, *xs)
-    mask_h = None if mask is None else mask_to_heads(mask, q.shape[1], q_layout, group)
+    mask_h = None if mask is None else mask_to_heads(mask, mask_rows, q.shape[1], q_layout, group)
     kw = dict(attn_mask=mask_h, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     out_spec = UlyssesSpec(group, (q_layout, q_layout))
     if with_tangent:

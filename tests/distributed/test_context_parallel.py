@@ -34,6 +34,9 @@ CASES = [
     CPCase.of(name="causal_lq_gt_lk_load_balance", batch=1, causal=True, load_balance=True, q_len=19, kv_len=10),
     CPCase.of(name="gqa_ring_only", batch=1, q_heads=6, kv_heads=3, causal=True, q_len=7, kv_len=7, head_dim=4),
     CPCase.of(name="fewer_tokens_than_ranks", batch=1, causal=True, q_len=3, kv_len=3, head_dim=4),
+    # per-row masks where a rank holds one query row (its one mask row could also read as a broadcast one)
+    CPCase.of(name="one_query_row_bool_mask", mask="bool", batch=1, q_len=3, kv_len=7, head_dim=4),
+    CPCase.of(name="one_query_row_float_mask", mask="float", batch=1, q_len=3, kv_len=5, head_dim=4),
     CPCase.of(name="float32_causal_load_balance", causal=True, load_balance=True, q_len=18, kv_len=18,
               dtype=torch.float32),
     CPCase.of(name="bfloat16_bool_mask", mask="bool", q_len=16, kv_len=16, dtype=torch.bfloat16),
@@ -45,6 +48,7 @@ MASK_GRAD_CASES = [
     CPCase.of(name="float_rows_mask_grad_load_balance", mask="float_rows", load_balance=True, q_len=13, kv_len=13),
     CPCase.of(name="key_bias_grad_gqa", mask="float_keys", q_heads=4, kv_heads=2, batch=1, q_len=9, kv_len=15),
     CPCase.of(name="head_key_bias_grad", mask="float_head_keys", batch=1, q_len=11, kv_len=7),
+    CPCase.of(name="one_query_row_mask_grad", mask="float_rows", batch=1, q_len=3, kv_len=6, head_dim=4),
 ]
 
 

@@ -291,6 +291,26 @@ def error_checks(rank, world):
                                    ValueError, "tangent of query")
     res["float_mask_dtype"] = _raises(lambda: fkd.context_parallel_attention(
         q, q, q, torch.zeros(1, 1, 4, 4 * world, dtype=torch.float16)), ValueError, "attn_mask")  # SDPA refuses it
+    # one rank's bad argument stops every rank (none is left waiting in a collective)
+    m = torch.ones(1, 1, 4, 4 * world + (rank == 1), dtype=torch.bool)
+    res["one_rank_bad_mask_keys"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, m), ValueError,
+                                            "attn_mask: its last dim must be 1 or all")
+    m = torch.ones(1, 1, 4 + (rank == 1), 4 * world, dtype=torch.bool)
+    res["one_rank_bad_mask_rows"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, m), ValueError,
+                                            "attn_mask: shape" if rank == 1 else "rank(s) [1] of the group")
+    # calls that differ between ranks are named on every rank
+    qr = q.float() if rank == 1 else q
+    res["dtype_differs"] = _raises(lambda: fkd.context_parallel_attention(qr, qr, qr), ValueError,
+                                   "rank 1: torch.float32")
+    q4d = torch.randn(1, 4, 4, 8, dtype=torch.float64)
+    res["mode_differs"] = _raises(lambda: fkd.context_parallel_attention(
+        q4d, q4d, q4d, mode="ulysses" if rank == 1 else "ring"), ValueError, "mode: every rank")
+    res["causal_differs"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, is_causal=rank == 1),
+                                    ValueError, "is_causal: every rank")
+    res["scale_differs"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, scale=0.5 + rank), ValueError,
+                                   "scale: every rank")
+    res["load_balance_type"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, load_balance="no"),
+                                       TypeError, "load_balance: expected a bool")
     return res
 
 
