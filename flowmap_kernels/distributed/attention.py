@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as fwAD
 from .._autodiff import follows_autocast, make_dual, unpack_duals, zeros_if_none
 from ..attention import ATTENTION, make_problem
 from ..attention.problem import mask_kind
-from .comm import all_gather_lengths, layout_from_lengths, world_and_rank
+from .comm import all_gather_lengths, check_load_balance, layout_from_lengths, world_and_rank
 from .ring import RingAttentionFunction, RingAttentionJVPFunction, RingSpec
 from .ulysses import ulysses_attention
 
@@ -57,8 +57,7 @@ def _local_checks(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, mo
     """(problem, mask) from this rank's arguments; TypeError / ValueError naming the bad one."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if not isinstance(load_balance, bool):
-        raise TypeError(f"load_balance: expected a bool, got {type(load_balance).__name__} {load_balance!r}")
+    check_load_balance(load_balance)
     p = make_problem(q, k, v, None, 0.0, False, scale, enable_gqa, tangents=tangents)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__name__}")

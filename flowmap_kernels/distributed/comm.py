@@ -72,6 +72,13 @@ def check_group(group) -> None:
         raise TypeError(f"group: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
 
 
+def check_load_balance(load_balance) -> bool:
+    """``load_balance`` must be a bool (a string such as "no" would read as True)."""
+    if not isinstance(load_balance, bool):
+        raise TypeError(f"load_balance: expected a bool, got {type(load_balance).__name__} {load_balance!r}")
+    return load_balance
+
+
 def world_and_rank(group) -> tuple[int, int]:
     """(size of ``group``, this process's rank in it); ``group=None`` is the default group."""
     check_group(group)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .attention import MODES, context_parallel_attention
-from .comm import check_group
+from .comm import check_group, check_load_balance
 from .sharding import gather_sequence, shard_sequence
 
 
@@ -109,7 +109,7 @@ def context_parallel(model: nn.Module, group=None, mode: str = "ring", load_bala
             if isinstance(m, Attention) and m.num_heads % world:
                 raise ValueError(f"mode: 'ulysses' needs num_heads ({m.num_heads}) divisible by the group size "
                                  f"({world}); use mode='ring'")
-    config = ContextParallelConfig(group, mode, bool(load_balance))
+    config = ContextParallelConfig(group, mode, check_load_balance(load_balance))
     for fm in flowmaps:
         check_context_parallel(fm, world, mode)
     undo = [_set_config(m, config) for m in targets]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .comm import SequenceLayout, all_gather_lengths, all_to_all, layout_from_lengths, world_and_rank
+from .comm import (SequenceLayout, all_gather_lengths, all_to_all, check_load_balance, layout_from_lengths,
+                   world_and_rank)
 
 
 def _check_tensor(name: str, x, dim: int) -> int:
@@ -38,7 +39,7 @@ def shard_sequence(x: torch.Tensor, group=None, dim: int = 2, load_balance: bool
     """
     dim = _check_tensor("x", x, dim)
     world, rank = world_and_rank(group)
-    return take_segments(x, dim, SequenceLayout(x.shape[dim], world, bool(load_balance)).segments(rank))
+    return take_segments(x, dim, SequenceLayout(x.shape[dim], world, check_load_balance(load_balance)).segments(rank))
 
 
 def _gather(x: torch.Tensor, dim: int, layout: SequenceLayout, group, kind: str) -> torch.Tensor:
@@ -87,9 +88,10 @@ def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 2, load_balanc
     gathered the same way (and is itself differentiable).
     """
     dim = _check_tensor("x_local", x_local, dim)
+    check_load_balance(load_balance)
     world, _ = world_and_rank(group)
     lengths = [row[0] for row in all_gather_lengths([x_local.shape[dim]], group, world)]
-    layout = layout_from_lengths("x_local", lengths, world, bool(load_balance))
+    layout = layout_from_lengths("x_local", lengths, world, load_balance)
     dual = fwAD.unpack_dual(x_local)
     out = _GatherSequence.apply(dual.primal, dim, layout, group)
     if dual.tangent is None:

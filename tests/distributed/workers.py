@@ -309,8 +309,11 @@ def error_checks(rank, world):
                                     ValueError, "is_causal: every rank")
     res["scale_differs"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, scale=0.5 + rank), ValueError,
                                    "scale: every rank")
-    res["load_balance_type"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, load_balance="no"),
-                                       TypeError, "load_balance: expected a bool")
+    for name, call in (("attention", lambda: fkd.context_parallel_attention(q, q, q, load_balance="no")),
+                       ("shard", lambda: fkd.shard_sequence(q, load_balance="no")),
+                       ("gather", lambda: fkd.gather_sequence(q, load_balance=1)),
+                       ("switch", lambda: fkd.context_parallel(dit_tiny(), load_balance="no"))):
+        res[f"load_balance_type_{name}"] = _raises(call, TypeError, "load_balance: expected a bool")
     return res
 
 
