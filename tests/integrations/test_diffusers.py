@@ -210,3 +210,49 @@ def test_flowmap_adapter_trains_with_a_method_loss():
         loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fm.parameters() if p.requires_grad)
+
+
+def _flux_and_sd3(name):
+    """Tiny Flux (joint + single-stream blocks, RoPE, the attention dispatcher) and SD3 (joint attention) models,
+    float64 with random weights, and a function of their latent tokens."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    enc = torch.randn(1, 5, 16, generator=g, dtype=torch.float64)
+    pooled = torch.randn(1, 8, generator=g, dtype=torch.float64)
+    ts = torch.tensor([0.5], dtype=torch.float64)
+    if name == "flux":
+        m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                   num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                   axes_dims_rope=(2, 2, 4))
+        img_ids = torch.stack([torch.zeros(16), torch.arange(16) // 4, torch.arange(16) % 4], -1).double()
+        x = torch.randn(1, 16, 4, generator=g, dtype=torch.float64)
+        call = lambda a: m(hidden_states=a, encoder_hidden_states=enc, pooled_projections=pooled, timestep=ts,  # noqa: E731
+                           img_ids=img_ids, txt_ids=torch.zeros(5, 3, dtype=torch.float64), return_dict=False)[0]
+    else:
+        m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
+        x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+        call = lambda a: m(hidden_states=a, encoder_hidden_states=enc, pooled_projections=pooled, timestep=ts,  # noqa: E731
+                           return_dict=False)[0]
+    m = m.double()
+    with torch.no_grad():  # non-zero adaLN-Zero layers (zero at initialisation would hide errors)
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+    return m, call, x, torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_flux_and_sd3_under_the_patch_match_sdpa_math(name):
+    """Third-party models whose attention goes through diffusers' processors and attention dispatcher: under
+    patch_sdpa, torch.func.jvp and the gradients of a loss on the tangent equal SDPA's math backend (float64)."""
+    model, fn, x, tx = _flux_and_sd3(name)
+    params = list(model.parameters())
+    ref = jvp_and_param_grads(fn, params, (x,), (tx,), math_backend=True)
+    reset_fallbacks()
+    with patch_sdpa():
+        got = jvp_and_param_grads(fn, params, (x,), (tx,))
+    err = errors(got, ref)
+    assert max(err.values()) < 1e-12, err
+    assert fallback_counts() == {}
