@@ -8,7 +8,7 @@ import torch.autograd.forward_ad as fwAD
 
 from .._autodiff import follows_autocast, make_dual, unpack_duals, zeros_if_none
 from ..attention import ATTENTION, make_problem
-from ..attention.problem import mask_kind
+from ..attention.problem import SUPPORTED_DTYPES, mask_kind
 from .comm import all_gather_lengths, check_load_balance, layout_from_lengths, world_and_rank
 from .ring import RingAttentionFunction, RingAttentionJVPFunction, RingSpec
 from .ulysses import ulysses_attention
@@ -16,16 +16,19 @@ from .ulysses import ulysses_attention
 MODES = ("ring", "ulysses")
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MASK_KINDS = (None, "bool", "float")
 # The fields every rank sends before any other exchange (an all_gather of int64): its shard lengths, whether its
 # arguments passed the checks, and what must agree across ranks. ``mask_rows``: -1 no mask, 0 one row broadcast
 # over this rank's query rows, 1 one row per query row, 2 either (one query row, one mask row).
 _FIELDS = ("q_len", "k_len", "ok", "dtype", "batch", "q_heads", "kv_heads", "head_dim", "v_head_dim", "mode",
            "is_causal", "load_balance", "enable_gqa", "scale", "mask_kind", "mask_rows", "mask_keys")
-_AGREE = {"dtype": "dtype", "batch": "batch size", "q_heads": "query heads", "kv_heads": "key/value heads",
-          "head_dim": "head_dim", "v_head_dim": "value head_dim", "mode": "mode", "is_causal": "is_causal",
-          "load_balance": "load_balance", "enable_gqa": "enable_gqa", "scale": "scale",
-          "mask_kind": "attn_mask (None, bool or float)"}
+# field that must agree: (what the error calls it, a rank's value as sent -> as the user wrote it)
+_AGREE = {"dtype": ("dtype", SUPPORTED_DTYPES.__getitem__), "batch": ("batch size", int),
+          "q_heads": ("query heads", int), "kv_heads": ("key/value heads", int), "head_dim": ("head_dim", int),
+          "v_head_dim": ("value head_dim", int), "mode": ("mode", MODES.__getitem__), "is_causal": ("is_causal", bool),
+          "load_balance": ("load_balance", bool), "enable_gqa": ("enable_gqa", bool),
+          "scale": ("scale", lambda x: struct.unpack("<d", struct.pack("<q", x))[0]),
+          "mask_kind": ("attn_mask (None, bool or float)", _MASK_KINDS.__getitem__)}
 
 
 def _check_mask(attn_mask, q, is_causal):
@@ -65,40 +68,30 @@ def _local_checks(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, mo
 
 
 def _signature(p, mask, q, mode, is_causal, load_balance, enable_gqa) -> list:
+    """This rank's record, the values of _FIELDS in order (all but the lengths -1 and ok 0 when its checks
+    failed)."""
     if p is None:
         return [0, 0, 0] + [-1] * (len(_FIELDS) - 3)
     mask_rows = -1 if mask is None else (2 if mask.shape[2] == 1 == q.shape[2] else int(mask.shape[2] != 1))
-    mask_kind_code = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
-    return [p.q_len, p.kv_len, 1, _DTYPES.index(p.dtype), p.batch, p.q_heads, p.kv_heads, p.head_dim,
+    return [p.q_len, p.kv_len, 1, SUPPORTED_DTYPES.index(p.dtype), p.batch, p.q_heads, p.kv_heads, p.head_dim,
             p.v_head_dim, MODES.index(mode), int(is_causal), int(load_balance), int(bool(enable_gqa)),
-            struct.unpack("<q", struct.pack("<d", p.scale))[0], mask_kind_code, mask_rows,
+            struct.unpack("<q", struct.pack("<d", p.scale))[0],
+            _MASK_KINDS.index(None if mask is None else mask_kind(mask, q)), mask_rows,
             -1 if mask is None else mask.shape[3]]
 
 
 def _agree(rows: list) -> None:
-    """ValueError (on every rank alike) naming the first field in which the ranks' calls differ."""
-    for i, name in enumerate(_FIELDS):
-        if name not in _AGREE:
-            continue
-        values = [r[i] for r in rows]
+    """ValueError (on every rank alike) naming the first field in which the ranks' records differ."""
+    for name, (label, decode) in _AGREE.items():
+        values = [row[name] for row in rows]
         if len(set(values)) > 1:
-            if name == "dtype":
-                values = [_DTYPES[x] for x in values]
-            elif name == "mode":
-                values = [MODES[x] for x in values]
-            elif name == "scale":
-                values = [struct.unpack("<d", struct.pack("<q", x))[0] for x in values]
-            elif name == "mask_kind":
-                values = [("None", "bool", "float")[x] for x in values]
-            elif name in ("is_causal", "load_balance", "enable_gqa"):
-                values = [bool(x) for x in values]
-            raise ValueError(f"{_AGREE[name]}: every rank of the group must call context-parallel attention alike; "
-                             f"got {', '.join(f'rank {r}: {x}' for r, x in enumerate(values))}")
+            raise ValueError(f"{label}: every rank of the group must call context-parallel attention alike; got "
+                             f"{', '.join(f'rank {r}: {decode(x)}' for r, x in enumerate(values))}")
 
 
 def _ring_backend(q, k, v, scale, enable_gqa, mask, is_causal) -> str:
     p = make_problem(q, k, v, None, 0.0, False, scale, enable_gqa)
-    kind = "bool" if is_causal else (None if mask is None else ("bool" if mask.dtype == torch.bool else "float"))
+    kind = "bool" if is_causal else (None if mask is None else mask_kind(mask, q))
     name = ATTENTION.resolve(None, **dict(p.as_dict(), mask_kind=kind)).backend
     return "torch" if name == "naive" else name  # the ring needs the fused kernels' (O, lse, mu) partials
 
@@ -113,21 +106,22 @@ def _prepare(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, group, 
         p, mask = _local_checks(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, mode, load_balance)
     except (TypeError, ValueError) as e:
         error = e
-    rows = all_gather_lengths(_signature(p, mask, q, mode, is_causal, load_balance, enable_gqa), group, world)
+    rows = [dict(zip(_FIELDS, row)) for row in
+            all_gather_lengths(_signature(p, mask, q, mode, is_causal, load_balance, enable_gqa), group, world)]
     if error is not None:
         raise error
-    failed = [r for r, row in enumerate(rows) if not row[_FIELDS.index("ok")]]
+    failed = [r for r, row in enumerate(rows) if not row["ok"]]
     if failed:
         raise ValueError(f"context-parallel attention: rank(s) {failed} of the group rejected their arguments (their "
                          f"error names the argument); every rank stops")
     _agree(rows)
-    q_layout = layout_from_lengths("query", [row[0] for row in rows], world, load_balance)
-    k_layout = layout_from_lengths("key", [row[1] for row in rows], world, load_balance)
-    keys = {row[_FIELDS.index("mask_keys")] for row in rows} - {1, k_layout.total}
+    q_layout = layout_from_lengths("query", [row["q_len"] for row in rows], world, load_balance)
+    k_layout = layout_from_lengths("key", [row["k_len"] for row in rows], world, load_balance)
+    keys = {row["mask_keys"] for row in rows} - {1, k_layout.total}
     if mask is not None and keys:
         raise ValueError(f"attn_mask: its last dim must be 1 or all {k_layout.total} keys on every rank, got "
                          f"{sorted(keys)} (this rank: {mask.shape[3]})")
-    states = {row[_FIELDS.index("mask_rows")] for row in rows}
+    states = {row["mask_rows"] for row in rows}
     if {0, 1} <= states:
         raise ValueError("attn_mask: some ranks pass one mask row per query row, others one row broadcast over "
                          "their rows; every rank must do the same")

@@ -65,10 +65,10 @@ def check_group(group) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("group: torch.distributed is not initialised; call torch.distributed.init_process_group "
                            "first (context parallelism needs a process group)")
-    if group is not None and not isinstance(group, dist.ProcessGroup) and group == dist.GroupMember.NON_GROUP_MEMBER:
-        raise ValueError("group: this rank is not a member of the group (torch.distributed.new_group gave it "
-                         "GroupMember.NON_GROUP_MEMBER); only the group's ranks may call")
     if group is not None and not isinstance(group, dist.ProcessGroup):
+        if group == dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError("group: this rank is not a member of the group (torch.distributed.new_group gave it "
+                             "GroupMember.NON_GROUP_MEMBER); only the group's ranks may call")
         raise TypeError(f"group: expected a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
 
 
