@@ -132,6 +132,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     return None
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: run once when traced (a lock does not trace)
 def _note_fallback(reason: str, message: str) -> None:
     with _lock:
         _counts[reason] = _counts.get(reason, 0) + 1
@@ -190,7 +191,8 @@ scaled_dot_product_attention = _make_router(BUILTIN_SDPA)
 
 
 def fallback_counts() -> dict:
-    """{reason: number of calls that ran the original function} since import or :func:`reset_fallbacks`."""
+    """{reason: number of calls that ran the original function} since import or :func:`reset_fallbacks` (a call
+    inside a torch.compile'd function counts once, when traced)."""
     with _lock:
         return dict(_counts)
 

@@ -158,3 +158,24 @@ def test_fallback_inside_a_compiled_function():
         got = torch.compile(f, backend="aot_eager")(q, k, v)
     assert torch.equal(got, want)
     assert fallback_counts() == {"dropout_p": 1}
+
+
+def test_fallback_inside_a_fullgraph_compiled_function():
+    """The same under torch.compile(fullgraph=True) (timm's Attention passes its dropout_p in training): no
+    graph break; the fallback is noted once, when Dynamo traces the call (a lock does not trace)."""
+    from flowmap_kernels.integrations import SDPAFallbackWarning, fallback_counts, reset_fallbacks
+    q, k, v = _inputs(dtype=torch.float32)
+    q = q[:, :2]
+    reset_fallbacks()
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.3) + F.scaled_dot_product_attention(q, k, v)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    with patch_sdpa(), pytest.warns(SDPAFallbackWarning, match="dropout"):
+        got = compiled(q, k, v)
+        again = compiled(q, k, v)
+    assert fallback_counts() == {"dropout_p": 1}
+    # undropped entries are the attention output over the kept probabilities (rescaled): finite, right shape
+    assert got.shape == again.shape == (q.shape[0], 2, q.shape[2], v.shape[-1]) and torch.isfinite(got).all()
+    torch._dynamo.reset()
