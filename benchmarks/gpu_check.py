@@ -103,11 +103,12 @@ def correctness(dtypes) -> list:
     return rows
 
 
-#: Launch configs timed beside the shipped one (32x64/w4/s2/split2: two launches, 18 products, m64n32,
-#: spill-free) for the backward through the JVP (impl "triton[<config>]") at D = 64: the one launch of 15
-#: products (m64n32; spills 64 B on sm_90a) and the 16-query-column launch (m64n16, 15 products, no spill),
-#: which the static report ranks below it: an ESTIMATE only a GPU can settle (docs/triton.md).
-ALTERNATIVES = {64: ("32x64/w4/s2", "16x64/w4/s2")}
+#: Launch configs timed beside the shipped one (32x128/w8/s2: one launch, 15 products, m64n32 / m64n64, dQ and dtQ
+#: added by TMA reductions, spill-free) for the backward through the JVP (impl "triton[<config>]") at D = 64: the
+#: two launches of 18 products it replaced (32x64/w4/s2/split2, 4 warps on 64 keys, spill-free; what masked
+#: problems run) and the 16-query-column launch (m64n16, 15 products, no spill), which the static report ranks
+#: below it: an ESTIMATE only a GPU can settle (docs/triton.md).
+ALTERNATIVES = {64: ("32x64/w4/s2/split2", "16x64/w4/s2")}
 
 
 def timings(quick: bool) -> list:

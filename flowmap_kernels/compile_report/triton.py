@@ -162,6 +162,7 @@ def _launches(kernels, plan, dt, q, k, v, tq, tk, tv, do, dto) -> list:
     """The launches of ``kernels`` on the plans ``plan(deterministic)`` makes (see :func:`triton_launches`)."""
     import torch
     from flowmap_kernels.attention.triton import launch
+    from flowmap_kernels.attention.triton.configs import without_variant
 
     passes: dict = {}
     out = []
@@ -183,7 +184,7 @@ def _launches(kernels, plan, dt, q, k, v, tq, tk, tv, do, dto) -> list:
                 passes[name, deterministic] = launch.backward_launches(
                     plan(deterministic), q, k, v, *(tangents or (None,) * 3), o, to, lse, mu, do,
                     dto if tangents else None)[1]
-        out += [ln for ln in passes[name, deterministic] if ln.name.split("[")[0].removesuffix("_pointer") == kernel
+        out += [ln for ln in passes[name, deterministic] if without_variant(ln.name).split("[")[0] == kernel
                 and isinstance(ln, launch.Launch)]
     return out
 
@@ -387,11 +388,11 @@ def _compile_one(task) -> dict:
     from flowmap_kernels.attention.triton import launch as launch_module
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     arch, dtype, d, name, config, variant = task
-    unnamed = name.replace("_pointer", "")  # (under one override config a pointer variant takes its base's name)
+    unnamed = configs.without_variant(name)  # (under one override config a launch variant takes its base's name)
     with configs.override(configs.Config.parse(config)):  # the parent's config (it may be an override there)
         launches = triton_launches(d, dtype, [unnamed.split("[")[0]], configs.arch_family(arch), variant=variant)
     for ln in launches:
-        if ln.name.replace("_pointer", "") != unnamed:
+        if configs.without_variant(ln.name) != unnamed:
             continue
         sig, consts, attrs = _signature(ln.kernel, ln.args, ln.constexprs)
         compiled = triton.compile(ASTSource(ln.kernel, sig, consts, attrs), target=GPUTarget("cuda", ARCHS[arch], 32),

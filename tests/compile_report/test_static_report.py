@@ -216,13 +216,12 @@ def test_real_compile_counts(sm90_records):
         for r in (by[("forward", d)], by[("backward_dq", d)]):
             assert (r["num_warps"], r["num_stages"]) == (int(r["config"].split("/w")[1].split("/")[0]),
                                                         int(r["config"].split("/s")[1].split("/")[0]))
-    # the primal one-pass backward at the mathematical minimum, 5 products per tile; with tangents the one
-    # launch of 15 products spills on sm_90a from D = 48: two launches at D = 64 (18 products), three at
-    # D = 128 (20), spill-free
+    # the primal one-pass backward at the mathematical minimum, 5 products per tile; with tangents one launch
+    # of 15 products at D = 64, spill-free; three at D = 128 (20 products: one launch spills from D = 80)
     assert by[("backward_atomic", 64)]["products_per_tile"] == by[("backward_atomic", 128)]["products_per_tile"] == 5
-    tangent = {d: [r for (k, dd), r in by.items() if k.startswith("jvp_backward_atomic[") and dd == d]
+    tangent = {d: [r for (k, dd), r in by.items() if k.startswith("jvp_backward_atomic") and dd == d]
                for d in (64, 128)}
-    assert [len(tangent[64]), sum(r["products_per_tile"] for r in tangent[64])] == [2, 18]
+    assert [len(tangent[64]), sum(r["products_per_tile"] for r in tangent[64])] == [1, 15]
     assert [len(tangent[128]), sum(r["products_per_tile"] for r in tangent[128])] == [3, 20]
     assert all(r["spill_bytes"] == 0 for r in tangent[64] + tangent[128])
     # at D = 128 the split one-pass tangent launches run 32 query columns: no m64n16 wgmma
@@ -305,10 +304,11 @@ def test_is_shipped():
 
 
 def test_one_pass_tangent_backward_runs_32_query_columns_up_to_head_dim_64():
-    """Up to D = 32 the one-launch tangent backward (15 products) fits 32 query columns in registers; at
-    D = 64 it runs them in two launches (dK+dtK with dQ, dtQ | dV+dtV: 12 + 6 products, query-side tiles
-    through tensor descriptors): score-type products m64n32 wgmma (m64n16 only where the head dim itself
-    is 16: the output products), no spill."""
+    """Up to D = 64 the one-launch tangent backward (15 products) fits 32 query columns in registers: at D = 64
+    with 8 warps on 128 keys, its query-side tiles loaded and its dQ, dtQ added through tensor descriptors (no
+    pointer or mask tensors in registers). Score-type products m64n32 wgmma (m64n16 only where the head dim
+    itself is 16: the output products), no spill. Masked problems keep two launches at D = 64 (12 + 6
+    products, the "_masked" launch variant): one spills there."""
     recs = cr.triton_records(["sm_90a"], (16, 32, 64), ["bf16"], kernels=["jvp_backward_atomic"],
                              cache=cr._default_cache(), workers=0)
     by = {}
@@ -318,7 +318,10 @@ def test_one_pass_tangent_backward_runs_32_query_columns_up_to_head_dim_64():
     assert [r["products_per_tile"] for r in by[16]] == [r["products_per_tile"] for r in by[32]] == [15]
     assert set(by[32][0]["loop_mma_shapes"]) == {"m64n32k16"}
     assert by[16][0]["loop_mma_shapes"]["m64n32k16"] > 0
-    assert [(r["kernel"], r["products_per_tile"]) for r in by[64]] == [
-        ("jvp_backward_atomic[dk,dtk,dq,dtq]", 12), ("jvp_backward_atomic[dv,dtv]", 6)]
-    for r in by[64]:
-        assert set(r["loop_mma_shapes"]) == {"m64n32k16", "m64n64k16"} and r["async_load_kind"] == "tma"
+    assert [(r["kernel"], r["products_per_tile"], r["config"]) for r in by[64]] == [
+        ("jvp_backward_atomic", 15, "32x128/w8/s2")]
+    assert set(by[64][0]["loop_mma_shapes"]) == {"m64n32k16", "m64n64k16"} and by[64][0]["async_load_kind"] == "tma"
+    masked = cr.triton_records(["sm_90a"], (64,), ["bf16"], kernels=["jvp_backward_atomic"],
+                               cache=cr._default_cache(), workers=0, variants=("bool_mask", "float_mask"))
+    assert {(r["kernel"], r["products_per_tile"], r["spill_bytes"]) for r in masked} == {
+        ("jvp_backward_atomic_masked[dk,dtk,dq,dtq]", 12, 0), ("jvp_backward_atomic_masked[dv,dtv]", 6, 0)}

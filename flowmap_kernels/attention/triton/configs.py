@@ -27,7 +27,10 @@ from ..._autodiff import triton_interpreter
 
 KERNELS = ("forward", "jvp_forward", "jvp_forward_tma", "jvp_forward_tangent_fp32", "backward_atomic",
            "backward_dkdv", "backward_dq", "jvp_backward_atomic", "jvp_backward_atomic_pointer",
-           "jvp_backward_dkdv", "jvp_backward_dq")
+           "jvp_backward_atomic_masked", "jvp_backward_dkdv", "jvp_backward_dq")
+#: Suffixes of the key-block launch variants: a kernel's tiles for problems its launcher cannot give tensor
+#: descriptors ("_pointer") or that read a mask ("_masked"), where the dense tile would spill.
+LAUNCH_VARIANTS = ("_pointer", "_masked")
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 
 
@@ -286,10 +289,11 @@ FAMILY_TABLE: dict = {
     ("jvp_backward_dq", "sm100"): {(32, 4): C(32, 16, 4, 2, S3), (64, 4): C(16, 32, 4, 2, S3)},
 }
 # The one-pass backward (dQ by atomics; the parts of a config's tag are ONE_PASS[tag]). sm90: spill-free up to
-# D = 128 in 16-bit (15 products in one launch up to D = 32 with 32 query columns, m64n32 score products; at
-# D = 48 / 64 that one launch spills 56-112 B in every 32-column tile (1-4 stages, 4 or 8 warps), so it splits
-# in two, 32x64/w4/s2/split2: 18 products; 32x64/w4/s2/split3 at D = 128: 20, m64n32) and as shipped in
-# float32, every 16-bit launch pipelined.
+# D = 128 in 16-bit (15 products in one launch up to D = 64 with 32 query columns, m64n32 score products; at
+# D = 48 / 64, 32x128/w8/s2 with dQ and dtQ added by tensor-descriptor reductions: 254 registers (with pointer
+# atomics every 32-column tile spilled 56-112 B, 1-4 stages, 4 or 8 warps); 32x64/w4/s2/split3 at D = 128:
+# 20 products, m64n32; one launch spills KBs there, two 236 B) and as shipped in float32, every 16-bit launch
+# pipelined.
 # sm80 (mma.sync): the key-block kernels' tiles for the primal backward, 32x32/w4/s2 for the tangent one.
 TABLE.update({
     ("backward_atomic", "sm90"): {
@@ -303,7 +307,7 @@ TABLE.update({
     ("backward_atomic", "sm80"): {**TABLE[("backward_dkdv", "sm80")], (64, 4): C(32, 32, 4, 2),
                                   (128, 2): C(16, 32, 4, 2)},
     ("jvp_backward_atomic", "sm90"): {
-        (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 64, 4, 2), (64, 2): C(32, 64, 4, 2, S2),
+        (16, 2): C(32, 128, 8, 2), (32, 2): C(32, 64, 4, 2), (64, 2): C(32, 128, 8, 2),
         (128, 2): C(32, 64, 4, 2, S3), (256, 2): C(16, 64, 4, 1, S3),
         (16, 4): C(16, 64, 4, 2, S3), (32, 4): C(16, 64, 4, 2, S3), (64, 4): C(16, 16, 4, 1, S3),
         (128, 4): C(16, 32, 4, 1), (256, 4): C(16, 16, 4, 1),
@@ -351,6 +355,9 @@ _launch_variant("jvp_forward_tma", "jvp_forward", {"sm90": {(128, 2): C(128, 64,
 # operands the descriptors cannot read): at D = 64 it keeps one launch with 16 query columns on sm_90a (15
 # products, m64n16, 244 registers, spill-free).
 _launch_variant("jvp_backward_atomic_pointer", "jvp_backward_atomic", {"sm90": {(64, 2): C(16, 64, 4, 2)}})
+# ... and for masked problems: at D = 48 / 64 on sm_90a the one launch (32x128/w8/s2) spills 32 B with a boolean
+# mask and 280 B with an additive one; they keep two launches, 32x64/w4/s2/split2 (18 products, spill-free).
+_launch_variant("jvp_backward_atomic_masked", "jvp_backward_atomic", {"sm90": {(64, 2): C(32, 64, 4, 2, S2)}})
 del C, S2, S3
 
 #: Families that run head dims below their power-of-two tile width zero-padded to it (wgmma / tcgen05:
@@ -394,6 +401,15 @@ def table_key(launch_name: str) -> str:
     "jvp_forward[tangent_fp32]" -> "jvp_forward_tangent_fp32", "jvp_forward[tma]" -> "jvp_forward_tma"."""
     base, _, part = launch_name.partition("[")
     return f"{base}_{part[:-1]}" if part in ("tangent_fp32]", "tma]") else base
+
+
+def without_variant(launch_name: str) -> str:
+    """A launch's name without its launch variant (:data:`LAUNCH_VARIANTS`): "jvp_backward_atomic_masked[dv,dtv]"
+    -> "jvp_backward_atomic[dv,dtv]"."""
+    base, bracket, part = launch_name.partition("[")
+    for suffix in LAUNCH_VARIANTS:
+        base = base.removesuffix(suffix)
+    return base + bracket + part
 
 
 def head_dim_bucket(head_dim: int, v_head_dim: Optional[int] = None) -> int:

@@ -98,6 +98,19 @@ def _atomic_add_tile(base, x, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr,
 
 
 @triton.jit
+def _atomic_add_rows(base, x, start, rows, cols, n_rows, s_r, s_c, NCOLS: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_C: tl.constexpr, TMA: tl.constexpr):
+    """base[start:start + BLOCK_R, :NCOLS] += x (float32, rows < n_rows; rows = start + arange(BLOCK_R)): a
+    tensor-descriptor reduction when TMA (cp.reduce.async.bulk.tensor: no pointer or mask tensors in registers,
+    rows past n_rows dropped), else :func:`_atomic_add_tile`."""
+    if TMA:
+        desc = tl.make_tensor_descriptor(base, [n_rows, NCOLS], [s_r, 1], [BLOCK_R, BLOCK_C])
+        desc.atomic_add([start, 0], x)
+    else:
+        _atomic_add_tile(base, x, rows, cols, n_rows, s_r, s_c, NCOLS, BLOCK_C)
+
+
+@triton.jit
 def _block_offsets(start, BLOCK: tl.constexpr, LARGE_OFFSETS: tl.constexpr):
     """start + arange(BLOCK): int32, or int64 when LARGE_OFFSETS (a row offset of some operand, index
     times row stride inside one (batch, head) slice, may pass 2**31 elements: see
@@ -459,14 +472,15 @@ def _attn_bwd_dkdv(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr,
     WANT_DK: tl.constexpr, WANT_DTK: tl.constexpr, WANT_DV: tl.constexpr,
     ADD_DQ_DS: tl.constexpr, ADD_DQ_DTS: tl.constexpr, ADD_DTQ: tl.constexpr, ALIGN: tl.constexpr,
-    LARGE_OFFSETS: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr = False,
+    LARGE_OFFSETS: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr = False, TMA_ADD: tl.constexpr = False,
 ):
     """One program: BLOCK_N keys of one (batch, kv head); loops over its G query heads and the query
     blocks, in transposed tiles (keys x queries). Tangent terms only when TANGENT.
 
     TMA: the query-side tiles of the loop (Q, tQ, dO, dtO) load, and dK, dtK, dV, dtV store, through tensor
     descriptors over each head's (L, D) rows (rows past L zero-fill / are dropped): no pointer or mask
-    tensors in registers (sm_90a, D = 64: 32 query columns fit one warpgroup without spilling).
+    tensors in registers (sm_90a, D = 64: 32 query columns fit one warpgroup without spilling). TMA_ADD (with
+    TMA): the dQ / dtQ adds of the one-pass backward are tensor-descriptor reductions.
 
     P = exp(S - lse) from LSE; with an additive mask (MASK_KIND 2) P = exp(S - LSE) * LINV from the row
     statistics of :func:`_attn_row_stats` (LSE then holds a row max, LINV 1 / l).
@@ -606,16 +620,16 @@ def _attn_bwd_dkdv(
             if ADD_DQ_DS and ADD_DQ_DTS:
                 dqt = tl.dot(tl.trans(dtst16), tk, tl.dot(tl.trans(dst16), k, input_precision=PREC),
                              input_precision=PREC)
-                _atomic_add_tile(dq_base, dqt * scale, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
             elif ADD_DQ_DS:
-                _atomic_add_tile(dq_base, tl.dot(tl.trans(dst16), k, input_precision=PREC) * scale,
-                                 offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+                dqt = tl.dot(tl.trans(dst16), k, input_precision=PREC)
             elif ADD_DQ_DTS:
-                _atomic_add_tile(dq_base, tl.dot(tl.trans(dtst16), tk, input_precision=PREC) * scale,
-                                 offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+                dqt = tl.dot(tl.trans(dtst16), tk, input_precision=PREC)
+            if ADD_DQ_DS or ADD_DQ_DTS:
+                _atomic_add_rows(dq_base, dqt * scale, start_m, offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_M, BLOCK_D,
+                                 TMA_ADD)
             if ADD_DTQ:
-                _atomic_add_tile(dtq_base, tl.dot(tl.trans(dtst16), k, input_precision=PREC) * scale,
-                                 offs_m, offs_d, Lq, sdqm, sdqd, D, BLOCK_D)
+                _atomic_add_rows(dtq_base, tl.dot(tl.trans(dtst16), k, input_precision=PREC) * scale, start_m, offs_m,
+                                 offs_d, Lq, sdqm, sdqd, D, BLOCK_M, BLOCK_D, TMA_ADD)
     if WANT_DK:
         _store_rows(DK + bk * sdkb + hk * sdkh, dk * scale, start_n, offs_n, offs_d, Lk, sdkn, sdkd, D, BLOCK_N,
                     BLOCK_D, ALIGN, TMA)

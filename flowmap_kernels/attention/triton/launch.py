@@ -43,7 +43,9 @@ import torch
 import triton
 
 from ..._autodiff import triton_interpreter
-from . import configs, kernels
+from . import configs, interpreter, kernels
+
+interpreter.install()
 
 
 def _strides(x: Optional[torch.Tensor], n: int = 4):
@@ -463,6 +465,13 @@ def _key_block_descriptors(p: Plan, q, tq) -> bool:
             and descriptors_allowed(q, tq))
 
 
+#: Widest (padded) head dim whose one-pass dQ / dtQ adds are tensor-descriptor reductions (with descriptors): they
+#: take the 32 x D pointer and mask tiles out of the registers (sm_90a's one launch at D = 64 fits only so) but
+#: stage each tile in shared memory, which at D = 128 costs the [dtk,dtq,dq_dts] launch its second CTA per SM
+#: (119 KB instead of 107 KB); the pointer atomics stay there.
+TMA_ADD_MAX_HEAD_DIM = 64
+
+
 def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> tuple:
     """((dq, dk, dv, dtq, dtk, dtv), launches) of the backward: the primal (``dto`` None: no tangent terms
     compiled in, tangent gradients None) or the backward through (O, tO); ``do`` None drops dO's terms.
@@ -486,6 +495,7 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
     const = p.new_rows()
     crow = p.new_rows() if tangent else None
     tma = _key_block_descriptors(p, q, tq)
+    tma_add = tma and max(p.block_d, p.block_dv) <= TMA_ADD_MAX_HEAD_DIM
     if tma:  # (dO from autograd may be an expanded view: copied, O(N D), to rows the descriptors can read)
         do, dto = (x if x is None or descriptors_allowed(x) else x.contiguous() for x in (do, dto))
     p.set_align(q, k, v, tq, tk, tv, o, to, do, dto, dq, dk, dv, dtq, dtk, dtv)
@@ -516,9 +526,12 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
     one_pass = not p.deterministic
     kernel = prefix + ("_atomic" if one_pass else "_dkdv")
     cfg = p.config(kernel)
-    pointer = kernel + "_pointer"  # a variant whose tile fits without descriptors (configs)
-    if not tma and pointer in configs.KERNELS and p.config(pointer) != cfg:
-        kernel, cfg = pointer, p.config(pointer)  # (named apart where its tile differs: the compile report's key)
+    # launch variants (configs) whose tile fits where the dense one's would spill: without descriptors, with a
+    # mask; named apart where their tile differs (the compile report's key)
+    for variant, applies in (("_pointer", not tma), ("_masked", p.mask_kind != 0)):
+        if applies and kernel + variant in configs.KERNELS and p.config(kernel + variant) != cfg:
+            kernel, cfg = kernel + variant, p.config(kernel + variant)
+            break
     if one_pass:  # dQ (dtQ) accumulate in float32 across key blocks, zeroed here, cast after the pass
         parts = configs.ONE_PASS[cfg.parts.tag] if tangent else configs.PRIMAL_ONE_PASS
         def accumulator(g):  # float32, zeroed: the gradient itself for float32 inputs
@@ -535,7 +548,7 @@ def backward_launches(p: Plan, q, k, v, tq, tk, tv, o, to, lse, mu, do, dto) -> 
             launches.append(Launch(kernel + (f"[{part.suffix}]" if part.suffix else ""),
                                    p.kernels._attn_bwd_dkdv, (triton.cdiv(p.blocks_k, cfg.block_n), p.Hkv, p.B), args,
                                    p.constexprs(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **part.constexprs(), **flags,
-                                                TMA=tma),
+                                                TMA=tma, TMA_ADD=tma_add),
                                    cfg, grid_block="BLOCK_N", cu_seqlens=p.cu_seqlens))
     else:
         dk.zero_(), dv.zero_()

@@ -88,7 +88,7 @@ def test_launch_parts_name_what_each_launch_writes():
 
 
 KEY_BLOCK_KERNELS = ("backward_atomic", "backward_dkdv", "jvp_backward_atomic", "jvp_backward_atomic_pointer",
-                     "jvp_backward_dkdv")
+                     "jvp_backward_atomic_masked", "jvp_backward_dkdv")
 
 
 @pytest.mark.parametrize("kernel", configs.KERNELS)
@@ -141,23 +141,26 @@ def test_tangent_value_products_accumulate_apart_where_it_is_free(arch, head_dim
 
 
 def test_key_block_descriptors_and_the_pointer_fallback_tile():
-    """sm90, 16-bit, D = 64: the key-block kernel takes tensor descriptors (TMA) and 32 query columns (two
-    launches); Q rows the descriptors cannot read keep pointer loads and the 16-column tile in one launch; dO
-    given as an expanded view is copied, not a reason to fall back; float32 and D = 256 keep pointer loads."""
+    """sm90, 16-bit, D = 64: the key-block kernel takes tensor descriptors (TMA) and 32 query columns in one
+    launch (two with a mask: the "_masked" variant); Q rows the descriptors cannot read keep pointer loads and
+    the 16-column tile in one launch; dO given as an expanded view is copied, not a reason to fall back; float32
+    and D = 256 keep pointer loads."""
     import torch
     from flowmap_kernels.attention.triton import launch
 
-    def key_block(q, do, arch="sm90"):
+    def key_block(q, do, arch="sm90", mask=None):
         x = torch.empty(1, 2, 64, q.shape[-1], dtype=q.dtype)
-        p = launch.Plan(q, x, x, None, False, 0.125, arch=arch)
+        p = launch.Plan(q, x, x, mask, False, 0.125, arch=arch)
         (o, to, lse, mu), _ = launch.forward_launches(p, q, x, x, x, x, x)
         launches = launch.backward_launches(p, q, x, x, x, x, x, o, to, lse, mu, do, do)[1]
         return [(str(ln.config), ln.constexprs["TMA"]) for ln in launches if ln.name.startswith("jvp_backward_atomic")
                 and hasattr(ln, "constexprs")]
 
     q = torch.empty(1, 2, 64, 64, dtype=torch.bfloat16)
-    assert key_block(q, torch.empty_like(q)) == [("32x64/w4/s2/split2", True)] * 2  # two launches
-    assert key_block(q, torch.ones(1, 1, 1, 1, dtype=q.dtype).expand_as(q)) == [("32x64/w4/s2/split2", True)] * 2
+    assert key_block(q, torch.empty_like(q)) == [("32x128/w8/s2", True)]  # one launch
+    assert key_block(q, torch.ones(1, 1, 1, 1, dtype=q.dtype).expand_as(q)) == [("32x128/w8/s2", True)]
+    for mask in (torch.ones(64, 64, dtype=torch.bool), torch.zeros(1, 1, 64, 64, dtype=q.dtype)):
+        assert key_block(q, torch.empty_like(q), mask=mask) == [("32x64/w4/s2/split2", True)] * 2  # two launches
     unaligned = torch.empty(1, 2, 64, 65, dtype=torch.bfloat16)[..., 1:]  # rows start 2 bytes off 16
     assert not launch.descriptors_allowed(unaligned)
     assert key_block(unaligned, torch.empty_like(q)) == [("16x64/w4/s2", False)]

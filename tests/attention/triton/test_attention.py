@@ -191,6 +191,17 @@ def test_forward_jvp_with_tensor_descriptors(case, dtype):
             _full_check(CASES[case], dtype, seed=14)
 
 
+@pytest.mark.parametrize("parts", ["split2", "split3"])
+@pytest.mark.parametrize("case", ["D48-L77-gqa-causal", "D96-33x50-bool"])
+def test_split_one_pass_backward_with_tensor_descriptors(parts, case):
+    """The one-pass backward's split launches (masked problems at D = 48 / 64 and D = 80..128 on sm90) with
+    tensor descriptors forced on: each part adds its dQ / dtQ terms (all, dS K only, dtS tK with dtQ) through a
+    tensor-descriptor reduction; against float64 with a causal GQA problem and a boolean mask with dead rows."""
+    from flowmap_kernels.attention.triton import launch
+    with launch.tensor_descriptors(True), configs.override(configs.Config(32, 32, 4, 1, configs.PARTS[parts])):
+        _full_check(CASES[case], torch.bfloat16, seed=21)
+
+
 def test_tensor_descriptors_only_where_the_strides_allow():
     from flowmap_kernels.attention.triton import launch
     g = torch.Generator().manual_seed(0)
