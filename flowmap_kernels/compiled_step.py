@@ -47,6 +47,21 @@ def _adam_group(group: dict, optimizer) -> tuple:
     return float(b1), float(b2), float(group["eps"]), float(group["weight_decay"]), decoupled
 
 
+def inductor_options(model: torch.nn.Module) -> dict:
+    """Inductor settings the compiled step of ``model`` needs, patched around every call (so the compilation
+    and any recompilation see them; nothing outside the step changes).
+
+    A model without a dual form (``fk.func.has_dual_form``) takes its JVP with torch.func.jvp inside the compiled
+    region. Forward-mode AD gives the parameters' absent tangents as efficient zero tensors
+    (``aten._efficientzerotensor``: no storage, immutable), whose buffer inductor (torch 2.13) may reuse as the
+    ``out=`` of a later matmul in the backward through the JVP (TVM, LSD): "RuntimeError: ZeroTensors are
+    immutable" (pytorch/pytorch#184312 proposed the same cure upstream). Without buffer reuse every buffer is
+    allocated afresh: the same graph and results, a little more memory. Models with a dual form (the
+    package's DiT: no forward-mode AD, no zero tensors) keep inductor's defaults."""
+    from .func import has_dual_form
+    return {} if has_dual_form(model) else {"allow_buffer_reuse": False}
+
+
 class TrainStep:
     """``step(x0, cond=None, lr=None) -> (loss, logs)`` (detached tensors): one optimisation step of
     ``method.loss(model, x0, cond=cond, **method_cfg)``.
@@ -90,6 +105,7 @@ class TrainStep:
             for t in self._lrs:
                 torch._dynamo.mark_static_address(t)
         self._states = None
+        self._inductor_options = inductor_options(model)
         self.compile_seconds: Optional[float] = None
         self.calls = 0
         if compile == "none":
@@ -174,7 +190,8 @@ class TrainStep:
         t0 = time.perf_counter()
         if self.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        import torch._inductor.config as inductor_config
+        with torch._dynamo.config.patch(trace_autograd_ops=True), inductor_config.patch(self._inductor_options):
             out = self._fn(x0, cond, self._lrs, self._states, method_kwargs)
         if self.compile_mode == "reduce-overhead":  # CUDA-graph outputs are overwritten by the next replay
             out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)

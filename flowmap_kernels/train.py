@@ -32,6 +32,7 @@ Parts: flowmap_kernels.training.config (flags -> TrainConfig), .loop (setup, ste
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .data import DATASETS, get_dataset
@@ -80,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond", action="store_true", help="class-conditional (labels as model(..., y=))")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="with --cond: evaluate with classifier-free guidance of this scale (the method's GUIDANCE: "
-                        "cfg / input / scaled_input); train with --cfg-dropout 0.1 and the method's guidance keys")
+                        "cfg, >= 0, 0 unconditional / input (imf) and scaled_input (tvm), > 0). Needs label "
+                        "dropout (--cfg-dropout P > 0: it trains the null class) and, for imf / tvm, the guidance "
+                        "input trained: --cfg cfg_omega_max=M (imf, scales in [1, 1+M]) or --cfg "
+                        "cfg_scale_range=[1,MAX] (tvm); checked before training")
     p.add_argument("--cfg-dropout", type=float, default=None, metavar="P",
-                   help="with --cond: label dropout for classifier-free guidance (the method's cfg_dropout)")
+                   help="with --cond: label dropout for classifier-free guidance (the method's cfg_dropout; "
+                        "> 0 with --guidance-scale)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guidance only on sampling steps whose source time lies in [LO, HI] (default 0 1)")
     p.add_argument("--teacher", choices=["auto", "self", "ema"], default="auto",
@@ -98,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--backend", default="auto",
-                   help="kernel backend for fk.attention and the fused ops (auto, naive, torch, triton, extension)")
+                   help="kernel backend for fk.attention and the fused ops of --model dit (auto, naive, torch, "
+                        "triton, extension); checked against the device before training (triton: CUDA, or "
+                        "TRITON_INTERPRET=1 on CPU); no effect on the MLP")
     p.add_argument("--compile", choices=["none", "default", "reduce-overhead"], default="none",
                    help="torch.compile the whole step (loss with its JVP, backward, clipping, Adam) with "
                         "fullgraph=True (flowmap_kernels.compiled_step); one process, no FSDP2; metrics.json "
@@ -129,6 +136,9 @@ def main(argv=None) -> int:
         get_method(args.method)
         get_dataset(args.data)
         cfg = resolve_config(args)  # every flag checked before any work
+        if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
+            for note in cfg.warnings:
+                print(f"warning: {note}", file=sys.stderr)
         from .backends import use_backend
         with use_backend(cfg.backend):
             metrics = run(cfg)

@@ -51,6 +51,19 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _not_a_checkpoint(path: str, err: Exception) -> str:
+    """The --resume error for a file torch.load(weights_only=True) cannot read: what the file is not, with
+    the path. torch's own message is left out on purpose: for a pickle it cannot load safely it suggests
+    weights_only=False, which would run whatever code the file holds (the loop's checkpoints never need
+    it); the original exception stays chained (``__cause__``)."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    why = "empty file" if empty else f"truncated, or not a torch file of tensors: {type(err).__name__}"
+    return f"--resume: {path} is not a valid checkpoint ({why})"
+
+
 CHECKPOINT_KEYS = ("step", "model", "ema", "opt", "rng", "losses", "train_time", "world_size", "args")
 
 
@@ -62,7 +75,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     try:
         ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated/garbage files raise many types (EOFError, RuntimeError, ...)
-        raise ValueError(f"--resume: cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:200]})") from e
+        raise ValueError(_not_a_checkpoint(path, e)) from e
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise ValueError(f"--resume: {path} is not a checkpoint of this training loop (missing {missing})")
@@ -136,7 +149,7 @@ def load_sharded_extras(path) -> dict:
     try:
         ex = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"--resume: cannot read {f} ({type(e).__name__}: {str(e)[:200]})") from e
+        raise ValueError(_not_a_checkpoint(f, e)) from e
     missing = [k for k in ("step", "losses", "rng", "train_time", "world_size", "args", "ema")
                if not isinstance(ex, dict) or k not in ex]
     if missing:

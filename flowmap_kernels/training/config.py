@@ -8,12 +8,13 @@ ValueError whose message starts with the flag's name (the CLI prints ``error: ..
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ..data import get_dataset
-from ..methods import get_method
+from ..methods import METHODS, get_method
 
 __all__ = ["TrainConfig", "resolve_config", "PRESETS_2D", "LOOP_DEFAULTS", "MODEL_FLAGS", "model_kind",
            "compare_with_checkpoint"]
@@ -102,6 +103,7 @@ class TrainConfig:
     compile: str = "none"
     eval_ema_decay: float = 0.0
     extra: dict = field(default_factory=dict)
+    warnings: tuple = ()  # flags given that have no effect in this run (printed by the CLI; not recorded)
 
     @property
     def fsdp(self) -> bool:
@@ -116,6 +118,7 @@ class TrainConfig:
         """The resolved flags as primitives (stored in checkpoints and compared on --resume)."""
         d = asdict(self)
         d.pop("extra")
+        d.pop("warnings")
         d["out"] = str(self.out)
         d["cfg_items"] = list(self.cfg_items)
         d["method_cfg"] = json.loads(json.dumps(self.method_cfg))
@@ -160,12 +163,93 @@ def method_cfg_from_items(method, items) -> dict:
         if not _type_ok(value, default):
             raise ValueError(f"--cfg {k}: expected a {type(default).__name__} like the default {default!r}, "
                              f"got {value!r}")
+        bad = _non_finite(value)
+        if bad is not None:
+            raise ValueError(f"--cfg {k}: expected finite numbers, got {bad!r}")
         if isinstance(default, float) and isinstance(value, int):
             value = float(value)
         elif isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
             value = int(value)
         cfg[k] = value
     return cfg
+
+
+def _non_finite(value):
+    """The first NaN or infinite number in a --cfg value (JSON reads NaN, Infinity, 1e999), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            bad = _non_finite(v)
+            if bad is not None:
+                return bad
+    return None
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _pair_in(lo_ok, hi_ok=None):
+    """A check of a [lo, hi] list: two finite numbers, lo <= hi, lo_ok(lo) and hi_ok(hi)."""
+    def ok(v):
+        return (isinstance(v, (list, tuple)) and len(v) == 2 and all(_finite(x) for x in v) and v[0] <= v[1]
+                and lo_ok(v[0]) and (hi_ok is None or hi_ok(v[1])))
+    return ok
+
+
+# The natural range of the method settings that have one (same key, same meaning in every method that
+# has it); checked at config resolution for the keys of the run's method. Keys not listed: any finite
+# value (the losses check the strings: time_dist, velocity, ...).
+CFG_RANGES = {
+    "ratio_neq": (lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]"),
+    "sc_fraction": (lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]"),
+    "cfg_dropout": (lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
+    "time_sigma": (lambda v: v > 0, "a number > 0"),
+    "fm_time_sigma": (lambda v: v > 0, "a number > 0"),
+    "gap_sigma": (lambda v: v >= 0, "a number >= 0 (0: a fixed gap)"),
+    "sigma_d": (lambda v: v > 0, "a number > 0"),
+    "tangent_c": (lambda v: v > 0, "a number > 0 (it divides the tangent by its norm + tangent_c)"),
+    "lag_weight": (lambda v: v >= 0, "a weight >= 0"),
+    "fm_weight": (lambda v: v >= 0, "a weight >= 0"),
+    "eul_weight": (lambda v: v >= 0, "a weight >= 0"),
+    "sc_weight": (lambda v: v >= 0, "a weight >= 0"),
+    "aux_weight": (lambda v: v >= 0, "a weight >= 0"),
+    "adaptive_p": (lambda v: v >= 0, "a power >= 0 (0: unweighted)"),
+    "adaptive_c": (lambda v: v >= 0, "a number >= 0"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    "base_steps": (lambda v: v >= 2 and v & (v - 1) == 0, "a power of two >= 2"),
+    "cfg_omega_max": (lambda v: v >= 0, "a number >= 0 (0: off)"),
+    "cfg_interval": (_pair_in(lambda lo: lo >= 0, lambda hi: hi <= 1), "[lo, hi] with 0 <= lo <= hi <= 1"),
+}
+# Ranges that differ between methods: (method, key) -> (check, expected).
+METHOD_CFG_RANGES = {
+    ("tvm", "cfg_scale"): (lambda v: v > 0, "a guidance scale > 0 (1: off)"),
+    ("tvm", "cfg_scale_range"): (lambda v: v is None or _pair_in(lambda lo: lo > 0)(v),
+                                 "null (off) or [min, max] with 0 < min <= max"),
+}
+
+
+def check_method_cfg(method, cfg: dict) -> None:
+    """Every setting of ``cfg`` (the method's cfg overrides: preset and --cfg) within its range
+    (CFG_RANGES, METHOD_CFG_RANGES) and finite; ValueError naming the --cfg key otherwise. Also the
+    adaptive weight sg[1 / (err + adaptive_c)^adaptive_p]: with adaptive_p > 0 it needs adaptive_c > 0
+    (c = 0 makes the weight of an exactly fitted example 1/0, and its loss 0 * inf = NaN, e.g. at the first
+    step of a zero-initialised output layer)."""
+    for k, v in cfg.items():
+        if k in LOOP_OWNED_CFG:
+            continue
+        bad = _non_finite(v)
+        if bad is not None:
+            raise ValueError(f"--cfg {k}: expected finite numbers, got {bad!r}")
+        ok, expected = METHOD_CFG_RANGES.get((method.NAME, k), CFG_RANGES.get(k, (None, None)))
+        if ok is not None and not (v is None and method.DEFAULTS.get(k) is None) and not ok(v):
+            raise ValueError(f"--cfg {k}: expected {expected}, got {v!r}")
+    c = {**method.DEFAULTS, **cfg}
+    if "adaptive_p" in c and c["adaptive_p"] > 0 and not c["adaptive_c"] > 0:
+        raise ValueError(f"--cfg adaptive_c: expected a number > 0 with adaptive_p {c['adaptive_p']} > 0 (the weight "
+                         f"1 / (err + c)^p of an exactly fitted example is 1/0 at c = 0; the loss NaN), "
+                         f"got {c['adaptive_c']!r}")
 
 
 def model_kind(model_flag: str, ds) -> str:
@@ -192,11 +276,13 @@ def resolve_config(args) -> TrainConfig:
     ds = get_dataset(args.data)
     _check(args.steps >= 1, "--steps", "an integer >= 1", args.steps)
     _check(args.batch >= 2, "--batch", "an integer >= 2", args.batch)
-    _check(args.lr > 0 and args.lr == args.lr, "--lr", "a positive number", args.lr)
-    _check(args.grad_clip is None or args.grad_clip >= 0, "--grad-clip", "a number >= 0", args.grad_clip)
+    _check(_finite(args.lr) and args.lr > 0, "--lr", "a finite number > 0", args.lr)
+    _check(args.grad_clip is None or (_finite(args.grad_clip) and args.grad_clip >= 0), "--grad-clip",
+           "a finite number >= 0 (0: off)", args.grad_clip)
     _check(args.width >= 1, "--width", "an integer >= 1", args.width)
     _check(args.depth >= 0, "--depth", "an integer >= 0", args.depth)
-    _check(args.time_freq is None or args.time_freq > 0, "--time-freq", "a positive number", args.time_freq)
+    _check(args.time_freq is None or (_finite(args.time_freq) and args.time_freq > 0), "--time-freq",
+           "a finite number > 0", args.time_freq)
     _check(args.ckpt_every >= 1, "--ckpt-every", "an integer >= 1", args.ckpt_every)
     _check(args.stop_after >= 0, "--stop-after", "an integer >= 0 (0: off)", args.stop_after)
     _check(args.eval_samples >= 2, "--eval-samples", "an integer >= 2", args.eval_samples)
@@ -235,11 +321,21 @@ def resolve_config(args) -> TrainConfig:
         raise ValueError(f"--model dit: needs image data, {ds.name!r} is {ds.kind}")
 
     gs = getattr(args, "guidance_scale", None)
-    gi = tuple(float(v) for v in (getattr(args, "guidance_interval", None) or (0.0, 1.0)))
-    _check(gs is None or gs >= 0, "--guidance-scale", "a number >= 0", gs)
+    gi_flag = getattr(args, "guidance_interval", None)
+    gi = tuple(float(v) for v in (gi_flag or (0.0, 1.0)))
+    guidance_mode = getattr(method, "GUIDANCE", "cfg")
+    if guidance_mode == "cfg":  # V_null + omega (V_c - V_null): omega = 0 is the unconditional model
+        _check(gs is None or (_finite(gs) and gs >= 0), "--guidance-scale", "a finite number >= 0", gs)
+    else:  # the scale is a model input, embedded from log(omega)
+        _check(gs is None or (_finite(gs) and gs > 0), "--guidance-scale",
+               f"a finite number > 0 ({method.NAME} passes the guidance scale to the model, GUIDANCE "
+               f"{guidance_mode!r})", gs)
     _check(len(gi) == 2 and 0.0 <= gi[0] <= gi[1] <= 1.0, "--guidance-interval", "LO HI with 0 <= LO <= HI <= 1", gi)
     if gs is not None and not args.cond:
         raise ValueError("--guidance-scale: classifier-free guidance needs --cond (class-conditional training)")
+    notes = []
+    if gi_flag is not None and gs is None:
+        notes.append("--guidance-interval: has no effect without --guidance-scale (it limits guided sampling)")
     user_cfg = method_cfg_from_items(method, args.cfg)
     cd = getattr(args, "cfg_dropout", None)
     if cd is not None:
@@ -250,9 +346,25 @@ def resolve_config(args) -> TrainConfig:
             raise ValueError(f"--cfg-dropout: {method.NAME} has no classifier-free guidance setting")
         user_cfg["cfg_dropout"] = float(cd)
     preset = PRESETS_2D.get(args.method, {}) if ds.kind == "2d" and not args.no_preset else {}
+    method_cfg = {**preset.get("cfg", {}), **user_cfg}
+    check_method_cfg(method, method_cfg)
+    if gs is not None:
+        _check_guidance(method, method_cfg, kind, gs, notes)
     loop = {key: (getattr(args, key) if getattr(args, key) is not None else preset.get(key, default))
             for key, default in LOOP_DEFAULTS.items()}
     teacher = args.teacher if args.teacher != "auto" else preset.get("teacher", method.TEACHER or "self")
+    if args.teacher != "auto" and "teacher" not in method.DEFAULTS:
+        notes.append(f"--teacher {args.teacher}: has no effect with --method {method.NAME} (no stop-gradient teacher; "
+                     f"methods with one: {sorted(n for n, m in METHODS.items() if 'teacher' in m.DEFAULTS)})")
+    if ac != "none" and kind == "mlp":
+        notes.append(f"--activation-checkpointing {ac}: saves no memory on the MLP (its checkpointed blocks are "
+                     "single Linear layers, whose input autograd keeps anyway; 'selective' keeps attention "
+                     "outputs, which the MLP has none of); it is meant for --model dit")
+    if dp_shard is None and not getattr(args, "reshard_after_forward", True):
+        notes.append("--no-reshard-after-forward: has no effect without FSDP2 (--dp-shard)")
+    if cp == 1 and cp_mode != "ring":
+        notes.append(f"--cp-mode {cp_mode}: has no effect without context parallelism (--cp > 1)")
+    _check_backend(args.backend, kind, ds, args.device, mp, notes)
     eval_ema_decay = getattr(args, "eval_ema_decay", None)
     if eval_ema_decay is None:
         eval_ema_decay = preset.get("eval_ema_decay", getattr(method, "EVAL_EMA_DECAY", 0.0))
@@ -268,13 +380,94 @@ def resolve_config(args) -> TrainConfig:
         ema_decay=float(ema_decay), device=args.device, out=Path(args.out or f"runs/{args.method}_{args.data}"),
         resume=args.resume, overwrite=getattr(args, "overwrite", False), seed=args.seed, model=args.model,
         width=args.width, depth=args.depth, time_freq=loop["time_freq"], cond=args.cond,
-        teacher_flag=args.teacher, teacher=teacher, method_cfg={**preset.get("cfg", {}), **user_cfg},
+        teacher_flag=args.teacher, teacher=teacher, method_cfg=method_cfg,
         cfg_items=tuple(args.cfg), ckpt_every=args.ckpt_every, stop_after=args.stop_after,
         eval_samples=args.eval_samples, no_eval=args.no_eval, no_progress=args.no_progress, threads=args.threads,
         backend=args.backend, dp_shard=dp_shard, dp_replicate=dp_replicate or 1, cp=cp, cp_mode=cp_mode,
         reshard_after_forward=getattr(args, "reshard_after_forward", True), mixed_precision=mp,
         activation_checkpointing=ac, compile=comp, guidance_scale=gs, guidance_interval=gi,
-        eval_ema_decay=float(eval_ema_decay))
+        eval_ema_decay=float(eval_ema_decay), warnings=tuple(notes))
+
+
+def _check_guidance(method, method_cfg: dict, kind: str, gs: float, notes: list) -> None:
+    """--guidance-scale S (with --cond) against what the run trains (ValueError naming the flag to fix):
+    the null class that guided training and "cfg" sampling use is trained only by label dropout
+    (cfg_dropout > 0); a method whose guidance is a model input (GUIDANCE "input": iMF, "scaled_input":
+    TVM) needs the network built with that input, which its guidance settings decide (methods.
+    guidance_input_dim); a scale outside the trained range is reported (extrapolated)."""
+    from ..methods import guidance_input_dim
+    c = {**method.DEFAULTS, **method_cfg}
+    mode = getattr(method, "GUIDANCE", "cfg")
+    if "cfg_dropout" not in c:
+        raise ValueError(f"--guidance-scale: {method.NAME} has no classifier-free guidance setting (cfg_dropout)")
+    if mode == "cfg" and gs == 1.0:
+        return  # V_null + 1 (V_c - V_null) = V_c: sampling is unguided
+    if mode != "cfg" and guidance_input_dim(method, c, kind) < 1:
+        if "cfg_scale_range" in method.DEFAULTS:
+            hint = f"--cfg cfg_scale_range=[1,{max(gs, 1.0):g}] (scales drawn per example) or --cfg cfg_scale={gs:g}"
+        elif "cfg_omega_max" in method.DEFAULTS:
+            hint = f"--cfg cfg_omega_max={max(gs - 1.0, 1.0):g} (scales in [1, 1 + cfg_omega_max])"
+        else:
+            hint = "the method's guidance settings"
+        raise ValueError(f"--guidance-scale: {method.NAME} samples with the guidance scale as a model input "
+                         f"(GUIDANCE {mode!r}), and this run trains the model without one; train with it: {hint}")
+    if not c["cfg_dropout"] > 0:
+        raise ValueError(f"--cfg-dropout: --guidance-scale {gs:g} needs the null class, which only label dropout "
+                         f"trains; expected a probability in (0, 1) (e.g. --cfg-dropout 0.1), got {c['cfg_dropout']!r}")
+    # the scales the guidance input is trained on (dropped labels train omega = 1)
+    if method.NAME == "tvm" and c.get("cfg_scale_range") is not None:
+        lo, hi = (float(v) for v in c["cfg_scale_range"])
+        trained, inside = f"[{lo:g}, {hi:g}] and 1", lo <= gs <= hi or gs == 1.0
+    elif method.NAME == "tvm":
+        trained, inside = f"{float(c['cfg_scale']):g} and 1", gs in (1.0, float(c["cfg_scale"]))
+    elif method.NAME == "imf":
+        hi = 1.0 + float(c["cfg_omega_max"])
+        trained, inside = f"[1, {hi:g}]", 1.0 <= gs <= hi
+    else:
+        return
+    if not inside:
+        notes.append(f"--guidance-scale {gs:g}: not a scale this run trains the model's guidance input on "
+                     f"({trained}); sampling extrapolates")
+
+
+def _check_backend(name: str, kind: str, ds, device: str, mixed_precision: str, notes: list) -> None:
+    """--backend other than "auto": every op of the model that has an implementation under that name must be
+    able to run this run's calls (the same ``available`` / ``supports(explicit=True)`` the registry asks at
+    the call, flowmap_kernels.backends); ValueError naming the flag otherwise. The MLP calls no op of the
+    package (plain torch.nn layers): the flag has no effect there (noted)."""
+    if name == "auto":
+        return
+    if kind == "mlp":
+        notes.append(f"--backend {name}: has no effect on the MLP (plain torch.nn layers; no attention or fused "
+                     "op of the package); it selects the kernels of --model dit")
+        return
+    import torch
+    from ..attention.registry import ATTENTION
+    from ..ops.registry import REGISTRIES
+    try:
+        from ..nn import dit_tiny
+        from ..nn.layers import Attention
+    except Exception as e:  # noqa: BLE001
+        raise ValueError("--model dit: flowmap_kernels.nn.DiT is not importable") from e
+    c, h, _ = ds.shape
+    with torch.device("meta"):  # the network's attention shapes, without allocating it
+        net = dit_tiny(input_size=h, in_channels=c, num_classes=ds.num_classes or 1)
+    head_dims = sorted({m.head_dim for m in net.modules() if isinstance(m, Attention)})
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    problems = [(ATTENTION, dict(head_dim=d, v_head_dim=d)) for d in head_dims]
+    problems += [(reg, dict(numel=1)) for reg in REGISTRIES.values()]
+    for reg, problem in problems:
+        impl = reg.impls.get(name)
+        if impl is None:
+            continue  # this op has no such implementation: its automatic choice runs
+        if not impl.is_available():
+            raise ValueError(f"--backend {name}: {reg.op}'s {name!r} implementation is not available in this "
+                             f"install; use --backend auto")
+        reason = impl.supports(explicit=True, device=dev, dtype=dtype, **problem)
+        if reason is not None:
+            raise ValueError(f"--backend {name}: {reg.op} cannot run on this run's tensors ({device}, {dtype}): "
+                             f"{reason}")
 
 
 # Flags that define the network (a checkpoint of another network cannot be continued): always, and for
@@ -284,7 +477,8 @@ MODEL_FLAGS = ("method", "data", "model", "cond")
 MLP_FLAGS = ("width", "depth", "time_freq")
 MODEL_CFG = {"scm": ("param", "sigma_d", "adaptive_weighting"), "imf": ("aux_head",)}
 # Flags whose change is not reported on --resume (they do not change what is trained).
-UNREPORTED = ("resume", "overwrite", "out", "no_progress", "cfg_items", "teacher_flag")
+# --stop-after: where one invocation ends (the stop-then-resume workflow changes it by design).
+UNREPORTED = ("resume", "overwrite", "out", "no_progress", "cfg_items", "teacher_flag", "stop_after")
 
 
 def _flag(key: str) -> str:

@@ -47,3 +47,68 @@ def test_compile_flag_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--compile", "max-autotune"])
     assert _cfg(tmp_path).compile == "none"
+
+
+def _tiny_mlp(**kw):
+    from flowmap_kernels.models import MLPFlowMap
+    torch.manual_seed(0)
+    return MLPFlowMap((2,), hidden=16, depth=1, **kw)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_backward_through_an_mlp_jvp():
+    """The graph --compile builds for TVM / LSD on the MLP (no dual form: torch.func.jvp inside the compiled
+    region, backward through its tangent), reduced to the JVP and the gradients: forward-mode AD gives the
+    parameters' absent tangents as efficient zero tensors, whose buffer inductor (torch 2.13) reused as the
+    out= of a matmul ("ZeroTensors are immutable"). With compiled_step.inductor_options it compiles and
+    matches eager. (The smallest shapes that hit the reuse; about 35 s of inductor compilation on 2 cores.)"""
+    import torch._inductor.config as inductor_config
+    from flowmap_kernels.compiled_step import inductor_options
+    from flowmap_kernels.methods._common import jvp
+    model = _tiny_mlp()
+    with torch.no_grad():  # a non-zero output layer: every gradient non-zero
+        model.out.weight.normal_(0, 0.1)
+    params = list(model.parameters())
+
+    def step(x, s, t):
+        v, dv = jvp(model, None, (x, s, t), (torch.zeros_like(x), torch.zeros_like(s), torch.ones_like(t)))
+        return torch.autograd.grad((v + dv).square().mean(), params)
+
+    g = torch.Generator().manual_seed(0)
+    x, s, t = torch.randn(16, 2, generator=g), torch.rand(16, generator=g), torch.rand(16, generator=g)
+    eager = step(x, s, t)
+    options = inductor_options(model)
+    assert options == {"allow_buffer_reuse": False}
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(trace_autograd_ops=True), inductor_config.patch(options):
+            compiled = torch.compile(step, fullgraph=True)(x, s, t)
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(compiled, eager):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_loop_compiles_the_mlp_step_without_inductor_buffer_reuse(tmp_path):
+    """The compiled step patches inductor's config around every call for a model without a dual form (the
+    MLP; see compiled_step.inductor_options), so the compilation sees it; the DiT (dual form, no forward-mode AD)
+    keeps inductor's defaults. A recording backend (then aot_eager) reads the setting at compile time."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.backends.registry import lookup_backend
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.append(inductor_config.allow_buffer_reuse)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    cfg = dataclasses.replace(_cfg(tmp_path, "--method", "lsd", "--steps", "2", "--compile", "default"),
+                              extra={"compile_backend": recording})
+    torch._dynamo.reset()
+    try:
+        loop.run(cfg)
+    finally:
+        torch._dynamo.reset()
+    assert seen and not any(seen) and inductor_config.allow_buffer_reuse  # patched only around the calls
+    from flowmap_kernels.compiled_step import inductor_options
+    from flowmap_kernels.nn import dit_tiny
+    assert inductor_options(dit_tiny()) == {}
