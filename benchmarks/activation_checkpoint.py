@@ -101,6 +101,15 @@ def measure_one(mode: str, cfg: dict) -> dict:
             "loss": loss, "tokens": tokens, **cfg}
 
 
+def versus(base, value, digits: int) -> str:
+    """``value`` against ``base`` in words: "4.0x less", "1.20x more", "same" ("-" without a positive pair)."""
+    if base is None or value is None or base <= 0 or value <= 0:
+        return "-"
+    if round(base / value, digits) == 1 or round(value / base, digits) == 1:
+        return "same"
+    return f"{base / value:.{digits}f}x less" if value < base else f"{value / base:.{digits}f}x more"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=8)
@@ -135,10 +144,10 @@ def main() -> None:
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         for key, name in (("held_after_forward_mib", "held"), ("peak_above_start_mib", "peak")):
-            r[f"{name}_reduction_vs_none"] = base[key] / r[key] if base else None
+            r[f"{name}_reduction_vs_none"] = base[key] / r[key] if base and r[key] > 0 else None
         r["time_ratio_vs_none"] = r["seconds"] / base["seconds"] if base else None
-        cols = [f"{r['held_reduction_vs_none']:.1f}x less" if base else "-",
-                f"{r['peak_reduction_vs_none']:.2f}x less" if base else "-",
+        cols = [versus(base and base["held_after_forward_mib"], r["held_after_forward_mib"], 1),
+                versus(base and base["peak_above_start_mib"], r["peak_above_start_mib"], 2),
                 f"{r['time_ratio_vs_none']:.2f}x" if base else "-"]
         print(f"| {r['mode']} | {r['held_after_forward_mib']:.1f} | {cols[0]} | {r['peak_above_start_mib']:.1f} | "
               f"{cols[1]} | {r['seconds']:.2f} | {cols[2]} |")

@@ -8,7 +8,8 @@ learned float mask (tests/attention/test_mask_grad.py's cases) through O and thr
     python -m benchmarks.attention_accuracy [--backends torch] [--out bench_out/attention_accuracy]
     python -m benchmarks.attention_accuracy --backends triton   # Triton kernels in the CPU interpreter
 
-Run it as a module from the repository root: it reuses the test suite's cases and references.
+It reuses the test suite's cases and references (tests/, next to benchmarks/); run as a script
+(``python benchmarks/attention_accuracy.py``), it puts the repository root on sys.path itself.
 
 With "triton" on a machine without a GPU the kernels run in Triton's interpreter, with the bfloat16 fix
 of tests/attention/triton/conftest.py (the interpreter's own bf16 arithmetic is wrong).
@@ -18,6 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+if not __package__:  # run as a script: tests/ is importable from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 INTERPRET = "triton" in sys.argv and not os.path.exists("/dev/nvidia0")
 if INTERPRET:

@@ -7,7 +7,7 @@ wrappers (``flowmap_kernels.distributed.count_communication``). Each count is co
 of docs/scaling.md (:func:`formula`). The per-call exchange of shard lengths and call records (136 (W-1) bytes) is
 reported as "metadata" and left out of the comparison.
 
-    python benchmarks/cp_comm_volume.py [--world 2 4] [--seq 1024] [--heads 8] [--kv-heads 8]
+    python benchmarks/cp_comm_volume.py [--world 2 4] [--seq 1024] [--heads 8] [--kv-heads HEADS]
         [--head-dim 64] [--v-head-dim 64] [--batch 1] [--dtype float32] [--causal] [--load-balance]
         [--out bench_out/cp_comm_volume.json]
 """
@@ -37,8 +37,12 @@ def formula(mode: str, phase: str, rank: int, world: int, cfg: dict) -> int:
     cfg: batch, heads (Hq), kv_heads (Hkv), seq (L, queries and keys), head_dim (D), v_head_dim (Dv),
     elem (bytes per element of the inputs), acc (bytes per element of the ring's gradient accumulators:
     8 for float64, else 4), load_balance. Shard lengths L_j follow shard_sequence (tensor_split sizes).
+    One rank (W = 1) sends nothing.
     """
     from flowmap_kernels.distributed import SequenceLayout
+
+    if world == 1:
+        return 0
 
     B, Hq, Hkv, D, Dv = cfg["batch"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["v_head_dim"]
     e, a, W, r = cfg["elem"], cfg["acc"], world, rank
@@ -151,12 +155,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: sizes positive, --heads a multiple of --kv-heads (default: --heads)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, nargs="+", default=[2, 4])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--v-head-dim", type=int, default=0, help="default: --head-dim")
@@ -165,6 +170,24 @@ def main(argv=None) -> dict:
     p.add_argument("--load-balance", action="store_true")
     p.add_argument("--out", default="bench_out/cp_comm_volume.json")
     args = p.parse_args(argv)
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    for flag in ("batch", "heads", "kv_heads", "seq", "head_dim"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')}: expected an integer >= 1, got {getattr(args, flag)}")
+    if args.v_head_dim < 0:
+        p.error(f"--v-head-dim: expected an integer >= 1 (or 0: --head-dim), got {args.v_head_dim}")
+    if any(w < 1 for w in args.world):
+        p.error(f"--world: expected process counts >= 1, got {' '.join(map(str, args.world))}")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Measure every --world, print the table, write --out; the result dict (``all_match``: every count
+    equals its formula)."""
+    args = parse_args(argv)
     cfg = config_from_args(args)
     rows = []
     for world in args.world:
@@ -179,5 +202,15 @@ def main(argv=None) -> dict:
     return result
 
 
+def cli(argv=None) -> int:
+    """Exit status of the script: 1 when a measured count differs from its formula."""
+    result = main(argv)
+    if result["all_match"]:
+        return 0
+    bad = sum(not r["match"] for r in result["rows"])
+    print(f"error: {bad} of {len(result['rows'])} measured counts differ from the formula", file=sys.stderr)
+    return 1
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

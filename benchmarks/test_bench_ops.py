@@ -16,7 +16,7 @@ from flowmap_kernels import ops
 from flowmap_kernels.attention.registry import ATTENTION
 from flowmap_kernels.ops.registry import REGISTRIES
 
-from conftest import bench_device, sync
+from .conftest import bench_device, sync
 
 DEV = bench_device()
 CUDA = DEV.type == "cuda"

@@ -7,7 +7,6 @@ fused JVP primitives for DiT blocks, flow-map losses and training loops.
 from .attention import attention, attention_jvp, attention_varlen, attention_varlen_jvp
 from .activation_checkpoint import apply_activation_checkpointing, checkpoint
 from .backends import BACKEND_NAMES, get_backend, set_backend, use_backend
-from .info import build_info
 from .integrations import install as install_sdpa_patch
 from .integrations import patch_sdpa
 from .integrations import uninstall as uninstall_sdpa_patch
@@ -24,7 +23,11 @@ __all__ = [
 
 
 def __getattr__(name):
-    """Submodules on first use: fk.ops, fk.nn, fk.methods, fk.bench."""
+    """Submodules on first use: fk.ops, fk.nn, fk.methods, fk.bench; build_info from .info (not imported with
+    the package, so that ``python -m flowmap_kernels.info`` runs that module fresh)."""
+    if name == "build_info":
+        from .info import build_info
+        return build_info
     if name in ("ops", "nn", "methods", "bench"):
         import importlib
         return importlib.import_module(f"{__name__}.{name}")

@@ -9,5 +9,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.9.0" \
-    "setuptools>=68" wheel "pybind11>=2.12" ninja
+    "setuptools>=77" wheel "pybind11>=2.12" ninja
 python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[train,bench,test,diffusers]"

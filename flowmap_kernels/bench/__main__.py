@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line; ``fpe``'s own parser is its default ``parser`` (its usage errors name it)."""
     from .zoo import model_names
     p = argparse.ArgumentParser(prog="python -m flowmap_kernels.bench",
                                 description="Benchmarks of flowmap_kernels.")
@@ -32,23 +35,53 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--csv", default=None, help="write a flat CSV to this path")
     f.add_argument("--plot", default=None, help="write a PNG bar chart to this path")
     f.add_argument("--markdown", default=None, help="write markdown tables (methods, unit costs) to this path")
-    f.add_argument("--quiet", action="store_true", help="no per-record progress lines")
+    f.add_argument("--quiet", action="store_true", help="no per-record progress lines (nor the profiler's)")
+    f.set_defaults(parser=f)
     return p
+
+
+def _device_error(device: str):
+    """Why ``--device`` is not one the benchmark runs on (cpu, cuda, cuda:N with N a present GPU), or None."""
+    import torch
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device)
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        return f"expected cpu, cuda or cuda:N, got {device!r}"
+    if m.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            return f"{device!r} requested but CUDA is not available (torch.cuda.is_available() is False)"
+        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+            return f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit status 2) before the run: device, repeats, warm-up runs, backends, threads."""
+    problem = _device_error(args.device)
+    if problem:
+        parser.error(f"--device: {problem}")
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected an integer >= 1, got {args.repeats}")
+    if args.warmup < 0:
+        parser.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
+    if not [b for b in args.backends.split(",") if b.strip()]:
+        parser.error(f"--backends: expected comma-separated backend names, got {args.backends!r}")
+    if args.threads < 0:
+        parser.error(f"--threads: expected an integer >= 0 (0: torch's default), got {args.threads}")
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    _check_args(args.parser, args)
     import torch
     from .fpe import check_output_paths, run_fpe
     from .report import format_table, markdown_tables, write_csv, write_json, write_plot
-    if args.threads < 0:
-        print(f"error: threads: expected >= 0, got {args.threads}", file=sys.stderr)
-        return 2
     try:  # before the run (minutes), not after it
         check_output_paths({"--json": args.json, "--csv": args.csv, "--plot": args.plot, "--markdown": args.markdown})
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.quiet:  # the profiler behind the CPU memory pass logs every start and stop (libkineto) otherwise
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     if args.threads and not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
     try:

@@ -296,6 +296,35 @@ def format_arch_figures(rows: list) -> str:
     return "\n".join(lines)
 
 
+#: The most a head dim may be (the attention backends' limit, attention/registry.py).
+MAX_HEAD_DIM = 256
+
+
+def count_line(records: list, with_cuda: bool = True) -> str:
+    """What the report holds: "N Triton launches + M CUDA kernels" (other sources by name)."""
+    counts: dict = {"triton": 0, **({"cuda": 0} if with_cuda else {})}
+    for r in records:
+        counts[r.get("source", "triton")] = counts.get(r.get("source", "triton"), 0) + 1
+    names = {"triton": ("Triton launch", "Triton launches"), "cuda": ("CUDA kernel", "CUDA kernels")}
+    return " + ".join(f"{n} {names.get(src, (src + ' record', src + ' records'))[n != 1]}"
+                      for src, n in counts.items())
+
+
+def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Usage errors before anything compiles: head dims, workers, output paths."""
+    bad = [d for d in a.head_dims if not 1 <= d <= MAX_HEAD_DIM]
+    if bad:
+        ap.error(f"--head-dims: expected head dims in 1..{MAX_HEAD_DIM}, got {' '.join(map(str, bad))}")
+    if a.workers < 0:
+        ap.error(f"--workers: expected a count >= 0 (0: one per CPU), got {a.workers}")
+    from ..bench.fpe import check_output_paths
+    try:
+        check_output_paths({flag: None if path is None else str(path)
+                            for flag, path in (("--json", a.json), ("--markdown", a.markdown))})
+    except ValueError as e:
+        ap.error(str(e))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--worker"]:
@@ -314,8 +343,14 @@ def main(argv=None) -> int:
                     help="print the per-pass table: products per tile vs the minimum, predicted ratio to FA2")
     ap.add_argument("--triton-only", action="store_true", help="leave out the other record sources")
     ap.add_argument("--no-cache", action="store_true", help=f"recompile everything (cache: {_default_cache()})")
-    ap.add_argument("--workers", type=int, default=0, help="compile processes (default: one per CPU)")
+    ap.add_argument("--workers", type=int, default=0, help="compile processes (default 0: one per CPU)")
     a = ap.parse_args(argv)
+    _check_args(ap, a)
+    if not a.triton_only:
+        from . import cuda
+        missing = cuda.unavailable()
+        if missing:
+            print(f"note: no CUDA kernel records: {missing}", file=sys.stderr)
     recs = collect(a.arch, sources=[triton_records_source] if a.triton_only else None, head_dims=a.head_dims,
                    dtypes=a.dtypes, kernels=a.kernels, cache=None if a.no_cache else _default_cache(),
                    workers=a.workers, variants=a.variants)
@@ -331,7 +366,8 @@ def main(argv=None) -> int:
         print(format_arch_figures(arch_figures(recs)))
     bad = [r for r in recs if r["shared_bytes"] > SHARED_LIMIT.get(r["arch"], 1 << 30)]
     spilled = [r for r in recs if r["spill_bytes"] > 0]
-    print(f"\n{len(recs)} kernels; {len(spilled)} spill; {len(bad)} over the shared-memory limit")
+    print(f"\n{count_line(recs, with_cuda=not a.triton_only)}; {len(spilled)} spill; {len(bad)} over the "
+          f"shared-memory limit")
     if a.json:
         a.json.write_text(json.dumps(recs + summary, indent=1))
     if a.markdown:

@@ -3,7 +3,8 @@ and architecture, from ``nvcc -cubin -Xptxas -v`` (no GPU needed).
 
 ``cuda_records(archs=CUDA_ARCHS)`` -> list of {kernel, config, arch, registers, spill_bytes, shared_bytes,
 uses_wgmma} (config: the element type the kernel template is instantiated for; uses_wgmma is False: these
-are row-wise kernels without matrix instructions). Empty when nvcc or the sources are missing.
+are row-wise kernels without matrix instructions). Empty when nvcc or the sources are missing
+(:func:`unavailable` says which: an installed wheel has no csrc/).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Iterable
+from typing import Iterable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(ROOT, "csrc", "cuda", "kernels.cu")
@@ -62,11 +63,22 @@ def parse_ptxas(text: str, arch: str) -> list:
     return out
 
 
+def unavailable() -> Optional[str]:
+    """Why :func:`cuda_records` returns no records here, or None when it can compile."""
+    if not os.path.exists(SOURCE):
+        return (f"the CUDA C++ sources are not next to the package ({SOURCE} is missing, as in an installed "
+                "wheel); run from a source checkout of flowmap_kernels for these records")
+    if shutil.which("nvcc") is None:
+        return "nvcc is not on PATH"
+    return None
+
+
 def cuda_records(archs: Iterable[str] = CUDA_ARCHS) -> list:
-    """Compile kernels.cu to a cubin per arch with ptxas -v and return one record per kernel instance."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None or not os.path.exists(SOURCE):
+    """Compile kernels.cu to a cubin per arch with ptxas -v and return one record per kernel instance
+    (none when :func:`unavailable` gives a reason)."""
+    if unavailable() is not None:
         return []
+    nvcc = shutil.which("nvcc")
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:

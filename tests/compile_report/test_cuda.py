@@ -34,3 +34,12 @@ def test_cuda_records_cover_every_kernel_without_spills():
     # row-wise kernels: no spills, registers well under the 64 that keep two blocks of 1024 threads resident;
     # static shared memory far below the smallest per-block limit (99 KB on sm_86 / sm_89 / sm_120)
     assert all(r["spill_bytes"] == 0 and 0 < r["registers"] <= 64 and r["shared_bytes"] < 48 * 1024 for r in recs)
+
+
+def test_missing_sources_are_explained(tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_report, "SOURCE", str(tmp_path / "kernels.cu"))
+    assert compile_report.cuda_records() == []
+    assert "run from a source checkout" in compile_report.unavailable()
+    monkeypatch.setattr(compile_report.shutil, "which", lambda name: None)
+    monkeypatch.setattr(compile_report, "SOURCE", __file__)  # present; nvcc is not
+    assert compile_report.unavailable() == "nvcc is not on PATH" and compile_report.cuda_records() == []

@@ -48,3 +48,39 @@ def test_formula_closed_forms(world):
             2 * (world - 1) * (local_in + local_out)
         assert bench.formula("ulysses", "backward_through_jvp", r, world, cfg) * world == \
             2 * (world - 1) * (local_out + local_in)
+
+
+def test_one_rank_sends_nothing(tmp_path):
+    cfg = dict(batch=1, heads=2, kv_heads=2, seq=8, head_dim=4, v_head_dim=4, elem=4, acc=4, load_balance=False)
+    assert {bench.formula(m, p, 0, 1, cfg) for m in bench.MODES for p in bench.PHASES} == {0}
+    res = bench.main(["--world", "1", "--seq", "8", "--heads", "2", "--head-dim", "4", "--out",
+                      str(tmp_path / "cp.json")])
+    assert res["all_match"] and all(r["measured_bytes"] == 0 for r in res["rows"])
+
+
+def test_cli_exits_nonzero_when_a_count_differs(tmp_path, monkeypatch, capsys):
+    def fake_measure(world, cfg, timeout=600.0):
+        return [dict(world=world, mode="ring", phase="forward", rank=0, bytes_by_kind={}, measured_bytes=8,
+                     formula_bytes=16, seconds=0.0, match=False)]
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    assert bench.cli(["--world", "2", "--out", str(tmp_path / "cp.json")]) == 1
+    assert "1 of 1 measured counts differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--heads", "2", "--kv-heads", "8"], "--heads (2) must be a multiple of --kv-heads (8)"),
+    (["--seq", "0"], "--seq: expected an integer >= 1, got 0"),
+    (["--kv-heads", "0"], "--kv-heads: expected an integer >= 1, got 0"),
+    (["--head-dim", "-1"], "--head-dim: expected an integer >= 1, got -1"),
+    (["--v-head-dim", "-2"], "--v-head-dim: expected"),
+    (["--world", "2", "0"], "--world: expected process counts >= 1, got 2 0"),
+])
+def test_bad_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_kv_heads_default_to_heads():
+    args = bench.parse_args(["--heads", "2"])
+    assert (args.heads, args.kv_heads) == (2, 2)
