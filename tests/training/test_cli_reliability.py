@@ -12,12 +12,8 @@ import torch
 
 from flowmap_kernels import train
 
-TINY = ["--width", "16", "--depth", "1", "--batch", "16", "--no-progress", "--threads", "1", "--no-eval",
-        "--lr-schedule", "constant"]
-
-
-def _run(out, *extra):
-    return train.main(["--out", str(out), *TINY, *extra])
+from .cli import fails_upfront
+from .cli import run as _run
 
 
 def _snapshot(folder: Path) -> dict:
@@ -124,11 +120,7 @@ def test_resume_rejects_steps_below_the_checkpoint(trained, capsys):
     (["--cfg-dropout", "0.1"], "--cfg-dropout"),
     (["--cond", "--data", "moons", "--cfg-dropout", "1.5"], "--cfg-dropout")])
 def test_invalid_flags_fail_before_any_work(tmp_path, capsys, flags, named):
-    out = tmp_path / "never"
-    assert _run(out, "--steps", "2", *flags) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {named}"), err
-    assert not out.exists()
+    fails_upfront(tmp_path, capsys, flags, named)
 
 
 def test_int_cfg_values_are_checked_and_converted(tmp_path):

@@ -11,27 +11,15 @@ import torch
 from flowmap_kernels import train
 from flowmap_kernels.training import loop
 
-TINY = ["--width", "16", "--depth", "1", "--batch", "16", "--no-progress", "--threads", "1", "--no-eval",
-        "--lr-schedule", "constant"]
+from .cli import TINY
+from .cli import fails_upfront as _fails_upfront
+from .cli import run as _run
+
 GUIDED = ["--data", "moons", "--cond", "--cfg-dropout", "0.1"]
-
-
-def _run(out, *extra):
-    return train.main(["--out", str(out), *TINY, *extra])
 
 
 def _cfg(*extra):
     return train.resolve_config(train.build_parser().parse_args(["--out", "unused", *TINY, *extra]))
-
-
-def _fails_upfront(tmp_path, capsys, flags, named):
-    """The run exits with 2 and `error: <named>...` before creating its output folder; returns the message."""
-    out = tmp_path / "never"
-    assert _run(out, "--steps", "2", *flags) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {named}"), err
-    assert not out.exists()
-    return err
 
 
 # ---- guidance: decided at config resolution, not after training ------------------------------------------
