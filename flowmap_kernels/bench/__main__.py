@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 
@@ -40,23 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device_error(device: str):
-    """Why ``--device`` is not one the benchmark runs on (cpu, cuda, cuda:N with N a present GPU), or None."""
-    import torch
-    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device)
-    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
-        return f"expected cpu, cuda or cuda:N, got {device!r}"
-    if m.group(1) == "cuda":
-        if not torch.cuda.is_available():
-            return f"{device!r} requested but CUDA is not available (torch.cuda.is_available() is False)"
-        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
-            return f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-    return None
-
-
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors (exit status 2) before the run: device, repeats, warm-up runs, backends, threads."""
-    problem = _device_error(args.device)
+    from .harness import device_error
+    problem = device_error(args.device)
     if problem:
         parser.error(f"--device: {problem}")
     if args.repeats < 1:

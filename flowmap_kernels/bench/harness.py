@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -25,17 +26,31 @@ import torch
 
 from .meta import metadata
 
-__all__ = ["pick_device", "check_output", "time_call", "print_table", "write_results", "metadata"]
+__all__ = ["device_error", "pick_device", "check_output", "time_call", "print_table", "write_results", "metadata"]
+
+
+def device_error(name: str) -> Optional[str]:
+    """Why ``name`` is not a device the benchmarks run on (cpu, cuda, cuda:N with N a present GPU), or None."""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        return f"expected cpu, cuda or cuda:N, got {name!r}"
+    if m.group(1) == "cuda":
+        if not torch.cuda.is_available():
+            return f"{name!r} requested but CUDA is not available (torch.cuda.is_available() is False)"
+        if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+            return f"{name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def pick_device(name: Optional[str] = "auto") -> torch.device:
-    """``"auto"`` (or None): cuda when available, else cpu; otherwise the named device (checked)."""
+    """``"auto"`` (or None): cuda when available, else cpu; otherwise the named device (checked:
+    :func:`device_error`, ValueError)."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but no CUDA GPU is available")
-    return dev
+    problem = device_error(name)
+    if problem:
+        raise ValueError(f"device: {problem}")
+    return torch.device(name)
 
 
 def check_output(path, suffix: str = "") -> Path:
