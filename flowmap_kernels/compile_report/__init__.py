@@ -296,10 +296,6 @@ def format_arch_figures(rows: list) -> str:
     return "\n".join(lines)
 
 
-#: The most a head dim may be (the attention backends' limit, attention/registry.py).
-MAX_HEAD_DIM = 256
-
-
 def count_line(records: list, with_cuda: bool = True) -> str:
     """What the report holds: "N Triton launches + M CUDA kernels" (other sources by name)."""
     counts: dict = {"triton": 0, **({"cuda": 0} if with_cuda else {})}
@@ -312,9 +308,11 @@ def count_line(records: list, with_cuda: bool = True) -> str:
 
 def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Usage errors before anything compiles: head dims, workers, output paths."""
-    bad = [d for d in a.head_dims if not 1 <= d <= MAX_HEAD_DIM]
+    from flowmap_kernels.attention.triton.configs import HEAD_DIM_BUCKETS
+    top = HEAD_DIM_BUCKETS[-1]  # the widest tile the kernels have
+    bad = [d for d in a.head_dims if not 1 <= d <= top]
     if bad:
-        ap.error(f"--head-dims: expected head dims in 1..{MAX_HEAD_DIM}, got {' '.join(map(str, bad))}")
+        ap.error(f"--head-dims: expected head dims in 1..{top}, got {' '.join(map(str, bad))}")
     if a.workers < 0:
         ap.error(f"--workers: expected a count >= 0 (0: one per CPU), got {a.workers}")
     from ..bench.fpe import check_output_paths
