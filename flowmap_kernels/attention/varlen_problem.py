@@ -8,6 +8,7 @@ Checking the offsets reads them on the host (one device synchronisation per call
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 import torch
 
@@ -91,8 +92,9 @@ def _offsets(name: str, cu, total: int, device: torch.device) -> list:
 def _max_len(name: str, given, actual: int) -> int:
     if given is None:
         return actual
-    if isinstance(given, bool) or not isinstance(given, int):
+    if isinstance(given, bool) or not isinstance(given, numbers.Integral):  # (numpy integers are ints too)
         raise TypeError(f"{name}: expected an int or None, got {type(given).__name__}")
+    given = int(given)
     if given < actual:
         raise ValueError(f"{name}: {given} is less than the longest sequence ({actual} tokens)")
     return given

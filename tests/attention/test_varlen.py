@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -348,6 +349,24 @@ def test_offsets_int64_and_generous_max_seqlen():
     o = fk.attention_varlen(*args, t["cu_q"], t["cu_k"], None, None, **case.kwargs)
     o64 = fk.attention_varlen(*args, t["cu_q"].long(), t["cu_k"].long(), 100, 100, **case.kwargs)
     assert torch.equal(o, o64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "naive"])
+@pytest.mark.parametrize("as_int", [np.int64, np.int32, int], ids=["np.int64", "np.int32", "int"])
+def test_numpy_integer_max_seqlen_is_an_int(backend, as_int):
+    """max_seqlen_q / max_seqlen_k computed with numpy (np.int64 from lengths.max()) are integers: accepted like
+    Python ints (they were a TypeError), for the primal and the explicit JVP."""
+    case = CASES[2]
+    t = case.make(torch.float64)
+    args = (t["q"], t["k"], t["v"])
+    tangents = (t["tq"], t["tk"], t["tv"])
+    with fk.use_backend(backend):
+        o = fk.attention_varlen(*args, t["cu_q"], t["cu_k"], None, None, **case.kwargs)
+        on = fk.attention_varlen(*args, t["cu_q"], t["cu_k"], as_int(100), as_int(100), **case.kwargs)
+        oj, toj = fk.attention_varlen_jvp(*args, *tangents, t["cu_q"], t["cu_k"], **case.kwargs)
+        ojn, tojn = fk.attention_varlen_jvp(*args, *tangents, t["cu_q"], t["cu_k"], as_int(100), as_int(100),
+                                            **case.kwargs)
+    assert torch.equal(o, on) and torch.equal(oj, ojn) and torch.equal(toj, tojn)
 
 
 def test_zero_sequences():
