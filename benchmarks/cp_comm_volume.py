@@ -4,7 +4,7 @@ Spawns W gloo processes on the CPU (for each W given), runs one training step of
 rank's shard, forward+JVP (``context_parallel_attention_jvp``) then the backward through (O, tO), and
 the primal forward and backward, and counts the bytes every rank sends in the package's communication
 wrappers (``flowmap_kernels.distributed.count_communication``). Each count is compared with the formula
-of docs/scaling.md (:func:`formula`). The per-call exchange of shard lengths and call records (136 (W-1) bytes) is
+of docs/scaling.md (:func:`formula`). The per-call exchange of shard lengths and call records (168 (W-1) bytes) is
 reported as "metadata" and left out of the comparison.
 
     python benchmarks/cp_comm_volume.py [--world 2 4] [--seq 1024] [--heads 8] [--kv-heads HEADS]

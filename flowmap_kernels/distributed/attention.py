@@ -17,18 +17,26 @@ MODES = ("ring", "ulysses")
 
 
 _MASK_KINDS = (None, "bool", "float")
+_MASK_DTYPES = (torch.bool,) + SUPPORTED_DTYPES
 # The fields every rank sends before any other exchange (an all_gather of int64): its shard lengths, whether its
 # arguments passed the checks, and what must agree across ranks. ``mask_rows``: -1 no mask, 0 one row broadcast
-# over this rank's query rows, 1 one row per query row, 2 either (one query row, one mask row).
+# over this rank's query rows, 1 one row per query row, 2 either (one query row, one mask row). ``tangents``: 1 for
+# a call with tangents (jvp), 0 without; ``mask_dtype``, ``mask_batch``, ``mask_heads``: the mask's dtype and
+# (broadcast) dims, -1 no mask (the ring and all-to-all messages are sized by them and by ``tangents``: a
+# mismatch would hang the ranks or abort them in gloo).
 _FIELDS = ("q_len", "k_len", "ok", "dtype", "batch", "q_heads", "kv_heads", "head_dim", "v_head_dim", "mode",
-           "is_causal", "load_balance", "enable_gqa", "scale", "mask_kind", "mask_rows", "mask_keys")
+           "is_causal", "load_balance", "enable_gqa", "scale", "mask_kind", "mask_rows", "mask_keys", "tangents",
+           "mask_dtype", "mask_batch", "mask_heads")
 # field that must agree: (what the error calls it, a rank's value as sent -> as the user wrote it)
 _AGREE = {"dtype": ("dtype", SUPPORTED_DTYPES.__getitem__), "batch": ("batch size", int),
           "q_heads": ("query heads", int), "kv_heads": ("key/value heads", int), "head_dim": ("head_dim", int),
           "v_head_dim": ("value head_dim", int), "mode": ("mode", MODES.__getitem__), "is_causal": ("is_causal", bool),
           "load_balance": ("load_balance", bool), "enable_gqa": ("enable_gqa", bool),
           "scale": ("scale", lambda x: struct.unpack("<d", struct.pack("<q", x))[0]),
-          "mask_kind": ("attn_mask (None, bool or float)", _MASK_KINDS.__getitem__)}
+          "mask_kind": ("attn_mask (None, bool or float)", _MASK_KINDS.__getitem__),
+          "tangents": ("tangents (a call with tangents: jvp / forward-mode, or without)", bool),
+          "mask_dtype": ("attn_mask dtype", lambda x: None if x < 0 else _MASK_DTYPES[x]),
+          "mask_batch": ("attn_mask batch dim", int), "mask_heads": ("attn_mask heads dim", int)}
 
 
 def _check_mask(attn_mask, q, is_causal):
@@ -67,7 +75,7 @@ def _local_checks(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, mo
     return p, _check_mask(attn_mask, q, is_causal)
 
 
-def _signature(p, mask, q, mode, is_causal, load_balance, enable_gqa) -> list:
+def _signature(p, mask, q, mode, is_causal, load_balance, enable_gqa, tangents) -> list:
     """This rank's record, the values of _FIELDS in order (all but the lengths -1 and ok 0 when its checks
     failed)."""
     if p is None:
@@ -77,7 +85,8 @@ def _signature(p, mask, q, mode, is_causal, load_balance, enable_gqa) -> list:
             p.v_head_dim, MODES.index(mode), int(is_causal), int(load_balance), int(bool(enable_gqa)),
             struct.unpack("<q", struct.pack("<d", p.scale))[0],
             _MASK_KINDS.index(None if mask is None else mask_kind(mask, q)), mask_rows,
-            -1 if mask is None else mask.shape[3]]
+            -1 if mask is None else mask.shape[3], int(bool(tangents)),
+            *((-1, -1, -1) if mask is None else (_MASK_DTYPES.index(mask.dtype), mask.shape[0], mask.shape[1]))]
 
 
 def _agree(rows: list) -> None:
@@ -107,7 +116,8 @@ def _prepare(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, group, 
     except (TypeError, ValueError) as e:
         error = e
     rows = [dict(zip(_FIELDS, row)) for row in
-            all_gather_lengths(_signature(p, mask, q, mode, is_causal, load_balance, enable_gqa), group, world)]
+            all_gather_lengths(_signature(p, mask, q, mode, is_causal, load_balance, enable_gqa, tangents), group,
+                               world)]
     if error is not None:
         raise error
     failed = [r for r, row in enumerate(rows) if not row["ok"]]

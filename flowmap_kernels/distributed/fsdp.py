@@ -130,6 +130,9 @@ def apply_fsdp(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tru
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(reshard_after_forward, bool):
         raise TypeError(f"reshard_after_forward: expected a bool, got {type(reshard_after_forward).__name__}")
+    from torch.distributed.device_mesh import DeviceMesh
+    if mesh is not None and not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"mesh: expected a DeviceMesh (make_mesh) or None, got {type(mesh).__name__}")
     from torch.distributed.fsdp import fully_shard
     policy = mixed_precision_policy(mixed_precision)
     block_list = fsdp_blocks(model, blocks)

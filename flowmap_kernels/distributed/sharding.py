@@ -8,6 +8,8 @@ any replicated parameter's gradient is the exact gradient of one copy of the los
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -50,10 +52,16 @@ def _gather(x: torch.Tensor, dim: int, layout: SequenceLayout, group, kind: str)
         shape = list(x.shape)
         shape[dim] = layout.local_length(r)
         shapes.append(tuple(shape))
-    pieces = all_to_all([x] * world, shapes, x.dtype, group, kind)
+    return place_global(all_to_all([x] * world, shapes, x.dtype, group, kind), layout, dim)
+
+
+def place_global(pieces_by_rank, layout: SequenceLayout, dim: int = 2) -> torch.Tensor:
+    """Concatenate the received shards (pieces_by_rank[i] from rank i, in its local order) in global order."""
     placed = []
-    for r, piece in enumerate(pieces):
-        placed += [(g0, piece.narrow(dim, l0, n)) for l0, g0, n in layout.local_pieces(r)]
+    for i, piece in enumerate(pieces_by_rank):
+        placed += [(g0, piece.narrow(dim, l0, n)) for l0, g0, n in layout.local_pieces(i)]
+    if not placed:  # an empty sequence (every shard empty)
+        return pieces_by_rank[0]
     placed.sort(key=lambda p: p[0])
     return torch.cat([p for _, p in placed], dim=dim)
 
@@ -90,8 +98,18 @@ def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 2, load_balanc
     dim = _check_tensor("x_local", x_local, dim)
     check_load_balance(load_balance)
     world, _ = world_and_rank(group)
-    lengths = [row[0] for row in all_gather_lengths([x_local.shape[dim]], group, world)]
-    layout = layout_from_lengths("x_local", lengths, world, load_balance)
+    # besides the lengths, what sizes the all-gather's messages: a mismatch would abort the ranks in gloo
+    other = tuple(n for i, n in enumerate(x_local.shape) if i != dim)
+    form = zlib.crc32(repr((str(x_local.dtype), x_local.dim(), dim, other)).encode())
+    rows = all_gather_lengths([x_local.shape[dim], int(load_balance), form], group, world)
+    if len({row[1] for row in rows}) > 1:
+        raise ValueError(f"load_balance: every rank of the group must call gather_sequence alike; got "
+                         f"{', '.join(f'rank {r}: {bool(row[1])}' for r, row in enumerate(rows))}")
+    if len({row[2] for row in rows}) > 1:
+        raise ValueError(f"x_local: every rank of the group must pass a shard of the same dtype, number of dims and "
+                         f"sizes outside dim (only its length along dim={dim} may differ); this rank's: shape "
+                         f"{tuple(x_local.shape)}, dtype {x_local.dtype}")
+    layout = layout_from_lengths("x_local", [row[0] for row in rows], world, load_balance)
     dual = fwAD.unpack_dual(x_local)
     out = _GatherSequence.apply(dual.primal, dim, layout, group)
     if dual.tangent is None:

@@ -17,7 +17,7 @@ import torch
 
 from ..attention import attention, attention_jvp
 from .comm import SequenceLayout, all_to_all, world_and_rank
-from .sharding import take_segments
+from .sharding import place_global, take_segments
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,6 @@ class UlyssesSpec:
 
     group: object
     layouts: tuple
-
-
-def _place_global(pieces_by_rank, layout: SequenceLayout, dim: int = 2):
-    """Concatenate the received shards (pieces_by_rank[i] from rank i, its local order) in global order."""
-    placed = []
-    for i, piece in enumerate(pieces_by_rank):
-        placed += [(g0, piece.narrow(dim, l0, n)) for l0, g0, n in layout.local_pieces(i)]
-    placed.sort(key=lambda p: p[0])
-    return torch.cat([p for _, p in placed], dim=dim)
 
 
 def seq_to_heads(xs, layouts, group, kind="all_to_all", split_heads=True):
@@ -65,7 +56,7 @@ def seq_to_heads(xs, layouts, group, kind="all_to_all", split_heads=True):
             n = int(torch.Size(shape).numel())
             pieces.append(recv[i][offsets[i]:offsets[i] + n].view(shape))
             offsets[i] += n
-        outs.append(_place_global(pieces, lay))
+        outs.append(place_global(pieces, lay))
     return outs
 
 

@@ -5,8 +5,8 @@ and the six gradients of a loss on both outputs, under torch.func.jvp, forward_a
 function, plus the primal path (O and dQ, dK, dV; it must run the primal kernels only); every dtype
 within tests.numerics.TOLERANCE (float64 1e-11 relative). Shard / gather round trips, two
 sub-groups side by side, torch.func.grad over torch.func.jvp, the ring Function's own forward-mode rule,
-learned float masks' gradients, nested jvp, the DiT switch (with and without activation checkpointing) and
-argument errors run in the same jobs.
+learned float masks' gradients, nested jvp, the DiT switch (with and without activation checkpointing),
+empty sequences and argument errors (including calls that differ between ranks) run in the same jobs.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 
 import flowmap_kernels.distributed as fkd
 from tests.distributed.harness import spawn
-from tests.distributed.workers import (CPCase, attention_cases, autocast_check, dit_checks, error_checks,
-                                      forward_over_forward_check, functional_grad_check, mask_grad_cases,
+from tests.distributed.workers import (CPCase, attention_cases, autocast_check, dit_checks, empty_sequence_checks,
+                                      error_checks, forward_over_forward_check, functional_grad_check, mask_grad_cases,
                                       ring_jvp_rule_check, shard_gather_checks, subgroup_cases)
 from tests.numerics import TOLERANCE
 
@@ -85,7 +85,7 @@ def _world2_job(rank, world):
                 errors=error_checks(rank, world), jvp_rule=ring_jvp_rule_check(rank, world),
                 func_grad=functional_grad_check(rank, world), autocast=autocast_check(rank, world),
                 forward_over_forward=forward_over_forward_check(rank, world),
-                dit=dit_checks(rank, world, DIT_CONFIGS))
+                dit=dit_checks(rank, world, DIT_CONFIGS), empty=empty_sequence_checks(rank, world))
 
 
 SUBGROUP_CASES = [BY_NAME["causal_load_balance"], BY_NAME["gqa_causal"]]
@@ -137,6 +137,13 @@ def test_shard_and_gather(world, world2, world4):
 
 def test_bad_input_errors(world2):
     assert all(world2["errors"].values()), world2["errors"]
+
+
+def test_empty_sequences(world2):
+    """Zero keys, zero queries or neither over the whole group: zeros as in the local attention, both modes;
+    gather_sequence of an empty sequence."""
+    res = world2["empty"]
+    assert len(res) == 7 and all(v == 1.0 for v in res.values()), res
 
 
 def test_ring_function_forward_mode_rule(world2):

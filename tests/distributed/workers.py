@@ -309,6 +309,28 @@ def error_checks(rank, world):
                                     ValueError, "is_causal: every rank")
     res["scale_differs"] = _raises(lambda: fkd.context_parallel_attention(q, q, q, scale=0.5 + rank), ValueError,
                                    "scale: every rank")
+    # what sizes the ring / all-to-all messages must agree too (a mismatch hung the ring, aborted gloo in Ulysses)
+    for mode in ("ring", "ulysses"):
+        qm = q4d
+        res[f"tangents_differ_{mode}"] = _raises(
+            lambda: (fkd.context_parallel_attention_jvp(qm, qm, qm, qm, None, None, mode=mode) if rank == 1
+                     else fkd.context_parallel_attention(qm, qm, qm, mode=mode)), ValueError, "tangents")
+        for what, m in (("heads", torch.zeros(1, 4 if rank == 1 else 1, 4, 4 * world, dtype=torch.float64)),
+                        ("batch", torch.ones(2 if rank == 1 else 1, 1, 4, 4 * world, dtype=torch.bool)),
+                        ("dtype", torch.zeros(1, 1, 4, 4 * world,
+                                              dtype=torch.float32 if rank == 1 else torch.float64))):
+            qb = torch.randn(2, 4, 4, 8, dtype=torch.float64)
+            res[f"mask_{what}_differ_{mode}"] = _raises(
+                lambda: fkd.context_parallel_attention(qb, qb, qb, m, mode=mode), ValueError, f"attn_mask {what}")
+    # gather_sequence: shards whose dtype or other dims differ (aborted gloo), or load_balance that differs
+    # (reassembled in the wrong order on some ranks), are named on every rank
+    for what, x in (("dtype", q.float() if rank == 1 else q), ("shape", q[..., :4] if rank == 1 else q),
+                    ("ndim", q.reshape(3, 4, 8) if rank == 1 else q)):
+        res[f"gather_{what}_differs"] = _raises(lambda: fkd.gather_sequence(x, dim=1), ValueError,
+                                                "x_local: every rank of the group")
+    lb_local = fkd.shard_sequence(torch.arange(8.0)[None], dim=1, load_balance=True)
+    res["gather_load_balance_differs"] = _raises(lambda: fkd.gather_sequence(lb_local, dim=1, load_balance=rank == 1),
+                                                 ValueError, "load_balance: every rank")
     for name, call in (("attention", lambda: fkd.context_parallel_attention(q, q, q, load_balance="no")),
                        ("shard", lambda: fkd.shard_sequence(q, load_balance="no")),
                        ("gather", lambda: fkd.gather_sequence(q, load_balance=1)),
@@ -454,3 +476,27 @@ def autocast_check(rank, world):
         err[mode] = max(rel_err(o, shard(ro)), rel_err(to, shard(rto)))
     same = {m: -x for m, x in _max_over_ranks(out).items()}  # the minimum over ranks
     return {"same": same, "error": _max_over_ranks(err)}
+
+
+def empty_sequence_checks(rank, world):
+    """Sequences of zero tokens (every shard empty) on both modes, as the local attention treats them: no
+    keys give O = tO = 0, no queries an empty O; gradients of the right shapes, zero. ``gather_sequence``
+    of an empty sequence. {check: 1.0 when it held} (Ulysses used to fail in torch.cat of no pieces)."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64)
+    res = {}
+    for mode in ("ring", "ulysses"):
+        for name, (lq, lk) in {"no_keys": (3, 0), "no_queries": (0, 3), "neither": (0, 0)}.items():
+            ql, kl = q[:, :, :lq].clone().requires_grad_(), q[:, :, :lk].clone().requires_grad_()
+            o, to = fkd.context_parallel_attention_jvp(ql, kl, kl, ql, kl, kl, mode=mode)
+            grads = torch.autograd.grad((o * 2).sum() + to.sum(), (ql, kl), allow_unused=True, materialize_grads=True)
+            o2 = fkd.context_parallel_attention(ql, kl, kl, mode=mode)
+            res[f"{mode}_{name}"] = float(o.shape == o2.shape == ql.shape and not o.abs().sum() and not to.abs().sum()
+                                          and all(a.shape == b.shape and not a.abs().sum()
+                                                  for a, b in zip(grads, (ql, kl))))
+    x = torch.randn(2, 0, 3, dtype=torch.float64).requires_grad_()
+    local = fkd.shard_sequence(x, dim=1)
+    full = fkd.gather_sequence(local, dim=1)
+    (gx,) = torch.autograd.grad(full.sum(), x, materialize_grads=True)
+    res["gather_empty"] = float(full.shape == x.shape and gx.shape == x.shape)
+    return res

@@ -151,3 +151,5 @@ def test_fsdp_blocks_and_policy_arguments():
         make_mesh(1, 0)
     with pytest.raises(TypeError, match="model"):
         apply_fsdp("not a module")
+    with pytest.raises(TypeError, match="mesh: expected a DeviceMesh"):  # (was AttributeError: no 'ndim')
+        apply_fsdp(m, "cpu")
