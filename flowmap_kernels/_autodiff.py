@@ -206,6 +206,12 @@ def vmap_by_example(fn) -> staticmethod:
     vmapped or shared, non-tensors passed as they are), outputs stacked at dim 0 (None stays None). Exact
     whatever ``fn`` computes; it costs a call per example."""
     def vmap(info, in_dims, *args):
+        if info.batch_size == 0:  # no example: one on zeros (a.sum(d), still connected to a) gives the shapes
+            out = fn.apply(*(a if d is None else a.sum(d) for a, d in zip(args, in_dims)))
+            if not isinstance(out, tuple):
+                return out.unsqueeze(0).narrow(0, 0, 0), 0
+            empty = tuple(None if o is None else o.unsqueeze(0).narrow(0, 0, 0) for o in out)
+            return empty, tuple(None if o is None else 0 for o in empty)
         outs = [fn.apply(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
                 for i in range(info.batch_size)]
         if not isinstance(outs[0], tuple):

@@ -10,6 +10,7 @@ derivative is taken. Tangents that are None are zero; a zero weight tangent is n
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -339,6 +340,11 @@ class GatedJVPFunction(torch.autograd.Function):
 
 # ---- linear ------------------------------------------------------------------------------------------
 
+def _lead_rows(x) -> int:
+    """Rows of ``x`` (..., K): the product of its leading dims (defined when K == 0, unlike numel // K)."""
+    return math.prod(x.shape[:-1])
+
+
 class LinearFunction(torch.autograd.Function):
     """y = x W^T + b; its JVP runs one product on the stacked [x; tx]."""
 
@@ -359,7 +365,8 @@ class LinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         if gy is None:
             return None, None, None, None
-        g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+        R = _lead_rows(x)  # not numel // K, nor reshape(-1, .): in_features or out_features may be 0
+        g2, x2 = gy.reshape(R, gy.shape[-1]), x.reshape(R, x.shape[-1])
         dx = (gy @ weight) if ctx.needs_input_grad[0] else None
         dw = (g2.t() @ x2) if ctx.needs_input_grad[1] else None
         db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -395,7 +402,7 @@ class LinearJVPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, tx, weight, bias, tweight, tbias):
-        R, N = x.numel() // x.shape[-1], weight.shape[0]
+        R, N = _lead_rows(x), weight.shape[0]
         out = K.linear_jvp_forward(x.reshape(R, x.shape[-1]), tx.reshape(R, x.shape[-1]), weight, bias, tweight, tbias)
         shape = x.shape[:-1] + (N,)
         return out[:R].view(shape), out[R:].view(shape)
@@ -418,7 +425,7 @@ class LinearJVPFunction(torch.autograd.Function):
 
         def fused(x, tx, weight, bias, tweight, tbias, gy, gt):
             K_, N = x.shape[-1], weight.shape[0]
-            R = x.numel() // K_
+            R = _lead_rows(x)
             x2 = x.reshape(R, K_)
             if gt is None:
                 g2 = gy.reshape(R, N)
@@ -435,8 +442,8 @@ class LinearJVPFunction(torch.autograd.Function):
         """Forward-over-forward (nested torch.func.jvp): the naive formula's JVP (bilinear in x and W). y and ty
         are views of one stacked buffer; their tangents are laid out the same way (forward AD requires it)."""
         dy, dty = forward_over_forward(naive_linear_jvp, ctx.saved_tensors, tangents, True)
-        stacked = torch.cat([dy.reshape(-1, dy.shape[-1]), dty.reshape(-1, dty.shape[-1])])
-        R = dy.numel() // dy.shape[-1]
+        R = _lead_rows(dy)
+        stacked = torch.cat([dy.reshape(R, dy.shape[-1]), dty.reshape(R, dty.shape[-1])])
         return stacked[:R].view(dy.shape), (stacked[R:].view(dty.shape) if ctx.tangent_grad else None)
 
 

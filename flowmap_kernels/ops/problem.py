@@ -162,7 +162,23 @@ def rows_per_chunk(registry, backend: str, x: torch.Tensor, layouts) -> int:
     if not groups:
         return 1
     n_groups = min(s.rows for s in layouts if s is not None and s.rows)
-    return chunk_rows(groups, registry.impls[backend].impl.chunk_target(R, x.device, n_groups))
+    target = registry.impls[backend].impl.chunk_target(R, x.device, n_groups)
+    if torch.compiler.is_compiling():
+        return traceable_chunk_rows(groups, target)
+    return chunk_rows(groups, target)
+
+
+def traceable_chunk_rows(rows_per_group: list, target) -> int:
+    """:func:`chunk_rows` for torch.compile, where the sizes may be symbolic (dynamic shapes, which Dynamo turns on
+    by itself when a second shape arrives): math.gcd and a divisor search over a SymInt cannot be traced. The group
+    sizes nest (each is a product of trailing leading dims of x, or 1 for an expanded operand), so the smallest is
+    their gcd; it is halved while even and above the target. Equal to chunk_rows when that is a power-of-two
+    fraction of the group (always when the group fits the target); otherwise a larger divisor (fewer chunks)."""
+    rpc = min(rows_per_group)
+    target = max(target, 1)
+    while rpc > target and rpc % 2 == 0:
+        rpc = rpc // 2
+    return max(rpc, 1)
 
 
 # ---- problem descriptors ----------------------------------------------------------------------------------

@@ -44,3 +44,34 @@ def test_zero_channels_of_elementwise_ops_give_empty_results(name, fn):
         gated_residual(x, torch.ones(2, 5, 0), x)
     with pytest.raises(ValueError, match="expected at least one channel"):
         rms_norm(x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "extension", "naive"])
+@pytest.mark.parametrize("x_shape, w_shape", [((2, 3, 0), (5, 0)), ((2, 3, 4), (0, 4)), ((0,), (5, 0))],
+                         ids=["in_features_0", "out_features_0", "1d_in_features_0"])
+def test_linear_with_zero_features_matches_f_linear(x_shape, w_shape, backend):
+    """in_features or out_features 0 is F.linear's empty product (y = bias): primal, backward, torch.func.jvp and
+    linear_jvp with the backward through the tangent, as F.linear (they divided by K / reshaped with -1)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=g) for s in (x_shape, w_shape, w_shape[:1]))
+    tx, tw, tb = (torch.randn(s, generator=g) for s in (x_shape, w_shape, w_shape[:1]))
+
+    def run(fn):
+        leaves = [a.clone().requires_grad_() for a in (x, w, b, tx, tw, tb)]
+        y, ty = fn(*leaves)
+        grads = torch.autograd.grad(y.sum() + ty.square().sum(), leaves, allow_unused=True)
+        return y, ty, [torch.zeros_like(a) if gr is None else gr for gr, a in zip(grads, leaves)]
+
+    with fk.use_backend(backend):
+        outs = [run(lambda *a: torch.func.jvp(linear, tuple(a[:3]), tuple(a[3:]))),
+                run(lambda *a: fk.ops.linear_jvp(*a))]
+        leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+        y = linear(*leaves)
+        grads = torch.autograd.grad(y.square().sum(), leaves)
+    want = run(lambda *a: torch.func.jvp(torch.nn.functional.linear, tuple(a[:3]), tuple(a[3:])))
+    lv = [a.clone().requires_grad_() for a in (x, w, b)]
+    want_grads = torch.autograd.grad(torch.nn.functional.linear(*lv).square().sum(), lv)
+    for got in outs:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert all(torch.equal(a, r) for a, r in zip(got[2], want[2]))
+    assert all(torch.equal(a, r) for a, r in zip(grads, want_grads))

@@ -314,3 +314,54 @@ def test_pytorch_layer_norm_tangent_derivative_is_wrong():
     from flowmap_kernels.ops import naive
     assert _tangent_gradcheck(lambda a: naive.layer_norm(a, 1e-6))
     assert not _tangent_gradcheck(lambda a: torch.nn.functional.layer_norm(a, (7,), eps=1e-6))
+
+
+def test_traceable_chunk_rows_divides_every_group():
+    """The rows-per-chunk rule used under torch.compile divides every group size and equals the eager rule
+    whenever that is a power-of-two fraction of the group."""
+    from flowmap_kernels.ops.problem import chunk_rows, traceable_chunk_rows
+    for lead in [(2, 5), (1, 4096), (8, 16), (3, 7, 5), (1, 1), (6, 1000)]:
+        R = 1
+        for d in lead:
+            R *= d
+        groups_of = [[R // lead[0]], [R], [R // lead[0], R], [1, R]]  # (B, 1, C) / (C,) / both / expanded
+        for groups in groups_of:
+            for target in (1, 3, 32, R // 8, R):
+                rpc = traceable_chunk_rows(groups, target)
+                assert all(g % rpc == 0 for g in groups), (lead, groups, target, rpc)
+                exact = chunk_rows(groups, target)
+                if (min(groups) // exact) & (min(groups) // exact - 1) == 0:
+                    assert rpc == exact, (lead, groups, target, rpc, exact)
+
+
+@pytest.mark.parametrize("backend", ["torch", "extension"])
+def test_compiled_ops_with_dynamic_shapes(backend):
+    """torch.compile(fullgraph=True) of the fused ops, called with a second token count: Dynamo makes the sizes
+    symbolic (automatic dynamic shapes), where the rows-per-chunk choice (math.gcd of a SymInt) used to fail with
+    'Unsupported torch.* op returned non-Tensor'. Equal to eager, forward, JVP and the backward through it."""
+    g = torch.Generator().manual_seed(0)
+    C = 16
+    shift, scale = torch.randn(2, 1, C, generator=g), torch.randn(2, 1, C, generator=g)
+    w, bias, W = torch.randn(C, generator=g), torch.randn(C, generator=g), torch.randn(C, C, generator=g) * 0.3
+
+    def step(x, tx):
+        h, th = ops.modulated_layer_norm_jvp(x, shift, scale, tx)
+        h, th = ops.rms_norm_jvp(h, w, th)
+        h, th = ops.linear_jvp(h, W, None, th)
+        h, th = ops.gelu_tanh_jvp(h, bias, th)
+        y, ty = ops.gated_residual_jvp(x, scale, h, tx, None, th)
+        y2 = ops.gelu_tanh(ops.modulated_layer_norm(y, shift, scale), bias)
+        return y2, ty
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with use_backend(backend):
+        for n in (5, 7, 12):
+            x = torch.randn(2, n, C, generator=g, requires_grad=True)
+            tx = torch.randn(2, n, C, generator=g, requires_grad=True)
+            outs = []
+            for fn in (compiled, step):
+                y, ty = fn(x, tx)
+                outs.append((y, ty, *torch.autograd.grad(y.square().sum() + ty.square().sum(), (x, tx))))
+            for a, b in zip(*outs):
+                assert rel_err(a, b) <= TOLERANCE[torch.float32]

@@ -79,3 +79,29 @@ def test_vmap_compositions_against_float64(name, backend):
                 ry_, rty_ = jvp(ref, tuple(leaves64[:k]), tuple(leaves64[k:]))
                 total = total + torch.autograd.grad((ry_ * 0.5).sum() + rty_.square().sum(), leaves64[j])[0]
             assert rel_err(grads[j], total) < 10 * TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_vmap_over_an_empty_batch(name, backend):
+    """vmap over a batch of size 0 (one call per example had no example to stack: IndexError) gives empty
+    results and zero gradients for shared operands, as the naive ops under vmap do."""
+    op, op_jvp, _, shapes, batched = CASES[name]
+    dims = tuple(0 if b else None for b in batched)
+    prim = [torch.randn((0, *s) if b else s).requires_grad_(True) for s, b in zip(shapes, batched)]
+    tang = [torch.randn_like(p) for p in prim]
+    k = len(prim)
+    with use_backend("naive"):
+        want = vmap(op, in_dims=dims)(*prim)
+    with use_backend(backend):
+        y = vmap(op, in_dims=dims)(*prim)
+        y1, ty1 = jvp(lambda *p: vmap(op, in_dims=dims)(*p), tuple(prim), tuple(tang))
+        y2, ty2 = vmap(lambda *a: jvp(op, tuple(a[:k]), tuple(a[k:])), in_dims=dims * 2)(*prim, *tang)
+        y3, ty3 = vmap(op_jvp, in_dims=dims * 2)(*prim, *tang)
+        grads = torch.autograd.grad(y.sum() + y1.sum() + ty1.square().sum() + ty3.sum(), prim)
+        per_example = vmap(grad(lambda *p: op(*p).square().sum()), in_dims=dims)(*prim)
+    for got in (y, y1, ty1, y2, ty2, y3, ty3):
+        assert got.shape == want.shape and got.dtype == want.dtype
+    assert per_example.shape == prim[0].shape
+    for g, p in zip(grads, prim):
+        assert g.shape == p.shape and not g.any()
