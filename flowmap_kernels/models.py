@@ -182,6 +182,12 @@ class TrigFlowParam(nn.Module):
         for k in ("num_classes", "null_label", "guidance_dim"):
             if hasattr(net, k):
                 setattr(self, k, getattr(net, k))
+        if getattr(self, "null_label", None) is None:  # nn.DiT keeps its null class in its label table
+            from .methods._common import null_label
+            try:
+                self.null_label = null_label(net)
+            except ValueError:
+                self.null_label = None
 
     def forward(self, x, s, t, y=None, **kw):
         b = x.shape[0]

@@ -21,6 +21,7 @@ as well (w = [omega, lo, hi]).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -32,9 +33,23 @@ GUIDANCE_MODES = ("cfg", "input", "scaled_input")
 
 
 def _grid(steps: int, like: torch.Tensor):
-    if not isinstance(steps, int) or steps < 1:
+    """The time grid 1 -> 0 in at least float32 (``_work_dtype``): a 16-bit grid would round the times
+    (bfloat16 keeps 8 bits: 1000 steps collapse to about 500 distinct times, some steps of size 0). The
+    model still sees its inputs in the noise's dtype (``_at``), as in training."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=like.dtype, device=like.device)
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=_work_dtype(like.dtype), device=like.device)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The samplers' state and time grid: float32 for 16-bit noise (a bfloat16 state loses every update
+    below its 8-bit resolution: 1000 Euler steps of size 1e-3 leave x unchanged), else the noise's dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _at(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The grid time ``a`` (0-d) as the model's (B,) time input, in x's dtype."""
+    return a.to(x.dtype).expand(x.shape[0])
 
 
 def guided(model, guidance_scale=None, guidance: str = "cfg", interval=(0.0, 1.0)):
@@ -45,9 +60,11 @@ def guided(model, guidance_scale=None, guidance: str = "cfg", interval=(0.0, 1.0
     if guidance_scale is None or (guidance_scale == 1.0 and guidance == "cfg"):
         return model
     omega = float(guidance_scale)
-    if not (omega >= 0 if guidance == "cfg" else omega > 0):
+    if not math.isfinite(omega) or not (omega >= 0 if guidance == "cfg" else omega > 0):
         raise ValueError(f"guidance_scale: expected a number {'>= 0' if guidance == 'cfg' else '> 0'} "
-                         f"(0 with 'cfg': unconditional), got {guidance_scale!r}")
+                         f"(finite; 0 with 'cfg': unconditional), got {guidance_scale!r}")
+    if len(interval) != 2:
+        raise ValueError(f"guidance_interval: expected (lo, hi) with 0 <= lo <= hi <= 1, got {interval!r}")
     lo, hi = (float(v) for v in interval)
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"guidance_interval: expected (lo, hi) with 0 <= lo <= hi <= 1, got {interval!r}")
@@ -84,12 +101,13 @@ def _step_sample(model, noise, steps, cond, chunk, target_is_source: bool):
     """x <- x + (b - a) model(x, a, b) over the grid 1 -> 0 (target_is_source: model(x, a, a))."""
     ts = _grid(steps, noise)
     out = []
-    for x, y in _chunks(noise, chunk, cond):
+    for xn, y in _chunks(noise, chunk, cond):
+        x = xn.to(ts.dtype)
         for a, b in zip(ts[:-1], ts[1:]):
-            ta = a.expand(x.shape[0])
-            x = x + (b - a) * model(x, ta, ta if target_is_source else b.expand(x.shape[0]), y=y)
-        out.append(x)
-    return torch.cat(out)
+            ta = _at(a, xn)
+            x = x + (b - a) * model(x.to(xn.dtype), ta, ta if target_is_source else _at(b, xn), y=y).to(x.dtype)
+        out.append(x.to(noise.dtype))
+    return torch.cat(out) if out else noise.clone()
 
 
 @torch.no_grad()
@@ -116,7 +134,7 @@ def consistency_sample(model, noise, steps: int, cond=None, chunk: int = 4096,
     for x, y in _chunks(noise, chunk, cond):
         zero = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for i, a in enumerate(ts[:-1]):
-            x0 = x - a * model(x, a.expand(x.shape[0]), zero, y=y)
+            x0 = x - a * model(x, _at(a, x), zero, y=y)
             nxt = ts[i + 1]
             if nxt > 0:
                 e = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
@@ -124,7 +142,7 @@ def consistency_sample(model, noise, steps: int, cond=None, chunk: int = 4096,
             else:
                 x = x0
         out.append(x)
-    return torch.cat(out)
+    return torch.cat(out) if out else noise.clone()
 
 
 SAMPLERS = {"flowmap": flowmap_sample, "euler": euler_sample, "consistency": consistency_sample}

@@ -133,8 +133,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     finished = False
     try:
-        get_method(args.method)
-        get_dataset(args.data)
+        for flag, lookup, value in (("--method", get_method, args.method), ("--data", get_dataset, args.data)):
+            try:
+                lookup(value)
+            except ValueError as e:  # "method: unknown method ..." -> "--method: unknown method ..."
+                raise ValueError(f"{flag}: {str(e).split(': ', 1)[-1]}") from e
         cfg = resolve_config(args)  # every flag checked before any work
         if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
             for note in cfg.warnings:

@@ -35,6 +35,9 @@ def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
 
+TIME_DISTS = ("uniform", "logit_normal")
+
+
 def sample_times(n: int, dist: str, mu: float, sigma: float, *, device=None, dtype=torch.float32,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """n times in (0, 1): 'uniform' or 'logit_normal' (sigmoid of N(mu, sigma^2))."""

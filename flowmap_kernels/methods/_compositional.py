@@ -25,9 +25,9 @@ def compositional_loss(model, x0, cond, c: dict, sample_hops: Callable):
     """The loss above. ``sample_hops(n, generator, **tensor_kw) -> (s, u, t, a1, a2, w)``, each (n,)."""
     g = c["generator"]
     b = x0.shape[0]
-    nsc = int(round(b * c["sc_fraction"]))
-    if not 0 <= nsc <= b:
+    if not 0.0 <= c["sc_fraction"] <= 1.0:  # the fraction itself (rounded, 1.4 of one example passed; NaN crashed)
         raise ValueError(f"sc_fraction: expected a fraction in [0, 1], got {c['sc_fraction']}")
+    nsc = int(round(b * c["sc_fraction"]))
     kw = dict(device=x0.device, dtype=x0.dtype)
     cond, _ = drop_labels(model, cond, c["cfg_dropout"], g)
     eps = randn_like(x0, g)

@@ -87,6 +87,8 @@ def loss(model, x0, *, cond=None, **cfg):
     xs, _ = interpolate(x0, eps, s)
     v = velocity(c["velocity"], s, x0, eps, cond_orig, free=dropped)
     V, dV = jvp(model, cond, (xs, s, t), (v, torch.ones_like(s), torch.zeros_like(t)), tangent_grad=False)
+    if not c["warmup_steps"] >= 0:  # a negative one flipped the sign of the s dV/ds term
+        raise ValueError(f"warmup_steps: expected an integer >= 0 (0: off), got {c['warmup_steps']!r}")
     r = 1.0
     if c["warmup_steps"] and c["step"] is not None:
         r = min(1.0, float(c["step"]) / float(c["warmup_steps"]))

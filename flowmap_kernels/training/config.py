@@ -15,6 +15,8 @@ from typing import Optional
 
 from ..data import get_dataset
 from ..methods import METHODS, get_method
+from ..methods._common import REDUCTIONS, TIME_DISTS, VELOCITIES
+from ..methods.scm import PARAMS as SCM_PARAMS
 
 __all__ = ["TrainConfig", "resolve_config", "PRESETS_2D", "LOOP_DEFAULTS", "MODEL_FLAGS", "model_kind",
            "compare_with_checkpoint"]
@@ -198,10 +200,19 @@ def _pair_in(lo_ok, hi_ok=None):
     return ok
 
 
+def _one_of(choices):
+    return (lambda v: v in choices, f"one of {list(choices)}")
+
+
 # The natural range of the method settings that have one (same key, same meaning in every method that
 # has it); checked at config resolution for the keys of the run's method. Keys not listed: any finite
-# value (the losses check the strings: time_dist, velocity, ...).
+# value. The string settings are checked here too (the losses check them only at the first step).
 CFG_RANGES = {
+    "time_dist": _one_of(TIME_DISTS),
+    "fm_time_dist": _one_of(TIME_DISTS),
+    "velocity": _one_of(VELOCITIES),
+    "adaptive_reduce": _one_of(REDUCTIONS),
+    "param": _one_of(SCM_PARAMS),
     "ratio_neq": (lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]"),
     "sc_fraction": (lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]"),
     "cfg_dropout": (lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
@@ -224,6 +235,7 @@ CFG_RANGES = {
 }
 # Ranges that differ between methods: (method, key) -> (check, expected).
 METHOD_CFG_RANGES = {
+    ("tvm", "time_dist"): _one_of(TIME_DISTS + ("tvm",)),  # "tvm": the paper's gap-based pairs
     ("tvm", "cfg_scale"): (lambda v: v > 0, "a guidance scale > 0 (1: off)"),
     ("tvm", "cfg_scale_range"): (lambda v: v is None or _pair_in(lambda lo: lo > 0)(v),
                                  "null (off) or [min, max] with 0 < min <= max"),
@@ -246,6 +258,9 @@ def check_method_cfg(method, cfg: dict) -> None:
         if ok is not None and not (v is None and method.DEFAULTS.get(k) is None) and not ok(v):
             raise ValueError(f"--cfg {k}: expected {expected}, got {v!r}")
     c = {**method.DEFAULTS, **cfg}
+    if c.get("time_dist") == "tvm" and c.get("ratio_neq", 1.0) != 1.0:
+        raise ValueError(f"--cfg ratio_neq: time_dist 'tvm' draws only pairs with t != s, so ratio_neq must be 1; "
+                         f"got {c['ratio_neq']!r} (or set --cfg time_dist=uniform / logit_normal)")
     if "adaptive_p" in c and c["adaptive_p"] > 0 and not c["adaptive_c"] > 0:
         raise ValueError(f"--cfg adaptive_c: expected a number > 0 with adaptive_p {c['adaptive_p']} > 0 (the weight "
                          f"1 / (err + c)^p of an exactly fitted example is 1/0 at c = 0; the loss NaN), "
@@ -287,6 +302,8 @@ def resolve_config(args) -> TrainConfig:
     _check(args.stop_after >= 0, "--stop-after", "an integer >= 0 (0: off)", args.stop_after)
     _check(args.eval_samples >= 2, "--eval-samples", "an integer >= 2", args.eval_samples)
     _check(args.threads >= 0, "--threads", "an integer >= 0 (0: torch's default)", args.threads)
+    # the loop seeds torch, numpy and the data generator with affine functions of --seed (64-bit seeds)
+    _check(abs(args.seed) < 2 ** 32, "--seed", "an integer with |seed| < 2**32", args.seed)
     from ..backends import BACKEND_NAMES
     _check(args.backend in BACKEND_NAMES, "--backend", f"one of {list(BACKEND_NAMES)}", args.backend)
     dp_shard = getattr(args, "dp_shard", None)
@@ -348,6 +365,7 @@ def resolve_config(args) -> TrainConfig:
     preset = PRESETS_2D.get(args.method, {}) if ds.kind == "2d" and not args.no_preset else {}
     method_cfg = {**preset.get("cfg", {}), **user_cfg}
     check_method_cfg(method, method_cfg)
+    _check_guided_target(method, method_cfg, args.cond, notes)
     if gs is not None:
         _check_guidance(method, method_cfg, kind, gs, notes)
     loop = {key: (getattr(args, key) if getattr(args, key) is not None else preset.get(key, default))
@@ -387,6 +405,34 @@ def resolve_config(args) -> TrainConfig:
         reshard_after_forward=getattr(args, "reshard_after_forward", True), mixed_precision=mp,
         activation_checkpointing=ac, compile=comp, guidance_scale=gs, guidance_interval=gi,
         eval_ema_decay=float(eval_ema_decay), warnings=tuple(notes))
+
+
+def guided_target_settings(method, method_cfg: dict) -> list:
+    """The --cfg settings that make ``method`` train a guided target (MeanFlow cfg_scale / cfg_kappa, iMF
+    cfg_omega_max, TVM cfg_scale / cfg_scale_range), as "key=value" strings; [] when guidance is off."""
+    c = {**method.DEFAULTS, **method_cfg}
+    on = {"meanflow": (("cfg_scale", lambda v: v != 1.0), ("cfg_kappa", lambda v: v != 0.0)),
+          "imf": (("cfg_omega_max", lambda v: v > 0),),
+          "tvm": (("cfg_scale", lambda v: v != 1.0), ("cfg_scale_range", lambda v: v is not None))}
+    return [f"{k}={json.dumps(c[k])}" for k, active in on.get(method.NAME, ()) if active(c[k])]
+
+
+def _check_guided_target(method, method_cfg: dict, cond: bool, notes: list) -> None:
+    """A guided training target applies only to labelled runs (without --cond it is off: noted), and its
+    unconditional velocity is the model's null class, which only label dropout trains: with --cond it
+    needs cfg_dropout > 0 (ValueError naming --cfg-dropout; without it the target mixes in the output of an
+    embedding row that never receives a gradient)."""
+    keys = guided_target_settings(method, method_cfg)
+    if not keys:
+        return
+    if not cond:
+        notes.append(f"--cfg {', '.join(keys)}: has no effect without --cond (guidance needs class labels)")
+        return
+    dropout = {**method.DEFAULTS, **method_cfg}.get("cfg_dropout", 0.0)
+    if not dropout > 0:
+        raise ValueError(f"--cfg-dropout: the guided target of --cfg {', '.join(keys)} uses the model's null class, "
+                         f"which only label dropout trains; expected a probability in (0, 1) (e.g. --cfg-dropout "
+                         f"0.1), got {dropout!r}")
 
 
 def _check_guidance(method, method_cfg: dict, kind: str, gs: float, notes: list) -> None:

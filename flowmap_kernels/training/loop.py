@@ -177,6 +177,8 @@ def _prepare_out(cfg: TrainConfig, info: DistInfo) -> None:
     err = None
     if info.is_main:
         try:
+            if cfg.resume and not cfg.out.exists():  # nothing to resume: leave no empty folder behind
+                raise FileNotFoundError(f"--resume: no checkpoint at {cfg.out / CHECKPOINT} ({cfg.out} does not exist)")
             _check_out(cfg.out)
             found = _existing_checkpoints(cfg.out)
             if found and not cfg.resume:
@@ -185,7 +187,7 @@ def _prepare_out(cfg: TrainConfig, info: DistInfo) -> None:
                                      "to continue it or --overwrite to start over")
                 for p in found:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
-        except (ValueError, PermissionError) as e:
+        except (ValueError, PermissionError, FileNotFoundError) as e:
             err = e
     _broadcast_error(info, err)
 

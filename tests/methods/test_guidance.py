@@ -312,6 +312,30 @@ def _scm_per_sample(model, x0, seed):
     return gt.pow(2).reshape(B, -1).mean(1)
 
 
+@pytest.mark.parametrize("net", ["mlp", "dit"])
+def test_trigflow_wrapper_keeps_the_null_class(net):
+    """sCM with param="trigflow" wraps the network; the wrapper lost nn.DiT's null class (kept in its label
+    table, not as an attribute): label dropout and guided sampling failed with "TrigFlowParam has none"."""
+    from flowmap_kernels import sampling
+    from flowmap_kernels.nn import dit_tiny
+    if net == "dit":
+        base, x0 = dit_tiny(input_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=NC), torch.randn(4, 1, 4, 4)
+    else:
+        base, x0 = MLPFlowMap((2,), hidden=8, depth=1, num_classes=NC, null_class=True), torch.randn(4, 2)
+    model = prepare_model(METHODS["scm"], base, {"param": "trigflow"})
+    assert isinstance(model, TrigFlowParam) and null_label(model) == NC
+    y = torch.tensor([0, 1, 2, 0])
+    lo, _ = METHODS["scm"].loss(model, x0, cond=y, param="trigflow", cfg_dropout=0.5)
+    assert torch.isfinite(lo)
+    out = sampling.sample(METHODS["scm"], model, torch.randn_like(x0), 2, cond=y, guidance_scale=2.0,
+                          generator=torch.Generator().manual_seed(0))
+    assert out.shape == x0.shape and torch.isfinite(out).all()
+    unconditional = TrigFlowParam(MLPFlowMap((2,), hidden=8, depth=1))
+    assert unconditional.null_label is None
+    with pytest.raises(ValueError, match="TrigFlowParam has none"):
+        null_label(unconditional)
+
+
 @pytest.mark.parametrize("sigma_d", [1.0, 0.5])
 def test_trigflow_parameterisation_is_the_trigflow_consistency_function(sigma_d):
     """V(x_s, s, 0) from the wrapper reproduces f = cos(th) x_th - sin(th) sigma_d F(x_th / sigma_d, .) in

@@ -132,3 +132,21 @@ def test_small_batches(name, batch):
 def test_empty_or_missing_batch_is_named(name, x0):
     with pytest.raises(ValueError, match=rf"{name}\.loss: x0: expected a tensor \(B, \.\.\.\) with B >= 1"):
         METHODS[name].loss(prepare_model(METHODS[name], tiny_mlp()), x0)
+
+
+@pytest.mark.parametrize("name", ["shortcut", "psd"])
+@pytest.mark.parametrize("fraction", [1.4, -0.2, float("nan")])
+def test_sc_fraction_outside_zero_one_is_named_at_any_batch_size(name, fraction):
+    """The fraction was checked after rounding B * sc_fraction: 1.4 (or -0.2) of a one-example batch passed, NaN
+    crashed in round()."""
+    x0 = torch.randn(1, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sc_fraction: expected a fraction in"):
+        METHODS[name].loss(tiny_mlp(), x0, sc_fraction=fraction)
+
+
+@pytest.mark.parametrize("warmup", [-5, float("nan")])
+def test_scm_negative_tangent_warmup_is_named(warmup):
+    """A negative warm-up made r = step / warmup_steps negative: the s dV/ds term of the tangent flipped sign."""
+    with pytest.raises(ValueError, match="warmup_steps: expected an integer >= 0"):
+        METHODS["scm"].loss(tiny_mlp(), torch.randn(3, 2, dtype=torch.float64), adaptive_weighting=False,
+                            warmup_steps=warmup, step=2)

@@ -123,6 +123,31 @@ def test_invalid_flags_fail_before_any_work(tmp_path, capsys, flags, named):
     fails_upfront(tmp_path, capsys, flags, named)
 
 
+@pytest.mark.parametrize("flags,named", [
+    (["--cfg", "time_dist=foo"], "--cfg time_dist"), (["--cfg", "fm_time_dist=x"], "--cfg fm_time_dist"),
+    (["--method", "fm", "--cfg", "time_dist=normal"], "--cfg time_dist"),
+    (["--method", "lsd", "--cfg", "time_dist=tvm"], "--cfg time_dist"),
+    (["--method", "psd", "--cfg", "time_dist=foo"], "--cfg time_dist"),
+    (["--method", "tvm", "--no-preset", "--cfg", "ratio_neq=0.5"], "--cfg ratio_neq"),
+    (["--method", "meanflow", "--cfg", "velocity=foo"], "--cfg velocity"),
+    (["--method", "meanflow", "--cfg", "adaptive_reduce=foo"], "--cfg adaptive_reduce"),
+    (["--method", "scm", "--cfg", "param=foo"], "--cfg param"),
+    (["--seed", str(2 ** 64)], "--seed"), (["--method", "nope"], "--method"), (["--data", "nope"], "--data"),
+    (["--resume"], "--resume")])
+def test_bad_values_found_at_the_first_step_before_now_fail_upfront(tmp_path, capsys, flags, named):
+    """These created --out and failed at the first step with the loss's message ("time_dist: expected ...", no
+    flag named; "Overflow when unpacking long long" for the seed; --resume left an empty folder behind)."""
+    fails_upfront(tmp_path, capsys, flags, named + ":")
+
+
+@pytest.mark.parametrize("flags", [["--method", "tvm", "--cfg", "time_dist=tvm"], ["--method", "lsd", "--cfg",
+                                   "time_dist=logit_normal"], ["--method", "scm", "--cfg", "param=trigflow"],
+                                   ["--seed", "-1"]])
+def test_valid_string_settings_still_resolve(flags):
+    from flowmap_kernels.training.config import resolve_config
+    resolve_config(train.build_parser().parse_args([*flags, "--out", "unused"]))
+
+
 def test_int_cfg_values_are_checked_and_converted(tmp_path):
     from flowmap_kernels.methods import get_method
     from flowmap_kernels.training.config import method_cfg_from_items

@@ -131,6 +131,21 @@ def test_adaptive_c_zero_is_what_made_the_loss_nan():
     assert _cfg("--cfg", "adaptive_c=0", "--cfg", "gap_sigma=0").method_cfg["adaptive_c"] == 0.0
 
 
+@pytest.mark.parametrize("method,setting", [("meanflow", "cfg_scale=2"), ("meanflow", "cfg_kappa=0.5"),
+                                            ("imf", "cfg_omega_max=3"), ("tvm", "cfg_scale=2"),
+                                            ("tvm", "cfg_scale_range=[1,4]")])
+def test_a_guided_target_needs_label_dropout_and_labels(tmp_path, capsys, method, setting):
+    """The guided targets mix in the model's null-class output, which only label dropout trains: without it the
+    run trained against an embedding row that never gets a gradient; without --cond the setting did nothing,
+    silently."""
+    flags = ["--method", method, "--cfg", setting]
+    _fails_upfront(tmp_path, capsys, [*flags, "--data", "moons", "--cond"], "--cfg-dropout:")
+    _fails_upfront(tmp_path, capsys, [*flags, "--data", "moons", "--cond", "--cfg-dropout", "0"], "--cfg-dropout:")
+    assert _cfg(*flags, *GUIDED).warnings == ()
+    (note,) = _cfg(*flags, "--data", "moons").warnings
+    assert note.startswith(f"--cfg {setting.split('=')[0]}=") and "has no effect without --cond" in note, note
+
+
 # ---- flags without effect ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags,named", [
