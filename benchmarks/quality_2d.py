@@ -104,10 +104,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-strict", dest="strict", action="store_false",
                    help="skip the floor-corrected SWD, MMD, in-support and class-accuracy columns")
     a = p.parse_args(argv)
+    from flowmap_kernels.data import DATASETS
+    from flowmap_kernels.methods import METHODS
     out = Path(a.out)
-    seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    methods = [x.strip() for x in a.methods.split(",") if x.strip()]  # usage errors before the first training
+    if not methods or any(m not in METHODS for m in methods):
+        p.error(f"--methods: expected comma-separated names from {', '.join(sorted(METHODS))}, got {a.methods!r}")
+    if a.data not in DATASETS:
+        p.error(f"--data: unknown dataset {a.data!r}; choose one of {', '.join(sorted(DATASETS))}")
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        p.error(f"--seeds: expected comma-separated integers, got {a.seeds!r}")
     rows = []
-    for m in [x.strip() for x in a.methods.split(",") if x.strip()]:
+    for m in methods:
         runs = [row for seed in seeds if (row := _train_one(m, seed, a, out, many=len(seeds) > 1)) is not None]
         rows += runs or [{"method": m, "error": "training failed"}]
         if len(runs) > 1:
@@ -122,7 +134,7 @@ def main(argv=None) -> int:
     md += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     (out / f"quality_{a.data}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    return 0
+    return 1 if any(r.get("error") for r in rows) else 0  # a failed training is a failed run
 
 
 if __name__ == "__main__":

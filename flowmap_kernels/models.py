@@ -8,6 +8,7 @@ Project convention: see flowmap_kernels.methods.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -55,7 +56,7 @@ class GuidanceEmbedding(nn.Module):
             w = w.expand(b) if w.dim() == 0 else w
             if self.k != 1 and w.shape == (b,):
                 w = torch.cat([w[:, None], self.neutral(b, like)[:, 1:]], 1)
-        w = w.reshape(b, -1)
+        w = w.reshape(b, -1) if b else w.reshape(0, self.k)
         if w.shape[1] != self.k:
             raise ValueError(f"w: expected guidance inputs of shape (B,) or (B, {self.k}), got {tuple(w.shape)}")
         feats = torch.cat([torch.log(w[:, :1]), w[:, 1:]], 1)
@@ -90,8 +91,19 @@ class MLPFlowMap(nn.Module):
                  num_classes: Optional[int] = None, max_freq: float = 32.0, null_class: bool = False,
                  guidance_dim: int = 0, aux_velocity: bool = False):
         super().__init__()
-        self.shape = tuple(shape)
+        from .nn.layers import check_size
+        if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+            raise ValueError(f"shape: expected a tuple of per-sample sizes, e.g. (2,), got {shape!r}")
+        self.shape = tuple(check_size("shape", n) for n in shape)
         d = int(math.prod(self.shape))
+        check_size("hidden", hidden)
+        check_size("depth", depth, 0)
+        if check_size("emb_dim", emb_dim, 2) % 2:
+            raise ValueError(f"emb_dim: must be even (sin and cos features), got {emb_dim}")
+        if num_classes is not None:
+            check_size("num_classes", num_classes, 0)
+        if isinstance(max_freq, bool) or not isinstance(max_freq, numbers.Real) or not max_freq > 0:
+            raise ValueError(f"max_freq: expected a positive number, got {max_freq!r}")
         if null_class and not num_classes:
             raise ValueError("null_class: needs num_classes (a class-conditional model)")
         self.num_classes = num_classes
@@ -119,7 +131,7 @@ class MLPFlowMap(nn.Module):
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
         s = torch.as_tensor(s, dtype=x.dtype, device=x.device).expand(b)
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(b)
-        feats = [x.reshape(b, -1), self.emb_s(s), self.emb_d(t - s)]
+        feats = [x.reshape(b, self.out.out_features), self.emb_s(s), self.emb_d(t - s)]  # (b, -1) fails at b = 0
         if self.emb_y is not None:
             if y is None:
                 if self.null_label is None:

@@ -39,18 +39,39 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _names(parser: argparse.ArgumentParser, flag: str, value: str, known, what: str) -> list:
+    """The comma-separated names of ``value`` (blank entries skipped), each in ``known``, none twice (a
+    repeated name would measure it twice and write duplicate JSON / CSV records); usage error otherwise."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        parser.error(f"{flag}: expected comma-separated {what} names, got {value!r}")
+    for n in names:
+        if n not in known:
+            parser.error(f"{flag}: unknown {what} {n!r}; choose from {', '.join(known)}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        parser.error(f"{flag}: {what} {', '.join(map(repr, dup))} given more than once in {value!r}")
+    return names
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Usage errors (exit status 2) before the run: device, repeats, warm-up runs, backends, threads."""
+    """Usage errors (exit status 2) before the run: device, batch, repeats, warm-up runs, backends, methods,
+    threads."""
     from .harness import device_error
+    from ..backends import BACKEND_NAMES
+    from ..methods import METHODS
     problem = device_error(args.device)
     if problem:
         parser.error(f"--device: {problem}")
+    if args.batch < 1:
+        parser.error(f"--batch: expected an integer >= 1, got {args.batch}")
     if args.repeats < 1:
         parser.error(f"--repeats: expected an integer >= 1, got {args.repeats}")
     if args.warmup < 0:
         parser.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
-    if not [b for b in args.backends.split(",") if b.strip()]:
-        parser.error(f"--backends: expected comma-separated backend names, got {args.backends!r}")
+    _names(parser, "--backends", args.backends, list(BACKEND_NAMES), "backend")
+    if args.methods is not None:
+        _names(parser, "--methods", args.methods, sorted(METHODS), "method")
     if args.threads < 0:
         parser.error(f"--threads: expected an integer >= 0 (0: torch's default), got {args.threads}")
 
@@ -73,7 +94,7 @@ def main(argv=None) -> int:
     try:
         records = run_fpe(model=args.model, device=args.device, batch=args.batch, repeats=args.repeats,
                           warmup=args.warmup, backends=[b.strip() for b in args.backends.split(",") if b.strip()],
-                          methods=None if args.methods is None else [m.strip() for m in args.methods.split(",")],
+                          methods=None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()],
                           seed=args.seed, measure_time=not args.no_time, measure_memory=not args.no_memory,
                           dtype=getattr(torch, args.dtype),
                           log=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))

@@ -252,6 +252,10 @@ def run_fpe(*, model: str = "dit-s", device="cpu", batch: int = 8, repeats: int 
     for b in backends:
         if b not in fk_backends.BACKEND_NAMES:
             raise ValueError(f"backend: unknown backend {b!r}; choose from {list(fk_backends.BACKEND_NAMES)}")
+    for what, given in (("methods", names), ("backends", list(backends))):
+        dup = sorted({n for n in given if given.count(n) > 1})
+        if dup:  # measured twice: duplicate records in the JSON / CSV, one row in the table
+            raise ValueError(f"{what}: {', '.join(map(repr, dup))} given more than once")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: cuda requested but torch.cuda.is_available() is False")

@@ -232,12 +232,18 @@ class DiffusersFlowMap(nn.Module):
         B = x.shape[0]
         # times in float32 at least: 1000 * s in bfloat16 keeps 3 significant digits
         tdtype = torch.promote_types(x.dtype, torch.float32)
-        s = torch.as_tensor(s, device=x.device).to(tdtype).expand(B)
-        t = torch.as_tensor(t, device=x.device).to(tdtype).expand(B)
+        times = []
+        for name, v in (("s", s), ("t", t)):
+            v = torch.as_tensor(v, device=x.device)
+            if v.dim() > 1 or v.dim() == 1 and v.shape[0] not in (1, B):
+                raise ValueError(f"{name}: expected a scalar or a tensor of shape ({B},), got shape {tuple(v.shape)}")
+            times.append(v.to(tdtype).expand(B))
+        s, t = times
         if y is None:
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
-        elif y.shape != (B,):
-            raise ValueError(f"y: expected class labels of shape ({B},), got {tuple(y.shape)}")
+        elif not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype not in (torch.int32, torch.int64):
+            got = f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y: expected int64 (or int32) class labels of shape ({B},), got {got}")
         timestep = torch.stack((s, s - t), dim=-1) * self.time_scale
         out = self.transformer(x, timestep=timestep, class_labels=y, return_dict=False)[0]
         return out[:, : self.in_channels]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import DiTBlock, FinalLayer, LabelEmbedder, Linear, TimestepEmbedder
+from .layers import DiTBlock, FinalLayer, LabelEmbedder, Linear, TimestepEmbedder, check_mlp_ratio, check_size
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
@@ -51,6 +51,16 @@ class DiT(nn.Module):
         velocity head (iMF's, arXiv:2512.02012): ``model(..., aux=True)`` returns (V, v_aux). False (default):
         no such head, the model unchanged."""
         super().__init__()
+        for name, value, minimum in (("input_size", input_size, 1), ("patch_size", patch_size, 1),
+                                     ("in_channels", in_channels, 1), ("hidden_size", hidden_size, 1),
+                                     ("depth", depth, 0), ("num_heads", num_heads, 1), ("num_classes", num_classes, 0),
+                                     ("freq_dim", freq_dim, 2)):
+            check_size(name, value, minimum)
+        if out_channels is not None:
+            check_size("out_channels", out_channels)
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads: {num_heads} does not divide hidden_size {hidden_size}")
+        check_mlp_ratio(mlp_ratio, hidden_size)
         if input_size % patch_size:
             raise ValueError(f"patch_size: {patch_size} does not divide input_size {input_size}")
         self.input_size, self.patch_size = input_size, patch_size

@@ -7,6 +7,7 @@ Under ``use_backend("naive")`` the same modules run plain PyTorch ops (the refer
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -15,6 +16,24 @@ from torch import nn
 
 from .. import ops
 from ..attention import attention, attention_jvp
+from ..ops.problem import check_eps
+
+
+def check_size(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (numpy integers accepted, bools and floats not); ValueError naming
+    the argument otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_mlp_ratio(mlp_ratio, hidden_size: int) -> int:
+    """The MLP width ``int(hidden_size * mlp_ratio)``; ValueError naming mlp_ratio unless it is >= 1."""
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0 \
+            or int(hidden_size * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio: expected a positive number with int(hidden_size * mlp_ratio) >= 1, got "
+                         f"{mlp_ratio!r} (hidden_size {hidden_size})")
+    return int(hidden_size * mlp_ratio)
 
 
 class Linear(nn.Module):
@@ -22,6 +41,7 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
+        in_features, out_features = check_size("in_features", in_features, 0), check_size("out_features", out_features, 0)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -48,8 +68,8 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = check_eps(eps)
+        self.weight = nn.Parameter(torch.ones(check_size("dim", dim)))
 
     def forward(self, x):
         return ops.rms_norm(x, self.weight, self.eps)
@@ -66,6 +86,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
         super().__init__()
+        dim, num_heads = check_size("dim", dim), check_size("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"num_heads: {num_heads} does not divide dim {dim}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -128,9 +149,9 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
                  eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
+        self.eps = check_eps(eps)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = Mlp(hidden_size, check_mlp_ratio(mlp_ratio, hidden_size))
         self.adaLN_modulation = Linear(hidden_size, 6 * hidden_size)
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
@@ -231,7 +252,8 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int, freq_dim: int = 256):
         super().__init__()
-        self.freq_dim = freq_dim
+        check_size("hidden_size", hidden_size)
+        self.freq_dim = check_size("freq_dim", freq_dim, 2)  # 0 or 1: no sinusoid, the time would be ignored
         self.fc1 = Linear(freq_dim, hidden_size)
         self.fc2 = Linear(hidden_size, hidden_size)
         nn.init.normal_(self.fc1.weight, std=0.02)
@@ -253,13 +275,17 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, num_classes: int, hidden_size: int):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes = check_size("num_classes", num_classes, 0)
         self.table = nn.Embedding(num_classes + 1, hidden_size)
         nn.init.normal_(self.table.weight, std=0.02)
 
     def forward(self, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        elif not isinstance(y, torch.Tensor) or tuple(y.shape) != (batch,) or y.dtype not in (torch.int32, torch.int64):
+            got = (f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__)
+            raise ValueError(f"y: expected int64 (or int32) class labels of shape ({batch},) in [0, {self.num_classes}] "
+                             f"(or None: the null class), got {got}")
         return self.table(y)
 
     def forward_jvp(self, y: Optional[torch.Tensor], batch: int, device):

@@ -150,6 +150,11 @@ def test_bad_arguments_name_the_argument():
         run_fpe(model="dit-tiny", batch=2, backends=("cuda-magic",), measure_time=False, measure_memory=False)
     with pytest.raises(ValueError, match="batch"):
         build_model("dit-tiny", batch=0)
+    # a name given twice would be measured twice: duplicate JSON / CSV records behind one table row
+    with pytest.raises(ValueError, match="methods: 'fm' given more than once"):
+        run_fpe(model="dit-tiny", batch=2, methods=["fm", "fm"], measure_time=False, measure_memory=False)
+    with pytest.raises(ValueError, match="backends: 'auto' given more than once"):
+        run_fpe(model="dit-tiny", batch=2, backends=("auto", "auto"), measure_time=False, measure_memory=False)
 
 
 def test_nvml_absent_is_reported_not_raised():
@@ -177,8 +182,9 @@ def test_cli_end_to_end(tmp_path):
 
 def test_cli_main_in_process(tmp_path, capsys):
     from flowmap_kernels.bench.__main__ import main
-    assert main(["fpe", "--model", "dit-tiny", "--methods", "nope", "--no-time"]) == 2
-    assert "methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a usage error, before anything runs
+        main(["fpe", "--model", "dit-tiny", "--methods", "nope", "--no-time"])
+    assert e.value.code == 2 and "--methods: unknown method 'nope'" in capsys.readouterr().err
     assert main(["fpe", "--model", "mlp", "--batch", "4", "--methods", "fm,tvm", "--backends", "auto",
                  "--no-time", "--no-memory", "--quiet", "--json", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""``python -m flowmap_kernels.bench fpe``: usage errors for the device, repeats, warm-up runs, backends and
-threads (before anything runs), and --quiet silences the profiler's own start/stop lines."""
+"""``python -m flowmap_kernels.bench fpe``: usage errors for the device, batch, repeats, warm-up runs, backends,
+methods and threads (before anything runs), and --quiet silences the profiler's own start/stop lines."""
 from __future__ import annotations
 
 import os
@@ -24,6 +24,12 @@ FAST = ["fpe", "--model", "mlp", "--batch", "4", "--methods", "fm", "--no-time"]
     (["--backends", ""], "--backends: expected comma-separated backend names, got ''"),
     (["--backends", " , "], "--backends: expected comma-separated backend names, got ' , '"),
     (["--threads", "-1"], "--threads: expected an integer >= 0 (0: torch's default), got -1"),
+    (["--batch", "0"], "--batch: expected an integer >= 1, got 0"),
+    (["--backends", "auto,foo"], "--backends: unknown backend 'foo'; choose from auto, naive"),
+    (["--backends", "auto,auto"], "--backends: backend 'auto' given more than once in 'auto,auto'"),
+    (["--methods", "foo"], "--methods: unknown method 'foo'; choose from esd, fm"),
+    (["--methods", " , "], "--methods: expected comma-separated method names, got ' , '"),
+    (["--methods", "fm,tvm,fm"], "--methods: method 'fm' given more than once in 'fm,tvm,fm'"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -5,6 +5,8 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -26,3 +28,24 @@ def test_seeds_give_a_mean_row(tmp_path):
     assert rows[0]["nfe1"] != rows[1]["nfe1"]  # the seed reaches the training run
     assert (tmp_path / "meanflow_checkerboard_s1" / "metrics.json").exists()
     assert "| meanflow | mean |" in (tmp_path / "quality_checkerboard.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "nope"], "--methods: expected comma-separated names from"),
+    (["--methods", " , "], "--methods: expected comma-separated names from"),
+    (["--data", "nope"], "--data: unknown dataset 'nope'"),
+    (["--seeds", "x"], "--seeds: expected comma-separated integers, got 'x'"),
+])
+def test_bad_arguments_are_usage_errors_before_any_training(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _script().main(argv + ["--out", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_a_failed_training_fails_the_run(tmp_path):
+    """--steps 0 is refused by the training loop: the row says so and the exit status is 1, not 0."""
+    rc = _script().main(["--methods", "fm", "--steps", "0", "--threads", "1", "--out", str(tmp_path)])
+    assert rc == 1
+    rows = list(csv.DictReader(open(tmp_path / "quality_checkerboard.csv")))
+    assert rows == [{"method": "fm", "error": "training failed"}]

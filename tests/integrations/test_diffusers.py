@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -196,6 +197,21 @@ def test_flowmap_adapter_bad_input():
         dit(x, timestep=ts, class_labels=y)
     with pytest.raises(ValueError, match="class_dropout"):
         DiffusersFlowMap(small_dit(), class_dropout=1.5)
+
+
+@pytest.mark.parametrize("s, t, y, message", [
+    (torch.rand(2, 1), 0.0, None, "s: expected a scalar or a tensor of shape (2,), got shape (2, 1)"),
+    (0.5, torch.rand(3), None, "t: expected a scalar or a tensor of shape (2,), got shape (3,)"),
+    (0.5, 0.2, torch.tensor([1.0, 2.0]), "y: expected int64 (or int32) class labels of shape (2,), got torch.float32"),
+    (0.5, 0.2, [1, 2], "y: expected int64 (or int32) class labels of shape (2,), got list"),
+])
+def test_flowmap_adapter_bad_times_and_labels_name_the_argument(s, t, y, message):
+    """Checked before the transformer runs (torch's expand / embedding errors named neither)."""
+    fm = DiffusersFlowMap(small_dit())
+    x, _, _, _ = dit_inputs()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fm(x, s, t, y)
+    assert fm(x, torch.tensor([0.5]), torch.tensor(0.2), torch.tensor([1, 2], dtype=torch.int32)).shape == x.shape
 
 
 def test_flowmap_adapter_trains_with_a_method_loss():

@@ -1,10 +1,13 @@
 """DiTBlock and DiT on the fused ops against the same modules under use_backend("naive") (plain PyTorch),
 float32: outputs, tangents (torch.func.jvp) and parameter gradients of a loss on the tangent."""
+import re
+
 import pytest
 import torch
 
 import flowmap_kernels as fk
-from flowmap_kernels.nn import DiT, DiTBlock, dit_tiny
+from flowmap_kernels.models import MLPFlowMap
+from flowmap_kernels.nn import Attention, DiT, DiTBlock, LabelEmbedder, Linear, RMSNorm, TimestepEmbedder, dit_tiny
 from flowmap_kernels.ops import kernels
 from tests.numerics import rel_err
 
@@ -175,3 +178,90 @@ def test_float64_dit_is_float64_throughout():
     with fk.use_backend("naive"):
         v0, tv0 = torch.func.jvp(fn, primals, tangents)
     assert rel_err(v, v0) < 1e-12 and rel_err(tv, tv0) < 1e-12
+
+
+# ------------------------------------------------------------------ constructor and input checks
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_heads=0), "num_heads: expected an integer >= 1, got 0"),
+    (dict(num_heads=-2), "num_heads: expected an integer >= 1, got -2"),
+    (dict(hidden_size=36, num_heads=8), "num_heads: 8 does not divide hidden_size 36"),
+    (dict(hidden_size=64.0), "hidden_size: expected an integer >= 1, got 64.0"),
+    (dict(patch_size=0), "patch_size: expected an integer >= 1, got 0"),
+    (dict(patch_size=-2), "patch_size: expected an integer >= 1, got -2"),
+    (dict(input_size=0), "input_size: expected an integer >= 1, got 0"),
+    (dict(depth=-1), "depth: expected an integer >= 0, got -1"),
+    (dict(in_channels=0), "in_channels: expected an integer >= 1, got 0"),
+    (dict(out_channels=0), "out_channels: expected an integer >= 1, got 0"),
+    (dict(num_classes=-1), "num_classes: expected an integer >= 0, got -1"),
+    (dict(freq_dim=1), "freq_dim: expected an integer >= 2, got 1"),
+    (dict(mlp_ratio=0), "mlp_ratio: expected a positive number"),
+    (dict(mlp_ratio=-1.0), "mlp_ratio: expected a positive number"),
+])
+def test_dit_bad_hyperparameters_name_the_argument(kwargs, message):
+    cfg = dict(hidden_size=32, num_heads=2)
+    cfg.update(kwargs)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dit_tiny(**cfg)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: Attention(32, 0), "num_heads: expected an integer >= 1, got 0"),
+    (lambda: Attention(0, 4), "dim: expected an integer >= 1, got 0"),
+    (lambda: Attention(32, 2.0), "num_heads: expected an integer >= 1, got 2.0"),
+    (lambda: DiTBlock(32, 4, mlp_ratio=0), "mlp_ratio: expected a positive number"),
+    (lambda: DiTBlock(32, 4, eps=-1.0), "eps: expected a non-negative float"),
+    (lambda: Linear(-1, 4), "in_features: expected an integer >= 0, got -1"),
+    (lambda: Linear(4, 2.5), "out_features: expected an integer >= 0, got 2.5"),
+    (lambda: RMSNorm(-1), "dim: expected an integer >= 1, got -1"),
+    (lambda: TimestepEmbedder(32, freq_dim=0), "freq_dim: expected an integer >= 2, got 0"),
+    (lambda: LabelEmbedder(-1, 32), "num_classes: expected an integer >= 0, got -1"),
+    (lambda: MLPFlowMap(hidden=0), "hidden: expected an integer >= 1, got 0"),
+    (lambda: MLPFlowMap(depth=-1), "depth: expected an integer >= 0, got -1"),
+    (lambda: MLPFlowMap(emb_dim=0), "emb_dim: expected an integer >= 2, got 0"),
+    (lambda: MLPFlowMap(emb_dim=3), "emb_dim: must be even"),
+    (lambda: MLPFlowMap(shape=(0,)), "shape: expected an integer >= 1, got 0"),
+    (lambda: MLPFlowMap(shape=2), "shape: expected a tuple of per-sample sizes"),
+    (lambda: MLPFlowMap(num_classes=-1), "num_classes: expected an integer >= 0, got -1"),
+    (lambda: MLPFlowMap(max_freq=0), "max_freq: expected a positive number, got 0"),
+])
+def test_modules_bad_hyperparameters_name_the_argument(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
+def test_sizes_accept_numpy_integers_and_linear_zero_features():
+    import numpy as np
+    m = DiT(input_size=np.int64(4), patch_size=np.int64(2), hidden_size=np.int64(16), depth=np.int64(1),
+            num_heads=np.int64(2), freq_dim=np.int64(8))
+    assert m(torch.randn(1, 1, 4, 4), torch.zeros(1), torch.ones(1)).shape == (1, 1, 4, 4)
+    assert Linear(0, 3).weight.shape == (3, 0)
+
+
+@pytest.mark.parametrize("y, message", [
+    (torch.tensor([1, 2, 3]), "shape (3,)"),
+    (torch.tensor([[1], [2]]), "shape (2, 1)"),
+    (torch.tensor([1.0, 2.0]), "torch.float32"),
+    ([1, 2], "list"),
+])
+@pytest.mark.parametrize("entry", ["forward", "forward_jvp"])
+def test_dit_bad_labels_name_y(y, message, entry):
+    model = dit_tiny(hidden_size=32, num_heads=2)
+    x, s, t = torch.randn(2, 1, 8, 8), torch.rand(2), torch.rand(2)
+    with pytest.raises(ValueError, match=r"y: expected int64 .* shape \(2,\).*" + re.escape(message)):
+        if entry == "forward":
+            model(x, s, t, y)
+        else:
+            model.forward_jvp(x, s, t, x, s, t, y=y)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_classes=3, null_class=True, guidance_dim=3, aux_velocity=True)])
+def test_mlp_flow_map_empty_batch(kwargs):
+    """A batch of 0 (the DiT takes one too): x.reshape(b, -1) cannot infer -1 from 0 elements."""
+    m = MLPFlowMap(shape=(2, 3), hidden=8, depth=1, **kwargs)
+    x = torch.randn(0, 2, 3)
+    assert m(x, torch.rand(0), torch.rand(0)).shape == (0, 2, 3)
+    _, tv = torch.func.jvp(lambda a: m(a, 0.5, 0.25), (x,), (x,))
+    assert tv.shape == (0, 2, 3)
+    if kwargs:
+        assert m(x, 0.5, 0.25, w=torch.ones(0, 3)).shape == (0, 2, 3)
