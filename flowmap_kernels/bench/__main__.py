@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     try:
         records = run_fpe(model=args.model, device=args.device, batch=args.batch, repeats=args.repeats,
                           warmup=args.warmup, backends=[b.strip() for b in args.backends.split(",") if b.strip()],
-                          methods=None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()],
+                          methods=None if args.methods is None else
+                          [m.strip() for m in args.methods.split(",") if m.strip()],
                           seed=args.seed, measure_time=not args.no_time, measure_memory=not args.no_memory,
                           dtype=getattr(torch, args.dtype),
                           log=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))

@@ -41,7 +41,8 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
-        in_features, out_features = check_size("in_features", in_features, 0), check_size("out_features", out_features, 0)
+        in_features = check_size("in_features", in_features, 0)
+        out_features = check_size("out_features", out_features, 0)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -284,8 +285,8 @@ class LabelEmbedder(nn.Module):
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         elif not isinstance(y, torch.Tensor) or tuple(y.shape) != (batch,) or y.dtype not in (torch.int32, torch.int64):
             got = (f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__)
-            raise ValueError(f"y: expected int64 (or int32) class labels of shape ({batch},) in [0, {self.num_classes}] "
-                             f"(or None: the null class), got {got}")
+            raise ValueError(f"y: expected int64 (or int32) class labels of shape ({batch},) in "
+                             f"[0, {self.num_classes}] (or None: the null class), got {got}")
         return self.table(y)
 
     def forward_jvp(self, y: Optional[torch.Tensor], batch: int, device):
