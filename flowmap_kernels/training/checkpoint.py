@@ -9,8 +9,8 @@ data generator), per rank:
 - sharded (FSDP2 runs, and any run resumed from one): a folder ``<root>/step-<N>/`` written with
   torch.distributed.checkpoint (every rank writes its shards of model, optimizer and EMA; ``extras.pt``
   holds the rest), loadable onto any world size, including a single process without a process group.
-  Atomic: written into ``<root>/.tmp-step-<N>``, renamed to ``step-<N>`` once complete, then
-  ``<root>/LATEST`` (the name of the newest complete folder) is replaced with os.replace, and only then
+  Atomic: written into ``<root>/.tmp-step-<N>``, renamed to ``step-<N>`` once complete (``step-<N>.1``, ...
+  when the same step is saved again, e.g. by a resumed run), then ``<root>/LATEST`` (the name of the newest complete folder) is replaced with os.replace, and only then
   are older folders removed; a run killed at any point leaves LATEST naming a complete checkpoint.
 """
 from __future__ import annotations
@@ -106,6 +106,25 @@ def latest_sharded(root) -> "str | None":
     return path
 
 
+def _free_name(root: str, base: str) -> str:
+    """``base``, or ``base.1``, ``base.2``, ... when a folder of that name exists under ``root``."""
+    name, n = base, 0
+    while os.path.exists(os.path.join(root, name)):
+        n += 1
+        name = f"{base}.{n}"
+    return name
+
+
+def _broadcast_name(name: "str | None") -> str:
+    """Rank 0's ``name`` on every rank (as it is without a process group)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    return name
+
+
 def save_sharded(root, step: int, tensors: dict, extras: dict, *, is_main: bool, before_rename=None) -> str:
     """Collective (every rank calls it): write ``tensors`` (state dicts of DTensors / tensors, e.g.
     {"model": ..., "optim": ..., "ema": ...}) with torch.distributed.checkpoint and ``extras`` (rank 0,
@@ -116,8 +135,12 @@ def save_sharded(root, step: int, tensors: dict, extras: dict, *, is_main: bool,
 
     import torch.distributed.checkpoint as dcp
     root = os.fspath(root)
-    name = f"step-{step:08d}"
-    tmp, final = os.path.join(root, f".tmp-{name}"), os.path.join(root, name)
+    base = f"step-{step:08d}"
+    tmp = os.path.join(root, f".tmp-{base}")
+    # the same step saved again (e.g. a resumed run's first save): a new folder name, so that the one LATEST
+    # names stays complete until LATEST names the new one (every rank picks the same: rank 0 decides)
+    name = _broadcast_name(_free_name(root, base) if is_main else None)
+    final = os.path.join(root, name)
     if is_main:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,8 +150,6 @@ def save_sharded(root, step: int, tensors: dict, extras: dict, *, is_main: bool,
         torch.save(extras, os.path.join(tmp, EXTRAS))
         if before_rename is not None:
             before_rename(tmp)
-        if os.path.exists(final):  # the same step saved again (e.g. a resumed run): replace it
-            shutil.rmtree(final)
         os.replace(tmp, final)
         pointer = os.path.join(root, LATEST)
         with open(pointer + ".tmp", "w") as f:

@@ -182,6 +182,45 @@ def test_killed_sharded_save_leaves_previous_checkpoint_loadable(tmp_path):
     _assert_same(ta, tb, "uninterrupted vs resumed after a killed save")
 
 
+def test_saving_the_same_step_again_keeps_latest_complete(tmp_path, monkeypatch):
+    """Saving the step LATEST names again (a resumed run's first save) never removes that folder before
+    LATEST names the new one: a save killed while publishing leaves the first one loadable, and a completed
+    one replaces it under a new name."""
+    from flowmap_kernels.training import checkpoint as ck
+
+    def save(value, **kw):
+        return ck.save_sharded(tmp_path, 5, {"w": torch.full((3,), float(value))}, {"step": 5, "value": value},
+                               is_main=True, **kw)
+
+    def loaded():
+        path = latest_sharded(tmp_path)
+        w = {"w": torch.zeros(3)}
+        load_sharded(path, w)
+        return torch.load(os.path.join(path, "extras.pt"), weights_only=True)["value"], w["w"]
+
+    first = save(1)
+    real_replace = os.replace
+
+    class Killed(Exception):
+        pass
+
+    def killed_publish(src, dst):  # dies renaming the finished folder into place
+        if os.path.basename(src).startswith(".tmp-step-"):
+            raise Killed(src)
+        return real_replace(src, dst)
+    monkeypatch.setattr(ck.os, "replace", killed_publish)
+    with pytest.raises(Killed):
+        save(2)
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    value, w = loaded()
+    assert value == 1 and torch.equal(w, torch.full((3,), 1.0)) and os.path.isdir(first)
+    second = save(3)
+    assert second != first and not os.path.exists(first)
+    value, w = loaded()
+    assert value == 3 and torch.equal(w, torch.full((3,), 3.0))
+    assert sorted(os.listdir(tmp_path)) == ["LATEST", os.path.basename(second)]
+
+
 def test_context_parallel_with_activation_checkpointing_matches_one_process(tmp_path):
     """--dp-shard 1 --cp 2 (the DiT's 16 tokens split over 2 ranks, ring attention) with block activation
     checkpointing: the cp ranks share one batch, so the losses and parameters match a one-process FSDP2
