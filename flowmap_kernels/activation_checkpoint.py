@@ -31,6 +31,7 @@ FSDP2's ``fully_shard(block)`` (the gathered parameters are the ones recomputed 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -42,6 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from .attention import kernels as _attention_kernels  # noqa: F401  (registers the custom ops)
 from .backends import get_backend, use_backend
+from .func import forward_mode_active
 
 __all__ = ["checkpoint", "apply_activation_checkpointing", "ATTENTION_OPS", "MODES"]
 
@@ -168,7 +170,7 @@ class _Run:
         self.params, self.select, self.preserve_rng_state = params, select, preserve_rng_state
         self.records: list = []
         self.out_leaves = self.out_spec = self.out_tensor_pos = None
-        self.rng = None
+        self.rng = self.autocast = None
         self.pending = None  # (ys, tys) of the forward pass, handed to the autograd.Function
         self.backend = get_backend()  # the recomputation runs the same kernels as the forward
 
@@ -180,17 +182,23 @@ class _Run:
         return self.function(*args, **kwargs)
 
     def save_rng(self, tensors):
+        """The forward's autocast state (always, as torch's checkpoint) and, with preserve_rng_state, its RNG
+        state (CPU and the arguments' accelerator)."""
+        device_type = torch_checkpoint._infer_device_type(*tensors)
+        self.autocast = (device_type, torch_checkpoint._get_autocast_kwargs(device_type))
         if not self.preserve_rng_state:
             return
-        device_type = torch_checkpoint._infer_device_type(*tensors)
         devices, states = torch_checkpoint.get_device_states(*tensors)
-        self.rng = (torch.get_rng_state(), device_type, devices, states,
-                    torch_checkpoint._get_autocast_kwargs(device_type))
+        self.rng = (torch.get_rng_state(), device_type, devices, states)
 
     @contextlib.contextmanager
     def restored_state(self):
-        """The forward's backend selection and (with preserve_rng_state) RNG and autocast state."""
-        with use_backend(self.backend):
+        """The forward's backend selection, autocast state and (with preserve_rng_state) RNG state."""
+        device_type, (device_autocast, cpu_autocast) = self.autocast
+        dev_ctx = (torch.amp.autocast(device_type=device_type, **device_autocast)
+                   if device_autocast is not None and torch.amp.is_autocast_available(device_type)
+                   else contextlib.nullcontext())
+        with use_backend(self.backend), dev_ctx, torch.amp.autocast("cpu", **cpu_autocast):
             if self.rng is None:
                 yield
             else:
@@ -199,16 +207,12 @@ class _Run:
 
     @contextlib.contextmanager
     def _restored_rng(self):
-        cpu_state, device_type, devices, states, (device_autocast, cpu_autocast) = self.rng
+        cpu_state, device_type, devices, states = self.rng
         with torch.random.fork_rng(devices=devices, enabled=True, device_type=device_type):
             torch.set_rng_state(cpu_state)
             if devices:
                 torch_checkpoint.set_device_states(devices, states, device_type=device_type)
-            dev_ctx = (torch.amp.autocast(device_type=device_type, **device_autocast)
-                       if device_autocast is not None and torch.amp.is_autocast_available(device_type)
-                       else contextlib.nullcontext())
-            with dev_ctx, torch.amp.autocast("cpu", **cpu_autocast):
-                yield
+            yield
 
 
 def _input_storages(tensors) -> set:
@@ -259,6 +263,11 @@ class _CheckpointJVPFunction(torch.autograd.Function):
         result = [None] * len(needs)
         if all(g is None for g in grads) or not any(needs):
             return (None, *result)
+        if torch.is_grad_enabled():  # backward with create_graph=True
+            raise NotImplementedError(
+                "create_graph: double backward through flowmap_kernels.checkpoint under forward-mode AD is not "
+                "supported (its gradients are computed by a recomputation off the graph); call the function "
+                "without checkpoint for higher-order gradients")
         saved = ctx.saved_tensors
         primals, tangents = saved[:n], saved[n:2 * n]
 
@@ -305,6 +314,22 @@ def _check_transforms() -> None:
             f"function: flowmap_kernels.checkpoint under forward-mode AD runs inside torch.func.jvp or "
             f"torch.autograd.forward_ad only, not inside torch.func transform(s) {others}; differentiate with "
             "torch.autograd (loss.backward / torch.autograd.grad) or call the function without checkpoint")
+
+
+def _check_module_state_tangents(function) -> None:
+    """Under forward-mode AD: refuse a module (or a bound method of one) whose parameters or buffers carry
+    tangents (torch.func.jvp over ``functional_call``'s parameters): the recomputation would drop their
+    tangents (gradients silently wrong), and PyTorch's checkpoint fails on them."""
+    module = function if isinstance(function, nn.Module) else getattr(function, "__self__", None)
+    if not isinstance(module, nn.Module):
+        return
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, t in named:
+            if fwAD.unpack_dual(t).tangent is not None:
+                raise NotImplementedError(
+                    f"function: its {kind} {name!r} carries a forward-mode tangent (e.g. torch.func.jvp over "
+                    "functional_call's parameters); flowmap_kernels.checkpoint supports tangents on its "
+                    "arguments only: pass the tensor as an argument, or call the function without checkpoint")
 
 
 def _forward_pass(run: _Run, primals, tangents) -> list:
@@ -366,7 +391,10 @@ def checkpoint(function: Callable, *args, policy: Policy = None, preserve_rng_st
     list of op overloads / packets, or a callable op -> bool: the selected ops' outputs are saved and
     replayed during the recomputation. preserve_rng_state: restore the RNG state (CPU and the arguments'
     accelerator) for the recomputation, so dropout draws the same masks. Under torch.no_grad the call is
-    just ``function(*args, **kwargs)``. Tangents on the parameters themselves are not supported.
+    just ``function(*args, **kwargs)``. Tangents on the parameters themselves are not supported (a module's
+    parameters or buffers with tangents, e.g. torch.func.jvp over ``functional_call``, raise
+    NotImplementedError), nor double backward (create_graph=True) through the forward-mode path. Under
+    torch.compile the forward-mode path runs eagerly (a graph break); the reverse-mode one is traced.
     """
     if not callable(function):
         raise TypeError(f"function: expected a callable (module or function), got {type(function).__name__}")
@@ -380,13 +408,32 @@ def checkpoint(function: Callable, *args, policy: Policy = None, preserve_rng_st
     if not torch.is_grad_enabled():
         return function(*args, **kwargs)
 
+    if forward_mode_active():
+        return _checkpoint_forward_mode(function, args, kwargs, select, preserve_rng_state)
+    return _torch_checkpoint(function, args, kwargs, select, preserve_rng_state)
+
+
+def _torch_checkpoint(function, args, kwargs, select, preserve_rng_state):
+    """PyTorch's non-reentrant checkpoint (with the policy as its selective-checkpoint context)."""
+    # Dynamo traces a context_fn given as a function or functools.partial only (not a lambda): none, or a partial
+    if select is None:
+        return torch_checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                           preserve_rng_state=preserve_rng_state, **kwargs)
+    return torch_checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
+                                       context_fn=functools.partial(_torch_policy_context, select), **kwargs)
+
+
+@torch.compiler.disable
+def _checkpoint_forward_mode(function, args, kwargs, select, preserve_rng_state):
+    """:func:`checkpoint` under an active forward-mode level. Run eagerly under torch.compile (a graph break):
+    Dynamo cannot trace the functorch levels, saved-tensor hooks and dispatch modes this path uses (inside
+    torch.func.jvp it failed with an internal functorch assertion)."""
     leaves, spec = tree_flatten((args, kwargs))
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     duals = [fwAD.unpack_dual(leaves[i]) for i in tensor_pos]
+    _check_module_state_tangents(function)
     if not any(d.tangent is not None for d in duals):
-        context_fn = (lambda: _torch_policy_context(select)) if select is not None else torch_checkpoint.noop_context_fn
-        return torch_checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state,
-                                           context_fn=context_fn, **kwargs)
+        return _torch_checkpoint(function, args, kwargs, select, preserve_rng_state)
 
     _check_transforms()
     primals = [d.primal for d in duals]

@@ -37,6 +37,13 @@ def _probe_backends() -> None:
             impl.is_available()
 
 
+def _checkpointed(model) -> bool:
+    """Whether a module of ``model`` has its forward routed through flowmap_kernels.checkpoint."""
+    from .activation_checkpoint import CheckpointedForward
+    mods = model.modules() if isinstance(model, torch.nn.Module) else ()
+    return any(isinstance(m.__dict__.get("forward"), CheckpointedForward) for m in mods)
+
+
 def _adam_group(group: dict, optimizer) -> tuple:
     """(betas, eps, weight_decay, decoupled) of one Adam/AdamW param group; unsupported options raise."""
     for key in ("amsgrad", "maximize", "differentiable"):
@@ -93,6 +100,10 @@ class TrainStep:
                              "torch.manual_seed, or compile='none'")
         if compile == "reduce-overhead" and backend not in (None, "inductor"):
             raise ValueError(f"backend: mode 'reduce-overhead' needs the inductor backend, got {backend!r}")
+        if compile != "none" and _checkpointed(model):
+            raise ValueError("model: activation checkpointing (fk.checkpoint under forward mode) runs eagerly, it "
+                             "cannot sit inside the fullgraph compiled step; undo it with "
+                             "fk.apply_activation_checkpointing(model, 'none') or use compile='none'")
         self.model, self.method, self.optimizer = model, method, optimizer
         self.grad_clip, self.compile_mode, self.backend = float(grad_clip), compile, backend
         self.groups = [(list(g["params"]), _adam_group(g, optimizer)) for g in optimizer.param_groups]

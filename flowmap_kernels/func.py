@@ -176,4 +176,5 @@ def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True, tangent_dt
 
 
 def _detach(t):
-    return tuple(x.detach() for x in t) if isinstance(t, tuple) else t.detach()
+    """The JVP output detached, any pytree of tensors (torch.func.jvp returns f's output structure)."""
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda x: x.detach(), t)

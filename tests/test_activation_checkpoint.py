@@ -308,6 +308,117 @@ def test_rng_state_restored_for_the_recomputation(how):
     assert _max_rel(bad[:2], ref[:2]) < TOL and _max_rel(bad[2:], ref[2:]) > 1e-3
 
 
+@pytest.mark.parametrize("preserve_rng_state", [True, False])
+@pytest.mark.parametrize("how", ["func", "forward_ad"])
+def test_autocast_state_restored_for_the_recomputation(how, preserve_rng_state):
+    """Under torch.autocast the recomputation (run by loss.backward outside the autocast region) casts as the
+    forward did, also with preserve_rng_state=False (it used to recompute in float32 then: bfloat16 gradients
+    off by 4e-3). Same ops in the same dtypes as without checkpointing: equal results."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+    x, tx = torch.randn(4, 8), torch.randn(4, 8)
+
+    def run(use_ck):
+        xs, ts = x.clone().requires_grad_(), tx.clone().requires_grad_()
+        fn = (lambda a: fk.checkpoint(block, a, preserve_rng_state=preserve_rng_state)) if use_ck else block
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if how == "func":
+                y, ty = torch.func.jvp(fn, (xs,), (ts,))
+            else:
+                with fwAD.dual_level():
+                    y, ty = fwAD.unpack_dual(fn(fwAD.make_dual(xs, ts)))
+        assert y.dtype == ty.dtype == torch.bfloat16
+        loss = (y.float() ** 2).sum() + (ty.float() ** 3).sum()
+        return [y, ty] + list(torch.autograd.grad(loss, [xs, ts] + list(block.parameters())))
+
+    assert _max_rel(run(True), run(False)) == 0
+
+
+@pytest.mark.parametrize("input_tangent", [True, False])
+def test_tangents_on_module_parameters_are_refused(input_tangent):
+    """torch.func.jvp over functional_call's parameters through checkpointed blocks: the recomputation cannot
+    see the parameters' tangents (the gradient of x came out wrong by 1.1, silently; with tangents on the
+    parameters only PyTorch's checkpoint failed on metadata): NotImplementedError naming the parameter."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh()).to(F64)
+    fk.apply_activation_checkpointing(model, blocks=[model[0]])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    tparams = {k: torch.randn_like(v) for k, v in params.items()}
+    x = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="its parameter 'weight' carries a forward-mode tangent"):
+        if input_tangent:
+            torch.func.jvp(lambda p, a: torch.func.functional_call(model, p, (a,)), (params, x),
+                           (tparams, torch.randn_like(x)))
+        else:
+            torch.func.jvp(lambda p: torch.func.functional_call(model, p, (x,)), (params,), (tparams,))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="its parameter 'weight'"):
+        w = fwAD.make_dual(params["0.weight"], tparams["0.weight"])
+        torch.func.functional_call(model, {"0.weight": w}, (fwAD.make_dual(x, torch.randn_like(x)),))
+
+
+@pytest.mark.parametrize("where", ["checkpoint_compiled", "jvp_compiled"])
+@pytest.mark.parametrize("how", ["func", "forward_ad"])
+def test_inside_torch_compile(how, where):
+    """fk.checkpoint in a torch.compile'd region, under forward mode (a torch.func.jvp outside or inside the
+    region; the forward-mode path runs eagerly, a graph break: inside torch.func.jvp Dynamo used to fail with an
+    internal functorch assertion), with dropout: equal to the uncompiled call without checkpointing."""
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    block = DropoutBlock().to(F64)
+    x, tx = torch.randn(4, 6, dtype=F64), torch.randn(4, 6, dtype=F64)
+    ref = _jvp_grads(block, block.parameters(), (x,), (tx,), how)
+    if where == "checkpoint_compiled":
+        got = _jvp_grads(torch.compile(lambda a: fk.checkpoint(block, a), backend="aot_eager"),
+                         block.parameters(), (x,), (tx,), how)
+    else:
+        def step(a, ta):
+            if how == "func":
+                return torch.func.jvp(lambda z: fk.checkpoint(block, z), (a,), (ta,))
+            with fwAD.dual_level():
+                return tuple(fwAD.unpack_dual(fk.checkpoint(block, fwAD.make_dual(a, ta))))
+
+        xs, ts = x.clone().requires_grad_(), tx.clone().requires_grad_()
+        torch.manual_seed(0)
+        y, ty = torch.compile(step, backend="aot_eager")(xs, ts)
+        loss = (y.cos() * y).sum() + (ty ** 3).sum()
+        got = [y.detach(), ty.detach()] + list(torch.autograd.grad(loss, [xs, ts] + list(block.parameters())))
+    torch._dynamo.reset()
+    assert _max_rel(got, ref) < TOL
+
+
+@pytest.mark.parametrize("how", ["func", "forward_ad"])
+def test_double_backward_is_refused(how):
+    """create_graph=True through the forward-mode checkpoint: a NotImplementedError naming create_graph (it
+    failed later with "element 0 of tensors does not require grad")."""
+    lin = nn.Linear(4, 4).to(F64)
+    x, tx = torch.randn(3, 4, dtype=F64, requires_grad=True), torch.randn(3, 4, dtype=F64)
+    fn = lambda a: fk.checkpoint(lambda z: torch.tanh(lin(z)), a)  # noqa: E731
+    if how == "func":
+        y, ty = torch.func.jvp(fn, (x,), (tx,))
+    else:
+        with fwAD.dual_level():
+            y, ty = fwAD.unpack_dual(fn(fwAD.make_dual(x, tx)))
+    with pytest.raises(NotImplementedError, match="create_graph: double backward"):
+        torch.autograd.grad((y ** 2).sum() + (ty ** 3).sum(), [x], create_graph=True)
+
+
+@pytest.mark.parametrize("policy", [None, [torch.ops.aten.addmm]])
+def test_reverse_mode_inside_torch_compile(policy):
+    """Without tangents the call is PyTorch's checkpoint, which Dynamo traces (a selective policy included:
+    its context_fn must be a function or functools.partial for Dynamo, a lambda failed)."""
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    block = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).to(F64)
+    x = torch.randn(4, 6, dtype=F64)
+    outs = []
+    for fn in (block, torch.compile(lambda a: fk.checkpoint(block, a, policy=policy), backend="aot_eager")):
+        xs = x.clone().requires_grad_()
+        y = fn(xs)
+        outs.append([y] + list(torch.autograd.grad((y ** 2).sum(), [xs] + list(block.parameters()))))
+    torch._dynamo.reset()
+    assert _max_rel(outs[1], outs[0]) < TOL
+
+
 class Nested(nn.Module):
     """(x, pair, scale, activation name, kwargs) -> {"a": (y1, count), "b": [y2]}: nested outputs, a
     non-float output, non-tensor arguments."""

@@ -284,6 +284,24 @@ def test_tangent_grad_false_detaches_and_runs_the_primal_backward(dual, monkeypa
         func.jvp(f, (x, s, t), (tx, ts, tt), tangent_grad=None)
 
 
+@pytest.mark.parametrize("out", ["tensor", "tuple", "list", "dict"])
+def test_tangent_grad_false_with_any_output_structure(out):
+    """torch.func.jvp returns f's output structure; tangent_grad=False detaches every tensor in it (a list or
+    dict output raised AttributeError: no attribute 'detach') and keeps the structure and values."""
+    x, tx = _randn(3, 4, seed=1).requires_grad_(), _randn(3, 4, seed=2)
+
+    def f(a):
+        y1, y2 = a.sin(), a * a
+        return {"tensor": y1, "tuple": (y1, y2), "list": [y1, [y2]], "dict": {"a": y1, "b": (y2,)}}[out]
+
+    y, ty = func.jvp(f, (x,), (tx,), tangent_grad=False)
+    want_y, want_ty = torch.func.jvp(f, (x,), (tx,))
+    got, want = torch.utils._pytree.tree_flatten(ty), torch.utils._pytree.tree_flatten(want_ty)
+    assert got[1] == want[1] and torch.utils._pytree.tree_structure(y) == want[1]
+    assert all(not t.requires_grad and torch.equal(t, w) for t, w in zip(got[0], want[0]))
+    assert all(t.requires_grad for t in torch.utils._pytree.tree_leaves(y))
+
+
 @pytest.mark.parametrize("backend", ["torch", "naive"])
 def test_float32_tangents_through_a_bfloat16_dit(backend):
     """tangent_dtype=torch.float32 on a bfloat16 DiT (QK-norm, labels): the JVP comes back in float32, never

@@ -38,13 +38,20 @@ def bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 TIME_DISTS = ("uniform", "logit_normal")
 
 
+def rng(generator: Optional[torch.Generator]) -> dict:
+    """``generator=`` for torch's random functions, left out when None: torch.compile (torch 2.13) cannot trace
+    torch.rand / randn / randint given an explicit ``generator=None`` and a symbolic size (a batch size that
+    changed between compiled steps): "SymIntArrayRef expected to contain only concrete integers"."""
+    return {} if generator is None else {"generator": generator}
+
+
 def sample_times(n: int, dist: str, mu: float, sigma: float, *, device=None, dtype=torch.float32,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """n times in (0, 1): 'uniform' or 'logit_normal' (sigmoid of N(mu, sigma^2))."""
     if dist == "uniform":
-        return torch.rand(n, device=device, dtype=dtype, generator=generator)
+        return torch.rand(n, device=device, dtype=dtype, **rng(generator))
     if dist == "logit_normal":
-        return torch.sigmoid(mu + sigma * torch.randn(n, device=device, dtype=dtype, generator=generator))
+        return torch.sigmoid(mu + sigma * torch.randn(n, device=device, dtype=dtype, **rng(generator)))
     raise ValueError(f"time_dist: expected 'uniform' or 'logit_normal', got {dist!r}")
 
 
@@ -59,7 +66,7 @@ def sample_pair(n: int, c: dict, *, device=None, dtype=torch.float32, generator=
     ratio = c["ratio_neq"]
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio_neq: expected a fraction in [0, 1], got {ratio}")
-    keep = torch.rand(n, device=device, dtype=dtype, generator=generator) < ratio
+    keep = torch.rand(n, device=device, dtype=dtype, **rng(generator)) < ratio
     return torch.where(keep, torch.maximum(a, b), a), torch.where(keep, torch.minimum(a, b), a)
 
 
@@ -202,7 +209,7 @@ def detached_logs(**kw) -> dict:
 
 def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Standard normal noise shaped like x (from ``generator`` or torch's global RNG)."""
-    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, **rng(generator))
 
 
 def self_or_teacher(model, teacher):
@@ -241,7 +248,7 @@ def drop_labels(model, cond, p: float, generator=None):
     if cond is None or p == 0:
         return cond, None
     null = null_label(model)
-    drop = torch.rand(cond.shape[0], device=cond.device, generator=generator) < p
+    drop = torch.rand(cond.shape[0], device=cond.device, **rng(generator)) < p
     return torch.where(drop, torch.full_like(cond, null), cond), drop
 
 
@@ -264,7 +271,7 @@ def sample_guidance_scale(n: int, omega_max: float, beta: float, *, device=None,
     proportional to omega^-beta (beta = 1: log-uniform), by inverting the CDF of one uniform draw."""
     if not omega_max >= 0:
         raise ValueError(f"cfg_omega_max: expected a number >= 0, got {omega_max!r}")
-    u = torch.rand(n, device=device, dtype=dtype, generator=generator)
+    u = torch.rand(n, device=device, dtype=dtype, **rng(generator))
     top = math.log1p(omega_max)
     if beta == 1.0:
         return torch.exp(u * top)
@@ -284,9 +291,9 @@ def sample_gap_pair(n: int, c: dict, *, device=None, dtype=torch.float32, genera
 
 
 def _gap_pair(n: int, c: dict, device, dtype, generator):
-    gap = torch.sigmoid(c["gap_mu"] + c["gap_sigma"] * torch.randn(n, device=device, dtype=dtype, generator=generator))
+    gap = torch.sigmoid(c["gap_mu"] + c["gap_sigma"] * torch.randn(n, device=device, dtype=dtype, **rng(generator)))
     hi = torch.logit(1 - gap)  # the largest target time, in logit space
     cdf_hi = torch.special.ndtr((hi - c["time_mu"]) / c["time_sigma"])
-    u = torch.rand(n, device=device, dtype=dtype, generator=generator) * cdf_hi
+    u = torch.rand(n, device=device, dtype=dtype, **rng(generator)) * cdf_hi
     t = torch.sigmoid(c["time_mu"] + c["time_sigma"] * torch.special.ndtri(u))
     return (t + gap).clamp(max=1.0), t

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ._common import bcast, detached_logs, drop_labels, interpolate, randn_like, self_or_teacher, sq_err
+from ._common import bcast, detached_logs, drop_labels, interpolate, randn_like, rng, self_or_teacher, sq_err
 
 
 def compositional_loss(model, x0, cond, c: dict, sample_hops: Callable):
@@ -31,7 +31,7 @@ def compositional_loss(model, x0, cond, c: dict, sample_hops: Callable):
     kw = dict(device=x0.device, dtype=x0.dtype)
     cond, _ = drop_labels(model, cond, c["cfg_dropout"], g)
     eps = randn_like(x0, g)
-    r = torch.rand(b - nsc, generator=g, **kw)
+    r = torch.rand(b - nsc, **rng(g), **kw)
     s_sc, u, t_sc, a1, a2, w = sample_hops(nsc, g, **kw)
     s = torch.cat([r, s_sc])
     t = torch.cat([r, t_sc])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (adaptive_weight, bcast, call, detached_logs, drop_labels, interpolate, jvp, null_label,
-                      randn_like, require_guidance_input, sample_gap_pair, sample_pair, sample_times,
+                      randn_like, require_guidance_input, rng, sample_gap_pair, sample_pair, sample_times,
                       self_or_teacher, sq_err)
 
 
@@ -29,7 +29,7 @@ def _guidance_scales(model, cond, dropped, c, b, x0, g):
         lo, hi = lo_hi
         if not 0 < lo <= hi:
             raise ValueError(f"cfg_scale_range: expected [min, max] with 0 < min <= max, got {lo_hi!r}")
-        omega = lo + (hi - lo) * torch.rand(b, device=x0.device, dtype=x0.dtype, generator=g)
+        omega = lo + (hi - lo) * torch.rand(b, device=x0.device, dtype=x0.dtype, **rng(g))
     else:
         if not c["cfg_scale"] > 0:
             raise ValueError(f"cfg_scale: expected a positive number, got {c['cfg_scale']!r}")

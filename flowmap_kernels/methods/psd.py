@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import merge_cfg, sample_times
+from ._common import merge_cfg, rng, sample_times
 from ._compositional import compositional_loss
 
 NAME = "psd"
@@ -40,7 +40,7 @@ def loss(model, x0, *, cond=None, **cfg):
     def sample_hops(n, g, **kw):
         a, b = (sample_times(n, c["time_dist"], c["time_mu"], c["time_sigma"], generator=g, **kw) for _ in range(2))
         s, t = torch.maximum(a, b), torch.minimum(a, b)
-        gamma = torch.rand(n, generator=g, **kw)
+        gamma = torch.rand(n, **rng(g), **kw)
         u = t + gamma * (s - t)
         return s, u, t, u, t, 1 - gamma
 

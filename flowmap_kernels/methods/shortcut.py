@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ._common import merge_cfg
+from ._common import merge_cfg, rng
 from ._compositional import compositional_loss
 
 NAME = "shortcut"
@@ -47,9 +47,9 @@ def loss(model, x0, *, cond=None, **cfg):
 
     def sample_hops(n, g, **kw):
         # 2h = 2^-k, s on the grid of multiples of 2h; the smallest step uses instantaneous velocities
-        k = torch.randint(0, levels, (n,), generator=g, device=kw["device"])
+        k = torch.randint(0, levels, (n,), **rng(g), device=kw["device"])
         two_h = torch.pow(2.0, -k.to(kw["dtype"]))
-        j = torch.floor(torch.rand(n, generator=g, **kw) * torch.round(1.0 / two_h)) + 1  # 1..cells
+        j = torch.floor(torch.rand(n, **rng(g), **kw) * torch.round(1.0 / two_h)) + 1  # 1..cells
         s = (j * two_h).clamp(max=1.0)
         u, t = s - two_h / 2, s - two_h
         smallest = k == levels - 1

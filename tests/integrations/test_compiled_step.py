@@ -162,6 +162,10 @@ def test_step_argument_errors():
         TrainStep(m, meanflow, opt, method_cfg={"generator": torch.Generator()})
     with pytest.raises(ValueError, match="method"):
         TrainStep(m, object(), opt)
+    fk.apply_activation_checkpointing(m, "blocks")  # forward-mode checkpointing runs eagerly: no fullgraph step
+    with pytest.raises(ValueError, match="model: activation checkpointing"):
+        TrainStep(m, meanflow, opt)
+    TrainStep(m, meanflow, opt, compile="none")
 
 
 def test_torch_func_jvp_inside_compile_warns_once_about_naive_attention():
@@ -280,6 +284,32 @@ def test_mlp_flow_map_step_compiles_with_ema_teacher_and_step_kwarg():
         for a, b in zip(results["default"][0], results["none"][0]):
             assert rel_err(a, b) < 1e-12
         assert max(rel_err(a, b) for a, b in zip(results["default"][1], results["none"][1])) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["tvm", "meanflow"])
+def test_changing_batch_size_equals_eager(name):
+    """Batches of 2, 3, 5, 2: the second shape recompiles with a dynamic batch size, which the methods' noise
+    and time draws must trace (torch.rand / randn given generator=None and a symbolic size failed under Dynamo:
+    "SymIntArrayRef expected to contain only concrete integers"); losses and parameters equal eager."""
+    from flowmap_kernels.models import MLPFlowMap
+    torch.manual_seed(0)
+    base = MLPFlowMap(shape=(2,), hidden=16, depth=1, emb_dim=8).double()
+    torch.nn.init.normal_(base.out.weight, std=0.1)
+    results = {}
+    for mode in ("none", "default"):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        step = TrainStep(model, METHODS[name], torch.optim.Adam(model.parameters(), lr=1e-2), compile=mode,
+                         backend="aot_eager")
+        losses = []
+        for i, b in enumerate((2, 3, 5, 2)):
+            torch.manual_seed(i)
+            x0 = torch.randn(b, 2, generator=torch.Generator().manual_seed(10 + i), dtype=torch.float64)
+            losses.append(step(x0, None)[0])
+        results[mode] = (losses, [p.detach().clone() for p in model.parameters()])
+    for a, b in zip(results["default"][0], results["none"][0]):
+        assert rel_err(a, b) < 1e-12
+    assert max(rel_err(a, b) for a, b in zip(results["default"][1], results["none"][1])) < 1e-10
 
 
 _FRESH_PROCESS_COMPILE = """
