@@ -10,8 +10,9 @@ data generator), per rank:
   torch.distributed.checkpoint (every rank writes its shards of model, optimizer and EMA; ``extras.pt``
   holds the rest), loadable onto any world size, including a single process without a process group.
   Atomic: written into ``<root>/.tmp-step-<N>``, renamed to ``step-<N>`` once complete (``step-<N>.1``, ...
-  when the same step is saved again, e.g. by a resumed run), then ``<root>/LATEST`` (the name of the newest complete folder) is replaced with os.replace, and only then
-  are older folders removed; a run killed at any point leaves LATEST naming a complete checkpoint.
+  when the same step is saved again, e.g. by a resumed run), then ``<root>/LATEST`` (the name of the newest
+  complete folder) is replaced with os.replace, and only then are older folders removed; a run killed at any
+  point leaves LATEST naming a complete checkpoint.
 """
 from __future__ import annotations
 
