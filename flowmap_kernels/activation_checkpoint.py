@@ -332,6 +332,33 @@ def _check_module_state_tangents(function) -> None:
                     "arguments only: pass the tensor as an argument, or call the function without checkpoint")
 
 
+def _unwrap_partial(function, args, kwargs):
+    """A functools.partial's bound arguments as arguments of the checkpoint (their tangents then count)."""
+    while isinstance(function, functools.partial):
+        args, kwargs = (*function.args, *args), {**function.keywords, **kwargs}
+        function = function.func
+    return function, args, kwargs
+
+
+def _check_closure_tangents(function) -> None:
+    """Under forward-mode AD: refuse a function whose closure holds a tensor carrying a tangent (``lambda x:
+    block(x, c)`` with c from the JVP): the checkpoint differentiates along its arguments' tangents only, and
+    the captured tangent would be dropped from the tangent output and its gradients, silently."""
+    fn = getattr(function, "__func__", function)  # (a bound method's function)
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    for name, cell in zip(names, getattr(fn, "__closure__", None) or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell (a variable assigned later)
+            continue
+        for leaf in tree_flatten(value)[0]:
+            if isinstance(leaf, torch.Tensor) and fwAD.unpack_dual(leaf).tangent is not None:
+                raise NotImplementedError(
+                    f"function: it captures {name!r}, a tensor carrying a forward-mode tangent; flowmap_kernels."
+                    f"checkpoint differentiates along its arguments' tangents only: pass it as an argument "
+                    f"(checkpoint(fn, x, {name}))")
+
+
 def _forward_pass(run: _Run, primals, tangents) -> list:
     """The checkpointed forward: (y, ty) of the block with its graph recorded but no activation saved.
 
@@ -393,7 +420,9 @@ def checkpoint(function: Callable, *args, policy: Policy = None, preserve_rng_st
     accelerator) for the recomputation, so dropout draws the same masks. Under torch.no_grad the call is
     just ``function(*args, **kwargs)``. Tangents on the parameters themselves are not supported (a module's
     parameters or buffers with tangents, e.g. torch.func.jvp over ``functional_call``, raise
-    NotImplementedError), nor double backward (create_graph=True) through the forward-mode path. Under
+    NotImplementedError), nor tensors with tangents captured by a closure (``lambda x: block(x, c)``: pass c as an
+    argument; a functools.partial's bound arguments count as arguments), nor double backward (create_graph=True)
+    through the forward-mode path. Under
     torch.compile the forward-mode path runs eagerly (a graph break); the reverse-mode one is traced.
     """
     if not callable(function):
@@ -407,6 +436,7 @@ def checkpoint(function: Callable, *args, policy: Policy = None, preserve_rng_st
     select = _op_selector(policy)
     if not torch.is_grad_enabled():
         return function(*args, **kwargs)
+    function, args, kwargs = _unwrap_partial(function, args, kwargs)
 
     if forward_mode_active():
         return _checkpoint_forward_mode(function, args, kwargs, select, preserve_rng_state)
@@ -432,6 +462,7 @@ def _checkpoint_forward_mode(function, args, kwargs, select, preserve_rng_state)
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     duals = [fwAD.unpack_dual(leaves[i]) for i in tensor_pos]
     _check_module_state_tangents(function)
+    _check_closure_tangents(function)
     if not any(d.tangent is not None for d in duals):
         return _torch_checkpoint(function, args, kwargs, select, preserve_rng_state)
 

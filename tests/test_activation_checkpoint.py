@@ -489,6 +489,32 @@ def test_closed_over_non_leaf_is_an_error():
         torch.func.jvp(lambda z: fk.checkpoint(lambda q: q @ w, z), (x,), (tx,))
 
 
+def _block_with_condition(lin):
+    return lambda x, c: torch.tanh(lin(x) * c)
+
+
+@pytest.mark.parametrize("how", ["func", "forward_ad"])
+def test_tangent_of_a_captured_tensor(how):
+    """A condition c that carries a tangent: bound by functools.partial it counts as an argument (tangent
+    output and gradients through it equal the call without checkpoint); captured by a closure it is an error
+    naming it (the checkpoint differentiates along its arguments only: the tangent was silently dropped)."""
+    import functools
+    torch.manual_seed(6)
+    lin = nn.Linear(4, 4).to(F64)
+    block = _block_with_condition(lin)
+    x, c, tx, tc = (torch.randn(3, 4, dtype=F64) for _ in range(4))
+    ref = _jvp_grads(block, lin.parameters(), (x, c), (tx, tc), how)
+    got = _jvp_grads(lambda a, b: fk.checkpoint(functools.partial(block, c=b), a), lin.parameters(), (x, c),
+                     (tx, tc), how)
+    assert _max_rel(got, ref) < TOL
+    with pytest.raises(NotImplementedError, match="it captures 'b', a tensor carrying a forward-mode tangent"):
+        _jvp_grads(lambda a, b: fk.checkpoint(lambda z: block(z, b), a), lin.parameters(), (x, c), (tx, tc), how)
+    with fwAD.dual_level():  # a captured condition that needs no gradient: its tangent was dropped silently
+        cond = fwAD.make_dual(c, tc)
+        with pytest.raises(NotImplementedError, match="it captures 'cond'"):
+            fk.checkpoint(lambda z: block(z, cond), fwAD.make_dual(x.clone().requires_grad_(), tx))
+
+
 def test_plain_reverse_mode_matches_and_recomputes():
     torch.manual_seed(3)
     block = DropoutBlock().to(F64)
