@@ -531,6 +531,24 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def network_form(method_name: str, method_cfg: dict, cond: bool, guidance_scale, model_flag: str, ds) -> dict:
+    """What the method settings add to the loop's network (loop.build_model): ``null_class`` (the MLP's
+    null-class row: label dropout, a guided target or --guidance-scale; None for the DiT, which always has
+    one), ``guidance_dim`` (iMF / TVM guidance inputs, with labels) and ``aux_velocity`` (iMF's aux_head)."""
+    from ..methods import guidance_input_dim, uses_aux_velocity, uses_null_class
+    method, kind = get_method(method_name), model_kind(model_flag, ds)
+    labels = ds.num_classes if cond else None
+    null = (bool(labels) and (uses_null_class(method, method_cfg) or guidance_scale is not None)
+            if kind == "mlp" else None)
+    return dict(null_class=null, guidance_dim=guidance_input_dim(method, method_cfg, kind) if labels else 0,
+                aux_velocity=uses_aux_velocity(method, method_cfg))
+
+
+_FORM_SETTINGS = {"null_class": "--cfg-dropout, a guided target's --cfg keys or --guidance-scale",
+                  "guidance_dim": "--cfg cfg_omega_max (iMF) / cfg_scale, cfg_scale_range (TVM)",
+                  "aux_velocity": "--cfg aux_head"}
+
+
 def compare_with_checkpoint(cfg: TrainConfig, saved: dict, ds) -> list:
     """Check a checkpoint's flags (``saved``: its record()) against this run's.
 
@@ -558,6 +576,15 @@ def compare_with_checkpoint(cfg: TrainConfig, saved: dict, ds) -> list:
             if old != new:
                 raise ValueError(f"--resume: the checkpoint was trained with --cfg {key}={old}, this run has "
                                  f"--cfg {key}={new}; it defines the model, so it must match")
+    if isinstance(saved_cfg, dict):
+        old_form = network_form(cfg.method, saved_cfg, saved.get("cond", cfg.cond), saved.get("guidance_scale"),
+                                cfg.model, ds)
+        new_form = network_form(cfg.method, cfg.method_cfg, cfg.cond, cfg.guidance_scale, cfg.model, ds)
+        for key, old in old_form.items():
+            if old != new_form[key]:
+                raise ValueError(f"--resume: the checkpoint's network was built with {key} {old}, this run's would "
+                                 f"have {key} {new_form[key]}; the settings that decide it ({_FORM_SETTINGS[key]}) "
+                                 f"must match the checkpoint's")
     changed = []
     for key, new in now.items():
         if key in UNREPORTED or key in MODEL_FLAGS or key in MLP_FLAGS or key not in saved:

@@ -35,7 +35,7 @@ from ..methods import get_method
 from ..models import MLPFlowMap
 from .checkpoint import (latest_sharded, load_checkpoint, load_sharded, load_sharded_extras, rng_state,
                          save_checkpoint, save_sharded, set_rng_state)
-from .config import TrainConfig, compare_with_checkpoint, model_kind
+from .config import TrainConfig, compare_with_checkpoint, model_kind, network_form
 from .distributed import DistInfo, allreduce_grads, broadcast_module, init_distributed, params_in_sync
 from .ema import EMA
 
@@ -52,18 +52,16 @@ class NonFiniteLoss(RuntimeError):
 
 def build_model(cfg: TrainConfig, ds) -> torch.nn.Module:
     """MLPFlowMap (2D data, or --model mlp) or flowmap_kernels.nn.dit_tiny (images), unsharded."""
-    from ..methods import guidance_input_dim, uses_aux_velocity, uses_null_class
     kind = model_kind(cfg.model, ds)
     ncls = ds.num_classes if cfg.cond else None
-    method = get_method(cfg.method)
-    gdim = guidance_input_dim(method, cfg.method_cfg, kind) if ncls else 0
-    aux = {"aux_velocity": True} if uses_aux_velocity(method, cfg.method_cfg) else {}  # iMF's velocity head
+    form = network_form(cfg.method, cfg.method_cfg, cfg.cond, cfg.guidance_scale, cfg.model, ds)
+    gdim = form["guidance_dim"]
+    aux = {"aux_velocity": True} if form["aux_velocity"] else {}  # iMF's velocity head
     if kind == "mlp":
         # classifier-free guidance only: the null-class row and guidance input change the network (its
         # initialisation too), so runs without CFG build exactly the network they always did
-        null = bool(ncls) and (uses_null_class(method, cfg.method_cfg) or cfg.guidance_scale is not None)
         return MLPFlowMap(ds.shape, hidden=cfg.width, depth=cfg.depth, num_classes=ncls, max_freq=cfg.time_freq,
-                          null_class=null, guidance_dim=gdim, **aux)
+                          null_class=form["null_class"], guidance_dim=gdim, **aux)
     try:
         from ..nn import dit_tiny
     except Exception as e:  # noqa: BLE001

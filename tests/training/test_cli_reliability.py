@@ -194,6 +194,26 @@ def test_resume_refuses_a_model_defining_method_setting(tmp_path, capsys):
     assert _run(tmp_path, "--method", "scm", "--steps", "3", "--resume", "--no-preset") == 0
 
 
+@pytest.mark.parametrize("first,resumed,named", [
+    (["--cfg-dropout", "0.1"], ["--cfg-dropout", "0"], "null_class True"),
+    ([], ["--guidance-scale", "1"], "null_class False"),
+    (["--method", "tvm", "--cfg-dropout", "0.1", "--cfg", "cfg_scale=2"], ["--method", "tvm", "--cfg-dropout", "0.1"],
+     "guidance_dim 1")])
+def test_resume_refuses_settings_that_change_the_network(tmp_path, capsys, first, resumed, named):
+    """Label dropout, --guidance-scale and guidance inputs add rows and inputs to the labelled MLP: a resume that
+    changes them fails before loading, naming what changed (it was torch's state_dict size mismatch)."""
+    base = ["--data", "moons", "--cond"]
+    method = [] if "--method" in first else ["--method", "meanflow"]
+    assert _run(tmp_path, *method, *base, "--steps", "2", *first) == 0
+    capsys.readouterr()
+    before = _snapshot(tmp_path)
+    assert _run(tmp_path, *method, *base, "--steps", "3", "--resume", *resumed) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the checkpoint's network was built with " + named), err
+    assert _snapshot(tmp_path) == before
+    assert _run(tmp_path, *method, *base, "--steps", "3", "--resume", *first) == 0
+
+
 def test_cfg_dropout_flag_sets_the_methods_label_dropout():
     from flowmap_kernels.training.config import resolve_config
     args = train.build_parser().parse_args(["--method", "meanflow", "--data", "moons", "--cond",
