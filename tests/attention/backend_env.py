@@ -31,10 +31,10 @@ def on_backend(backend: str):
             yield
         return
     from flowmap_kernels.attention.registry import ATTENTION
-    from tests.attention.triton.conftest import bf16_interpreter, ensure_interpreted_kernels, interpreter_env
-    ensure_interpreted_kernels()
+    from tests.attention.triton.conftest import ensure_interpreted_kernels, interpreter_env
+    ensure_interpreted_kernels()  # (its launch module installs the interpreter's bfloat16 fix)
     impl = ATTENTION.impls["triton"]
-    with interpreter_env(), bf16_interpreter(True):
+    with interpreter_env():
         impl._available_cache = None
         try:
             with fk.use_backend("triton"):

@@ -1,4 +1,5 @@
-"""Proof that the conftest's bfloat16 fix is needed and works: a bf16 tl.dot and a float32 -> bf16 cast."""
+"""Proof that the package's fix of the interpreter's bfloat16 arithmetic (attention/triton/interpreter.py) is
+needed and works: a bf16 tl.dot and a float32 -> bf16 cast."""
 import torch
 import triton.language as tl
 
@@ -43,11 +44,36 @@ def test_bf16_interpreter_fixed():
 
 
 def test_bf16_rounding_ties_to_even():
-    from .conftest import _f32_to_bf16
     import numpy as np
+
+    from flowmap_kernels.attention.triton.interpreter import f32_to_bf16 as _f32_to_bf16
     # 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7: ties go to the even mantissa (1.0);
     # 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: goes up to 1 + 2^-6.
     x = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), np.nan], dtype=np.float32)
     got = torch.from_numpy(_f32_to_bf16(x).view(np.int16)).view(torch.bfloat16)
     want = torch.from_numpy(x).bfloat16()
     assert torch.equal(got[:3], want[:3]) and torch.isnan(got[3])
+
+
+def test_bf16_attention_right_outside_the_test_suite():
+    """A user's process (no test fixture): TRITON_INTERPRET=1 and the "triton" backend on bfloat16 CPU tensors
+    give bf16-accurate outputs and gradients, because the launch module installs the fix (without it the
+    interpreter's integer products of bit patterns returned garbage)."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch, flowmap_kernels as fk\n"
+        "torch.manual_seed(0)\n"
+        "q, k, v, tq, tk, tv = (torch.randn(1, 2, 40, 32) for _ in range(6))\n"
+        "with fk.use_backend('triton'):\n"
+        "    o, to = fk.attention_jvp(*(x.bfloat16() for x in (q, k, v, tq, tk, tv)), is_causal=True)\n"
+        "with fk.use_backend('naive'):\n"
+        "    ro, rto = fk.attention_jvp(*(x.double() for x in (q, k, v, tq, tk, tv)), is_causal=True)\n"
+        "err = max(float((a.double() - b).norm() / b.norm()) for a, b in ((o, ro), (to, rto)))\n"
+        "print(err)\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-2, res.stdout
