@@ -110,7 +110,7 @@ def versus(base, value, digits: int) -> str:
     return f"{base / value:.{digits}f}x less" if value < base else f"{value / base:.{digits}f}x more"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--input-size", type=int, default=64)
@@ -121,12 +121,17 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--out", default="bench_out/activation_checkpoint")
     ap.add_argument("--one", metavar="MODE", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    from flowmap_kernels.bench.harness import require_divides, require_ints, require_multiple, require_output
+    require_ints(ap, args, "depth", "input_size", "hidden", "heads", "batch", "threads")  # before any subprocess
+    require_divides(ap, args, "heads", "hidden")
+    require_multiple(ap, args, "input_size", 2, "the patch size")
     cfg = {"depth": args.depth, "input_size": args.input_size, "hidden": args.hidden, "heads": args.heads,
            "batch": args.batch, "threads": args.threads}
     if args.one:
         print(json.dumps(measure_one(args.one, cfg)))
         return
+    require_output(ap, args.out + ".json")
     rows = []
     for mode in args.modes:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", mode] + [

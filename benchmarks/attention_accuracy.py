@@ -11,8 +11,8 @@ learned float mask (tests/attention/test_mask_grad.py's cases) through O and thr
 It reuses the test suite's cases and references (tests/, next to benchmarks/); run as a script
 (``python benchmarks/attention_accuracy.py``), it puts the repository root on sys.path itself.
 
-With "triton" on a machine without a GPU the kernels run in Triton's interpreter, with the bfloat16 fix
-of tests/attention/triton/conftest.py (the interpreter's own bf16 arithmetic is wrong).
+With "triton" on a machine without a GPU the kernels run in Triton's interpreter, whose bfloat16 arithmetic
+the package corrects (flowmap_kernels/attention/triton/interpreter.py).
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ if INTERPRET:
 import torch  # noqa: E402
 
 import flowmap_kernels as fk  # noqa: E402
-from flowmap_kernels.bench.harness import check_output, metadata, print_table, write_results  # noqa: E402
+from flowmap_kernels.attention.registry import ATTENTION  # noqa: E402
+from flowmap_kernels.bench.harness import (metadata, print_table, require_backends, require_output,  # noqa: E402
+                                           write_results)
 from tests.attention import test_mask_grad as mask_cases  # noqa: E402
 from tests.attention.cases import Case  # noqa: E402
 from tests.attention.test_functional import CASES, PATHS  # noqa: E402
@@ -74,16 +76,17 @@ def worst_mask_errors(backend: str, dtype: torch.dtype) -> dict:
     return worst
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", default=["torch"])
     ap.add_argument("--out", default="bench_out/attention_accuracy", help="writes <out>.csv and <out>.json")
-    args = ap.parse_args()
-    out = check_output(args.out)
+    args = ap.parse_args(argv)
+    # usage errors before the run: known backend names that run attention on these CPU cases (triton: the
+    # interpreter, set up above when "triton" is on the command line)
+    require_backends(ap, "--backends", args.backends, ATTENTION, device=torch.device("cpu"), dtype=torch.float32,
+                     head_dim=64, v_head_dim=64)
+    out = require_output(ap, args.out)
     rows = []
-    if INTERPRET:
-        from tests.attention.triton.conftest import bf16_interpreter
-        bf16_interpreter(True).__enter__()
     for backend in args.backends:
         dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
         if backend == "triton":

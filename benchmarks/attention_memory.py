@@ -62,18 +62,25 @@ def naive_estimate_gib(n: int) -> float:
     return 10 * B * H * n * n * 4 / 2 ** 30
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--backends", nargs="+", default=["torch", "naive"])
     ap.add_argument("--out", default="bench_out/attention_memory", help="writes <out>.csv and <out>.json")
     ap.add_argument("--one", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(measure_one(args.one[0], int(args.one[1]))))
         return
-    from flowmap_kernels.bench.harness import check_output, metadata, print_table, write_results
-    out = check_output(args.out)
+    import torch
+
+    from flowmap_kernels.attention.registry import ATTENTION
+    from flowmap_kernels.bench.harness import (metadata, print_table, require_backends, require_ints, require_output,
+                                               write_results)
+    require_ints(ap, args, "sizes")  # usage errors before the first subprocess
+    require_backends(ap, "--backends", args.backends, ATTENTION, device=torch.device("cpu"), dtype=torch.float32,
+                     head_dim=D, v_head_dim=D)
+    out = require_output(ap, args.out)
     rows = []
     for n in args.sizes:
         for backend in args.backends:

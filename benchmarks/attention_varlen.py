@@ -72,8 +72,9 @@ def main(argv=None) -> None:
     if a.one:
         print(json.dumps(measure_one(a.one, a.lengths)))
         return
-    from flowmap_kernels.bench.harness import check_output, metadata, print_table, write_results
-    out = check_output(a.out)
+    from flowmap_kernels.bench.harness import metadata, print_table, require_ints, require_output, write_results
+    require_ints(ap, a, "lengths")  # usage errors before the first subprocess
+    out = require_output(ap, a.out)
     rows = []
     for mode in a.modes:
         res = subprocess.run([sys.executable, __file__, "--one", mode, "--lengths", *map(str, a.lengths)],

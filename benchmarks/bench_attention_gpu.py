@@ -126,6 +126,24 @@ def run_case(n, d, dtype_name, heads, tokens, causal, math_mem_frac, determinist
     return rows
 
 
+def check_args(ap, a) -> None:
+    """Usage errors before any GPU work: sizes >= 1, head dims the Triton kernels take (<= 256), a memory
+    fraction >= 0, launch config names that parse."""
+    from flowmap_kernels.bench.harness import require_ints
+    require_ints(ap, a, "n", "d", "heads", "tokens")
+    if max(a.d) > 256:
+        ap.error(f"--d: expected head dims <= 256 (the Triton kernels' range), got {' '.join(map(str, a.d))}")
+    if not a.math_mem_frac >= 0:  # NaN too
+        ap.error(f"--math-mem-frac: expected a fraction >= 0 of the free GPU memory, got {a.math_mem_frac}")
+    if a.jvp_backward_config:
+        from flowmap_kernels.attention.triton import configs
+        for name in a.jvp_backward_config:
+            try:
+                configs.Config.parse(name)
+            except ValueError as e:
+                ap.error(f"--jvp-backward-config: {str(e).split(': ', 1)[-1]}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384, 32768])
@@ -142,20 +160,17 @@ def main(argv=None) -> int:
                          "(e.g. 32x64/w4/s2/split2)")
     ap.add_argument("--out", type=Path, default=Path("results/bench_attention_gpu"))
     a = ap.parse_args(argv)
-    if a.jvp_backward_config:
-        from flowmap_kernels.attention.triton import configs
-        for name in a.jvp_backward_config:
-            configs.Config.parse(name)  # a clear error before any GPU work
     try:
         import torch
     except ImportError:
         print("torch is not installed: nothing to benchmark")
         return 0
+    check_args(ap, a)  # usage errors (exit status 2) with or without a GPU
     if not torch.cuda.is_available():
         print("No CUDA GPU available: this benchmark needs one; no numbers were produced.")
         return 0
-    from flowmap_kernels.bench.harness import check_output, metadata, write_results
-    out = check_output(a.out)
+    from flowmap_kernels.bench.harness import metadata, require_output, write_results
+    out = require_output(ap, a.out)
     meta = metadata("cuda")
     rows = []
     torch.use_deterministic_algorithms(a.deterministic, warn_only=True)

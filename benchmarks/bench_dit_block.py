@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flowmap_kernels as fk
 from flowmap_kernels import ops
-from flowmap_kernels.bench.harness import check_output, device_error, metadata, pick_device, print_table, write_results
+from flowmap_kernels.bench.harness import (device_error, metadata, pick_device, print_table, require_divides,
+                                           require_ints, require_output, write_results)
 from flowmap_kernels.nn import DiTBlock
 
 NO_DATA = {
@@ -184,14 +185,11 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench_out/dit_block")
     args = ap.parse_args(argv)
-    for flag in ("batch", "tokens", "hidden", "heads", "repeats"):  # usage errors before the run
-        if getattr(args, flag) < 1:
-            ap.error(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
-    if args.hidden % args.heads:
-        ap.error(f"--heads: {args.heads} does not divide --hidden {args.hidden}")
+    require_ints(ap, args, "batch", "tokens", "hidden", "heads", "repeats")  # usage errors before the run
+    require_divides(ap, args, "heads", "hidden")
     if args.device != "auto" and device_error(args.device):
         ap.error(f"--device: {device_error(args.device)}")
-    out = check_output(args.out)
+    out = require_output(ap, args.out)
     device, dtype = pick_device(args.device), getattr(torch, args.dtype)
 
     block, primals, tangents = make_block(args, device, dtype)

@@ -25,11 +25,11 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import flowmap_kernels as fk
+from flowmap_kernels.bench.harness import require_divides, require_ints, require_multiple, require_names, require_output
 from flowmap_kernels.compiled_step import TrainStep
 from flowmap_kernels.methods import meanflow, scm, tvm
 from flowmap_kernels.nn import DiT
@@ -116,6 +116,17 @@ def measure(args, name, mode):
             "top_events": dict(sorted(counts.items(), key=lambda kv: -kv[1])[:12])}
 
 
+def check_args(ap, args) -> None:
+    """Usage errors before any work: sizes and steps >= 1 (a median of no steps), the DiT's shape (heads
+    dividing hidden, patch 2 dividing the input), a torch.compile backend that exists."""
+    require_ints(ap, args, "batch", "input_size", "hidden", "depth", "heads", "steps")
+    require_divides(ap, args, "heads", "hidden")
+    require_multiple(ap, args, "input_size", 2, "the patch size")
+    from torch._dynamo import list_backends
+    require_names(ap, "--backend", [args.backend], [b for b in list_backends(exclude_tags=()) if "TESTING" not in b],
+                  "torch.compile backend")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -131,13 +142,13 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_out/compiled_step.json")
     ap.add_argument("--warm-cache", action="store_true", help="keep inductor's on-disk caches (default: cold compile)")
     args = ap.parse_args(argv)
+    check_args(ap, args)
     if args.backend == "inductor":
         import torch._inductor.config as icfg
         icfg.cpp.enable_kernel_profile = True  # inductor's fused CPU kernels appear as profiler events
         icfg.force_disable_caches = not args.warm_cache
     rows = []
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = require_output(ap, args.out)
 
     def write():
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "backend": args.backend,

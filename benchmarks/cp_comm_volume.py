@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flowmap_kernels.bench.harness import require_ints, require_output  # noqa: E402
 
 MODES = ("ring", "ulysses")
 PHASES = ("forward+jvp", "backward_through_jvp", "forward", "backward")
@@ -155,8 +156,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line, checked: sizes positive, --heads a multiple of --kv-heads (default: --heads)."""
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, nargs="+", default=[2, 4])
     p.add_argument("--batch", type=int, default=1)
@@ -169,12 +169,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--load-balance", action="store_true")
     p.add_argument("--out", default="bench_out/cp_comm_volume.json")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: sizes positive, --heads a multiple of --kv-heads (default: --heads)."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.kv_heads is None:
         args.kv_heads = args.heads
-    for flag in ("batch", "heads", "kv_heads", "seq", "head_dim"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')}: expected an integer >= 1, got {getattr(args, flag)}")
+    require_ints(p, args, "batch", "heads", "kv_heads", "seq", "head_dim")
     if args.v_head_dim < 0:
         p.error(f"--v-head-dim: expected an integer >= 1 (or 0: --head-dim), got {args.v_head_dim}")
     if any(w < 1 for w in args.world):
@@ -188,6 +192,7 @@ def main(argv=None) -> dict:
     """Measure every --world, print the table, write --out; the result dict (``all_match``: every count
     equals its formula)."""
     args = parse_args(argv)
+    require_output(build_parser(), args.out)  # a usage error before the processes start
     cfg = config_from_args(args)
     rows = []
     for world in args.world:

@@ -148,8 +148,8 @@ def main(argv=None) -> int:
         print("No CUDA GPU available: gpu_check needs one; no numbers were produced.")
         return 0
     t0 = time.time()
-    from flowmap_kernels.bench.harness import check_output, metadata
-    out = check_output(a.out)
+    from flowmap_kernels.bench.harness import metadata, require_output
+    out = require_output(ap, a.out)
     report = dict(meta=metadata("cuda"))
     report["correctness"] = correctness(a.dtypes)
     report["timings"] = timings(a.quick)

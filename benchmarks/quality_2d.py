@@ -56,7 +56,8 @@ def strict_columns(folder, data, cond=False, n_refs=4) -> dict:
     return row
 
 
-def _train_one(m, seed, a, out, many):
+def _train_argv(m, seed, a, out, many):
+    """The training folder and the command line of python -m flowmap_kernels.train for method ``m``."""
     folder = out / (f"{m}_{a.data}_s{seed}" if many else f"{m}_{a.data}")
     argv_m = ["--method", m, "--data", a.data, "--out", str(folder), "--no-progress", "--overwrite",
               "--seed", str(seed),
@@ -65,6 +66,11 @@ def _train_one(m, seed, a, out, many):
                       ("--eval-samples", a.eval_samples)):
         if val is not None:
             argv_m += [flag, str(val)]
+    return folder, argv_m
+
+
+def _train_one(m, seed, a, out, many):
+    folder, argv_m = _train_argv(m, seed, a, out, many)
     print(f"== {m}: python -m flowmap_kernels.train {' '.join(argv_m)}", flush=True)
     if train.main(argv_m) != 0:
         return None
@@ -118,6 +124,14 @@ def main(argv=None) -> int:
         seeds = []
     if not seeds:
         p.error(f"--seeds: expected comma-separated integers, got {a.seeds!r}")
+    from flowmap_kernels.training.config import resolve_config
+    for m in methods:  # the training loop's own checks (--steps, --batch, --cond, ...) of every run, up front
+        for seed in seeds:
+            try:
+                resolve_config(train.build_parser().parse_args(_train_argv(m, seed, a, out, len(seeds) > 1)[1]))
+            except ValueError as e:  # the loop's --seed is this script's --seeds
+                msg = "--seeds" + str(e)[len("--seed"):] if str(e).startswith("--seed:") else str(e)
+                p.error(msg if len(methods) == 1 else f"{msg} (--methods {m})")
     rows = []
     for m in methods:
         runs = [row for seed in seeds if (row := _train_one(m, seed, a, out, many=len(seeds) > 1)) is not None]

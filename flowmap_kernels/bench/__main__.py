@@ -42,33 +42,24 @@ def _parser() -> argparse.ArgumentParser:
 def _names(parser: argparse.ArgumentParser, flag: str, value: str, known, what: str) -> list:
     """The comma-separated names of ``value`` (blank entries skipped), each in ``known``, none twice (a
     repeated name would measure it twice and write duplicate JSON / CSV records); usage error otherwise."""
+    from .harness import require_names
     names = [n.strip() for n in value.split(",") if n.strip()]
     if not names:
         parser.error(f"{flag}: expected comma-separated {what} names, got {value!r}")
-    for n in names:
-        if n not in known:
-            parser.error(f"{flag}: unknown {what} {n!r}; choose from {', '.join(known)}")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        parser.error(f"{flag}: {what} {', '.join(map(repr, dup))} given more than once in {value!r}")
-    return names
+    return require_names(parser, flag, names, known, what, given=value)
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors (exit status 2) before the run: device, batch, repeats, warm-up runs, backends, methods,
     threads."""
-    from .harness import device_error
+    from .harness import device_error, require_ints
     from ..backends import BACKEND_NAMES
     from ..methods import METHODS
     problem = device_error(args.device)
     if problem:
         parser.error(f"--device: {problem}")
-    if args.batch < 1:
-        parser.error(f"--batch: expected an integer >= 1, got {args.batch}")
-    if args.repeats < 1:
-        parser.error(f"--repeats: expected an integer >= 1, got {args.repeats}")
-    if args.warmup < 0:
-        parser.error(f"--warmup: expected an integer >= 0, got {args.warmup}")
+    require_ints(parser, args, "batch", "repeats")
+    require_ints(parser, args, "warmup", minimum=0)
     _names(parser, "--backends", args.backends, list(BACKEND_NAMES), "backend")
     if args.methods is not None:
         _names(parser, "--methods", args.methods, sorted(METHODS), "method")

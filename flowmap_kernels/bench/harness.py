@@ -8,11 +8,21 @@ Every script under benchmarks/ and ``python -m flowmap_kernels.bench`` use it:
     print_table(rows, ["N", "backend", "ms"])
     write_results(rows, out, meta=metadata(dev))   # <out>.json {"meta", "rows"} and <out>.csv
 
+Command-line checks, before any work (usage errors: ``parser.error``, exit status 2, naming the flag):
+
+    require_ints(parser, args, "batch", "sizes")   # each an integer >= 1 (a list: every entry)
+    require_divides(parser, args, "heads", "hidden")
+    require_multiple(parser, args, "input_size", 2, "the patch size")
+    require_backends(parser, "--backends", args.backends)   # names from flowmap_kernels.backends.BACKEND_NAMES
+    require_backends(parser, "--backends", args.backends, ATTENTION, **problem)  # ... that run it here
+    out = require_output(parser, args.out, ".json")
+
 Times on CUDA come from CUDA events around each call (after synchronising), on the CPU from
 ``time.perf_counter``; the median of ``repeats`` calls after ``warmup`` calls.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -26,7 +36,9 @@ import torch
 
 from .meta import metadata
 
-__all__ = ["device_error", "pick_device", "check_output", "time_call", "print_table", "write_results", "metadata"]
+__all__ = ["device_error", "pick_device", "check_output", "time_call", "print_table", "write_results", "metadata",
+           "require_ints", "require_divides", "require_multiple", "require_names", "require_backends",
+           "require_output"]
 
 
 def device_error(name: str) -> Optional[str]:
@@ -70,6 +82,76 @@ def check_output(path, suffix: str = "") -> Path:
     if not os.access(parent, os.W_OK):
         raise ValueError(f"out: the folder {parent} is not writable")
     return p
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def require_ints(parser: argparse.ArgumentParser, args: argparse.Namespace, *dests: str, minimum: int = 1) -> None:
+    """Usage error for the first flag (by ``args`` attribute: "input_size" is --input-size) whose value is below
+    ``minimum``; a list (``nargs``) is checked entry by entry, None (a flag not given) is skipped."""
+    for dest in dests:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            if any(v < minimum for v in value):
+                parser.error(f"{_flag(dest)}: expected integers >= {minimum}, got {' '.join(map(str, value))}")
+        elif value < minimum:
+            parser.error(f"{_flag(dest)}: expected an integer >= {minimum}, got {value}")
+
+
+def require_divides(parser: argparse.ArgumentParser, args: argparse.Namespace, dest: str, of: str) -> None:
+    """Usage error unless flag ``dest`` divides flag ``of`` (the heads the hidden size)."""
+    if getattr(args, of) % getattr(args, dest):
+        parser.error(f"{_flag(dest)}: {getattr(args, dest)} does not divide {_flag(of)} {getattr(args, of)}")
+
+
+def require_multiple(parser: argparse.ArgumentParser, args: argparse.Namespace, dest: str, factor: int,
+                     what: str) -> None:
+    """Usage error unless flag ``dest`` is a multiple of ``factor`` (``what``: "the patch size")."""
+    if getattr(args, dest) % factor:
+        parser.error(f"{_flag(dest)}: expected a multiple of {what} {factor}, got {getattr(args, dest)}")
+
+
+def require_names(parser: argparse.ArgumentParser, flag: str, names: Sequence[str], known: Iterable[str],
+                  what: str, given: Optional[str] = None) -> list:
+    """``names`` when each is one of ``known`` and none is given twice (it would be measured twice and written
+    twice); usage error otherwise (``given``: the flag's text, quoted in the message about a repeat)."""
+    known, names = list(known), list(names)
+    for n in names:
+        if n not in known:
+            parser.error(f"{flag}: unknown {what} {n!r}; choose from {', '.join(known)}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        parser.error(f"{flag}: {what} {', '.join(map(repr, dup))} given more than once"
+                     + (f" in {given!r}" if given is not None else ""))
+    return names
+
+
+def require_backends(parser: argparse.ArgumentParser, flag: str, names: Sequence[str], registry=None,
+                     **problem) -> list:
+    """``names`` when each is a backend name (flowmap_kernels.backends.BACKEND_NAMES, none twice) and, given an
+    op's ``registry`` (an OpRegistry) and a ``problem`` (device, dtype, ...), each can run that problem here;
+    usage error otherwise (an unknown name, or why the backend cannot run it)."""
+    from ..backends import BACKEND_NAMES
+    names = require_names(parser, flag, names, BACKEND_NAMES, "backend")
+    if registry is not None:
+        for name in names:
+            try:
+                registry.resolve(name, **problem)
+            except RuntimeError as e:  # BackendUnavailableError
+                parser.error(f"{flag}: {name!r} cannot run here: {e}")
+    return names
+
+
+def require_output(parser: argparse.ArgumentParser, path, suffix: str = "", flag: str = "--out") -> Path:
+    """:func:`check_output` of a flag's path, a usage error naming ``flag`` when it fails."""
+    try:
+        return check_output(path, suffix)
+    except ValueError as e:
+        parser.error(f"{flag}: {str(e).split(': ', 1)[-1]}")
 
 
 def time_call(fn: Callable[[], object], device, warmup: int = 1, repeats: int = 5) -> dict:

@@ -1,5 +1,6 @@
 """Scripts under benchmarks/: attention_accuracy.py runs as a plain script (it imports the test suite's
-cases), activation_checkpoint.py words a memory increase as "more", bench_dit_block.py refuses bad flags."""
+cases), activation_checkpoint.py words a memory increase as "more", every script refuses bad flags with a usage
+error (exit status 2) before any work (the GPU scripts: with or without a GPU)."""
 from __future__ import annotations
 
 import importlib.util
@@ -46,3 +47,65 @@ def test_bench_dit_block_bad_arguments_are_usage_errors(argv, message, tmp_path,
         _script("bench_dit_block").main(argv + ["--out", str(tmp_path / "o")])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("compiled_step", ["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+    ("compiled_step", ["--heads", "3"], "--heads: 3 does not divide --hidden 64"),
+    ("compiled_step", ["--input-size", "7"], "--input-size: expected a multiple of the patch size 2, got 7"),
+    ("compiled_step", ["--depth", "0"], "--depth: expected an integer >= 1, got 0"),
+    ("compiled_step", ["--backend", "nope"], "--backend: unknown torch.compile backend 'nope'; choose from"),
+    ("activation_checkpoint", ["--heads", "3"], "--heads: 3 does not divide --hidden 128"),
+    ("activation_checkpoint", ["--input-size", "7"], "--input-size: expected a multiple of the patch size 2, got 7"),
+    ("activation_checkpoint", ["--batch", "0"], "--batch: expected an integer >= 1, got 0"),
+    ("activation_checkpoint", ["--depth", "0"], "--depth: expected an integer >= 1, got 0"),
+    ("activation_checkpoint", ["--threads", "0"], "--threads: expected an integer >= 1, got 0"),
+    ("attention_memory", ["--sizes", "1024", "-5"], "--sizes: expected integers >= 1, got 1024 -5"),
+    ("attention_memory", ["--backends", "torch", "foo"],
+     "--backends: unknown backend 'foo'; choose from auto, naive, torch, triton, extension"),
+    ("attention_memory", ["--backends", "torch", "torch"], "--backends: backend 'torch' given more than once"),
+    ("attention_varlen", ["--lengths", "64", "0"], "--lengths: expected integers >= 1, got 64 0"),
+    ("bench_attention_gpu", ["--n", "0"], "--n: expected integers >= 1, got 0"),
+    ("bench_attention_gpu", ["--d", "64", "512"], "--d: expected head dims <= 256"),
+    ("bench_attention_gpu", ["--math-mem-frac", "-1"], "--math-mem-frac: expected a fraction >= 0"),
+    ("bench_attention_gpu", ["--jvp-backward-config", "32x64"], "--jvp-backward-config: expected a name such as"),
+    ("cp_comm_volume", ["--world", "2", "--out", "{tmp}"], "is a directory; expected a file path"),
+    ("quality_2d", ["--methods", "fm", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+    ("quality_2d", ["--methods", "fm", "--batch", "1"], "--batch: expected an integer >= 2, got 1"),
+    ("quality_2d", ["--methods", "fm", "--cond"], "--cond: dataset 'checkerboard' has no labels"),
+    ("quality_2d", ["--methods", "fm,tvm", "--seeds", str(2 ** 40)], "--seeds: expected an integer with |seed|"),
+    ("bench_dit_block", ["--out", "{tmp}"], "--out: {tmp} is a directory; expected a file path"),
+])
+def test_bad_arguments_are_usage_errors(script, argv, message, tmp_path, capsys):
+    """Before any work: nothing measured, no subprocess started, nothing written (--out a folder in tmp_path
+    where the script writes there)."""
+    out = tmp_path / "out"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(out / "o.json" if script in ("compiled_step", "cp_comm_volume") else out)]
+    with pytest.raises(SystemExit) as e:
+        _script(script).main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message.replace("{tmp}", str(tmp_path)) in err and "usage:" in err, err
+    assert not out.exists()
+
+
+def test_attention_memory_refuses_a_backend_that_cannot_run_here(tmp_path, monkeypatch, capsys):
+    """Triton on the CPU without its interpreter (this suite turns the interpreter on): refused up front, with
+    the registry's reason, not a CalledProcessError from the first subprocess."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit) as e:
+        _script("attention_memory").main(["--backends", "torch", "triton", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--backends: 'triton' cannot run here: attention: backend 'triton'" in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_attention_accuracy_bad_backend_is_a_usage_error(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_accuracy.py"), "--backends", "torch",
+                          "foo", "--out", str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "--backends: unknown backend 'foo'; choose from auto, naive, torch, triton, extension" in res.stderr
+    assert not any(tmp_path.iterdir())
+
