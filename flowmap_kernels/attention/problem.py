@@ -66,8 +66,8 @@ def _tensor(name: str, x) -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(
-            f"{name}: expected 4 dims (batch, heads, tokens, head_dim), or 2 or more as in SDPA (N, ..., heads, "
-            f"tokens, head_dim), got shape {tuple(x.shape)}"
+            f"{name}: expected 4 dims (batch, heads, tokens, head_dim) (fk.attention itself also takes SDPA's "
+            f"layouts of 2 or more dims, (..., tokens, head_dim)), got shape {tuple(x.shape)}"
         )
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
