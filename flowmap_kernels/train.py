@@ -2,7 +2,7 @@
 
     python -m flowmap_kernels.train                                   # demo: TVM on checkerboard
     python -m flowmap_kernels.train --method meanflow --data moons --steps 3000 --out runs/mf
-    python -m flowmap_kernels.train --out runs/mf --steps 6000 --resume    # continue bit-for-bit
+    python -m flowmap_kernels.train --method meanflow --data moons --out runs/mf --steps 6000 --resume  # continue
     torchrun --nproc_per_node 2 -m flowmap_kernels.train --method tvm --steps 200
 
 Writes into --out (rank 0 only, but sharded checkpoints from every rank): checkpoint.pt (model, EMA,
