@@ -80,7 +80,30 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise ValueError(f"--resume: {path} is not a checkpoint of this training loop (missing {missing})")
+    _check_contents(ck, path)
     return ck
+
+
+_RNG_KEYS = ("torch", "numpy", "python", "data")
+
+
+def _check_contents(ck: dict, path) -> None:
+    """The loop's own fields of a checkpoint (or sharded extras) of the kinds it wrote: a file with the right keys
+    but other contents is a ValueError naming the file and the field (not a KeyError or TypeError later)."""
+    def number(x, integer=False):
+        return not isinstance(x, bool) and isinstance(x, int if integer else (int, float))
+    checks = (("step", lambda v: number(v, True) and v >= 0, "an integer >= 0"),
+              ("world_size", lambda v: number(v, True) and v >= 1, "an integer >= 1"),
+              ("train_time", number, "a number"),
+              ("losses", lambda v: isinstance(v, list) and all(map(number, v)), "a list of numbers"),
+              ("args", lambda v: isinstance(v, dict), "a dict of flags"),
+              ("rng", lambda v: isinstance(v, list) and all(isinstance(r, dict) and all(k in r for k in _RNG_KEYS)
+                                                             for r in v), f"per-rank RNG states {list(_RNG_KEYS)}"),
+              ("ema", lambda v: isinstance(v, dict) and number(v.get("num_updates"), True), "an EMA state"))
+    for key, ok, expected in checks:
+        if not ok(ck[key]):
+            raise ValueError(f"--resume: {path} is not a checkpoint of this training loop ({key}: expected "
+                             f"{expected}, got {type(ck[key]).__name__})")
 
 
 # ---------------------------------------------------------------- sharded (torch.distributed.checkpoint)
@@ -176,6 +199,7 @@ def load_sharded_extras(path) -> dict:
                if not isinstance(ex, dict) or k not in ex]
     if missing:
         raise ValueError(f"--resume: {f} is not a checkpoint of this training loop (missing {missing})")
+    _check_contents(ex, f)
     return ex
 
 

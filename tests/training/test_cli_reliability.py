@@ -78,8 +78,12 @@ def _bad_checkpoints(good: Path):
     torch.manual_seed(0)
     from flowmap_kernels.models import MLPFlowMap
     wrong = dict(ck, model=MLPFlowMap((2,), hidden=8, depth=1).state_dict())  # same flags, other shapes
+    rng = [{k: v for k, v in r.items() if k != "torch"} for r in ck["rng"]]
     return {"truncated": raw[: len(raw) // 2], "empty": b"", "random": os.urandom(4096),
-            "not-a-checkpoint": {"weights": torch.zeros(3)}, "other-shape": wrong}
+            "not-a-checkpoint": {"weights": torch.zeros(3)}, "other-shape": wrong,
+            # the right keys, other contents (a KeyError / int() traceback before)
+            "step-not-a-number": dict(ck, step="x"), "rng-without-torch": dict(ck, rng=rng),
+            "losses-not-a-list": dict(ck, losses=3.0)}
 
 
 def test_resume_rejects_bad_checkpoint_files(trained, tmp_path, capsys):
