@@ -51,7 +51,7 @@ def _names(parser: argparse.ArgumentParser, flag: str, value: str, known, what: 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors (exit status 2) before the run: device, batch, repeats, warm-up runs, backends, methods,
-    threads."""
+    threads. ``args.backends`` / ``args.methods`` become the checked name lists."""
     from .harness import device_error, require_ints
     from ..backends import BACKEND_NAMES
     from ..methods import METHODS
@@ -60,9 +60,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--device: {problem}")
     require_ints(parser, args, "batch", "repeats")
     require_ints(parser, args, "warmup", minimum=0)
-    _names(parser, "--backends", args.backends, list(BACKEND_NAMES), "backend")
+    args.backends = _names(parser, "--backends", args.backends, list(BACKEND_NAMES), "backend")
     if args.methods is not None:
-        _names(parser, "--methods", args.methods, sorted(METHODS), "method")
+        args.methods = _names(parser, "--methods", args.methods, sorted(METHODS), "method")
     if args.threads < 0:
         parser.error(f"--threads: expected an integer >= 0 (0: torch's default), got {args.threads}")
 
@@ -84,10 +84,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         records = run_fpe(model=args.model, device=args.device, batch=args.batch, repeats=args.repeats,
-                          warmup=args.warmup, backends=[b.strip() for b in args.backends.split(",") if b.strip()],
-                          methods=None if args.methods is None else
-                          [m.strip() for m in args.methods.split(",") if m.strip()],
-                          seed=args.seed, measure_time=not args.no_time, measure_memory=not args.no_memory,
+                          warmup=args.warmup, backends=args.backends, methods=args.methods, seed=args.seed,
+                          measure_time=not args.no_time, measure_memory=not args.no_memory,
                           dtype=getattr(torch, args.dtype),
                           log=None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
     except ValueError as e:
