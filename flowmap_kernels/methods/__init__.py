@@ -56,14 +56,26 @@ def guidance_input_dim(method, cfg=None, model_kind: str = "mlp") -> int:
     return 0
 
 
+# The settings that make a method's training target guided (it mixes in the null class's output): (key, active).
+_GUIDED_TARGET = {"meanflow": (("cfg_scale", lambda v: v != 1.0), ("cfg_kappa", lambda v: v != 0.0)),
+                  "imf": (("cfg_omega_max", lambda v: v > 0),),
+                  "tvm": (("cfg_scale", lambda v: v != 1.0), ("cfg_scale_range", lambda v: v is not None))}
+
+
+def guided_target_settings(method, cfg=None) -> dict:
+    """{key: value} of the settings that make training ``method`` with ``cfg`` use a guided target (MeanFlow
+    cfg_scale != 1 or cfg_kappa != 0, iMF cfg_omega_max > 0, TVM cfg_scale != 1 or cfg_scale_range); {} when
+    guidance is off."""
+    c = {**method.DEFAULTS, **dict(cfg or {})}
+    return {k: c[k] for k, active in _GUIDED_TARGET.get(method.NAME, ()) if k in c and active(c[k])}
+
+
 def uses_null_class(method, cfg=None) -> bool:
     """Whether training ``method`` with ``cfg`` on labelled data needs the model's null class: label dropout
-    (cfg_dropout > 0) or a guided target (MeanFlow cfg_scale != 1 or cfg_kappa != 0, iMF / TVM guidance
-    inputs). For building the network (MLPFlowMap null_class)."""
+    (cfg_dropout > 0) or a guided target (:func:`guided_target_settings`). For building the network
+    (MLPFlowMap null_class)."""
     c = {**method.DEFAULTS, **dict(cfg or {})}
-    if c.get("cfg_dropout", 0) > 0 or guidance_input_dim(method, cfg) > 0:
-        return True
-    return method.NAME == "meanflow" and (c.get("cfg_scale", 1.0) != 1.0 or c.get("cfg_kappa", 0.0) != 0.0)
+    return c.get("cfg_dropout", 0) > 0 or bool(guided_target_settings(method, cfg))
 
 
 def uses_aux_velocity(method, cfg=None) -> bool:
@@ -87,4 +99,5 @@ def get_method(name: str):
     return METHODS[name]
 
 
-__all__ = ["METHODS", "get_method", "prepare_model", "guidance_input_dim", "uses_null_class", "uses_aux_velocity"]
+__all__ = ["METHODS", "get_method", "prepare_model", "guidance_input_dim", "guided_target_settings", "uses_null_class",
+           "uses_aux_velocity"]

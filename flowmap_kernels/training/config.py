@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..data import get_dataset
-from ..methods import METHODS, get_method
+from ..methods import METHODS, get_method, guided_target_settings
 from ..methods._common import REDUCTIONS, TIME_DISTS, VELOCITIES
 from ..methods.scm import PARAMS as SCM_PARAMS
 
@@ -407,22 +407,12 @@ def resolve_config(args) -> TrainConfig:
         eval_ema_decay=float(eval_ema_decay), warnings=tuple(notes))
 
 
-def guided_target_settings(method, method_cfg: dict) -> list:
-    """The --cfg settings that make ``method`` train a guided target (MeanFlow cfg_scale / cfg_kappa, iMF
-    cfg_omega_max, TVM cfg_scale / cfg_scale_range), as "key=value" strings; [] when guidance is off."""
-    c = {**method.DEFAULTS, **method_cfg}
-    on = {"meanflow": (("cfg_scale", lambda v: v != 1.0), ("cfg_kappa", lambda v: v != 0.0)),
-          "imf": (("cfg_omega_max", lambda v: v > 0),),
-          "tvm": (("cfg_scale", lambda v: v != 1.0), ("cfg_scale_range", lambda v: v is not None))}
-    return [f"{k}={json.dumps(c[k])}" for k, active in on.get(method.NAME, ()) if active(c[k])]
-
-
 def _check_guided_target(method, method_cfg: dict, cond: bool, notes: list) -> None:
     """A guided training target applies only to labelled runs (without --cond it is off: noted), and its
     unconditional velocity is the model's null class, which only label dropout trains: with --cond it
     needs cfg_dropout > 0 (ValueError naming --cfg-dropout; without it the target mixes in the output of an
     embedding row that never receives a gradient)."""
-    keys = guided_target_settings(method, method_cfg)
+    keys = [f"{k}={json.dumps(v)}" for k, v in guided_target_settings(method, method_cfg).items()]
     if not keys:
         return
     if not cond:
