@@ -96,7 +96,8 @@ DIT_CONFIGS = [("ring", False, False), ("ring", True, False), ("ulysses", False,
 def _world4_job(rank, world):
     return dict(attention=attention_cases(rank, world, CASES), shard=shard_gather_checks(rank, world),
                 mask_grad=mask_grad_cases(rank, world, MASK_GRAD_CASES),
-                subgroups=subgroup_cases(rank, world, SUBGROUP_CASES), autocast=autocast_check(rank, world))
+                subgroups=subgroup_cases(rank, world, SUBGROUP_CASES), autocast=autocast_check(rank, world),
+                empty=empty_sequence_checks(rank, world))
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +140,11 @@ def test_bad_input_errors(world2):
     assert all(world2["errors"].values()), world2["errors"]
 
 
-def test_empty_sequences(world2):
+@pytest.mark.parametrize("world", [2, 4])
+def test_empty_sequences(world, world2, world4):
     """Zero keys, zero queries or neither over the whole group: zeros as in the local attention, both modes;
     gather_sequence of an empty sequence."""
-    res = world2["empty"]
+    res = (world2 if world == 2 else world4)["empty"]
     assert len(res) == 7 and all(v == 1.0 for v in res.values()), res
 
 

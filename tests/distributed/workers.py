@@ -483,7 +483,7 @@ def empty_sequence_checks(rank, world):
     keys give O = tO = 0, no queries an empty O; gradients of the right shapes, zero. ``gather_sequence``
     of an empty sequence. {check: 1.0 when it held} (Ulysses used to fail in torch.cat of no pieces)."""
     g = torch.Generator().manual_seed(6)
-    q = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64)
+    q = torch.randn(1, 4, 3, 4, generator=g, dtype=torch.float64)  # (4 heads: Ulysses on 2 or 4 ranks)
     res = {}
     for mode in ("ring", "ulysses"):
         for name, (lq, lk) in {"no_keys": (3, 0), "no_queries": (0, 3), "neither": (0, 0)}.items():
