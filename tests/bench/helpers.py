@@ -1,5 +1,8 @@
-"""Stand-in models for the FPE benchmark tests."""
+"""Stand-in models for the FPE benchmark tests, and the scripts under benchmarks/ as modules."""
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,3 +38,12 @@ def build_allgrad(batch: int = 8, d: int = 12):
     model = AllGradMLP(d)
     x0 = torch.randn(batch, d, generator=torch.Generator().manual_seed(4))
     return model, x0, None, {"model": "allgrad-mlp", "model_impl": "tests.bench.helpers.AllGradMLP"}
+
+
+def benchmark_script(name: str):
+    """benchmarks/<name>.py loaded as a module (the folder is not a package the tests import from)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

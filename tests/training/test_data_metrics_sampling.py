@@ -327,12 +327,8 @@ def test_cfg_sampling_changes_class_fidelity_after_short_training():
 def test_quality_benchmark_strict_columns(tmp_path):
     """benchmarks/quality_2d.strict_columns on saved samples: data itself scores floor ~1, in-support 1,
     class accuracy ~1 with the loop's labels (sample i drawn for label i % num_classes)."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("quality_2d", Path(__file__).resolve().parents[2] / "benchmarks"
-                                                  / "quality_2d.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from tests.bench.helpers import benchmark_script
+    mod = benchmark_script("quality_2d")
     ds = get_dataset("eight_gaussians")
     x, y = ds.sample(1600, generator=torch.Generator().manual_seed(0), with_labels=True)
     order = torch.argsort(y, stable=True)  # arrange so that sample i has label i % 8
