@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..data import get_dataset
-from ..methods import METHODS, get_method, guided_target_settings
+from ..methods import (METHODS, get_method, guidance_input_dim, guided_target_settings, uses_aux_velocity,
+                       uses_null_class)
 from ..methods._common import REDUCTIONS, TIME_DISTS, VELOCITIES
 from ..methods.scm import PARAMS as SCM_PARAMS
 
@@ -431,7 +432,6 @@ def _check_guidance(method, method_cfg: dict, kind: str, gs: float, notes: list)
     (cfg_dropout > 0); a method whose guidance is a model input (GUIDANCE "input": iMF, "scaled_input":
     TVM) needs the network built with that input, which its guidance settings decide (methods.
     guidance_input_dim); a scale outside the trained range is reported (extrapolated)."""
-    from ..methods import guidance_input_dim
     c = {**method.DEFAULTS, **method_cfg}
     mode = getattr(method, "GUIDANCE", "cfg")
     if "cfg_dropout" not in c:
@@ -525,7 +525,6 @@ def network_form(method_name: str, method_cfg: dict, cond: bool, guidance_scale,
     """What the method settings add to the loop's network (loop.build_model): ``null_class`` (the MLP's
     null-class row: label dropout, a guided target or --guidance-scale; None for the DiT, which always has
     one), ``guidance_dim`` (iMF / TVM guidance inputs, with labels) and ``aux_velocity`` (iMF's aux_head)."""
-    from ..methods import guidance_input_dim, uses_aux_velocity, uses_null_class
     method, kind = get_method(method_name), model_kind(model_flag, ds)
     labels = ds.num_classes if cond else None
     null = (bool(labels) and (uses_null_class(method, method_cfg) or guidance_scale is not None)
