@@ -23,6 +23,13 @@ from . import naive
 from .problem import ElementwiseProblem, NormProblem, OperandLayout, rows_view
 
 
+def _output(t, shape):
+    """``t`` in ``shape`` as a Function output that is not a view to autograd (``aten._unsafe_view``, as torch's
+    own composite ops return theirs): views made inside a Function's forward forbid in-place ops on its outputs
+    (``y = linear(x); y += r``), which every torch op allows."""
+    return torch.ops.aten._unsafe_view(t, shape)
+
+
 def _table_grad(p, layout: Optional[OperandLayout], R: int, rpc: int, dtype):
     """Chunk partial sums (R // rpc, C) -> the operand's gradient in its own shape and dtype."""
     if layout is None or p is None or p.dim() != 2:  # absent operands come back as (0,) placeholders
@@ -112,7 +119,7 @@ class NormFunction(torch.autograd.Function):
     def forward(x, scale, shift, cfg: NormProblem):
         y, stats = K.norm_forward(rows_view(x), _tab(cfg.scale_layout, scale), _tab(cfg.shift_layout, shift),
                                   cfg.offset, cfg.center, cfg.eps, cfg.backend)
-        return y.view(cfg.x_shape), stats
+        return _output(y, cfg.x_shape), stats
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -145,7 +152,7 @@ class NormJVPFunction(torch.autograd.Function):
         y, ty, stats = K.norm_jvp_forward(rows_view(x), rows_view(tx), _tab(ss, scale), _tab(hs, shift),
                                           _tab(ss, tscale), _tab(hs, tshift), cfg.offset, cfg.center, cfg.eps,
                                           cfg.backend)
-        return y.view(cfg.x_shape), ty.view(cfg.x_shape), stats
+        return _output(y, cfg.x_shape), _output(ty, cfg.x_shape), stats
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -189,7 +196,7 @@ class GeluFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, bias, cfg: ElementwiseProblem):
-        return K.gelu_forward(rows_view(x), _tab(cfg.layout, bias), cfg.backend).view(cfg.x_shape)
+        return _output(K.gelu_forward(rows_view(x), _tab(cfg.layout, bias), cfg.backend), cfg.x_shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -223,7 +230,7 @@ class GeluJVPFunction(torch.autograd.Function):
     def forward(x, tx, bias, tbias, cfg: ElementwiseProblem):
         y, ty = K.gelu_jvp_forward(rows_view(x), rows_view(tx), _tab(cfg.layout, bias), _tab(cfg.layout, tbias),
                                    cfg.backend)
-        return y.view(cfg.x_shape), ty.view(cfg.x_shape)
+        return _output(y, cfg.x_shape), _output(ty, cfg.x_shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -264,7 +271,7 @@ class GatedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, gate, y, cfg: ElementwiseProblem):
-        return K.gated_forward(rows_view(x), _tab(cfg.layout, gate), rows_view(y), cfg.backend).view(cfg.x_shape)
+        return _output(K.gated_forward(rows_view(x), _tab(cfg.layout, gate), rows_view(y), cfg.backend), cfg.x_shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -296,7 +303,7 @@ class GatedJVPFunction(torch.autograd.Function):
         sp = cfg.layout
         out, tout = K.gated_jvp_forward(rows_view(x), rows_view(tx), _tab(sp, gate), _tab(sp, tgate), rows_view(y),
                                         rows_view(ty), cfg.backend)
-        return out.view(cfg.x_shape), tout.view(cfg.x_shape)
+        return _output(out, cfg.x_shape), _output(tout, cfg.x_shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -350,7 +357,8 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, backend: str):
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)  # a view of the 2-D product when x has more than two dims
+        return _output(y, y.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -405,7 +413,7 @@ class LinearJVPFunction(torch.autograd.Function):
         R, N = _lead_rows(x), weight.shape[0]
         out = K.linear_jvp_forward(x.reshape(R, x.shape[-1]), tx.reshape(R, x.shape[-1]), weight, bias, tweight, tbias)
         shape = x.shape[:-1] + (N,)
-        return out[:R].view(shape), out[R:].view(shape)
+        return _output(out[:R], shape), _output(out[R:], shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -439,12 +447,9 @@ class LinearJVPFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
-        """Forward-over-forward (nested torch.func.jvp): the naive formula's JVP (bilinear in x and W). y and ty
-        are views of one stacked buffer; their tangents are laid out the same way (forward AD requires it)."""
+        """Forward-over-forward (nested torch.func.jvp): the naive formula's JVP (bilinear in x and W)."""
         dy, dty = forward_over_forward(naive_linear_jvp, ctx.saved_tensors, tangents, True)
-        R = _lead_rows(dy)
-        stacked = torch.cat([dy.reshape(R, dy.shape[-1]), dty.reshape(R, dty.shape[-1])])
-        return stacked[:R].view(dy.shape), (stacked[R:].view(dty.shape) if ctx.tangent_grad else None)
+        return dy, (dty if ctx.tangent_grad else None)
 
 
 # ---- torch.func.vmap: one call per example ---------------------------------------------------------------
