@@ -2,7 +2,9 @@
 
 ``acc_dtype``               the accumulation dtype of the kernels: float64 for float64 inputs, else float32.
 ``zeros_if_none``           a missing tangent / cotangent (None) as zeros of its primal's shape.
-``unpack_duals``            primals and forward-AD tangents of (possibly dual) inputs; ``make_dual`` repacks.
+``unpack_duals``            primals and forward-AD tangents of (possibly dual) inputs; ``make_dual`` repacks;
+                            ``apply_on_unpacked`` / ``redual_saved``: a Function applied to them keeps
+                            forward-over-reverse (autograd.grad with create_graph=True inside the dual level).
 ``triton_interpreter``      whether Triton runs its kernels in the CPU interpreter (TRITON_INTERPRET=1).
 ``no_tangent_grad``         a region whose explicit-tangent ops return tangents without gradient (the
                             caller stops the gradient of the JVP): their backward runs the primal kernels.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -50,16 +53,60 @@ def unpack_duals(*ts):
     Inside torch.func.vmap under an outer jvp (jvp of vmap) a batched input's tangent lies below the batch
     level, where PyTorch cannot unpack it: if any input is batched, every input comes back as given with
     tangent None, so that the caller applies its primal autograd.Function, whose vmap and jvp rules carry
-    all the tangents (unpacking only the shared inputs' would split them between two paths)."""
+    all the tangents (unpacking only the shared inputs' would split them between two paths). The same when a
+    tangent is batched by the legacy vmap (gradcheck's check_batched_forward_grad), which cannot repack a
+    dual output (no batching rule for ``alias``)."""
     if any(isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t) for t in ts):
         return list(ts), [None] * len(ts)
     pairs = [tuple(fwAD.unpack_dual(t)) if isinstance(t, torch.Tensor) else (t, None) for t in ts]
+    if any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for _, t in pairs):
+        return list(ts), [None] * len(ts)
     return [p for p, _ in pairs], [t for _, t in pairs]
 
 
 def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     """Repack an output and its tangent as a dual tensor of the current forward-AD level."""
     return fwAD.make_dual(primal, tangent)
+
+
+_UNPACKED = threading.local()
+
+
+def apply_on_unpacked(function: type, *args):
+    """``function.apply(*args)`` for an explicit-tangent Function whose operands and tangents are the unpacked
+    primals and tangents of dual inputs at the current forward-AD level; its setup_context records that level
+    (:func:`record_tangent_output`) so that its backward can :func:`redual_saved`."""
+    if torch.compiler.is_compiling():
+        return function.apply(*args)
+    previous = getattr(_UNPACKED, "level", None)
+    _UNPACKED.level = fwAD._current_level
+    try:
+        return function.apply(*args)
+    finally:
+        _UNPACKED.level = previous
+
+
+def record_dual_level(ctx) -> None:
+    """setup_context of an explicit-tangent Function: the forward-AD level whose duals it was applied to
+    unpacked (:func:`apply_on_unpacked`), else None."""
+    ctx.dual_level = getattr(_UNPACKED, "level", None)
+
+
+def redual_saved(ctx, tensors: Sequence, pairs: Sequence[tuple]) -> tuple:
+    """Forward-over-reverse (torch.autograd.grad(..., create_graph=True) inside the forward_ad level whose dual
+    inputs were unpacked, e.g. a Hessian-vector product or gradcheck's check_fwd_over_rev): the saved operands
+    ``tensors[i]`` as duals with their tangents ``tensors[j]`` for each (i, j) in ``pairs``, so that the
+    gradients carry their tangents (by the backward Functions' jvp rules: the naive recomputation, as every
+    second derivative here). Otherwise ``tensors`` unchanged: a backward without create_graph inside the level
+    (a training step's loss.backward()) stays first order; its gradients carry no tangent."""
+    level = getattr(ctx, "dual_level", None)
+    if level is None or level < 0 or level != fwAD._current_level or not torch.is_grad_enabled():
+        return tuple(tensors)
+    out = list(tensors)
+    for i, j in pairs:
+        if tensors[i] is not None and tensors[j] is not None:
+            out[i] = fwAD.make_dual(tensors[i], tensors[j])
+    return tuple(out)
 
 
 class _TangentGrad:
@@ -77,6 +124,7 @@ def record_tangent_output(ctx, tangent: torch.Tensor) -> None:
     differentiable; inside :func:`flowmap_kernels.func.jvp` with ``tangent_grad=False`` it is not (marked
     non-differentiable), and the op's backward takes the primal path (no backward through the tangent)."""
     ctx.tangent_grad = TANGENT_GRAD.enabled
+    record_dual_level(ctx)
     if not ctx.tangent_grad:
         ctx.mark_non_differentiable(tangent)
 

@@ -30,8 +30,8 @@ import dataclasses
 
 import torch
 
-from .._autodiff import (forward_over_forward, jvp_by_reverse, jvp_of_vjp, record_tangent_output, vjp_of_vjp,
-                         without_jvp, zeros_if_none)
+from .._autodiff import (forward_over_forward, jvp_by_reverse, jvp_of_vjp, record_tangent_output, redual_saved,
+                         vjp_of_vjp, without_jvp, zeros_if_none)
 from . import kernels, naive
 from .problem import AttentionProblem, check_tangent_dtypes
 
@@ -218,6 +218,7 @@ class AttentionJVPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dto, _dlse, _dmu):
         q, k, v, tq, tk, tv, mask, o, to, lse, mu = ctx.saved_tensors
+        q, k, v = redual_saved(ctx, (q, k, v, tq, tk, tv), ((0, 3), (1, 4), (2, 5)))[:3]
         p = _with_mask_grad(ctx, ctx.problem, 6)
         none3 = (None, None, None)
         if dto is None or not ctx.tangent_grad:

@@ -5,8 +5,8 @@ from typing import Optional
 
 import torch
 
-from .._autodiff import (float32_tangents, follows_autocast, for_compile, make_dual, tangent_dtype_allowed,
-                         unpack_duals, widened_jvp, zeros_if_none)
+from .._autodiff import (apply_on_unpacked, float32_tangents, follows_autocast, for_compile, make_dual,
+                         tangent_dtype_allowed, unpack_duals, widened_jvp, zeros_if_none)
 from . import naive
 from ..backends import get_backend
 from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPCompiledFunction,
@@ -118,7 +118,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         # Forward mode (torch.func.jvp or forward_ad): one fused pass for O and tO, whose backward runs
         # through both outputs at once, instead of a forward followed by the JVP rule's own pass.
         tangents = [zeros_if_none(t, x) for t, x in zip(tangents, primals)]
-        o, to, _, _ = AttentionJVPFunction.apply(*primals, *tangents, attn_mask, p, name)
+        o, to, _, _ = apply_on_unpacked(AttentionJVPFunction, *primals, *tangents, attn_mask, p, name)
         return make_dual(o, to)
     o, _ = AttentionFunction.apply(query, key, value, attn_mask, p, name)
     return o

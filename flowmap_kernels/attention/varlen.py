@@ -20,8 +20,9 @@ import torch
 
 from . import kernels, varlen_naive
 from ..backends import get_backend
-from .._autodiff import (follows_autocast, for_compile, forward_over_forward, make_dual, unpack_duals, vjp_of_vjp,
-                         without_jvp, zeros_if_none)
+from .._autodiff import (apply_on_unpacked, follows_autocast, for_compile, forward_over_forward, jvp_of_vjp,
+                         make_dual, record_dual_level, redual_saved, unpack_duals, vjp_of_vjp, without_jvp,
+                         zeros_if_none)
 from .varlen_problem import VarlenProblem, make_varlen_problem, offsets_int32
 from .varlen_registry import ATTENTION_VARLEN
 
@@ -82,10 +83,12 @@ class VarlenJVPFunction(torch.autograd.Function):
         ctx.save_for_forward(q, k, v, tq, tk, tv)
         ctx.mark_non_differentiable(lse, mu)
         ctx.set_materialize_grads(False)
+        record_dual_level(ctx)
 
     @staticmethod
     def backward(ctx, do, dto, _dlse, _dmu):
         q, k, v, tq, tk, tv, cu_q, cu_k, o, to, lse, mu = ctx.saved_tensors
+        q, k, v = redual_saved(ctx, (q, k, v, tq, tk, tv), ((0, 3), (1, 4), (2, 5)))[:3]
         none4 = (None,) * 4
         if dto is None:
             if do is None:
@@ -118,6 +121,7 @@ class VarlenPrimalBackward(torch.autograd.Function):
         q, k, v, o, lse, do, cu_q, cu_k, problem, backend = inputs
         ctx.problem = problem
         ctx.save_for_backward(q, k, v, do)
+        ctx.save_for_forward(q, k, v, do)
 
     @staticmethod
     def backward(ctx, gdq, gdk, gdv):
@@ -126,6 +130,15 @@ class VarlenPrimalBackward(torch.autograd.Function):
         (gq, gk, gv), (gdo,) = vjp_of_vjp(lambda a, b, c: (varlen_naive.attention(a, b, c, p),), (q, k, v),
                                           (do,), (gdq, gdk, gdv))
         return gq, gk, gv, None, None, gdo, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _to, _tlse, tdo, _tcu_q, _tcu_k, _tproblem, _tbackend):
+        """Forward-over-reverse (torch.func.hessian, forward_ad over autograd.grad): the naive recomputation's
+        JVP (O and lse are functions of q, k, v, whose tangents it follows)."""
+        q, k, v, do = ctx.saved_tensors
+        p = ctx.problem
+        return tuple(jvp_of_vjp(lambda a, b, c: (varlen_naive.attention(a, b, c, p),), (q, k, v), (do,),
+                                (tq, tk, tv), (tdo,))[:3])
 
 
 class VarlenJVPBackward(torch.autograd.Function):
@@ -139,6 +152,7 @@ class VarlenJVPBackward(torch.autograd.Function):
         q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, problem, backend = inputs
         ctx.problem = problem
         ctx.save_for_backward(q, k, v, tq, tk, tv, do, dto)
+        ctx.save_for_forward(q, k, v, tq, tk, tv, do, dto)
 
     @staticmethod
     def backward(ctx, *ggrads):
@@ -147,6 +161,14 @@ class VarlenJVPBackward(torch.autograd.Function):
         xs, (gdo, gdto) = vjp_of_vjp(lambda *a: varlen_naive.attention_jvp(*a, p), (q, k, v, tq, tk, tv),
                                      (do, dto), ggrads)
         return (*xs, None, None, None, None, gdo, gdto, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, ttq, ttk, ttv, _to, _tto, _tlse, _tmu, tdo, tdto, _tcu_q, _tcu_k, _tproblem, _tbackend):
+        """Forward-over-reverse through (O, tO): the naive recomputation's JVP."""
+        q, k, v, tq0, tk0, tv0, do, dto = ctx.saved_tensors
+        p = ctx.problem
+        return tuple(jvp_of_vjp(lambda *a: varlen_naive.attention_jvp(*a, p), (q, k, v, tq0, tk0, tv0), (do, dto),
+                                (tq, tk, tv, ttq, ttk, ttv), (tdo, tdto))[:6])
 
 
 def resolve_varlen_backend(problem: VarlenProblem, backend=None) -> str:
@@ -179,7 +201,7 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     if any(t is not None for t in tangents):
         # Forward mode: one fused pass for O and tO whose backward runs through both outputs at once.
         tangents = [zeros_if_none(t, x) for t, x in zip(tangents, primals)]
-        o, to, _, _ = VarlenJVPFunction.apply(*primals, *tangents, cu_q, cu_k, p, name)
+        o, to, _, _ = apply_on_unpacked(VarlenJVPFunction, *primals, *tangents, cu_q, cu_k, p, name)
         return make_dual(o, to)
     o, _ = VarlenFunction.apply(query, key, value, cu_q, cu_k, p, name)
     return o

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .._autodiff import (differentiable_backward, forward_over_forward, jvp_by_reverse, record_tangent_output,
-                         vmap_by_example, without_jvp, zeros_if_none)
+                         redual_saved, vmap_by_example, without_jvp, zeros_if_none)
 from . import kernels as K
 from . import naive
 from .problem import ElementwiseProblem, NormProblem, OperandLayout, rows_view
@@ -179,8 +179,8 @@ class NormJVPFunction(torch.autograd.Function):
             return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(ds, ss, R, rpc, dt),
                     _table_grad(dh, hs, R, rpc, dt), _table_grad(dts, ss, R, rpc, dt), _table_grad(dth, hs, R, rpc, dt))
 
-        return differentiable_backward(fused, naive_norm_jvp(cfg), (x, tx, scale, shift, tscale, tshift), (gy, gt),
-                                       (stats,)) + (None,)
+        operands = redual_saved(ctx, (x, tx, scale, shift, tscale, tshift), ((0, 1), (2, 4), (3, 5)))
+        return differentiable_backward(fused, naive_norm_jvp(cfg), operands, (gy, gt), (stats,)) + (None,)
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -256,7 +256,8 @@ class GeluJVPFunction(torch.autograd.Function):
             return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(db, sp, R, rpc, dt),
                     _table_grad(dtb, sp, R, rpc, dt))
 
-        return differentiable_backward(fused, naive_gelu_jvp, (x, tx, bias, tbias), (gy, gt)) + (None,)
+        operands = redual_saved(ctx, (x, tx, bias, tbias), ((0, 1), (2, 3)))
+        return differentiable_backward(fused, naive_gelu_jvp, operands, (gy, gt)) + (None,)
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -331,7 +332,8 @@ class GatedJVPFunction(torch.autograd.Function):
 
         def naive_jvp(g, tg, y_, ty_):
             return g * y_, tg * y_ + g * ty_
-        dg, dtg, dy, dty = differentiable_backward(fused, naive_jvp, (gate, tgate, y, ty), (go, gto))
+        operands = redual_saved(ctx, (gate, tgate, y, ty), ((0, 1), (2, 3)))
+        dg, dtg, dy, dty = differentiable_backward(fused, naive_jvp, operands, (go, gto))
         return go, gto, dg, dtg, dy, dty, None
 
     @staticmethod
@@ -443,7 +445,8 @@ class LinearJVPFunction(torch.autograd.Function):
             dxs, dw, dtw = K.linear_jvp_backward(x2, tx.reshape(R, K_), weight, tweight, gy2, gt2, need_tw)
             return (dxs[:R].view(x.shape), dxs[R:].view(x.shape), dw, gy2.sum(0) if bias is not None else None,
                     dtw if need_tw else None, gt2.sum(0) if tbias is not None else None)
-        return differentiable_backward(fused, naive_linear_jvp, (x, tx, weight, bias, tweight, tbias), (gy, gt))
+        operands = redual_saved(ctx, (x, tx, weight, bias, tweight, tbias), ((0, 1), (2, 4), (3, 5)))
+        return differentiable_backward(fused, naive_linear_jvp, operands, (gy, gt))
 
     @staticmethod
     def jvp(ctx, *tangents):

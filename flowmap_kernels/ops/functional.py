@@ -23,8 +23,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .._autodiff import (autocast_cast, autocast_dtype, autocast_tangent, float32_tangents, follows_autocast,
-                         for_compile, make_dual, unpack_duals, widened_jvp, without_autocast, zeros_if_none)
+from .._autodiff import (apply_on_unpacked, autocast_cast, autocast_dtype, autocast_tangent, float32_tangents,
+                         follows_autocast, for_compile, make_dual, unpack_duals, widened_jvp, without_autocast,
+                         zeros_if_none)
 from . import naive
 from .autograd import (GatedCompiledFunction, GatedFunction, GatedJVPCompiledFunction, GatedJVPFunction,
                        GeluCompiledFunction, GeluFunction, GeluJVPCompiledFunction, GeluJVPFunction,
@@ -138,7 +139,8 @@ def _run(op: _RowOp, operands: tuple, options: tuple = (), kwargs: Optional[dict
     problem = op.make_problem(*primals, *options, op.registry, name)
     if any(t is not None for t in tangents):
         tangents = [zeros_if_none(t, p) for t, p in zip(tangents, primals)]
-        out = for_compile(op.jvp_function, op.compiled_jvp_function).apply(*op.jvp_order(primals, tangents), problem)
+        out = apply_on_unpacked(for_compile(op.jvp_function, op.compiled_jvp_function),
+                                *op.jvp_order(primals, tangents), problem)
         return make_dual(out[0], out[1])
     return _first(for_compile(op.function, op.compiled_function).apply(*op.order(*operands), problem))
 
@@ -241,11 +243,9 @@ def linear(x, weight, bias=None):
     (xp, wp, bp), (tx, tw, tb) = unpack_duals(x, weight, bias)
     if tx is None and tw is None and tb is None:
         return for_compile(LinearFunction, LinearCompiledFunction).apply(x, weight, bias, name)
-    if tx is not None:
-        y, ty = for_compile(LinearJVPFunction, LinearJVPCompiledFunction).apply(xp, tx, wp, bp, tw, tb)
-    else:  # weight / bias tangents only: no product with a zero tx
-        y = F.linear(xp, wp, bp)
-        ty = F.linear(xp, tw, tb) if tw is not None else tb.expand(y.shape)
+    if tx is None:  # weight / bias tangents only: torch's own linear on the duals (no product with a zero tx)
+        return F.linear(x, weight, bias)
+    y, ty = apply_on_unpacked(for_compile(LinearJVPFunction, LinearJVPCompiledFunction), xp, tx, wp, bp, tw, tb)
     return make_dual(y, ty)
 
 
