@@ -72,14 +72,39 @@ def make_dual(primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
 _UNPACKED = threading.local()
 
 
+class _DualLevel:
+    """One entry into a forward-AD level: its index (PyTorch reuses indices) and a dual scalar made in it,
+    whose tangent PyTorch clears when that level exits."""
+
+    def __init__(self):
+        self.index = fwAD._current_level
+        self.sentinel = fwAD.make_dual(torch.zeros(()), torch.zeros(()))
+
+    def active(self) -> bool:
+        return self.index == fwAD._current_level and fwAD.unpack_dual(self.sentinel).tangent is not None
+
+
+def _current_dual_level() -> Optional[_DualLevel]:
+    if fwAD._current_level < 0:
+        return None
+    level = getattr(_UNPACKED, "current", None)
+    if level is None or not level.active():
+        level = _UNPACKED.current = _DualLevel()
+    return level
+
+
 def apply_on_unpacked(function: type, *args):
     """``function.apply(*args)`` for an explicit-tangent Function whose operands and tangents are the unpacked
     primals and tangents of dual inputs at the current forward-AD level; its setup_context records that level
-    (:func:`record_tangent_output`) so that its backward can :func:`redual_saved`."""
+    (:func:`record_tangent_output`) so that its backward can :func:`redual_saved`. Without grad mode, its
+    forward alone (as torch's ops there, the outputs neither require grad nor are leaves, also when an operand
+    requires grad inside torch.func.jvp)."""
+    if not torch.is_grad_enabled():
+        return function.forward(*args)
     if torch.compiler.is_compiling():
         return function.apply(*args)
     previous = getattr(_UNPACKED, "level", None)
-    _UNPACKED.level = fwAD._current_level
+    _UNPACKED.level = _current_dual_level()
     try:
         return function.apply(*args)
     finally:
@@ -98,9 +123,10 @@ def redual_saved(ctx, tensors: Sequence, pairs: Sequence[tuple]) -> tuple:
     ``tensors[i]`` as duals with their tangents ``tensors[j]`` for each (i, j) in ``pairs``, so that the
     gradients carry their tangents (by the backward Functions' jvp rules: the naive recomputation, as every
     second derivative here). Otherwise ``tensors`` unchanged: a backward without create_graph inside the level
-    (a training step's loss.backward()) stays first order; its gradients carry no tangent."""
+    (a training step's loss.backward()), or in another level than the forward's, stays first order; its
+    gradients carry no tangent."""
     level = getattr(ctx, "dual_level", None)
-    if level is None or level < 0 or level != fwAD._current_level or not torch.is_grad_enabled():
+    if level is None or not torch.is_grad_enabled() or not level.active():
         return tuple(tensors)
     out = list(tensors)
     for i, j in pairs:
@@ -109,9 +135,10 @@ def redual_saved(ctx, tensors: Sequence, pairs: Sequence[tuple]) -> tuple:
     return tuple(out)
 
 
-class _TangentGrad:
-    """Whether explicit-tangent ops (attention_jvp, the ops' *_jvp) return a differentiable tangent; read at
-    call time, so under torch.compile it is a constant of the traced graph."""
+class _TangentGrad(threading.local):
+    """Whether explicit-tangent ops (attention_jvp, the ops' *_jvp) return a differentiable tangent, per thread
+    (as the backend selection); read at call time, so under torch.compile it is a constant of the traced
+    graph."""
 
     enabled = True
 

@@ -167,11 +167,11 @@ def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True, tangent_dt
         return (y, ty) if tangent_grad else (y, _detach(ty))
     if tangent_grad:
         return tuple(dual(*primals, *tangents))
-    TANGENT_GRAD.enabled = False
+    previous, TANGENT_GRAD.enabled = TANGENT_GRAD.enabled, False
     try:
         y, ty = dual(*primals, *tangents)
     finally:
-        TANGENT_GRAD.enabled = True
+        TANGENT_GRAD.enabled = previous
     return y, _detach(ty)
 
 
