@@ -85,7 +85,9 @@ class _DualLevel:
 
 
 def _current_dual_level() -> Optional[_DualLevel]:
-    if fwAD._current_level < 0:
+    """The forward_ad level entered by user code; None inside torch.func transforms (they enter levels of their
+    own, whose tensors must not outlive them, and carry forward-over-reverse through the jvp rules)."""
+    if fwAD._current_level < 0 or torch._C._functorch.get_interpreter_stack():
         return None
     level = getattr(_UNPACKED, "current", None)
     if level is None or not level.active():

@@ -77,3 +77,18 @@ def test_tangent_grad_false_stays_in_its_thread():
     finally:
         release.set()
         other.join()
+
+
+def test_forward_ad_after_torch_func_jvp():
+    """torch.func.jvp enters forward_ad levels of its own, whose tensors must not be kept: a later forward_ad
+    computation (with a gradient of its result) works and is exact."""
+    q, tq = _rand(1, 2, 5, 4, seed=8, requires_grad=True), _rand(1, 2, 5, 4, seed=9)
+    with fk.use_backend("torch"):
+        _, want = torch.func.jvp(lambda a: fk.attention(a, a, a), (q,), (tq,))
+        with fwAD.dual_level():
+            d = fwAD.make_dual(q, tq)
+            out = fk.attention(d, d, d)
+            (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+            got = fwAD.unpack_dual(out).tangent
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert g.shape == q.shape
