@@ -4,7 +4,7 @@
 *dual form* of ``f`` when it has one: ``f.forward_jvp(*primals, *tangents)`` returning ``(y, ty)``, built from
 the explicit-tangent ops (``fk.attention_jvp``, ``ops.*_jvp``: one fused pass per op for the primal and the
 tangent, differentiable in both). The package's modules (``nn.Linear``, ``nn.Attention``, ``DiTBlock``,
-``FinalLayer``, ``TimestepEmbedder``, ``DiT``, ``models.MLPFlowMap``, ...) have one; ``bind(model, y=cond)``
+``FinalLayer``, ``TimestepEmbedder``, ``DiT``, ...) have one; ``bind(model, y=cond)``
 fixes keyword arguments and keeps it. Anything else runs torch.func.jvp, with the same results.
 
 Why: inside a region that torch.compile traces, Dynamo traces ``torch.func.jvp`` by differentiating the
@@ -21,6 +21,8 @@ checkpointing) or context parallelism: the dual form would bypass them.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -78,9 +80,67 @@ def forward_mode_active() -> bool:
     return _forward_mode_active_eager()
 
 
+# submodules that the dual forms read without calling (containers, embedding tables); a class of the package
+# declares itself so with a class attribute ``dual_passive = True`` (nn.LabelTable)
+_PASSIVE_MODULES = (nn.ModuleList, nn.ModuleDict, nn.Embedding)
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+
+def _defining_class(cls: type, name: str) -> Optional[type]:
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
+
+
+def _code_names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, type(code)):
+            names |= _code_names(const)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _names_used_by(cls: type) -> frozenset:
+    """Attribute names that the methods of ``cls`` (below nn.Module) mention: the submodules its forward and
+    forward_jvp may call."""
+    names = set()
+    for c in cls.__mro__:
+        if c in (nn.Module, object):
+            continue
+        for member in c.__dict__.values():
+            fn = getattr(member, "__func__", member)
+            if callable(fn) and hasattr(fn, "__code__"):
+                names |= _code_names(fn.__code__)
+    return frozenset(names)
+
+
+def _forward_matches_dual(sub: nn.Module) -> bool:
+    """``sub`` has a forward_jvp written with its forward (not a forward overridden in a subclass below it), or
+    is one of the passive modules the dual forms read without calling, exactly (a swapped-in module of
+    another type, e.g. a LoRA or quantised Linear, has no dual form here)."""
+    cls = type(sub)
+    if not callable(getattr(sub, "forward_jvp", None)):
+        return cls in _PASSIVE_MODULES or cls.__dict__.get("dual_passive", False)
+    fwd, dual = _defining_class(cls, "forward"), _defining_class(cls, "forward_jvp")
+    return fwd is not None and dual is not None and issubclass(dual, fwd)
+
+
+def _dual_tree_intact(module: nn.Module) -> bool:
+    """Every submodule that ``module``'s dual form may call (named in its class's methods, or held in a
+    container it calls) keeps a matching dual form; submodules it never mentions (a loss weight attached to
+    the model, say) are not its concern."""
+    if not _forward_matches_dual(module):
+        return False
+    used = _names_used_by(type(module))
+    for name, child in module.named_children():
+        if isinstance(module, _CONTAINERS) or name in used:
+            if not _dual_tree_intact(child):
+                return False
+    return True
+
+
 def _module_supports_dual(module: nn.Module) -> bool:
-    """No hook, replaced forward or context parallelism anywhere in ``module``: forward_jvp computes what
-    ``module(...)`` does."""
+    """No hook, replaced or overridden forward, swapped-in submodule or context parallelism anywhere in
+    ``module``: forward_jvp computes what ``module(...)`` does."""
     from torch.nn.modules import module as _m
     if _m._global_forward_hooks or _m._global_forward_pre_hooks:
         return False
@@ -89,7 +149,7 @@ def _module_supports_dual(module: nn.Module) -> bool:
             return False
         if getattr(sub, "context_parallel_config", None) is not None:
             return False
-    return True
+    return _dual_tree_intact(module)
 
 
 def dual_form(f: Callable) -> Optional[Callable]:
@@ -107,6 +167,11 @@ def dual_form(f: Callable) -> Optional[Callable]:
         return None
     if not kwargs:
         return method
+    if not torch.compiler.is_compiling():
+        try:  # a keyword that only forward takes (e.g. aux=): torch.func.jvp of the forward
+            inspect.signature(method).bind_partial(**kwargs)
+        except TypeError:
+            return None
     return lambda *args: method(*args, **kwargs)
 
 

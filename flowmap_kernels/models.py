@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from .nn.layers import rebuild_buffers_on_load
 
 __all__ = ["TimeEmbedding", "MLPFlowMap", "GuidanceEmbedding", "TimeWeight", "TrigFlowParam"]
 
@@ -24,8 +25,22 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"dim: must be even, got {dim}")
-        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2)), persistent=False)
+        self.max_freq = float(max_freq)
+        self.register_buffer("freqs", self._freqs(dim // 2), persistent=False)
+        rebuild_buffers_on_load(self)
         self.proj = nn.Linear(dim, dim)
+
+    def _freqs(self, n: int, device=None) -> torch.Tensor:
+        return torch.exp(torch.linspace(0.0, math.log(self.max_freq), n, device=device))
+
+    def reset_buffers(self) -> None:
+        """Rebuild ``freqs`` on its device, in its dtype (also run by ``load_state_dict``)."""
+        if self.freqs.device.type != "meta":
+            with torch.no_grad():
+                self.freqs.copy_(self._freqs(self.freqs.shape[0], self.freqs.device))
+
+    def reset_parameters(self) -> None:
+        self.reset_buffers()
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         a = t[:, None].to(self.freqs.dtype) * self.freqs

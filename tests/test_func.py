@@ -147,6 +147,61 @@ def test_plain_callables_and_unsupported_modules_run_torch_func_jvp():
                                                     num_heads=2, freq_dim=8)))
 
 
+def _tiny_dit():
+    return _randomise(DiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8)).double()
+
+
+class _TwiceDiT(DiT):
+    def forward(self, *args, **kwargs):  # forward overridden below the class that wrote forward_jvp
+        return 2 * super().forward(*args, **kwargs)
+
+
+class _LoRALinear(torch.nn.Module):
+    """A swapped-in wrapper (LoRA, quantisation) around the package's Linear, without a dual form."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base, self.down = base, torch.nn.Linear(base.weight.shape[1], 2, bias=False).double()
+        self.up = torch.nn.Linear(2, base.weight.shape[0], bias=False).double()
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("change", ["subclass_forward", "swapped_submodule", "forward_only_keyword"])
+def test_a_model_whose_forward_left_its_dual_form_runs_torch_func_jvp(change):
+    """fk.func.jvp equals torch.func.jvp of the forward when forward_jvp no longer computes what forward does: a
+    subclass overriding forward, a submodule replaced by one without a dual form, a keyword only forward takes
+    (bind(model, aux=False))."""
+    m = _tiny_dit()
+    kwargs = {"y": torch.tensor([1, 2])}
+    if change == "subclass_forward":
+        twice = _TwiceDiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8).double()
+        twice.load_state_dict(m.state_dict())
+        m = twice
+    elif change == "swapped_submodule":
+        m.blocks[0].attn.proj = _LoRALinear(m.blocks[0].attn.proj)
+    else:
+        kwargs["aux"] = False
+    f = func.bind(m, **kwargs)
+    assert not func.has_dual_form(f)
+    x, s, t = _randn(2, 1, 4, 4, seed=0), _randn(2, seed=1).abs(), _randn(2, seed=2).abs()
+    tangents = (_randn(2, 1, 4, 4, seed=3), torch.zeros(2, dtype=D), torch.ones(2, dtype=D))
+    got, want = func.jvp(f, (x, s, t), tangents), torch.func.jvp(f, (x, s, t), tangents)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_submodule_the_forward_never_calls_keeps_the_dual_form():
+    """A module attached to the model but not used by its forward (sCM's adaptive loss weight) or a submodule
+    of the package's own type does not turn the dual form off."""
+    from flowmap_kernels.models import TimeWeight
+    m = _tiny_dit()
+    m.loss_weight = TimeWeight().double()
+    assert func.has_dual_form(m)
+    m.blocks[0].attn.proj = Linear(16, 16).double()
+    assert func.has_dual_form(m)
+
+
 def test_checkpointed_dit_falls_back_with_equal_results():
     m = _randomise(DiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8), std=0.2).double()
     plain = func.jvp(func.bind(m, y=None), *_dit_args(4))

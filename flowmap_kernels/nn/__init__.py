@@ -1,7 +1,7 @@
 """DiT modules on the fused JVP primitives: Attention, DiTBlock, DiT (two flow-map times s, t)."""
 from .dit import DiT, dit_tiny, sincos_pos_embed_2d
 from .layers import (Attention, DiTBlock, FinalLayer, LabelEmbedder, Linear, Mlp, RMSNorm, TimestepEmbedder,
-                     timestep_embedding)
+                     init_weights, timestep_embedding)
 
 __all__ = ["Attention", "DiTBlock", "DiT", "dit_tiny", "FinalLayer", "LabelEmbedder", "Linear", "Mlp", "RMSNorm",
-           "TimestepEmbedder", "timestep_embedding", "sincos_pos_embed_2d"]
+           "TimestepEmbedder", "timestep_embedding", "sincos_pos_embed_2d", "init_weights"]

@@ -10,26 +10,27 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from .layers import DiTBlock, FinalLayer, LabelEmbedder, Linear, TimestepEmbedder, check_mlp_ratio, check_size
+from .layers import (DiTBlock, FinalLayer, LabelEmbedder, Linear, TimestepEmbedder, check_mlp_ratio, check_size,
+                     rebuild_buffers_on_load)
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (grid*grid, dim)."""
+def sincos_pos_embed_2d(dim: int, grid: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (grid*grid, dim), float32 (computed in float64), on ``device`` (default:
+    torch's current default device, so that a model built under ``torch.device("meta")`` allocates nothing)."""
     if dim % 4:
         raise ValueError(f"hidden_size: must be a multiple of 4 for 2-D sin-cos embeddings, got {dim}")
 
     def one(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64, device=device) / (d / 2.0))
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
-    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
-    emb = np.concatenate([one(dim // 2, gh), one(dim // 2, gw)], axis=1)
-    return torch.from_numpy(emb).float()
+    axis = torch.arange(grid, dtype=torch.float64, device=device)
+    gh, gw = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.cat([one(dim // 2, gh), one(dim // 2, gw)], dim=1).float()
 
 
 class DiT(nn.Module):
@@ -73,6 +74,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size, freq_dim)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
+        rebuild_buffers_on_load(self)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
         if guidance_dim not in (0, 1):
@@ -87,6 +89,17 @@ class DiT(nn.Module):
             from ..activation_checkpoint import checkpoint_mode_and_policy, apply_activation_checkpointing
             mode, policy = checkpoint_mode_and_policy(checkpoint_blocks)
             apply_activation_checkpointing(self, mode, policy=policy)
+
+    def reset_buffers(self) -> None:
+        """Rebuild ``pos_embed`` on its device, in its dtype (also run by ``load_state_dict``)."""
+        pe = self.pos_embed
+        if pe.device.type != "meta":
+            with torch.no_grad():
+                pe.copy_(sincos_pos_embed_2d(pe.shape[-1], self.grid, device=pe.device)[None])
+
+    def reset_parameters(self) -> None:
+        """The DiT's own state (its computed buffer); :func:`init_weights` resets the whole model."""
+        self.reset_buffers()
 
     def patchify(self, x):
         B, C, H, W = x.shape

@@ -36,20 +36,51 @@ def check_mlp_ratio(mlp_ratio, hidden_size: int) -> int:
     return int(hidden_size * mlp_ratio)
 
 
-class Linear(nn.Module):
-    """nn.Linear through ``ops.linear`` (under forward AD: one product on the stacked [x; tx])."""
+def init_weights(model: nn.Module) -> nn.Module:
+    """Initialise ``model`` as its constructors do: every submodule's ``reset_parameters``, children before
+    their parents (the package's modules also rebuild their computed buffers there). The step after
+    ``model.to_empty(device=...)`` for a model built under ``torch.device("meta")``, unless a checkpoint is
+    loaded (``load_state_dict`` rebuilds the computed buffers itself). Returns ``model``."""
+    def reset(m):
+        if callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
+    return model.apply(reset)
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+
+def _rebuild_buffers(module: nn.Module, _incompatible_keys=None) -> None:
+    module.reset_buffers()
+
+
+def rebuild_buffers_on_load(module: nn.Module) -> None:
+    """``module.reset_buffers()`` after every ``load_state_dict``: computed (non-persistent) buffers are in no
+    checkpoint, and are uninitialised after ``to_empty`` from the meta device."""
+    module.register_load_state_dict_post_hook(_rebuild_buffers)
+
+
+class Linear(nn.Module):
+    """nn.Linear through ``ops.linear`` (under forward AD: one product on the stacked [x; tx]).
+
+    init: the weight's initialisation, redone by ``reset_parameters`` (after ``to_empty`` from the meta
+    device): "xavier" (uniform), "zeros" (adaLN-Zero projections) or a float std (normal); the bias is zero."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init="xavier"):
         super().__init__()
         in_features = check_size("in_features", in_features, 0)
         out_features = check_size("out_features", out_features, 0)
-        self.in_features, self.out_features = in_features, out_features
+        if not (init in ("xavier", "zeros") or (isinstance(init, numbers.Real) and not isinstance(init, bool)
+                                                and math.isfinite(init) and init > 0)):
+            raise ValueError(f"init: expected 'xavier', 'zeros' or a positive std, got {init!r}")
+        self.in_features, self.out_features, self.init = in_features, out_features, init
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.xavier_uniform_(self.weight)
+        nn.init.xavier_uniform_(self.weight)  # drawn for every init, so that seeded models keep their weights
+        if self.init == "zeros":
+            nn.init.zeros_(self.weight)
+        elif self.init != "xavier":
+            nn.init.normal_(self.weight, std=self.init)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -71,6 +102,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = check_eps(eps)
         self.weight = nn.Parameter(torch.ones(check_size("dim", dim)))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
     def forward(self, x):
         return ops.rms_norm(x, self.weight, self.eps)
@@ -131,6 +168,9 @@ class Mlp(nn.Module):
         self.fc1_bias = nn.Parameter(torch.zeros(hidden))
         self.fc2 = Linear(hidden, dim)
 
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.fc1_bias)
+
     def forward(self, x):
         return self.fc2(ops.gelu_tanh(self.fc1(x), self.fc1_bias))
 
@@ -153,9 +193,7 @@ class DiTBlock(nn.Module):
         self.eps = check_eps(eps)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
         self.mlp = Mlp(hidden_size, check_mlp_ratio(mlp_ratio, hidden_size))
-        self.adaLN_modulation = Linear(hidden_size, 6 * hidden_size)
-        nn.init.zeros_(self.adaLN_modulation.weight)
-        nn.init.zeros_(self.adaLN_modulation.bias)
+        self.adaLN_modulation = Linear(hidden_size, 6 * hidden_size, init="zeros")
 
     def forward(self, x, c):
         B, C = c.shape
@@ -186,12 +224,9 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, out_dim: int, eps: float = 1e-6):
         super().__init__()
-        self.eps = eps
-        self.adaLN_modulation = Linear(hidden_size, 2 * hidden_size)
-        self.linear = Linear(hidden_size, out_dim)
-        for m in (self.adaLN_modulation, self.linear):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.eps = check_eps(eps)
+        self.adaLN_modulation = Linear(hidden_size, 2 * hidden_size, init="zeros")
+        self.linear = Linear(hidden_size, out_dim, init="zeros")
 
     def forward(self, x, c):
         B, C = c.shape
@@ -257,8 +292,9 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = check_size("freq_dim", freq_dim, 2)  # 0 or 1: no sinusoid, the time would be ignored
         self.fc1 = Linear(freq_dim, hidden_size)
         self.fc2 = Linear(hidden_size, hidden_size)
-        nn.init.normal_(self.fc1.weight, std=0.02)
-        nn.init.normal_(self.fc2.weight, std=0.02)
+        for fc in (self.fc1, self.fc2):  # N(0, 0.02^2), drawn after both (the draws of seeded models)
+            fc.init = 0.02
+            nn.init.normal_(fc.weight, std=0.02)
 
     def forward(self, t):
         return self.fc2(F.silu(self.fc1(timestep_embedding(t, self.freq_dim).to(self.fc1.weight.dtype))))
@@ -271,14 +307,24 @@ class TimestepEmbedder(nn.Module):
         return self.fc2.forward_jvp(*silu_jvp(*self.fc1.forward_jvp(emb.to(dt), temb.to(tangent_dtype or dt))))
 
 
+class LabelTable(nn.Embedding):
+    """nn.Embedding whose ``reset_parameters`` draws N(0, 0.02^2) (DiT's label table), in any reset order."""
+
+    dual_passive = True  # read by LabelEmbedder.forward_jvp without a dual form of its own (flowmap_kernels.func)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight)  # nn.Embedding's own draw, kept so that seeded models keep their weights
+        nn.init.normal_(self.weight, std=0.02)
+        self._fill_padding_idx_with_zero()
+
+
 class LabelEmbedder(nn.Module):
     """Class label (B,) long -> (B, hidden); label ``num_classes`` (or y=None) is the null class (CFG)."""
 
     def __init__(self, num_classes: int, hidden_size: int):
         super().__init__()
         self.num_classes = check_size("num_classes", num_classes, 0)
-        self.table = nn.Embedding(num_classes + 1, hidden_size)
-        nn.init.normal_(self.table.weight, std=0.02)
+        self.table = LabelTable(num_classes + 1, hidden_size)
 
     def forward(self, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
         if y is None:
