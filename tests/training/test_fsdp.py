@@ -153,3 +153,38 @@ def test_fsdp_blocks_and_policy_arguments():
         apply_fsdp("not a module")
     with pytest.raises(TypeError, match="mesh: expected a DeviceMesh"):  # (was AttributeError: no 'ndim')
         apply_fsdp(m, "cpu")
+
+
+def _meta_built(rank, world):
+    """A DiT built on the meta device, sharded, materialised with to_empty, then (a) the trained model's full state
+    dict loaded through set_model_state_dict, (b) init_weights: outputs against the unsharded models."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from flowmap_kernels.nn import DiT, init_weights
+    kw = dict(input_size=4, patch_size=2, hidden_size=16, depth=2, num_heads=2, freq_dim=8, qk_norm=True)
+    torch.manual_seed(0)
+    trained = DiT(**kw)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    x, s, t = torch.randn(2, 1, 4, 4, generator=g), torch.rand(2, generator=g), torch.rand(2, generator=g)
+    y = torch.tensor([1, 3])
+    out = {}
+    for how in ("load", "init_weights"):
+        with torch.device("meta"):
+            model = DiT(**kw)
+        apply_fsdp(model, make_mesh(1, world))
+        model.to_empty(device="cpu")
+        if how == "load":
+            set_model_state_dict(model, trained.state_dict(), options=StateDictOptions(full_state_dict=True))
+            want = trained(x, s, t, y=y)
+        else:
+            init_weights(model)
+            want = torch.zeros(2, 1, 4, 4)  # adaLN-Zero: the initial model outputs zero
+        out[how] = (model(x, s, t, y=y) - want).abs().max().item()
+    return out
+
+
+def test_meta_device_build_under_fsdp():
+    for res in spawn(_meta_built, 2, None, timeout=240, all_ranks=True):
+        assert res == {"load": 0.0, "init_weights": 0.0}, res
