@@ -176,8 +176,9 @@ class NormJVPFunction(torch.autograd.Function):
             dx, dtx, ds, dh, dts, dth = K.norm_jvp_backward(
                 rows_view(x), rows_view(tx), _tab(ss, scale), _tab(ss, tscale), stats, _rows_opt(gy), rows_view(gt),
                 cfg.offset, cfg.center, rpc, shift is not None, cfg.backend)
-            return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(ds, ss, R, rpc, dt),
-                    _table_grad(dh, hs, R, rpc, dt), _table_grad(dts, ss, R, rpc, dt), _table_grad(dth, hs, R, rpc, dt))
+            dh = None if gy is None else _table_grad(dh, hs, R, rpc, dt)  # ty does not depend on the shift
+            return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(ds, ss, R, rpc, dt), dh,
+                    _table_grad(dts, ss, R, rpc, dt), _table_grad(dth, hs, R, rpc, dt))
 
         operands = redual_saved(ctx, (x, tx, scale, shift, tscale, tshift), ((0, 1), (2, 4), (3, 5)))
         return differentiable_backward(fused, naive_norm_jvp(cfg), operands, (gy, gt), (stats,)) + (None,)
@@ -443,8 +444,9 @@ class LinearJVPFunction(torch.autograd.Function):
             gt2 = gt.reshape(R, N)
             gy2 = torch.zeros_like(gt2) if gy is None else gy.reshape(R, N)
             dxs, dw, dtw = K.linear_jvp_backward(x2, tx.reshape(R, K_), weight, tweight, gy2, gt2, need_tw)
-            return (dxs[:R].view(x.shape), dxs[R:].view(x.shape), dw, gy2.sum(0) if bias is not None else None,
-                    dtw if need_tw else None, gt2.sum(0) if tbias is not None else None)
+            db = gy2.sum(0) if bias is not None and gy is not None else None  # ty does not depend on the bias
+            return (dxs[:R].view(x.shape), dxs[R:].view(x.shape), dw, db, dtw if need_tw else None,
+                    gt2.sum(0) if tbias is not None else None)
         operands = redual_saved(ctx, (x, tx, weight, bias, tweight, tbias), ((0, 1), (2, 4), (3, 5)))
         return differentiable_backward(fused, naive_linear_jvp, operands, (gy, gt))
 

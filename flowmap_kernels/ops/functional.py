@@ -233,7 +233,8 @@ def linear(x, weight, bias=None):
 
     Under forward-mode AD (torch.func.jvp, forward_ad dual tensors) the primal and the tangent come from
     ONE product on the stacked [x; tx] (plus x tW^T only when the weight has a tangent): the inputs'
-    tangents are unpacked here and the result re-packed, so the primal is not computed twice. Inside
+    tangents are unpacked here and the result re-packed, so the primal is not computed twice (weight / bias
+    tangents without an x tangent: torch's F.linear on the dual tensors). Inside
     ``torch.autocast`` the operands are cast to its dtype first, as F.linear's are.
     """
     check_linear(x, weight, bias)

@@ -99,3 +99,21 @@ def test_float64_is_exact_and_routes_to_pytorch(backend):
         return
     with use_backend(backend):
         check_op(ops.modulated_layer_norm, ref_modulated_layer_norm, prim, tang, torch.float64)
+
+
+@pytest.mark.parametrize("backend, dtype", [("naive", torch.float64), ("torch", torch.float64),
+                                            ("extension", torch.float32)])
+def test_loss_on_the_tangent_alone_leaves_operands_it_does_not_reach_without_gradient(backend, dtype):
+    """ty of modulated_layer_norm does not depend on the shift, nor ty of linear on the bias: a loss on ty
+    alone gives them no gradient (None, .grad stays None, so an optimizer skips them), as torch's ops do."""
+    g = torch.Generator().manual_seed(0)
+    x, tx = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    shift, scale = (torch.randn(2, 1, 8, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+                    for _ in range(2))
+    w, b = torch.randn(5, 8, dtype=dtype, requires_grad=True), torch.randn(5, dtype=dtype, requires_grad=True)
+    with use_backend(backend):
+        _, ty = torch.func.jvp(lambda a: ops.modulated_layer_norm(a, shift, scale), (x,), (tx,))
+        assert torch.autograd.grad(ty.square().sum(), (shift, scale), allow_unused=True)[0] is None
+        _, ty = torch.func.jvp(lambda a: ops.linear(a, w, b), (x,), (tx,))
+        ty.square().sum().backward()
+    assert b.grad is None and w.grad is not None
