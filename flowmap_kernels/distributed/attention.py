@@ -6,7 +6,7 @@ import struct
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .._autodiff import follows_autocast, make_dual, unpack_duals, zeros_if_none
+from .._autodiff import apply_on_unpacked, follows_autocast, make_dual, unpack_duals, zeros_if_none
 from ..attention import ATTENTION, make_problem
 from ..attention.problem import SUPPORTED_DTYPES, mask_kind
 from .comm import all_gather_lengths, check_load_balance, layout_from_lengths, world_and_rank
@@ -173,7 +173,7 @@ def _run(q, k, v, tq, tk, tv, attn_mask, is_causal, scale, enable_gqa, group, mo
     if tq is None:
         o, _ = RingAttentionFunction.apply(q, k, v, mask, spec)
         return o
-    o, to, _, _ = RingAttentionJVPFunction.apply(q, k, v, tq, tk, tv, mask, spec)
+    o, to, _, _ = apply_on_unpacked(RingAttentionJVPFunction, q, k, v, tq, tk, tv, mask, spec)
     return o, to
 
 

@@ -110,6 +110,10 @@ def context_parallel(model: nn.Module, group=None, mode: str = "ring", load_bala
                 raise ValueError(f"mode: 'ulysses' needs num_heads ({m.num_heads}) divisible by the group size "
                                  f"({world}); use mode='ring'")
     config = ContextParallelConfig(group, mode, check_load_balance(load_balance))
+    switched = [name for name, m in model.named_modules() if m in targets and m.context_parallel_config is not None]
+    if switched:
+        raise ValueError(f"model: already switched to context parallelism ({switched[0] or 'the model'}); remove "
+                         f"the handle context_parallel returned first")
     for fm in flowmaps:
         check_context_parallel(fm, world, mode)
     undo = [_set_config(m, config) for m in targets]

@@ -95,13 +95,27 @@ def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 2, load_balanc
     (sum over ranks) of the gradient, see the module docstring. Under forward-mode AD the tangent is
     gathered the same way (and is itself differentiable).
     """
-    dim = _check_tensor("x_local", x_local, dim)
-    check_load_balance(load_balance)
     world, _ = world_and_rank(group)
-    # besides the lengths, what sizes the all-gather's messages: a mismatch would abort the ranks in gloo
-    other = tuple(n for i, n in enumerate(x_local.shape) if i != dim)
-    form = zlib.crc32(repr((str(x_local.dtype), x_local.dim(), dim, other)).encode())
-    rows = all_gather_lengths([x_local.shape[dim], int(load_balance), form], group, world)
+    error = None
+    try:  # checked before the exchange, raised after it: an error on one rank stops every rank (none waits)
+        dim = _check_tensor("x_local", x_local, dim)
+        check_load_balance(load_balance)
+    except (TypeError, ValueError) as e:
+        error = e
+    if error is None:
+        # besides the lengths, what sizes the all-gather's messages: a mismatch would abort the ranks in gloo
+        other = tuple(n for i, n in enumerate(x_local.shape) if i != dim)
+        form = zlib.crc32(repr((str(x_local.dtype), x_local.dim(), dim, other)).encode())
+        row = [x_local.shape[dim], int(load_balance), form]
+    else:
+        row = [-1, -1, -1]
+    rows = all_gather_lengths(row, group, world)
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(rows) if row[0] < 0]
+    if failed:
+        raise ValueError(f"gather_sequence: rank(s) {failed} of the group rejected their arguments (their error "
+                         f"names the argument); every rank stops")
     if len({row[1] for row in rows}) > 1:
         raise ValueError(f"load_balance: every rank of the group must call gather_sequence alike; got "
                          f"{', '.join(f'rank {r}: {bool(row[1])}' for r, row in enumerate(rows))}")

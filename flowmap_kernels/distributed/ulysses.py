@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ..attention import attention, attention_jvp
 from .comm import SequenceLayout, all_to_all, world_and_rank
@@ -109,14 +110,22 @@ class _AllToAll(torch.autograd.Function):
         return tuple(fn(tangents, ctx.spec.layouts, ctx.spec.group))
 
 
+def _all_to_all(spec: UlyssesSpec, to_heads: bool, *xs):
+    """_AllToAll; without grad mode and tangents its forward alone (plain results, as torch's ops give there,
+    also inside torch.func.jvp where a Function's outputs would be leaves requiring grad)."""
+    if not torch.is_grad_enabled() and all(fwAD.unpack_dual(x).tangent is None for x in xs):
+        return tuple(_AllToAll.forward(spec, to_heads, *xs))
+    return _AllToAll.apply(spec, to_heads, *xs)
+
+
 def _seq_to_heads(spec: UlyssesSpec, *xs):
     """Differentiable :func:`seq_to_heads` (backward: :func:`heads_to_seq` of the gradients)."""
-    return _AllToAll.apply(spec, True, *xs)
+    return _all_to_all(spec, True, *xs)
 
 
 def _heads_to_seq(spec: UlyssesSpec, *ys):
     """Differentiable :func:`heads_to_seq` (backward: :func:`seq_to_heads` of the gradients)."""
-    return _AllToAll.apply(spec, False, *ys)
+    return _all_to_all(spec, False, *ys)
 
 
 class _GatherRows(torch.autograd.Function):

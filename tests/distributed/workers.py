@@ -336,6 +336,24 @@ def error_checks(rank, world):
                        ("gather", lambda: fkd.gather_sequence(q, load_balance=1)),
                        ("switch", lambda: fkd.context_parallel(dit_tiny(), load_balance="no"))):
         res[f"load_balance_type_{name}"] = _raises(call, TypeError, "load_balance: expected a bool")
+    # gather_sequence: an argument only rank 1 gets wrong is raised there and named on the others (none waits)
+    for what, call in (("load_balance", lambda: fkd.gather_sequence(q, dim=1, load_balance=1 if rank == 1 else False)),
+                       ("dim", lambda: fkd.gather_sequence(q, dim=7 if rank == 1 else 1))):
+        res[f"gather_one_rank_bad_{what}"] = _raises(call, (TypeError, ValueError),
+                                                     what if rank == 1 else "rank(s) [1] of the group")
+    # a second switch of a switched model is refused (removing the handles out of order left it switched)
+    model = dit_tiny()
+    with fkd.context_parallel(model):
+        res["switch_twice"] = _raises(lambda: fkd.context_parallel(model, mode="ulysses"), ValueError,
+                                      "already switched")
+    res["switch_again_after_remove"] = not _raises(lambda: fkd.context_parallel(model).remove(), ValueError, "")
+    # torch.func.jvp under no_grad with primals requiring grad: plain results, as fk.attention's
+    q4g = torch.randn(1, 4, 4, 8, dtype=torch.float64, requires_grad=True)
+    for mode in ("ring", "ulysses"):
+        with torch.no_grad():
+            o, to = torch.func.jvp(lambda a: fkd.context_parallel_attention(a, a, a, mode=mode), (q4g,),
+                                   (torch.ones_like(q4g),))
+        res[f"no_grad_jvp_plain_{mode}"] = not (o.requires_grad or to.requires_grad)
     return res
 
 
