@@ -142,7 +142,8 @@ class _TangentGrad(threading.local):
     (as the backend selection); read at call time, so under torch.compile it is a constant of the traced
     graph."""
 
-    enabled = True
+    def __init__(self):
+        self.enabled = True  # an instance attribute in every thread (Dynamo guards on the instance's dict)
 
 
 TANGENT_GRAD = _TangentGrad()

@@ -355,3 +355,25 @@ def test_float32_step_compiles_with_the_extension_ops():
         assert rel_err(a, b) < 1e-6
     assert max(rel_err(a, b) for a, b in zip(params, eager_params)) < 1e-5
     assert len(rec.code) == 1 and _ops(rec.code[0]).get("norm_jvp_forward") == 4 * DEPTH + 1
+
+
+def test_compiled_meanflow_steps_when_tangent_grad_false_is_the_first_use_in_the_process():
+    """MeanFlow's loss runs fk.func.jvp(..., tangent_grad=False): its per-thread switch, set inside the compiled
+    step, must not invalidate the guards of the frame that set it (Dynamo failed on the next call). A fresh
+    process, so that the compiled step is the switch's first use."""
+    import subprocess
+    import sys
+    code = ("import torch\n"
+            "from flowmap_kernels.compiled_step import TrainStep\n"
+            "from flowmap_kernels.methods import meanflow\n"
+            "from flowmap_kernels.nn import DiT\n"
+            "torch.manual_seed(0)\n"
+            "m = DiT(input_size=4, patch_size=2, hidden_size=16, depth=1, num_heads=2, freq_dim=8)\n"
+            "step = TrainStep(m, meanflow, torch.optim.AdamW(m.parameters(), lr=1e-3), compile='default',"
+            " backend='eager')\n"
+            "for b in (2, 2, 3):\n"
+            "    loss, _ = step(torch.randn(b, 1, 4, 4), cond=torch.randint(0, 10, (b,)))\n"
+            "    assert torch.isfinite(loss)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
