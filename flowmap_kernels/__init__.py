@@ -10,6 +10,7 @@ from .backends import BACKEND_NAMES, get_backend, set_backend, use_backend
 from .integrations import install as install_sdpa_patch
 from .integrations import patch_sdpa
 from .integrations import uninstall as uninstall_sdpa_patch
+from .ops import kernels as _ops_kernels  # noqa: F401  (registers the DiT primitives' custom ops, as torch.export.load needs)
 
 __version__ = "0.1.0"
 

@@ -22,12 +22,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -95,6 +96,23 @@ def _current_dual_level() -> Optional[_DualLevel]:
     return level
 
 
+def concrete_int(n) -> int:
+    """``n`` as a Python int. Under torch.compile with dynamic shapes a size may be symbolic, and a value that must
+    be a trace-time constant (a backend choice) cannot take it: a bisection of comparisons, each of which Dynamo
+    guards on, specialises the graph to its value (as a head dim does the kernels, which compile per head dim). A
+    size, so in [0, 2**31]."""
+    if not torch.compiler.is_compiling():  # (isinstance(n, torch.SymInt) is False while Dynamo traces)
+        return int(n)
+    lo, hi = 0, 1 << 31
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if n > mid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def apply_on_unpacked(function: type, *args):
     """``function.apply(*args)`` for an explicit-tangent Function whose operands and tangents are the unpacked
     primals and tangents of dual inputs at the current forward-AD level; its setup_context records that level
@@ -105,10 +123,19 @@ def apply_on_unpacked(function: type, *args):
         return function.forward(*args)
     if torch.compiler.is_compiling():
         return function.apply(*args)
+    with on_unpacked_duals():
+        return function.apply(*args)
+
+
+@contextlib.contextmanager
+def on_unpacked_duals() -> Iterator[None]:
+    """Inside the block, explicit-tangent Functions are applied to the unpacked primals and tangents of dual inputs
+    at the current forward-AD level (what :func:`apply_on_unpacked` says of one Function, for a composite such
+    as context-parallel attention, whose Functions the block applies)."""
     previous = getattr(_UNPACKED, "level", None)
     _UNPACKED.level = _current_dual_level()
     try:
-        return function.apply(*args)
+        yield
     finally:
         _UNPACKED.level = previous
 
@@ -135,6 +162,15 @@ def redual_saved(ctx, tensors: Sequence, pairs: Sequence[tuple]) -> tuple:
         if tensors[i] is not None and tensors[j] is not None:
             out[i] = fwAD.make_dual(tensors[i], tensors[j])
     return tuple(out)
+
+
+def refuse_forward_over_reverse(ctx, message: str) -> None:
+    """NotImplementedError(``message``) from the backward of an explicit-tangent Function that cannot do what
+    :func:`redual_saved` does (a graph built inside the forward_ad level whose duals it was applied to): its
+    gradients would silently carry no tangent."""
+    level = getattr(ctx, "dual_level", None)
+    if level is not None and torch.is_grad_enabled() and level.active():
+        raise NotImplementedError(message)
 
 
 class _TangentGrad(threading.local):
@@ -248,9 +284,30 @@ def without_jvp(fn: type) -> type:
                  "backward": staticmethod(fn.backward)})
 
 
-def for_compile(fn: type, compiled_fn: type) -> type:
-    """The Function to apply: its jvp-less twin while torch.compile traces (see :func:`without_jvp`)."""
-    return compiled_fn if torch.compiler.is_compiling() else fn
+def for_compile(fn: type, compiled_fn: type):
+    """The Function to apply: its jvp-less twin while torch.compile traces (see :func:`without_jvp`), applied to
+    distinct tensors (:class:`_DistinctInputs`)."""
+    return _DistinctInputs(compiled_fn) if torch.compiler.is_compiling() else fn
+
+
+class _DistinctInputs:
+    """``function.apply`` with a tensor that is passed twice (``attention(x, x, x)``, one tensor as both shift and
+    scale) replaced from its second use on by an alias: Dynamo refuses an autograd.Function that takes the same
+    tensor twice (graph break "duplicate tensor input", an error under fullgraph=True); eager autograd does not
+    care, and the alias's gradient reaches the tensor all the same."""
+
+    def __init__(self, function: type):
+        self.function = function
+
+    def apply(self, *args):
+        seen, distinct = [], []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if any(a is s for s in seen):
+                    a = a.view_as(a)
+                seen.append(a)
+            distinct.append(a)
+        return self.function.apply(*distinct)
 
 
 @dataclass(frozen=True, eq=False)

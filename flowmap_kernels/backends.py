@@ -23,6 +23,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
+import torch
+
 BACKEND_NAMES = ("auto", "naive", "torch", "triton", "extension")
 
 _state = threading.local()
@@ -95,6 +97,7 @@ class OpRegistry:
         self.op = op
         self.auto_order = auto_order
         self.impls: dict[str, Implementation] = {}
+        _REGISTRIES[op] = self
 
     def register(self, backend: str, impl: Any, *, available=None, supports=None) -> None:
         if backend == "auto" or backend not in BACKEND_NAMES:
@@ -131,3 +134,22 @@ class OpRegistry:
                 return impl
             reasons.append(f"{cand}: {reason}")
         raise BackendUnavailableError(f"{self.op}: no backend can run this call ({'; '.join(reasons)})")
+
+    def backend_name(self, name: Optional[str] = None, **problem) -> str:
+        """The name of :meth:`resolve`'s implementation: an op's single dispatch point. While torch.compile
+        traces, the choice is made eagerly (:func:`_resolve_outside_trace`) and is a constant of the graph."""
+        if torch.compiler.is_compiling():
+            return _resolve_outside_trace(self.op, name or get_backend(), **problem)
+        return self.resolve(name, **problem).backend
+
+
+_REGISTRIES: dict[str, OpRegistry] = {}
+
+
+@torch.compiler.assume_constant_result
+def _resolve_outside_trace(op: str, name: str, **problem) -> str:
+    """``OpRegistry.resolve`` run outside Dynamo's trace: the first resolution probes availability with importlib
+    (e.g. ``import triton``), which Dynamo cannot trace (a graph break under fullgraph=True). The name is a
+    constant of the compiled graph; guards still cover the problem's fields (constants: no symbolic size, see
+    :func:`flowmap_kernels._autodiff.concrete_int`), dtype and device."""
+    return _REGISTRIES[op].resolve(name, **problem).backend

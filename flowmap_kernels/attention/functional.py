@@ -8,7 +8,6 @@ import torch
 from .._autodiff import (apply_on_unpacked, float32_tangents, follows_autocast, for_compile, make_dual,
                          tangent_dtype_allowed, unpack_duals, widened_jvp, zeros_if_none)
 from . import naive
-from ..backends import get_backend
 from .autograd import (AttentionCompiledFunction, AttentionFunction, AttentionJVPCompiledFunction,
                        AttentionJVPFunction, check_tangent_dtypes)
 from .problem import AttentionProblem, SDPAShapes, broadcast_batch, make_problem
@@ -17,22 +16,8 @@ from ..func import forward_mode_active
 
 
 def resolve_backend(problem: AttentionProblem, backend: Optional[str] = None) -> str:
-    """The single dispatch point: the backend name that will run ``problem``.
-
-    While torch.compile traces, the choice is made eagerly (see :func:`_resolve_constant`) and baked
-    into the graph as a constant.
-    """
-    if torch.compiler.is_compiling():
-        return _resolve_constant(backend or get_backend(), **problem.as_dict())
-    return ATTENTION.resolve(backend, **problem.as_dict()).backend
-
-
-@torch.compiler.assume_constant_result
-def _resolve_constant(name: str, **problem) -> str:
-    """``ATTENTION.resolve`` run outside Dynamo's trace: the first resolution probes availability with
-    importlib (e.g. ``import triton``), which Dynamo cannot trace (a graph break under fullgraph=True).
-    The name is a constant of the compiled graph; guards still cover shapes, dtype and device."""
-    return ATTENTION.resolve(name, **problem).backend
+    """The single dispatch point: the backend name that will run ``problem``."""
+    return ATTENTION.backend_name(backend, **problem.as_dict())
 
 
 class CompiledForwardModeWarning(UserWarning):
@@ -43,19 +28,19 @@ _WARNED_COMPILED_FORWARD_MODE = [False]
 
 
 @torch.compiler.assume_constant_result
-def _warn_compiled_forward_mode(batch: int, heads: int, q_len: int, kv_len: int, dtype: str) -> bool:
-    """Warn once per process (runs outside Dynamo's trace, at compile time: Dynamo cannot trace warnings.warn)."""
+def warn_compiled_forward_mode(op: str, dtype: str) -> bool:
+    """Warn once per process (runs outside Dynamo's trace, at compile time: Dynamo cannot trace warnings.warn;
+    the sizes are not named: under dynamic shapes they are symbolic, which this constant function cannot take)."""
     if not _WARNED_COMPILED_FORWARD_MODE[0]:
         _WARNED_COMPILED_FORWARD_MODE[0] = True
         import warnings
-        mib = batch * heads * q_len * kv_len * 4 / 2 ** 20
         warnings.warn(
-            f"flowmap_kernels.attention: forward-mode AD (torch.func.jvp / forward_ad) inside a torch.compile'd "
-            f"region runs the NAIVE attention math, which materialises (B, H, Lq, Lk) score matrices: O(N^2) memory "
-            f"(here {batch}x{heads}x{q_len}x{kv_len} ({dtype}), about {mib:.1f} MiB per float32 matrix, several "
-            f"per layer). Dynamo differentiates traced code with its own formulas, so the fused kernels cannot "
-            f"serve it. Keep them by taking the JVP with flowmap_kernels.func.jvp on a model with a dual form "
-            f"(forward_jvp: the package's DiT, MLPFlowMap, nn modules) or with fk.attention_jvp.",
+            f"flowmap_kernels.{op}: forward-mode AD (torch.func.jvp / forward_ad) inside a torch.compile'd "
+            f"region runs the NAIVE attention math, which materialises (batch, heads, q_len, kv_len) score "
+            f"matrices ({dtype}): O(N^2) memory, several per layer. Dynamo differentiates traced code with its "
+            f"own formulas, so the fused kernels cannot serve it. Keep them by taking the JVP with "
+            f"flowmap_kernels.func.jvp on a model with a dual form (forward_jvp: the package's DiT, MLPFlowMap, "
+            f"nn modules) or with fk.attention_jvp.",
             CompiledForwardModeWarning, stacklevel=2)
     return True
 
@@ -110,9 +95,9 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
             # Forward-mode AD inside a compiled region (torch.func.jvp traced by torch.compile, or dual
             # tensors fed to a compiled function): AOTAutograd would take the custom ops' tangent as ZERO,
             # silently. The naive math is traced op by op with exact tangents (O(N^2) memory).
-            _warn_compiled_forward_mode(p.batch, p.q_heads, p.q_len, p.kv_len, str(query.dtype))
+            warn_compiled_forward_mode("attention", str(query.dtype))
             return naive.attention(query, key, value, p)
-        o, _ = AttentionCompiledFunction.apply(query, key, value, attn_mask, p, name)
+        o, _ = for_compile(AttentionFunction, AttentionCompiledFunction).apply(query, key, value, attn_mask, p, name)
         return o
     if any(t is not None for t in tangents):
         # Forward mode (torch.func.jvp or forward_ad): one fused pass for O and tO, whose backward runs

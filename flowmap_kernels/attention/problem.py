@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .._autodiff import concrete_int
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -54,11 +56,11 @@ class AttentionProblem:
         return self.q_heads // self.kv_heads if self.kv_heads else 1
 
     def as_dict(self) -> dict:
-        """Keyword form handed to backends' ``supports`` predicates."""
-        return dict(
-            dtype=self.dtype, device=self.device, head_dim=self.head_dim, v_head_dim=self.v_head_dim,
-            q_len=self.q_len, kv_len=self.kv_len, mask_kind=self.mask_kind,
-        )
+        """Keyword form handed to backends' ``supports`` predicates: what the backend choice may depend on.
+        Sequence lengths are left out: the choice never depends on them, and under torch.compile with dynamic
+        shapes they are symbolic (the choice is made once, at trace time, for every length)."""
+        return dict(dtype=self.dtype, device=self.device, head_dim=concrete_int(self.head_dim),
+                    v_head_dim=concrete_int(self.v_head_dim), mask_kind=self.mask_kind)
 
 
 def _tensor(name: str, x) -> torch.Tensor:
@@ -263,7 +265,8 @@ def check_scale(scale, head_dim: int) -> float:
     """The softmax scale: 1/sqrt(head_dim) for None, else a finite real number (TypeError / ValueError); a
     0-d real tensor is read as its value, as SDPA reads it, unless it requires grad (the scale is a constant
     here, and SDPA would drop that gradient silently)."""
-    if scale is None:
+    if scale is None:  # (a constant also under dynamic shapes: the graph is specialised to the head dim)
+        head_dim = concrete_int(head_dim)
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0 or scale.is_complex() or scale.dtype == torch.bool:

@@ -19,29 +19,27 @@ from __future__ import annotations
 import torch
 
 from . import kernels, varlen_naive
-from ..backends import get_backend
+from ..func import forward_mode_active
 from .._autodiff import (apply_on_unpacked, follows_autocast, for_compile, forward_over_forward, jvp_of_vjp,
                          make_dual, record_dual_level, redual_saved, unpack_duals, vjp_of_vjp, without_jvp,
                          zeros_if_none)
+from .functional import warn_compiled_forward_mode
 from .varlen_problem import VarlenProblem, make_varlen_problem, offsets_int32
 from .varlen_registry import ATTENTION_VARLEN
 
 
-def _kernel_forward(op: str):
-    """The ``forward`` of a Function that is one varlen kernel op of :mod:`.kernels`: its inputs are the op's
-    tensors, then the VarlenProblem and the backend name; the op gets the tensors, the problem's options
-    (longest query and key sequence, causality, scale) and the backend name, the order all four ops share."""
-    def forward(*inputs):
-        *tensors, problem, backend = inputs
-        return getattr(kernels, op)(*tensors, problem.max_q, problem.max_k, problem.is_causal, problem.scale,
-                                    backend)
-    return staticmethod(forward)
+def _options(problem: VarlenProblem, backend: str) -> tuple:
+    """The varlen kernel ops' trailing arguments, in the order all four share: the longest query and key
+    sequence, causality, scale and the backend name."""
+    return problem.max_q, problem.max_k, problem.is_causal, problem.scale, backend
 
 
 class VarlenFunction(torch.autograd.Function):
     """O = softmax(scale Q_i K_i^T) V_i per sequence, with forward-mode and reverse-mode rules."""
 
-    forward = _kernel_forward("attention_varlen_forward")  # (q, k, v, cu_q, cu_k, problem, backend)
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, problem: VarlenProblem, backend: str):
+        return kernels.attention_varlen_forward(q, k, v, cu_q, cu_k, *_options(problem, backend))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -72,7 +70,9 @@ class VarlenFunction(torch.autograd.Function):
 class VarlenJVPFunction(torch.autograd.Function):
     """(O, tO) = packed attention and its tangent along (tq, tk, tv), differentiable in all six inputs."""
 
-    forward = _kernel_forward("attention_varlen_jvp_forward")  # (q, k, v, tq, tk, tv, cu_q, cu_k, problem, backend)
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, cu_q, cu_k, problem: VarlenProblem, backend: str):
+        return kernels.attention_varlen_jvp_forward(q, k, v, tq, tk, tv, cu_q, cu_k, *_options(problem, backend))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -108,13 +108,16 @@ class VarlenJVPFunction(torch.autograd.Function):
         return do, dto, None, None
 
 
+VarlenCompiledFunction = without_jvp(VarlenFunction)
 VarlenJVPCompiledFunction = without_jvp(VarlenJVPFunction)
 
 
 class VarlenPrimalBackward(torch.autograd.Function):
     """(dQ, dK, dV) by the primal backward kernel; differentiable (naive recomputation)."""
 
-    forward = _kernel_forward("attention_varlen_backward")  # (q, k, v, o, lse, do, cu_q, cu_k, problem, backend)
+    @staticmethod
+    def forward(q, k, v, o, lse, do, cu_q, cu_k, problem: VarlenProblem, backend: str):
+        return kernels.attention_varlen_backward(q, k, v, o, lse, do, cu_q, cu_k, *_options(problem, backend))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -144,8 +147,10 @@ class VarlenPrimalBackward(torch.autograd.Function):
 class VarlenJVPBackward(torch.autograd.Function):
     """Gradients of (O, tO) for all six inputs by the fused kernel; differentiable (naive recomputation)."""
 
-    # (q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, problem, backend)
-    forward = _kernel_forward("attention_varlen_jvp_backward")
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k, problem: VarlenProblem, backend: str):
+        return kernels.attention_varlen_jvp_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, cu_q, cu_k,
+                                                     *_options(problem, backend))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -173,7 +178,7 @@ class VarlenJVPBackward(torch.autograd.Function):
 
 def resolve_varlen_backend(problem: VarlenProblem, backend=None) -> str:
     """The backend name that will run ``problem`` (``backend`` or the one in force)."""
-    return ATTENTION_VARLEN.resolve(backend or get_backend(), **problem.as_dict()).backend
+    return ATTENTION_VARLEN.backend_name(backend, **problem.as_dict())
 
 
 @follows_autocast("query", "key", "value")
@@ -189,8 +194,13 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     defaults to 1/sqrt(D); with ``enable_gqa`` each key/value head serves Hq/Hkv consecutive query heads.
     Rows of a sequence with no keys give 0. Works under torch.func.jvp and torch.autograd.forward_ad; the
     tangent output is differentiable with respect to the inputs and their tangents. Inside ``torch.autocast``
-    the inputs are cast to the autocast dtype first (float64 is not cast).
+    the inputs are cast to the autocast dtype first (float64 is not cast). Under torch.compile (also
+    ``fullgraph=True`` and dynamic shapes) the offsets are checked in the graph and ``max_seqlen_*`` default to
+    the packed totals (see :mod:`.varlen_problem`); forward-mode AD there runs the dense masked naive math.
     """
+    if torch.compiler.is_compiling():
+        return _compiled_attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, is_causal, scale, enable_gqa)
     primals, tangents = unpack_duals(query, key, value)
     p = make_varlen_problem(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             is_causal, scale, enable_gqa, tangents=tangents)
@@ -204,6 +214,23 @@ def attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         o, to, _, _ = apply_on_unpacked(VarlenJVPFunction, *primals, *tangents, cu_q, cu_k, p, name)
         return make_dual(o, to)
     o, _ = VarlenFunction.apply(query, key, value, cu_q, cu_k, p, name)
+    return o
+
+
+def _compiled_attention_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               is_causal, scale, enable_gqa) -> torch.Tensor:
+    """:func:`attention_varlen` while torch.compile traces: the fused op without its jvp rule (which Dynamo
+    refuses to trace); the naive backend and forward mode (whose tangent AOTAutograd would take as zero for
+    the custom op) run the dense masked math, which reads no offset on the host."""
+    p = make_varlen_problem(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            is_causal, scale, enable_gqa)
+    name = resolve_varlen_backend(p)
+    cu_q, cu_k = offsets_int32(cu_seqlens_q), offsets_int32(cu_seqlens_k)
+    if name == "naive" or forward_mode_active():
+        if name != "naive":
+            warn_compiled_forward_mode("attention_varlen", str(query.dtype))
+        return varlen_naive.masked_attention(query, key, value, cu_q, cu_k, p)
+    o, _ = for_compile(VarlenFunction, VarlenCompiledFunction).apply(query, key, value, cu_q, cu_k, p, name)
     return o
 
 
@@ -221,6 +248,9 @@ def attention_varlen_jvp(q, k, v, tq, tk, tv, cu_seqlens_q, cu_seqlens_k, max_se
                             enable_gqa, tangents=(tq, tk, tv))
     name = resolve_varlen_backend(p)
     if name == "naive":
+        if torch.compiler.is_compiling():
+            return varlen_naive.masked_attention_jvp(q, k, v, tq, tk, tv, offsets_int32(cu_seqlens_q),
+                                                     offsets_int32(cu_seqlens_k), p)
         return varlen_naive.attention_jvp(q, k, v, tq, tk, tv, p)
     tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
     fn = for_compile(VarlenJVPFunction, VarlenJVPCompiledFunction)

@@ -72,3 +72,42 @@ def attention_jvp(q, k, v, tq: Optional[torch.Tensor], tk, tv, p: VarlenProblem)
         outs.append(tokens_first(o))
         touts.append(tokens_first(to))
     return _pack(outs, q, p), _pack(touts, q, p)
+
+
+def _sequence_ids(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, position in the sequence) of each of the ``total`` packed rows."""
+    rows = torch.arange(total, device=cu.device, dtype=cu.dtype)
+    seq = torch.searchsorted(cu[1:].contiguous(), rows, right=True)
+    return seq, rows - cu[seq]
+
+
+def block_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, p: VarlenProblem) -> torch.Tensor:
+    """(total_q, total_k) bool: query row i may attend key row j (same sequence; causal: top-left aligned)."""
+    sq, pq = _sequence_ids(cu_q, p.total_q)
+    sk, pk = _sequence_ids(cu_k, p.total_k)
+    allowed = sq[:, None] == sk[None, :]
+    if p.is_causal:
+        allowed = allowed & (pk[None, :] <= pq[:, None])
+    return allowed
+
+
+def _dense(q, k, v, cu_q, cu_k, p: VarlenProblem):
+    """The packed inputs as one (1, H, total, D) sequence each, and its masked AttentionProblem."""
+    qs, ks, vs = heads_first(q), heads_first(k), heads_first(v)
+    return qs, ks, vs, make_problem(qs, ks, vs, block_mask(cu_q, cu_k, p), 0.0, False, p.scale,
+                                    p.q_heads != p.kv_heads)
+
+
+def masked_attention(q, k, v, cu_q, cu_k, p: VarlenProblem) -> torch.Tensor:
+    """:func:`attention` as one dense attention over all packed rows under the block-diagonal mask: no offset
+    is read on the host, so torch.compile traces it whole (O(total_q x total_k) memory)."""
+    qs, ks, vs, dp = _dense(q, k, v, cu_q, cu_k, p)
+    return tokens_first(naive.attention(qs, ks, vs, dp))
+
+
+def masked_attention_jvp(q, k, v, tq, tk, tv, cu_q, cu_k, p: VarlenProblem):
+    """:func:`attention_jvp` in the dense masked form of :func:`masked_attention`."""
+    tq, tk, tv = zeros_if_none(tq, q), zeros_if_none(tk, k), zeros_if_none(tv, v)
+    qs, ks, vs, dp = _dense(q, k, v, cu_q, cu_k, p)
+    o, to = naive.attention_jvp(qs, ks, vs, heads_first(tq), heads_first(tk), heads_first(tv), dp)
+    return tokens_first(o), tokens_first(to)

@@ -79,20 +79,20 @@ def _norm_grads(x, scale, shift, gy, stats, cfg: NormProblem):
     """(dx, dscale, dshift) of the row norm from its output gradient; ``stats`` = [mean, r] rows."""
     dx, ds, dh = K.norm_backward(rows_view(x), _tab(cfg.scale_layout, scale), stats, rows_view(gy), cfg.offset,
                                  cfg.center, cfg.rpc, shift is not None, cfg.backend)
-    return (dx.view(cfg.x_shape), _table_grad(ds, cfg.scale_layout, cfg.rows, cfg.rpc, x.dtype),
+    return (dx.view(x.shape), _table_grad(ds, cfg.scale_layout, cfg.rows, cfg.rpc, x.dtype),
             _table_grad(dh, cfg.shift_layout, cfg.rows, cfg.rpc, x.dtype))
 
 
 def _gelu_grads(x, bias, gy, cfg: ElementwiseProblem):
     """(dx, dbias) of GELU from its output gradient."""
     dx, db = K.gelu_backward(rows_view(x), _tab(cfg.layout, bias), rows_view(gy), cfg.rpc, cfg.backend)
-    return dx.view(cfg.x_shape), _table_grad(db, cfg.layout, cfg.rows, cfg.rpc, x.dtype)
+    return dx.view(x.shape), _table_grad(db, cfg.layout, cfg.rows, cfg.rpc, x.dtype)
 
 
 def _gated_grads(gate, y, go, cfg: ElementwiseProblem):
     """(dgate, dy) of the gated residual from its output gradient (dx is the output gradient itself)."""
     dy, dg = K.gated_backward(_tab(cfg.layout, gate), rows_view(y), rows_view(go), cfg.rpc, cfg.backend)
-    return _table_grad(dg, cfg.layout, cfg.rows, cfg.rpc, y.dtype), dy.view(cfg.x_shape)
+    return _table_grad(dg, cfg.layout, cfg.rows, cfg.rpc, y.dtype), dy.view(y.shape)
 
 
 # ---- row norm (modulated LayerNorm, RMSNorm) ---------------------------------------------------------
@@ -177,7 +177,7 @@ class NormJVPFunction(torch.autograd.Function):
                 rows_view(x), rows_view(tx), _tab(ss, scale), _tab(ss, tscale), stats, _rows_opt(gy), rows_view(gt),
                 cfg.offset, cfg.center, rpc, shift is not None, cfg.backend)
             dh = None if gy is None else _table_grad(dh, hs, R, rpc, dt)  # ty does not depend on the shift
-            return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(ds, ss, R, rpc, dt), dh,
+            return (dx.view(x.shape), dtx.view(x.shape), _table_grad(ds, ss, R, rpc, dt), dh,
                     _table_grad(dts, ss, R, rpc, dt), _table_grad(dth, hs, R, rpc, dt))
 
         operands = redual_saved(ctx, (x, tx, scale, shift, tscale, tshift), ((0, 1), (2, 4), (3, 5)))
@@ -254,7 +254,7 @@ class GeluJVPFunction(torch.autograd.Function):
                 return dx, None, db, None
             dx, dtx, db, dtb = K.gelu_jvp_backward(rows_view(x), rows_view(tx), _tab(sp, bias), _tab(sp, tbias),
                                                    _rows_opt(gy), rows_view(gt), rpc, cfg.backend)
-            return (dx.view(cfg.x_shape), dtx.view(cfg.x_shape), _table_grad(db, sp, R, rpc, dt),
+            return (dx.view(x.shape), dtx.view(x.shape), _table_grad(db, sp, R, rpc, dt),
                     _table_grad(dtb, sp, R, rpc, dt))
 
         operands = redual_saved(ctx, (x, tx, bias, tbias), ((0, 1), (2, 3)))
@@ -328,8 +328,8 @@ class GatedJVPFunction(torch.autograd.Function):
                 return dg, None, dy, None
             dy, dty, dg, dtg = K.gated_jvp_backward(_tab(sp, gate), _tab(sp, tgate), rows_view(y), rows_view(ty),
                                                     _rows_opt(go), rows_view(gto), rpc, cfg.backend)
-            return (_table_grad(dg, sp, R, rpc, dt), _table_grad(dtg, sp, R, rpc, dt), dy.view(cfg.x_shape),
-                    dty.view(cfg.x_shape))
+            return (_table_grad(dg, sp, R, rpc, dt), _table_grad(dtg, sp, R, rpc, dt), dy.view(y.shape),
+                    dty.view(y.shape))
 
         def naive_jvp(g, tg, y_, ty_):
             return g * y_, tg * y_ + g * ty_

@@ -162,6 +162,8 @@ def rows_per_chunk(registry, backend: str, x: torch.Tensor, layouts) -> int:
     if not groups:
         return 1
     n_groups = min(s.rows for s in layouts if s is not None and s.rows)
+    if torch.compiler.is_exporting():  # (whole groups: no guard on the sizes' divisors, which a Dim refuses)
+        return min(groups)
     target = registry.impls[backend].impl.chunk_target(R, x.device, n_groups)
     if torch.compiler.is_compiling():
         return traceable_chunk_rows(groups, target)
