@@ -6,10 +6,10 @@ import struct
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .._autodiff import apply_on_unpacked, follows_autocast, make_dual, unpack_duals, zeros_if_none
+from .._autodiff import apply_on_unpacked, follows_autocast, make_dual, on_unpacked_duals, unpack_duals, zeros_if_none
 from ..attention import ATTENTION, make_problem
 from ..attention.problem import SUPPORTED_DTYPES, mask_kind
-from .comm import all_gather_lengths, check_load_balance, layout_from_lengths, world_and_rank
+from .comm import check_load_balance, exchange_checked, layout_from_lengths, world_and_rank
 from .ring import RingAttentionFunction, RingAttentionJVPFunction, RingSpec
 from .ulysses import ulysses_attention
 
@@ -24,7 +24,7 @@ _MASK_DTYPES = (torch.bool,) + SUPPORTED_DTYPES
 # a call with tangents (jvp), 0 without; ``mask_dtype``, ``mask_batch``, ``mask_heads``: the mask's dtype and
 # (broadcast) dims, -1 no mask (the ring and all-to-all messages are sized by them and by ``tangents``: a
 # mismatch would hang the ranks or abort them in gloo).
-_FIELDS = ("q_len", "k_len", "ok", "dtype", "batch", "q_heads", "kv_heads", "head_dim", "v_head_dim", "mode",
+_FIELDS = ("q_len", "k_len", "dtype", "batch", "q_heads", "kv_heads", "head_dim", "v_head_dim", "mode",
            "is_causal", "load_balance", "enable_gqa", "scale", "mask_kind", "mask_rows", "mask_keys", "tangents",
            "mask_dtype", "mask_batch", "mask_heads")
 # field that must agree: (what the error calls it, a rank's value as sent -> as the user wrote it)
@@ -76,12 +76,9 @@ def _local_checks(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, mo
 
 
 def _signature(p, mask, q, mode, is_causal, load_balance, enable_gqa, tangents) -> list:
-    """This rank's record, the values of _FIELDS in order (all but the lengths -1 and ok 0 when its checks
-    failed)."""
-    if p is None:
-        return [0, 0, 0] + [-1] * (len(_FIELDS) - 3)
+    """This rank's record, the values of _FIELDS in order."""
     mask_rows = -1 if mask is None else (2 if mask.shape[2] == 1 == q.shape[2] else int(mask.shape[2] != 1))
-    return [p.q_len, p.kv_len, 1, SUPPORTED_DTYPES.index(p.dtype), p.batch, p.q_heads, p.kv_heads, p.head_dim,
+    return [p.q_len, p.kv_len, SUPPORTED_DTYPES.index(p.dtype), p.batch, p.q_heads, p.kv_heads, p.head_dim,
             p.v_head_dim, MODES.index(mode), int(is_causal), int(load_balance), int(bool(enable_gqa)),
             struct.unpack("<q", struct.pack("<d", p.scale))[0],
             _MASK_KINDS.index(None if mask is None else mask_kind(mask, q)), mask_rows,
@@ -110,20 +107,16 @@ def _prepare(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, group, 
     mask_rows). The exchange comes first, so that an error on one rank is raised on every rank (none waits in
     a collective for the others); it also checks that the ranks' calls agree."""
     world, rank = world_and_rank(group)
-    error, p, mask = None, None, None
-    try:
-        p, mask = _local_checks(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, mode, load_balance)
-    except (TypeError, ValueError) as e:
-        error = e
-    rows = [dict(zip(_FIELDS, row)) for row in
-            all_gather_lengths(_signature(p, mask, q, mode, is_causal, load_balance, enable_gqa, tangents), group,
-                               world)]
-    if error is not None:
-        raise error
-    failed = [r for r, row in enumerate(rows) if not row["ok"]]
-    if failed:
-        raise ValueError(f"context-parallel attention: rank(s) {failed} of the group rejected their arguments (their "
-                         f"error names the argument); every rank stops")
+    local = {}
+
+    def check() -> list:
+        local["p"], local["mask"] = _local_checks(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, mode,
+                                                  load_balance)
+        return _signature(local["p"], local["mask"], q, mode, is_causal, load_balance, enable_gqa, tangents)
+
+    rows = [dict(zip(_FIELDS, row))
+            for row in exchange_checked("context-parallel attention", check, len(_FIELDS), group, world)]
+    p, mask = local["p"], local["mask"]
     _agree(rows)
     q_layout = layout_from_lengths("query", [row["q_len"] for row in rows], world, load_balance)
     k_layout = layout_from_lengths("key", [row["k_len"] for row in rows], world, load_balance)
@@ -198,7 +191,8 @@ def context_parallel_attention(q, k, v, attn_mask=None, is_causal=False, scale=N
     primals, tangents = unpack_duals(q, k, v)
     if all(isinstance(x, torch.Tensor) for x in (q, k, v)) and any(t is not None for t in tangents):
         tangents = [zeros_if_none(t, p) for t, p in zip(tangents, primals)]
-        o, to = _run(*primals, *tangents, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance)
+        with on_unpacked_duals():  # (forward-over-reverse: the backward re-attaches the tangents, see _autodiff)
+            o, to = _run(*primals, *tangents, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance)
         return make_dual(o, to)
     return _run(q, k, v, None, None, None, attn_mask, is_causal, scale, enable_gqa, group, mode, load_balance)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -138,6 +138,29 @@ def all_gather_lengths(lengths: Sequence[int], group, world: int) -> list[list[i
         _record("metadata", nbytes(mine) * (world - 1))
         dist.all_gather(out, mine, group=group)
         return [t.tolist() for t in out]
+
+
+def exchange_checked(what: str, check: Callable[[], Sequence[int]], size: int, group, world: int) -> list[list[int]]:
+    """Every rank's record of its call: ``check()`` runs this rank's argument checks and returns its record (``size``
+    ints), exchanged in one small all-gather ("metadata"). A check that fails (TypeError / ValueError) is raised
+    after the exchange, and the other ranks raise a ValueError naming the failed ranks: an error on one rank stops
+    every rank, none waits in a later collective for it."""
+    error, row = None, [0] * (size + 1)
+    try:
+        record = [int(n) for n in check()]
+        if len(record) != size:
+            raise AssertionError(f"{what}: a call record of {len(record)} values, expected {size}")
+        row = [1] + record
+    except (TypeError, ValueError) as e:
+        error = e
+    rows = all_gather_lengths(row, group, world)
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(rows) if not row[0]]
+    if failed:
+        raise ValueError(f"{what}: rank(s) {failed} of the group rejected their arguments (their error names the "
+                         f"argument); every rank stops")
+    return [row[1:] for row in rows]
 
 
 def layout_from_lengths(name: str, lengths: Sequence[int], world: int, load_balance: bool) -> SequenceLayout:

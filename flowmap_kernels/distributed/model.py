@@ -2,6 +2,7 @@
 sequence sharded over a process group."""
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .attention import MODES, context_parallel_attention
-from .comm import check_group, check_load_balance
+from .comm import check_group, check_load_balance, exchange_checked, world_and_rank
 from .sharding import gather_sequence, shard_sequence
 
 
@@ -23,6 +24,22 @@ class ContextParallelConfig:
     group: object = None
     mode: str = "ring"
     load_balance: bool = False
+
+    def agree(self, what: str, check) -> None:
+        """Runs ``check()`` (a module's argument checks, returning a description of the call) with every rank of
+        the group: a check failing on one rank raises on every rank, and the ranks' descriptions must be equal
+        (every rank passes the same full inputs); ValueError otherwise, on every rank."""
+        world, _ = world_and_rank(self.group)
+        described = []
+
+        def record() -> list:
+            described.append(check())
+            return [zlib.crc32(repr(described[0]).encode())]
+
+        rows = exchange_checked(what, record, 1, self.group, world)
+        if len({row[0] for row in rows}) > 1:
+            raise ValueError(f"{what}: under context parallelism every rank of the group must pass the same full "
+                             f"inputs (shapes, dtypes, optional inputs); this rank's call: {described[0]}")
 
     def shard(self, h: torch.Tensor) -> torch.Tensor:
         return shard_sequence(h, self.group, dim=1, load_balance=self.load_balance)

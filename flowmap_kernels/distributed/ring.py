@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._autodiff import acc_dtype
+from .._autodiff import acc_dtype, record_dual_level, refuse_forward_over_reverse
 from ..attention import kernels
 from .comm import RingExchange, SequenceLayout
 
@@ -227,6 +227,17 @@ def ring_backward(q, k, v, tq, tk, tv, o, to, lse, mu, do, dto, mask, spec: Ring
     return dq.to(q.dtype), dk, dv, dtq.to(q.dtype), grads[2].to(k.dtype), grads[3].to(v.dtype), dmask
 
 
+@once_differentiable
+def _ring_jvp_backward(ctx, do, dto):
+    q, k, v, tq, tk, tv, mask, o, to, lse, mu = ctx.saved_tensors
+    if do is None and dto is None:
+        return (None,) * 8
+    *grads, dmask = ring_backward(q, k, v, tq, tk, tv, o, to if dto is not None else None, lse,
+                                  mu if dto is not None else None, do, dto, mask, ctx.spec,
+                                  mask_grad=ctx.needs_input_grad[6])
+    return (*grads, dmask, None)
+
+
 class RingAttentionJVPFunction(torch.autograd.Function):
     """(O, tO, lse, mu) of ring attention; backward through (O, tO) by the ring backward (first order)."""
 
@@ -242,17 +253,15 @@ class RingAttentionJVPFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, tq, tk, tv, mask, o, to, lse, mu)
         ctx.mark_non_differentiable(lse, mu)
         ctx.set_materialize_grads(False)
+        record_dual_level(ctx)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do, dto, _dlse, _dmu):
-        q, k, v, tq, tk, tv, mask, o, to, lse, mu = ctx.saved_tensors
-        if do is None and dto is None:
-            return (None,) * 8
-        *grads, dmask = ring_backward(q, k, v, tq, tk, tv, o, to if dto is not None else None, lse,
-                                      mu if dto is not None else None, do, dto, mask, ctx.spec,
-                                      mask_grad=ctx.needs_input_grad[6])
-        return (*grads, dmask, None)
+        refuse_forward_over_reverse(
+            ctx, "context_parallel_attention: mode='ring' has no forward-over-reverse derivative (a graph built with "
+                 "create_graph=True inside the forward_ad level of the call, e.g. a Hessian-vector product); "
+                 "mode='ulysses' has one")
+        return _ring_jvp_backward(ctx, do, dto)
 
     @staticmethod
     def jvp(ctx, *_tangents):

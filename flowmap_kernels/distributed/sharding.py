@@ -13,7 +13,7 @@ import zlib
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from .comm import (SequenceLayout, all_gather_lengths, all_to_all, check_load_balance, layout_from_lengths,
+from .comm import (SequenceLayout, all_to_all, check_load_balance, exchange_checked, layout_from_lengths,
                    world_and_rank)
 
 
@@ -96,26 +96,17 @@ def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 2, load_balanc
     gathered the same way (and is itself differentiable).
     """
     world, _ = world_and_rank(group)
-    error = None
-    try:  # checked before the exchange, raised after it: an error on one rank stops every rank (none waits)
-        dim = _check_tensor("x_local", x_local, dim)
+
+    def check() -> list:
+        d = _check_tensor("x_local", x_local, dim)
         check_load_balance(load_balance)
-    except (TypeError, ValueError) as e:
-        error = e
-    if error is None:
         # besides the lengths, what sizes the all-gather's messages: a mismatch would abort the ranks in gloo
-        other = tuple(n for i, n in enumerate(x_local.shape) if i != dim)
-        form = zlib.crc32(repr((str(x_local.dtype), x_local.dim(), dim, other)).encode())
-        row = [x_local.shape[dim], int(load_balance), form]
-    else:
-        row = [-1, -1, -1]
-    rows = all_gather_lengths(row, group, world)
-    if error is not None:
-        raise error
-    failed = [r for r, row in enumerate(rows) if row[0] < 0]
-    if failed:
-        raise ValueError(f"gather_sequence: rank(s) {failed} of the group rejected their arguments (their error "
-                         f"names the argument); every rank stops")
+        other = tuple(n for i, n in enumerate(x_local.shape) if i != d)
+        return [x_local.shape[d], int(load_balance), zlib.crc32(repr((str(x_local.dtype), x_local.dim(), d,
+                                                                       other)).encode())]
+
+    rows = exchange_checked("gather_sequence", check, 3, group, world)
+    dim = _check_tensor("x_local", x_local, dim)
     if len({row[1] for row in rows}) > 1:
         raise ValueError(f"load_balance: every rank of the group must call gather_sequence alike; got "
                          f"{', '.join(f'rank {r}: {bool(row[1])}' for r, row in enumerate(rows))}")

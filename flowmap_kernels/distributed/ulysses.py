@@ -97,9 +97,9 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gs):
-        gs = [g.contiguous() for g in gs]
-        inverse = heads_to_seq if ctx.to_heads else seq_to_heads
-        return (None, None, *inverse(gs, ctx.spec.layouts, ctx.spec.group))
+        # the inverse re-sharding, itself differentiable: double backward, and forward-over-reverse (gradients
+        # that carry tangents move them along, by its jvp rule)
+        return (None, None, *_all_to_all(ctx.spec, not ctx.to_heads, *(g.contiguous() for g in gs)))
 
     @staticmethod
     def jvp(ctx, _spec, _to_heads, *tangents):

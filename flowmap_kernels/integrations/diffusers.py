@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..nn.layers import check_class_labels
 from .sdpa_patch import scaled_dot_product_attention
 
 __all__ = ["FlowmapAttnProcessor", "set_flowmap_attention", "DiffusersFlowMap", "require_diffusers",
@@ -226,24 +227,33 @@ class DiffusersFlowMap(nn.Module):
             emb.class_embedder.dropout_prob = class_dropout
             block.norm1.emb = _TwoTimeEmbedding(emb, self.interval_embedder)
 
+    def _check_call(self, x, s, t, y) -> tuple:
+        """The argument checks of :meth:`forward`; returns what the ranks of a context-parallel group must agree on."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected (batch, {self.in_channels}, height, width), got {got}")
+        B = x.shape[0]
+        shapes = []
+        for name, v in (("s", s), ("t", t)):
+            shape = tuple(torch.as_tensor(v).shape) if not isinstance(v, torch.Tensor) else tuple(v.shape)
+            if len(shape) > 1 or len(shape) == 1 and shape[0] not in (1, B):
+                raise ValueError(f"{name}: expected a scalar or a tensor of shape ({B},), got shape {shape}")
+            shapes.append(shape)
+        check_class_labels(y, B, self.num_classes)
+        return tuple(x.shape), str(x.dtype), *shapes, None if y is None else str(y.dtype)
+
     def forward(self, x: torch.Tensor, s, t, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"x: expected (batch, channels, height, width), got shape {tuple(x.shape)}")
+        cp = self.__dict__.get("_context_parallel")
+        if cp is None:
+            self._check_call(x, s, t, y)
+        else:  # (a bad argument on one rank raises on every rank: none waits in the blocks' collectives)
+            cp.agree("DiffusersFlowMap", lambda: self._check_call(x, s, t, y))
         B = x.shape[0]
         # times in float32 at least: 1000 * s in bfloat16 keeps 3 significant digits
         tdtype = torch.promote_types(x.dtype, torch.float32)
-        times = []
-        for name, v in (("s", s), ("t", t)):
-            v = torch.as_tensor(v, device=x.device)
-            if v.dim() > 1 or v.dim() == 1 and v.shape[0] not in (1, B):
-                raise ValueError(f"{name}: expected a scalar or a tensor of shape ({B},), got shape {tuple(v.shape)}")
-            times.append(v.to(tdtype).expand(B))
-        s, t = times
+        s, t = (torch.as_tensor(v, device=x.device).to(tdtype).expand(B) for v in (s, t))
         if y is None:
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
-        elif not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype not in (torch.int32, torch.int64):
-            got = f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"y: expected int64 (or int32) class labels of shape ({B},), got {got}")
         timestep = torch.stack((s, s - t), dim=-1) * self.time_scale
         out = self.transformer(x, timestep=timestep, class_labels=y, return_dict=False)[0]
         return out[:, : self.in_channels]

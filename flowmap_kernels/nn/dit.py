@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import (DiTBlock, FinalLayer, LabelEmbedder, Linear, TimestepEmbedder, check_mlp_ratio, check_size,
-                     rebuild_buffers_on_load)
+from .layers import (DiTBlock, FinalLayer, LabelEmbedder, Linear, TimestepEmbedder, check_class_labels,
+                     check_mlp_ratio, check_size, rebuild_buffers_on_load)
 
 
 def sincos_pos_embed_2d(dim: int, grid: int, device=None) -> torch.Tensor:
@@ -129,9 +129,9 @@ class DiT(nn.Module):
         w = torch.as_tensor(w, dtype=like.dtype, device=like.device).reshape(-1).expand(B)
         return torch.log(w)
 
-    def forward(self, x, s, t, y: Optional[torch.Tensor] = None, w: Optional[torch.Tensor] = None,
-                aux: bool = False):
-        """V(x, s, t); with ``aux=True`` (a DiT built with aux_velocity) the pair (V, v_aux)."""
+    def _check_call(self, x, s, t, y, w, aux) -> tuple:
+        """The argument checks of :meth:`forward`, before any work; returns what the ranks of a context-parallel
+        group must agree on (shapes, dtypes, which optional inputs are given)."""
         self._check_input(x)
         if aux and self.aux_final_layer is None:
             raise ValueError("aux: this DiT has no auxiliary velocity head (build it with aux_velocity=True)")
@@ -140,15 +140,30 @@ class DiT(nn.Module):
             if not isinstance(v, torch.Tensor) or v.shape != (B,):
                 raise ValueError(f"{name}: expected a float tensor of shape ({B},), got "
                                  f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
-        h = self.x_embedder(self.patchify(x)) + self.pos_embed.to(x.dtype)
+        if self.y_embedder is not None:
+            check_class_labels(y, B, self.y_embedder.num_classes)
+        elif y is not None:
+            raise ValueError("y: this DiT has num_classes=0 (unconditional)")
+        if self.w_embedder is None and w is not None:
+            raise ValueError("w: this DiT has no guidance input (build it with guidance_dim=1)")
+        return (tuple(x.shape), str(x.dtype), str(s.dtype), str(t.dtype), None if y is None else str(y.dtype),
+                w is None, bool(aux))
+
+    def forward(self, x, s, t, y: Optional[torch.Tensor] = None, w: Optional[torch.Tensor] = None,
+                aux: bool = False):
+        """V(x, s, t); with ``aux=True`` (a DiT built with aux_velocity) the pair (V, v_aux)."""
         cp = self.context_parallel_config
+        if cp is None:
+            self._check_call(x, s, t, y, w, aux)
+        else:  # (a bad argument on one rank raises on every rank: none waits in the blocks' collectives)
+            cp.agree("DiT", lambda: self._check_call(x, s, t, y, w, aux))
+        B = x.shape[0]
+        h = self.x_embedder(self.patchify(x)) + self.pos_embed.to(x.dtype)
         if cp is not None:  # context parallelism: this rank's share of the tokens through the blocks
             h = cp.shard(h)
         c = self.s_embedder(s) + self.t_embedder(t)
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, B, x.device)
-        elif y is not None:
-            raise ValueError("y: this DiT has num_classes=0 (unconditional)")
         lw = self._guidance(w, B, s)
         if lw is not None:
             c = c + self.w_embedder(lw)

@@ -318,6 +318,15 @@ class LabelTable(nn.Embedding):
         self._fill_padding_idx_with_zero()
 
 
+def check_class_labels(y: Optional[torch.Tensor], batch: int, num_classes: int) -> None:
+    """ValueError unless ``y`` is None (the null class) or int64 / int32 labels of shape (batch,)."""
+    if y is not None and (not isinstance(y, torch.Tensor) or tuple(y.shape) != (batch,)
+                          or y.dtype not in (torch.int32, torch.int64)):
+        got = f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y: expected int64 (or int32) class labels of shape ({batch},) in [0, {num_classes}] (or "
+                         f"None: the null class), got {got}")
+
+
 class LabelEmbedder(nn.Module):
     """Class label (B,) long -> (B, hidden); label ``num_classes`` (or y=None) is the null class (CFG)."""
 
@@ -327,12 +336,9 @@ class LabelEmbedder(nn.Module):
         self.table = LabelTable(num_classes + 1, hidden_size)
 
     def forward(self, y: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
+        check_class_labels(y, batch, self.num_classes)
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        elif not isinstance(y, torch.Tensor) or tuple(y.shape) != (batch,) or y.dtype not in (torch.int32, torch.int64):
-            got = (f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__)
-            raise ValueError(f"y: expected int64 (or int32) class labels of shape ({batch},) in "
-                             f"[0, {self.num_classes}] (or None: the null class), got {got}")
         return self.table(y)
 
     def forward_jvp(self, y: Optional[torch.Tensor], batch: int, device):

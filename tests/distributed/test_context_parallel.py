@@ -161,12 +161,13 @@ def test_func_grad_over_func_jvp(world2):
 
 
 def test_forward_over_forward(world2):
-    """Nested torch.func.jvp: Ulysses (its all-to-alls carry tangents, the local attention has its own rule)
-    against the float64 reference; the ring refuses it naming mode='ulysses'."""
+    """Nested torch.func.jvp and forward_ad over reverse (an HVP): Ulysses (its all-to-alls carry tangents, the
+    local attention has its own rules) against the float64 reference; the ring refuses both naming mode='ulysses'
+    (before, its HVP came back without a tangent)."""
     res = world2["forward_over_forward"]
-    assert res["ring_error"] == 1.0, res
-    assert set(res) == {"ring_error", "y", "ty", "dy", "dty"} and max(v for k, v in res.items() if k != "ring_error") \
-        < TOL, res
+    assert res["ring_error"] == 1.0 and res["ring_hvp_error"] == 1.0, res
+    errors = {k: v for k, v in res.items() if not k.endswith("_error")}
+    assert set(errors) == {"y", "ty", "dy", "dty", "hvp"} and max(errors.values()) < TOL, res
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -129,6 +129,18 @@ def _error_checks(rank, world):
         h, enc = torch.randn(1, 13 - rank, 24, dtype=torch.float64), torch.randn(1, 5, 24, dtype=torch.float64)
         res["cross_attention_call"] = _raises(lambda: attn(h, encoder_hidden_states=enc), ValueError,
                                               "self-attention")
+        # an argument only rank 1 gets wrong is raised there and named on the other rank (which waited in the
+        # blocks' attention before); inputs that differ between ranks are named on every rank
+        x, s = torch.randn(2, 4, 10, 10, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+        y = torch.tensor([1, 2])
+        for what, args, message in (("x", (x[:, :3] if rank == 1 else x, s, s, y), "x: expected"),
+                                    ("s", (x, s.repeat(2) if rank == 1 else s, s, y), "s: expected"),
+                                    ("y", (x, s, s, y.float() if rank == 1 else y), "y: expected")):
+            res[f"one_rank_bad_{what}"] = _raises(lambda: fm(*args), ValueError,
+                                                  message if rank == 1 else "rank(s) [1] of the group")
+        res["inputs_differ"] = _raises(lambda: fm(x, s, s, None if rank == 1 else y), ValueError,
+                                       "DiffusersFlowMap: under context parallelism every rank")
+        res["agreeing_call_runs"] = fm(x, s, s, y).shape == x.shape
     return res
 
 

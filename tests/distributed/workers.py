@@ -347,6 +347,23 @@ def error_checks(rank, world):
         res["switch_twice"] = _raises(lambda: fkd.context_parallel(model, mode="ulysses"), ValueError,
                                       "already switched")
     res["switch_again_after_remove"] = not _raises(lambda: fkd.context_parallel(model).remove(), ValueError, "")
+    # a switched DiT: an argument only rank 1 gets wrong is raised there and named on the others (they waited in
+    # the blocks' attention before); inputs whose shapes or optional parts differ are named on every rank
+    x, s, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with fkd.context_parallel(model):
+        for what, args, message in (
+                ("x", (x[:, :, :6] if rank == 1 else x, s, s, y), "x: expected"),
+                ("s", (x, s[:1] if rank == 1 else s, s, y), "s: expected"),
+                ("y", (x, s, s, y.float() if rank == 1 else y), "y: expected"),
+                ("w", (x, s, s, y, 2.0 if rank == 1 else None), "w: this DiT")):
+            res[f"dit_one_rank_bad_{what}"] = _raises(lambda: model(*args), ValueError,
+                                                      message if rank == 1 else "rank(s) [1] of the group")
+        for what, args in (("batch", (x[:1], s[:1], s[:1], y[:1]) if rank == 1 else (x, s, s, y)),
+                           ("labels", (x, s, s, None if rank == 1 else y)),
+                           ("dtype", (x.double(), s.double(), s.double(), y) if rank == 1 else (x, s, s, y))):
+            res[f"dit_inputs_differ_{what}"] = _raises(lambda: model(*args), ValueError,
+                                                       "DiT: under context parallelism every rank")
+        res["dit_agreeing_call_runs"] = model(x, s, s, y).shape == x.shape
     # torch.func.jvp under no_grad with primals requiring grad: plain results, as fk.attention's
     q4g = torch.randn(1, 4, 4, 8, dtype=torch.float64, requires_grad=True)
     for mode in ("ring", "ulysses"):
@@ -466,6 +483,23 @@ def forward_over_forward_check(rank, world):
         (y, ty), (dy, dty) = jvp_of_jvp(f, *local)
         for n, a, b in zip(("y", "ty", "dy", "dty"), (y, ty, dy, dty), (*ref[0], *ref[1])):
             out[n] = rel_err(a, shard(b))
+    # forward-over-reverse (a Hessian-vector product by forward_ad over autograd.grad(create_graph=True)):
+    # Ulysses against the reference's; the ring refuses it (its gradients carried no tangent, silently)
+    q, k, v, u, w = full[0], full[1], full[2], full[3], full[4]
+    ref_hvp = torch.func.jvp(torch.func.grad(lambda a: (ref_attention(a, k, v, is_causal=True) * w).sum()), (q,),
+                             (u,))[1]
+    for mode in ("ring", "ulysses"):
+        def hvp():
+            ql = shard(q).requires_grad_()
+            with fwAD.dual_level():
+                o = fkd.context_parallel_attention(fwAD.make_dual(ql, shard(u)), shard(k), shard(v), is_causal=True,
+                                                   mode=mode)
+                dq, = torch.autograd.grad((o * shard(w)).sum(), ql, create_graph=True)
+                return fwAD.unpack_dual(dq).tangent
+        if mode == "ring":
+            out["ring_hvp_error"] = float(_raises(hvp, NotImplementedError, "mode='ulysses' has one"))
+        else:
+            out["hvp"] = rel_err(hvp(), shard(ref_hvp))
     return _max_over_ranks(out)
 
 

@@ -199,11 +199,14 @@ def test_flowmap_adapter_bad_input():
         DiffusersFlowMap(small_dit(), class_dropout=1.5)
 
 
+_LABELS = "y: expected int64 (or int32) class labels of shape (2,) in [0, 10] (or None: the null class)"
+
+
 @pytest.mark.parametrize("s, t, y, message", [
     (torch.rand(2, 1), 0.0, None, "s: expected a scalar or a tensor of shape (2,), got shape (2, 1)"),
     (0.5, torch.rand(3), None, "t: expected a scalar or a tensor of shape (2,), got shape (3,)"),
-    (0.5, 0.2, torch.tensor([1.0, 2.0]), "y: expected int64 (or int32) class labels of shape (2,), got torch.float32"),
-    (0.5, 0.2, [1, 2], "y: expected int64 (or int32) class labels of shape (2,), got list"),
+    (0.5, 0.2, torch.tensor([1.0, 2.0]), f"{_LABELS}, got torch.float32"),
+    (0.5, 0.2, [1, 2], f"{_LABELS}, got list"),
 ])
 def test_flowmap_adapter_bad_times_and_labels_name_the_argument(s, t, y, message):
     """Checked before the transformer runs (torch's expand / embedding errors named neither)."""
