@@ -130,21 +130,40 @@ class SequenceLayout:
         return out
 
 
-def all_gather_lengths(lengths: Sequence[int], group, world: int) -> list[list[int]]:
-    """Every rank's list of local lengths (one small all_gather of int64), counted as "metadata"."""
+def metadata_device(group, like=None) -> torch.device:
+    """Where a small exchange of int64 can go through ``group``: the CPU when its backend serves CPU tensors
+    (gloo, mpi, ucc, or a per-device map such as "cpu:gloo,cuda:nccl"), else (NCCL serves CUDA tensors only)
+    the device of ``like`` (the call's data) when it is of the backend's kind, or this rank's current one."""
+    backend = str(dist.get_backend(group))
+    if ":" in backend:
+        kinds = [part.split(":")[0].strip() for part in backend.split(",")]
+    else:
+        kinds = dist.Backend.backend_capability.get(backend.lower(), ["cpu"])
+    if "cpu" in kinds:
+        return torch.device("cpu")
+    if isinstance(like, torch.device) and like.type == kinds[0]:
+        return like
+    return torch.device(kinds[0], getattr(torch, kinds[0]).current_device())
+
+
+def all_gather_lengths(lengths: Sequence[int], group, world: int, like=None) -> list[list[int]]:
+    """Every rank's list of local lengths (one small all_gather of int64 on :func:`metadata_device`), counted as
+    "metadata"."""
     with torch._C._DisableFuncTorch():  # plain tensors even inside torch.func transforms (checkpointed blocks)
-        mine = torch.tensor(list(lengths), dtype=torch.int64)
+        mine = torch.tensor(list(lengths), dtype=torch.int64, device=metadata_device(group, like))
         out = [torch.empty_like(mine) for _ in range(world)]
         _record("metadata", nbytes(mine) * (world - 1))
         dist.all_gather(out, mine, group=group)
         return [t.tolist() for t in out]
 
 
-def exchange_checked(what: str, check: Callable[[], Sequence[int]], size: int, group, world: int) -> list[list[int]]:
+def exchange_checked(what: str, check: Callable[[], Sequence[int]], size: int, group, world: int,
+                     like=None) -> list[list[int]]:
     """Every rank's record of its call: ``check()`` runs this rank's argument checks and returns its record (``size``
     ints), exchanged in one small all-gather ("metadata"). A check that fails (TypeError / ValueError) is raised
     after the exchange, and the other ranks raise a ValueError naming the failed ranks: an error on one rank stops
-    every rank, none waits in a later collective for it."""
+    every rank, none waits in a later collective for it. ``like``: the device of the call's data (or None),
+    see :func:`metadata_device`."""
     error, row = None, [0] * (size + 1)
     try:
         record = [int(n) for n in check()]
@@ -153,7 +172,7 @@ def exchange_checked(what: str, check: Callable[[], Sequence[int]], size: int, g
         row = [1] + record
     except (TypeError, ValueError) as e:
         error = e
-    rows = all_gather_lengths(row, group, world)
+    rows = all_gather_lengths(row, group, world, like)
     if error is not None:
         raise error
     failed = [r for r, row in enumerate(rows) if not row[0]]

@@ -25,10 +25,11 @@ class ContextParallelConfig:
     mode: str = "ring"
     load_balance: bool = False
 
-    def agree(self, what: str, check) -> None:
+    def agree(self, what: str, check, like=None) -> None:
         """Runs ``check()`` (a module's argument checks, returning a description of the call) with every rank of
         the group: a check failing on one rank raises on every rank, and the ranks' descriptions must be equal
-        (every rank passes the same full inputs); ValueError otherwise, on every rank."""
+        (every rank passes the same full inputs); ValueError otherwise, on every rank. ``like``: the device of the
+        call's data (or None), where an NCCL group exchanges the record."""
         world, _ = world_and_rank(self.group)
         described = []
 
@@ -36,7 +37,7 @@ class ContextParallelConfig:
             described.append(check())
             return [zlib.crc32(repr(described[0]).encode())]
 
-        rows = exchange_checked(what, record, 1, self.group, world)
+        rows = exchange_checked(what, record, 1, self.group, world, like)
         if len({row[0] for row in rows}) > 1:
             raise ValueError(f"{what}: under context parallelism every rank of the group must pass the same full "
                              f"inputs (shapes, dtypes, optional inputs); this rank's call: {described[0]}")
