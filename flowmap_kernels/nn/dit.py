@@ -119,10 +119,9 @@ class DiT(nn.Module):
             raise ValueError(f"x: expected (B, {', '.join(map(str, want))}), got {tuple(x.shape)}")
 
     def _guidance(self, w, B, like):
-        """log(omega) (B,) for the guidance embedder (w=None: omega = 1); ValueError without the input."""
+        """log(omega) (B,) for the guidance embedder (w=None: omega = 1); None without one (w checked by
+        :meth:`_check_call`)."""
         if self.w_embedder is None:
-            if w is not None:
-                raise ValueError("w: this DiT has no guidance input (build it with guidance_dim=1)")
             return None
         if w is None:
             return torch.zeros(B, dtype=like.dtype, device=like.device)
@@ -185,14 +184,11 @@ class DiT(nn.Module):
         runs inside torch.compile with the fused kernels. ``flowmap_kernels.func.jvp(bind(model, y=y), ...)``
         calls it; that falls back to torch.func.jvp for models with hooks (FSDP2), activation checkpointing
         or context parallelism, which this method does not reproduce."""
-        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.input_size, self.input_size):
-            raise ValueError(f"x: expected (B, {self.in_channels}, {self.input_size}, {self.input_size}), "
-                             f"got {tuple(x.shape)}")
+        self._check_call(x, s, t, y, w, False)
         B = x.shape[0]
-        for name, v, ref in (("s", s, None), ("t", t, None), ("tx", tx, x), ("ts", ts, s), ("tt", tt, t)):
-            want = (B,) if ref is None else tuple(ref.shape)
-            if not isinstance(v, torch.Tensor) or tuple(v.shape) != want:
-                raise ValueError(f"{name}: expected a float tensor of shape {want}, got "
+        for name, v, ref in (("tx", tx, x), ("ts", ts, s), ("tt", tt, t)):
+            if not isinstance(v, torch.Tensor) or v.shape != ref.shape:
+                raise ValueError(f"{name}: expected a float tensor of shape {tuple(ref.shape)}, got "
                                  f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
         if self.context_parallel_config is not None:
             raise NotImplementedError("DiT.forward_jvp: context parallelism has no dual form; use torch.func.jvp")
@@ -204,8 +200,6 @@ class DiT(nn.Module):
         c, tc = cs + ct, tcs + tct
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, B, x.device)  # labels: no tangent
-        elif y is not None:
-            raise ValueError("y: this DiT has num_classes=0 (unconditional)")
         lw = self._guidance(w, B, s)
         if lw is not None:
             c = c + self.w_embedder(lw)  # the guidance scale: no tangent
