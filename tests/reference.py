@@ -61,3 +61,20 @@ def jvp_of_jvp(fn, primals, inner, outer):
     """Forward-over-forward by nested torch.func.jvp: ((y, ty), (dy, dty)) where (y, ty) = jvp(fn) along
     ``inner`` and (dy, dty) their JVP along ``outer``."""
     return torch.func.jvp(lambda *xs: torch.func.jvp(fn, xs, tuple(inner)), tuple(primals), tuple(outer))
+
+
+def ref_varlen(q, k, v, cu_q, cu_k, causal=False, tangents=None):
+    """Packed attention sequence by sequence: ref_attention (or ref_jvp along ``tangents``) of each sequence's
+    (L, H, D) rows, float64, concatenated: O, or (O, tO). Differentiable in q, k, v."""
+    outs, touts = [], []
+    for i in range(cu_q.numel() - 1):
+        a, b, c, d = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        seq = [x.transpose(0, 1).unsqueeze(0) for x in (q[a:b], k[c:d], v[c:d])]
+        if tangents is None:
+            outs.append(ref_attention(*seq, is_causal=causal)[0].transpose(0, 1))
+        else:
+            tseq = [t.transpose(0, 1).unsqueeze(0) for t in (tangents[0][a:b], tangents[1][c:d], tangents[2][c:d])]
+            o, to = ref_jvp(*seq, *tseq, is_causal=causal)
+            outs.append(o[0].transpose(0, 1))
+            touts.append(to[0].transpose(0, 1))
+    return (torch.cat(outs), torch.cat(touts)) if tangents is not None else torch.cat(outs)

@@ -20,7 +20,7 @@ from flowmap_kernels import ops
 from flowmap_kernels.attention import functional
 from flowmap_kernels.attention.functional import CompiledForwardModeWarning
 from tests.numerics import rel_err
-from tests.reference import ref_attention, ref_jvp
+from tests.reference import ref_attention, ref_jvp, ref_varlen
 
 LENGTHS = (7, 12, 33)
 
@@ -100,22 +100,6 @@ def _packed(L: int, seed: int = 0):
     return [x.requires_grad_() for x in (q, k, v)], cu_q, cu_k
 
 
-def _ref_packed(q, k, v, cu_q, cu_k, causal, tangents=None):
-    """Per-sequence float64 reference (O, and tO when ``tangents`` are given)."""
-    outs, touts = [], []
-    for i in range(cu_q.numel() - 1):
-        a, b, c, d = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
-        seq = [x.transpose(0, 1).unsqueeze(0) for x in (q[a:b], k[c:d], v[c:d])]
-        if tangents is None:
-            outs.append(ref_attention(*seq, is_causal=causal)[0].transpose(0, 1))
-        else:
-            tseq = [t.transpose(0, 1).unsqueeze(0) for t in (tangents[0][a:b], tangents[1][c:d], tangents[2][c:d])]
-            o, to = ref_jvp(*seq, *tseq, is_causal=causal)
-            outs.append(o[0].transpose(0, 1))
-            touts.append(to[0].transpose(0, 1))
-    return (torch.cat(outs), torch.cat(touts)) if tangents is not None else torch.cat(outs)
-
-
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("backend", ["auto", "naive"])
 @pytest.mark.parametrize("max_seqlen", [None, 64])
@@ -131,7 +115,7 @@ def test_attention_varlen_compiles_fullgraph(dynamic, backend, max_seqlen):
         with fk.use_backend(backend):
             out = cf(q, k, v, cu_q, cu_k)
             grads = _grads(out, (q, k, v))
-        want = _ref_packed(q, k, v, cu_q, cu_k, True)
+        want = ref_varlen(q, k, v, cu_q, cu_k, True)
         assert rel_err(out, want) < 1e-12
         for g, w in zip(grads, _grads(want, (q, k, v))):
             assert rel_err(g, w) < 1e-12
@@ -154,11 +138,11 @@ def test_attention_varlen_forward_mode_under_compile(backend):
         with fk.use_backend(backend):
             o, to, o2, to2 = cf(q, k, v, tq, tk, tv, cu_q, cu_k)
             g = torch.autograd.grad(to.square().sum(), (q, k, v))
-        ro, rto = _ref_packed(q, k, v, cu_q, cu_k, False, (tq, tk, tv))
+        ro, rto = ref_varlen(q, k, v, cu_q, cu_k, False, (tq, tk, tv))
         for got in ((o, ro), (to, rto), (o2, ro), (to2, rto)):
             assert rel_err(*got) < 1e-12
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        rg = torch.autograd.grad(_ref_packed(qq, kk, vv, cu_q, cu_k, False, (tq, tk, tv))[1].square().sum(),
+        rg = torch.autograd.grad(ref_varlen(qq, kk, vv, cu_q, cu_k, False, (tq, tk, tv))[1].square().sum(),
                                  (qq, kk, vv))
         for a, b in zip(g, rg):
             assert rel_err(a, b) < 1e-12
