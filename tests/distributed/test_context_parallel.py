@@ -97,7 +97,7 @@ def _world4_job(rank, world):
     return dict(attention=attention_cases(rank, world, CASES), shard=shard_gather_checks(rank, world),
                 mask_grad=mask_grad_cases(rank, world, MASK_GRAD_CASES),
                 subgroups=subgroup_cases(rank, world, SUBGROUP_CASES), autocast=autocast_check(rank, world),
-                empty=empty_sequence_checks(rank, world))
+                forward_over_forward=forward_over_forward_check(rank, world), empty=empty_sequence_checks(rank, world))
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +160,12 @@ def test_func_grad_over_func_jvp(world2):
     assert set(errs) == {"ring", "ulysses"} and max(errs.values()) < TOL, errs
 
 
-def test_forward_over_forward(world2):
+@pytest.mark.parametrize("world", [2, 4])
+def test_forward_over_forward(world, world2, world4):
     """Nested torch.func.jvp and forward_ad over reverse (an HVP): Ulysses (its all-to-alls carry tangents, the
     local attention has its own rules) against the float64 reference; the ring refuses both naming mode='ulysses'
     (before, its HVP came back without a tangent)."""
-    res = world2["forward_over_forward"]
+    res = (world2 if world == 2 else world4)["forward_over_forward"]
     assert res["ring_error"] == 1.0 and res["ring_hvp_error"] == 1.0, res
     errors = {k: v for k, v in res.items() if not k.endswith("_error")}
     assert set(errors) == {"y", "ty", "dy", "dty", "hvp"} and max(errors.values()) < TOL, res
