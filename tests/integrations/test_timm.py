@@ -68,6 +68,50 @@ def test_real_timm_vit():
     _check(model, torch.randn(2, 3, 8, 8))
 
 
+# timm families whose attention goes through F.scaled_dot_product_attention in different ways, shrunk to a
+# few thousand parameters: RoPE (EVA-02), windows with relative position bias and shifted-window masks (Swin,
+# float attn_mask), relative position bias (BEiT), keys from a spatially reduced map, Lq != Lk (PVT v2, Twins),
+# mask-unit attention (Hiera), cross-covariance and class attention (XCiT), channel and window attention
+# (DaViT), block and grid attention (MaxViT)
+TIMM_MODELS = {
+    "eva02_tiny_patch14_224": dict(img_size=28, depth=2, embed_dim=16, num_heads=2),
+    "swin_tiny_patch4_window7_224": dict(img_size=56, depths=(2,), num_heads=(2,), embed_dim=16),
+    "beit_base_patch16_224": dict(img_size=32, depth=2, embed_dim=16, num_heads=2),
+    "pvt_v2_b0": dict(depths=(1, 1, 1, 1), embed_dims=(8, 16, 16, 16), num_heads=(1, 2, 2, 2)),
+    "twins_svt_small": dict(depths=(1, 1, 1, 1), embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2)),
+    "hiera_tiny_224": dict(img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
+    "xcit_nano_12_p16_224": dict(img_size=32, depth=1, embed_dim=16, num_heads=2),
+    "davit_tiny": dict(depths=(1, 1, 1, 1), embed_dims=(16, 16, 16, 16), num_heads=(2, 2, 2, 2)),
+    "maxvit_nano_rw_256": dict(img_size=64),
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_MODELS))
+def test_timm_model_families_match_sdpa_math(name):
+    """Real timm models (random weights, float64): under set_timm_flowmap_attention + patch_sdpa, the output,
+    the tangent and the parameter gradients of a loss on the tangent equal SDPA's math backend."""
+    timm = pytest.importorskip("timm", reason="timm is optional (pip install timm)")
+    torch.manual_seed(0)
+    kw = TIMM_MODELS[name]
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kw).double().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # no zero-initialised layer (a zero head or gate would hide errors)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+    size = kw.get("img_size", 64)
+    x = torch.randn(1, 3, *(size if isinstance(size, tuple) else (size, size)), generator=g, dtype=torch.float64)
+    tx = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    assert set_timm_flowmap_attention(model) >= 1
+    params = list(model.parameters())
+    fn = lambda a: model(a)  # noqa: E731
+    ref = jvp_and_param_grads(fn, params, (x,), (tx,), math_backend=True)
+    reset_fallbacks()
+    with patch_sdpa():
+        got = jvp_and_param_grads(fn, params, (x,), (tx,))
+    assert fallback_counts() == {}
+    assert max(errors(got, ref).values()) < 1e-12, errors(got, ref)
+
+
 def test_bad_model():
     with pytest.raises(TypeError, match="model"):
         set_timm_flowmap_attention(object())
