@@ -231,29 +231,70 @@ def test_flowmap_adapter_trains_with_a_method_loss():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fm.parameters() if p.requires_grad)
 
 
-def _flux_and_sd3(name):
-    """Tiny Flux (joint + single-stream blocks, RoPE, the attention dispatcher) and SD3 (joint attention) models,
-    float64 with random weights, and a function of their latent tokens."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+def _third_party(name):
+    """Tiny diffusers models with random weights (float64) and a function of their latent input: Flux (joint +
+    single-stream blocks, RoPE, the attention dispatcher), SD3 (joint attention), a UNet2DCondition
+    (cross-attention with an encoder mask), PixArt (masked cross-attention), Wan 2.1 (3-D latents, RoPE),
+    CogVideoX and Sana."""
+    import diffusers
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(2)
-    enc = torch.randn(1, 5, 16, generator=g, dtype=torch.float64)
-    pooled = torch.randn(1, 8, generator=g, dtype=torch.float64)
-    ts = torch.tensor([0.5], dtype=torch.float64)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    enc, pooled, ts = rand(1, 5, 16), rand(1, 8), torch.tensor([0.5], dtype=torch.float64)
+    enc_mask = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
     if name == "flux":
-        m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                                   num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
-                                   axes_dims_rope=(2, 2, 4))
+        m = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                             pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
         img_ids = torch.stack([torch.zeros(16), torch.arange(16) // 4, torch.arange(16) % 4], -1).double()
-        x = torch.randn(1, 16, 4, generator=g, dtype=torch.float64)
+        x = rand(1, 16, 4)
         call = lambda a: m(hidden_states=a, encoder_hidden_states=enc, pooled_projections=pooled, timestep=ts,  # noqa: E731
                            img_ids=img_ids, txt_ids=torch.zeros(5, 3, dtype=torch.float64), return_dict=False)[0]
-    else:
-        m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8)
-        x = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64)
+    elif name == "sd3":
+        m = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                                            pos_embed_max_size=8)
+        x = rand(1, 4, 8, 8)
         call = lambda a: m(hidden_states=a, encoder_hidden_states=enc, pooled_projections=pooled, timestep=ts,  # noqa: E731
+                           return_dict=False)[0]
+    elif name == "unet":
+        m = diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+        x = rand(1, 4, 8, 8)
+        call = lambda a: m(a, 10 * ts, encoder_hidden_states=enc, encoder_attention_mask=enc_mask,  # noqa: E731
+                           return_dict=False)[0]
+    elif name == "pixart":
+        m = diffusers.PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+            cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=16, use_additional_conditions=False)
+        x = rand(1, 4, 8, 8)
+        call = lambda a: m(a, encoder_hidden_states=enc, encoder_attention_mask=enc_mask, timestep=10 * ts,  # noqa: E731
+                           return_dict=False)[0]
+    elif name == "wan":
+        m = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                            in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                            num_layers=1, rope_max_seq_len=32)
+        x = rand(1, 4, 2, 4, 4)
+        call = lambda a: m(a, timestep=10 * ts, encoder_hidden_states=enc, return_dict=False)[0]  # noqa: E731
+    elif name == "cogvideox":
+        m = diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+            text_embed_dim=16, num_layers=1, sample_width=4, sample_height=4, sample_frames=5, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=5)
+        x = rand(1, 2, 4, 4, 4)
+        call = lambda a: m(a, encoder_hidden_states=enc, timestep=torch.tensor([10]), return_dict=False)[0]  # noqa: E731
+    else:
+        assert name == "sana"
+        m = diffusers.SanaTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+            sample_size=8, patch_size=1)
+        x = rand(1, 4, 8, 8)
+        call = lambda a: m(a, encoder_hidden_states=enc, encoder_attention_mask=enc_mask, timestep=10 * ts,  # noqa: E731
                            return_dict=False)[0]
     m = m.double()
     with torch.no_grad():  # non-zero adaLN-Zero layers (zero at initialisation would hide errors)
@@ -262,11 +303,11 @@ def _flux_and_sd3(name):
     return m, call, x, torch.randn(x.shape, generator=g, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3"])
-def test_flux_and_sd3_under_the_patch_match_sdpa_math(name):
+@pytest.mark.parametrize("name", ["flux", "sd3", "unet", "pixart", "wan", "cogvideox", "sana"])
+def test_third_party_models_under_the_patch_match_sdpa_math(name):
     """Third-party models whose attention goes through diffusers' processors and attention dispatcher: under
     patch_sdpa, torch.func.jvp and the gradients of a loss on the tangent equal SDPA's math backend (float64)."""
-    model, fn, x, tx = _flux_and_sd3(name)
+    model, fn, x, tx = _third_party(name)
     params = list(model.parameters())
     ref = jvp_and_param_grads(fn, params, (x,), (tx,), math_backend=True)
     reset_fallbacks()
