@@ -2,7 +2,8 @@
 
 Written from the definitions, not from the package: math attention on explicit (B, H, Lq, Lk) scores,
 its JVP by torch.func.jvp, and gradients by autograd. Every kernel path is compared with these (how: the
-relative error and tolerances of tests/numerics.py).
+relative error and tolerances of tests/numerics.py). :func:`random_parameters_` makes a model comparison
+non-trivial.
 """
 from __future__ import annotations
 
@@ -78,3 +79,15 @@ def ref_varlen(q, k, v, cu_q, cu_k, causal=False, tangents=None):
             outs.append(o[0].transpose(0, 1))
             touts.append(to[0].transpose(0, 1))
     return (torch.cat(outs), torch.cat(touts)) if tangents is not None else torch.cat(outs)
+
+
+def random_parameters_(module, generator, std: float):
+    """Every parameter of ``module`` drawn from N(0, std^2) in its own dtype, in place, from ``generator`` (a
+    torch.Generator, which the caller may go on drawing from, or an int seed); returns the module. Zero-initialised
+    layers (adaLN-Zero, final projections, zero gates) would otherwise make a comparison trivial."""
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
+    return module

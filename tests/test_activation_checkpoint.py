@@ -20,6 +20,7 @@ from flowmap_kernels.activation_checkpoint import ATTENTION_OPS, CheckpointedFor
 from flowmap_kernels.methods import get_method
 from flowmap_kernels.nn import DiT
 from tests.numerics import rel_err
+from tests.reference import random_parameters_
 
 TOL = 5e-13  # tests.numerics.rel_err, float64 paths that differ only in summation order (measured <= 2.2e-15)
 F64 = torch.float64
@@ -48,11 +49,7 @@ def _dit(seed=0, mode="none", depth=2, **kw):
                num_classes=0, freq_dim=8)
     cfg.update(kw)
     m = DiT(**cfg).to(F64)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():  # random everywhere (adaLN-Zero would make the blocks the identity)
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.2)
-    return fk.apply_activation_checkpointing(m, mode)
+    return fk.apply_activation_checkpointing(random_parameters_(m, seed + 100, 0.2), mode)
 
 
 class _CountOps(TorchDispatchMode):
@@ -244,11 +241,7 @@ def test_diffusers_transformer_blocks():
         dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=2, out_channels=2,
                                     num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=3).to(F64)
         fm = DiffusersFlowMap(dit)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in fm.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.2)
-        set_flowmap_attention(fm)
+        set_flowmap_attention(random_parameters_(fm, 1, 0.2))
         if mode != "none":
             assert checkpoint_transformer_blocks(fm, mode) == 2
         x0 = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(5), dtype=F64)

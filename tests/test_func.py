@@ -12,17 +12,13 @@ from flowmap_kernels.models import MLPFlowMap
 from flowmap_kernels.nn import (Attention, DiT, DiTBlock, FinalLayer, LabelEmbedder, Linear, Mlp, RMSNorm,
                                 TimestepEmbedder)
 from tests.numerics import rel_err
+from tests.reference import random_parameters_
 
 D = torch.float64
 
 
 def _randomise(module, std=0.3, seed=0):
-    """Non-zero everything (the adaLN-Zero and final layers start at zero, which would hide errors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return module
+    return random_parameters_(module, seed, std)
 
 
 def _randn(*shape, seed):

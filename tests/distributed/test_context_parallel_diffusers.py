@@ -21,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 from tests.distributed.harness import spawn  # noqa: E402
 from tests.distributed.workers import _max_over_ranks, _raises  # noqa: E402
 from tests.numerics import TOLERANCE, rel_err  # noqa: E402
+from tests.reference import random_parameters_  # noqa: E402
 
 TOL = TOLERANCE[torch.float64]  # relative, norm ratio (tests/numerics.py: 1e-11)
 CONFIGS = [("ring", False, False), ("ring", True, False), ("ulysses", False, False), ("ulysses", True, False),
@@ -37,10 +38,7 @@ def _flowmap(heads=2, seed=0):
     dit = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=12, in_channels=4, out_channels=8,
                                 num_layers=2, sample_size=10, patch_size=2, num_embeds_ada_norm=10)
     fm = DiffusersFlowMap(dit).double()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in fm.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+    random_parameters_(fm, seed + 1, 0.2)
     set_flowmap_attention(fm, strict=True)
     return fm
 

@@ -17,7 +17,7 @@ import flowmap_kernels.distributed as fkd
 from flowmap_kernels.attention import kernels
 from tests.attention.cases import Case
 from tests.numerics import rel_err
-from tests.reference import loss_on_outputs, ref_attention, ref_grads, ref_jvp
+from tests.reference import loss_on_outputs, random_parameters_, ref_attention, ref_grads, ref_jvp
 
 
 @dataclass
@@ -387,9 +387,7 @@ def dit_checks(rank, world, configs):
         model = dit_tiny(hidden_size=32, num_heads=4, depth=2, input_size=10, patch_size=2,
                          checkpoint_blocks=ckpt).double()
         g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+        random_parameters_(model, g, 0.2)
         x = torch.randn(2, 1, 10, 10, generator=g, dtype=torch.float64)
         s, t = torch.rand(2, generator=g, dtype=torch.float64), torch.rand(2, generator=g, dtype=torch.float64)
         y = torch.tensor([3, 7])

@@ -22,6 +22,7 @@ from flowmap_kernels.methods import meanflow, scm, tvm
 from flowmap_kernels.nn import DiT
 from tests.integrations.helpers import GraphRecorder
 from tests.numerics import rel_err
+from tests.reference import random_parameters_
 
 METHODS = {"meanflow": meanflow, "tvm": tvm, "scm": scm}
 DEPTH = 1
@@ -43,11 +44,7 @@ def _fresh_dynamo():
 def _dit(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     m = DiT(input_size=8, patch_size=2, hidden_size=32, depth=DEPTH, num_heads=2, freq_dim=16, qk_norm=True)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # non-zero adaLN and final layers (zero at initialisation would hide errors)
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return m.to(dtype)
+    return random_parameters_(m, seed, 0.1).to(dtype)
 
 
 def _model_for(name, dtype=torch.float64):

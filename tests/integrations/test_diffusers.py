@@ -21,6 +21,7 @@ from flowmap_kernels.integrations.diffusers import (  # noqa: E402
 )
 from tests.integrations.helpers import errors, jvp_and_param_grads  # noqa: E402
 from tests.numerics import rel_err  # noqa: E402
+from tests.reference import random_parameters_  # noqa: E402
 
 
 def small_dit(seed=0, learn_sigma=True):
@@ -296,10 +297,7 @@ def _third_party(name):
         x = rand(1, 4, 8, 8)
         call = lambda a: m(a, encoder_hidden_states=enc, encoder_attention_mask=enc_mask, timestep=10 * ts,  # noqa: E731
                            return_dict=False)[0]
-    m = m.double()
-    with torch.no_grad():  # non-zero adaLN-Zero layers (zero at initialisation would hide errors)
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+    random_parameters_(m.double(), g, 0.2)
     return m, call, x, torch.randn(x.shape, generator=g, dtype=torch.float64)
 
 

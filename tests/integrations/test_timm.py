@@ -9,6 +9,7 @@ from torch import nn
 from flowmap_kernels.integrations import fallback_counts, patch_sdpa, reset_fallbacks
 from flowmap_kernels.integrations.timm import set_timm_flowmap_attention
 from tests.integrations.helpers import errors, jvp_and_param_grads
+from tests.reference import random_parameters_
 
 
 class TimmStyleAttention(nn.Module):
@@ -95,9 +96,7 @@ def test_timm_model_families_match_sdpa_math(name):
     kw = TIMM_MODELS[name]
     model = timm.create_model(name, pretrained=False, num_classes=3, **kw).double().eval()
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # no zero-initialised layer (a zero head or gate would hide errors)
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
+    random_parameters_(model, g, 0.2)
     size = kw.get("img_size", 64)
     x = torch.randn(1, 3, *(size if isinstance(size, tuple) else (size, size)), generator=g, dtype=torch.float64)
     tx = torch.randn(x.shape, generator=g, dtype=torch.float64)

@@ -10,6 +10,7 @@ from flowmap_kernels.models import MLPFlowMap
 from flowmap_kernels.nn import Attention, DiT, DiTBlock, LabelEmbedder, Linear, RMSNorm, TimestepEmbedder, dit_tiny
 from flowmap_kernels.ops import kernels
 from tests.numerics import rel_err
+from tests.reference import random_parameters_
 
 # tests.numerics.rel_err of the fused path against the naive one, both float32: a few float32 roundings
 # through the block (measured worst 1.4e-6, a parameter gradient).
@@ -17,11 +18,7 @@ TOL = 5e-6
 
 
 def _randomise(module, seed):
-    """Random parameters (adaLN-Zero starts at zero, which would make the comparison trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+    random_parameters_(module, seed, 0.15)
 
 
 def _run(module, fn, primals, tangents, backend):
