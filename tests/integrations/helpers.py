@@ -14,7 +14,7 @@ from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flowmap_kernels.integrations import is_installed
+from flowmap_kernels.integrations import fallback_counts, is_installed, patch_sdpa, reset_fallbacks
 from tests.numerics import rel_err  # noqa: F401  (re-exported for the tests)
 
 
@@ -34,6 +34,17 @@ def jvp_and_param_grads(fn, params, primals, tangents, *, math_backend=False):
     loss = (w * tout).sum()
     grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     return out.detach(), tout.detach(), grads
+
+
+def patched_and_reference(fn, params, primals, tangents):
+    """(got, ref): :func:`jvp_and_param_grads` under ``patch_sdpa()`` and on SDPA's math backend without it;
+    asserts that no call inside the patch fell back to the original SDPA."""
+    ref = jvp_and_param_grads(fn, params, primals, tangents, math_backend=True)
+    reset_fallbacks()
+    with patch_sdpa():
+        got = jvp_and_param_grads(fn, params, primals, tangents)
+    assert fallback_counts() == {}, fallback_counts()
+    return got, ref
 
 
 def errors(a_triplet, b_triplet) -> dict:

@@ -19,7 +19,7 @@ from flowmap_kernels.integrations import SDPAFallbackWarning, fallback_counts, p
 from flowmap_kernels.integrations.diffusers import (  # noqa: E402
     DiffusersFlowMap, FlowmapAttnProcessor, set_flowmap_attention,
 )
-from tests.integrations.helpers import errors, jvp_and_param_grads  # noqa: E402
+from tests.integrations.helpers import errors, jvp_and_param_grads, patched_and_reference  # noqa: E402
 from tests.numerics import rel_err  # noqa: E402
 from tests.reference import random_parameters_  # noqa: E402
 
@@ -154,10 +154,7 @@ def test_flowmap_adapter_jvp_matches_sdpa_math():
     fn = lambda a, b, c: fm(a, b, c, y)  # noqa: E731
     primals, tangents = (x, s, t), (tx, torch.ones(2), torch.zeros(2))
     params = list(fm.parameters())
-    ref = jvp_and_param_grads(fn, params, primals, tangents, math_backend=True)
-    with patch_sdpa():
-        got = jvp_and_param_grads(fn, params, primals, tangents)
-    err = errors(got, ref)
+    err = errors(*patched_and_reference(fn, params, primals, tangents))
     assert max(err.values()) < 1e-5, err
 
 
@@ -307,10 +304,5 @@ def test_third_party_models_under_the_patch_match_sdpa_math(name):
     patch_sdpa, torch.func.jvp and the gradients of a loss on the tangent equal SDPA's math backend (float64)."""
     model, fn, x, tx = _third_party(name)
     params = list(model.parameters())
-    ref = jvp_and_param_grads(fn, params, (x,), (tx,), math_backend=True)
-    reset_fallbacks()
-    with patch_sdpa():
-        got = jvp_and_param_grads(fn, params, (x,), (tx,))
-    err = errors(got, ref)
+    err = errors(*patched_and_reference(fn, params, (x,), (tx,)))
     assert max(err.values()) < 1e-12, err
-    assert fallback_counts() == {}

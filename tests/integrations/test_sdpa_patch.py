@@ -16,7 +16,7 @@ from flowmap_kernels.integrations import (
     SDPAFallbackWarning, fallback_counts, install, is_installed, patch_sdpa, reset_fallbacks, uninstall,
 )
 from flowmap_kernels.integrations import sdpa_patch
-from tests.integrations.helpers import TinySDPAModel, jvp_and_param_grads, max_rel_err
+from tests.integrations.helpers import TinySDPAModel, max_rel_err, patched_and_reference
 from tests.numerics import rel_err
 from tests.reference import ref_attention
 
@@ -149,11 +149,7 @@ def test_tiny_model_jvp_and_tangent_loss_gradients_match_sdpa_math(dtype):
     fn = lambda a: model(a, mask)  # noqa: E731
     with pytest.raises(NotImplementedError, match="forward AD"):
         torch.func.jvp(fn, (x,), (tx,))
-    ref = jvp_and_param_grads(fn, params, (x,), (tx,), math_backend=True)
-    with patch_sdpa():
-        got = jvp_and_param_grads(fn, params, (x,), (tx,))
-    assert max_rel_err(got, ref) < 1e-5
-    assert fallback_counts() == {}
+    assert max_rel_err(*patched_and_reference(fn, params, (x,), (tx,))) < 1e-5
 
 
 # ------------------------------------------------------------------------------- fallbacks and warnings

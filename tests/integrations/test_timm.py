@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowmap_kernels.integrations import fallback_counts, patch_sdpa, reset_fallbacks
 from flowmap_kernels.integrations.timm import set_timm_flowmap_attention
-from tests.integrations.helpers import errors, jvp_and_param_grads
+from tests.integrations.helpers import errors, jvp_and_param_grads, patched_and_reference
 from tests.reference import random_parameters_
 
 
@@ -43,11 +42,7 @@ def _check(model, x):
     assert set_timm_flowmap_attention(model) >= 1
     with pytest.raises(NotImplementedError, match="forward AD"):
         torch.func.jvp(fn, (x,), (tx,))
-    ref = jvp_and_param_grads(fn, params, (x,), (tx,), math_backend=True)
-    reset_fallbacks()
-    with patch_sdpa():
-        got = jvp_and_param_grads(fn, params, (x,), (tx,))
-    assert fallback_counts() == {}
+    got, ref = patched_and_reference(fn, params, (x,), (tx,))
     assert max(errors(got, ref).values()) < 1e-5, errors(got, ref)
     assert max(errors(got, explicit).values()) < 1e-5
 
@@ -103,11 +98,7 @@ def test_timm_model_families_match_sdpa_math(name):
     assert set_timm_flowmap_attention(model) >= 1
     params = list(model.parameters())
     fn = lambda a: model(a)  # noqa: E731
-    ref = jvp_and_param_grads(fn, params, (x,), (tx,), math_backend=True)
-    reset_fallbacks()
-    with patch_sdpa():
-        got = jvp_and_param_grads(fn, params, (x,), (tx,))
-    assert fallback_counts() == {}
+    got, ref = patched_and_reference(fn, params, (x,), (tx,))
     assert max(errors(got, ref).values()) < 1e-12, errors(got, ref)
 
 
