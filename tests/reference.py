@@ -64,18 +64,24 @@ def jvp_of_jvp(fn, primals, inner, outer):
     return torch.func.jvp(lambda *xs: torch.func.jvp(fn, xs, tuple(inner)), tuple(primals), tuple(outer))
 
 
-def ref_varlen(q, k, v, cu_q, cu_k, causal=False, tangents=None):
-    """Packed attention sequence by sequence: ref_attention (or ref_jvp along ``tangents``) of each sequence's
-    (L, H, D) rows, float64, concatenated: O, or (O, tO). Differentiable in q, k, v."""
+def ref_varlen(q, k, v, cu_q, cu_k, tangents=None, **kw):
+    """Packed attention sequence by sequence: ref_attention (or ref_jvp along ``tangents``, a (tq, tk, tv)
+    triple) of each sequence's (L, H, D) rows, float64, concatenated: O, or (O, tO). ``kw``: ref_attention's
+    is_causal, scale, enable_gqa. A sequence with no query or no key gives zero rows. Differentiable in the
+    inputs and the tangents."""
     outs, touts = [], []
     for i in range(cu_q.numel() - 1):
         a, b, c, d = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        if a == b or c == d:
+            outs.append(torch.zeros(b - a, q.shape[1], v.shape[2], dtype=torch.float64))
+            touts.append(outs[-1])
+            continue
         seq = [x.transpose(0, 1).unsqueeze(0) for x in (q[a:b], k[c:d], v[c:d])]
         if tangents is None:
-            outs.append(ref_attention(*seq, is_causal=causal)[0].transpose(0, 1))
+            outs.append(ref_attention(*seq, **kw)[0].transpose(0, 1))
         else:
             tseq = [t.transpose(0, 1).unsqueeze(0) for t in (tangents[0][a:b], tangents[1][c:d], tangents[2][c:d])]
-            o, to = ref_jvp(*seq, *tseq, is_causal=causal)
+            o, to = ref_jvp(*seq, *tseq, **kw)
             outs.append(o[0].transpose(0, 1))
             touts.append(to[0].transpose(0, 1))
     return (torch.cat(outs), torch.cat(touts)) if tangents is not None else torch.cat(outs)

@@ -25,7 +25,7 @@ from flowmap_kernels.attention.varlen_blockwise import (varlen_backward, varlen_
                                                        varlen_jvp_forward)
 from flowmap_kernels.backends import BackendUnavailableError
 from tests.numerics import TOLERANCE, rel_err
-from tests.reference import jvp_of_jvp, loss_on_outputs, ref_attention, ref_grads
+from tests.reference import jvp_of_jvp, loss_on_outputs, ref_attention, ref_varlen
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("q", "k", "v", "tq", "tk", "tv")
@@ -94,23 +94,11 @@ class VarlenCase:
 
 
 def reference(case: VarlenCase, t: dict):
-    """(O, tO) and the six gradients of loss_on_outputs, float64, sequence by sequence."""
-    dv = case.v_head_dim or case.head_dim
-    o = torch.zeros(sum(case.q_lens), case.q_heads, dv, dtype=torch.float64)
-    to = torch.zeros_like(o)
-    grads = {n: torch.zeros(t[n].shape, dtype=torch.float64) for n in NAMES}
-    cq, ck = t["cu_q"].tolist(), t["cu_k"].tolist()
-    for i in range(len(case.q_lens)):
-        rq, rk = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
-        if cq[i + 1] == cq[i] or ck[i + 1] == ck[i]:
-            continue  # no query, or no key: zero output rows and zero gradients
-        rows = {"q": rq, "k": rk, "v": rk, "tq": rq, "tk": rk, "tv": rk}
-        xs = [_heads_first(t[n][rows[n]]) for n in NAMES]
-        (ro, rto), rg = ref_grads(*xs, _heads_first(t["wo"][rq]), _heads_first(t["wt"][rq]), **case.kwargs)
-        o[rq], to[rq] = _tokens_first(ro), _tokens_first(rto)
-        for n, g in zip(NAMES, rg):
-            grads[n][rows[n]] = _tokens_first(g)
-    return o, to, grads
+    """(O, tO) and the six gradients of loss_on_outputs, float64, sequence by sequence (tests.reference)."""
+    leaves = [t[n].detach().double().requires_grad_() for n in NAMES]
+    o, to = ref_varlen(*leaves[:3], t["cu_q"], t["cu_k"], leaves[3:], **case.kwargs)
+    grads = torch.autograd.grad(loss_on_outputs(o, to, t["wo"], t["wt"]), leaves, materialize_grads=True)
+    return o.detach(), to.detach(), dict(zip(NAMES, grads))
 
 
 def _args(case, t):
@@ -181,13 +169,7 @@ def test_primal_and_its_gradients(backend, dtype):
         o = fk.attention_varlen(t["q"], t["k"], t["v"], *_args(case, t), **case.kwargs)
         grads = torch.autograd.grad((o.double() * t["wo"]).sum(), [t["q"], t["k"], t["v"]])
     leaves = [t[n].detach().double().requires_grad_() for n in ("q", "k", "v")]
-    ref_o = torch.zeros_like(ro)
-    cq, ck = t["cu_q"].tolist(), t["cu_k"].tolist()
-    for i in range(len(case.q_lens)):
-        if cq[i + 1] > cq[i] and ck[i + 1] > ck[i]:
-            rq, rk = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
-            xs = [_heads_first(x[r]) for x, r in zip(leaves, (rq, rk, rk))]
-            ref_o[rq] = _tokens_first(ref_attention(*xs, **case.kwargs))
+    ref_o = ref_varlen(*leaves, t["cu_q"], t["cu_k"], **case.kwargs)
     rgrads = torch.autograd.grad((ref_o * t["wo"]).sum(), leaves)
     tol = TOLERANCE[dtype]
     assert rel_err(o, ro) <= tol

@@ -115,7 +115,7 @@ def test_attention_varlen_compiles_fullgraph(dynamic, backend, max_seqlen):
         with fk.use_backend(backend):
             out = cf(q, k, v, cu_q, cu_k)
             grads = _grads(out, (q, k, v))
-        want = ref_varlen(q, k, v, cu_q, cu_k, True)
+        want = ref_varlen(q, k, v, cu_q, cu_k, is_causal=True)
         assert rel_err(out, want) < 1e-12
         for g, w in zip(grads, _grads(want, (q, k, v))):
             assert rel_err(g, w) < 1e-12
@@ -138,11 +138,11 @@ def test_attention_varlen_forward_mode_under_compile(backend):
         with fk.use_backend(backend):
             o, to, o2, to2 = cf(q, k, v, tq, tk, tv, cu_q, cu_k)
             g = torch.autograd.grad(to.square().sum(), (q, k, v))
-        ro, rto = ref_varlen(q, k, v, cu_q, cu_k, False, (tq, tk, tv))
+        ro, rto = ref_varlen(q, k, v, cu_q, cu_k, (tq, tk, tv))
         for got in ((o, ro), (to, rto), (o2, ro), (to2, rto)):
             assert rel_err(*got) < 1e-12
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        rg = torch.autograd.grad(ref_varlen(qq, kk, vv, cu_q, cu_k, False, (tq, tk, tv))[1].square().sum(),
+        rg = torch.autograd.grad(ref_varlen(qq, kk, vv, cu_q, cu_k, (tq, tk, tv))[1].square().sum(),
                                  (qq, kk, vv))
         for a, b in zip(g, rg):
             assert rel_err(a, b) < 1e-12
