@@ -115,8 +115,7 @@ def _prepare(q, k, v, tangents, attn_mask, is_causal, scale, enable_gqa, group, 
         return _signature(local["p"], local["mask"], q, mode, is_causal, load_balance, enable_gqa, tangents)
 
     rows = [dict(zip(_FIELDS, row))
-            for row in exchange_checked("context-parallel attention", check, len(_FIELDS), group, world,
-                                        getattr(q, "device", None))]
+            for row in exchange_checked("context-parallel attention", check, len(_FIELDS), group, world, q)]
     p, mask = local["p"], local["mask"]
     _agree(rows)
     q_layout = layout_from_lengths("query", [row["q_len"] for row in rows], world, load_balance)

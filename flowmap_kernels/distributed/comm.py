@@ -133,7 +133,9 @@ class SequenceLayout:
 def metadata_device(group, like=None) -> torch.device:
     """Where a small exchange of int64 can go through ``group``: the CPU when its backend serves CPU tensors
     (gloo, mpi, ucc, or a per-device map such as "cpu:gloo,cuda:nccl"), else (NCCL serves CUDA tensors only)
-    the device of ``like`` (the call's data) when it is of the backend's kind, or this rank's current one."""
+    the device of ``like`` (the call's data: a tensor or a device; anything else, such as a bad argument, counts
+    as none) when it is of the backend's kind, or this rank's current one."""
+    like = getattr(like, "device", like)
     backend = str(dist.get_backend(group))
     if ":" in backend:
         kinds = [part.split(":")[0].strip() for part in backend.split(",")]
@@ -162,7 +164,7 @@ def exchange_checked(what: str, check: Callable[[], Sequence[int]], size: int, g
     """Every rank's record of its call: ``check()`` runs this rank's argument checks and returns its record (``size``
     ints), exchanged in one small all-gather ("metadata"). A check that fails (TypeError / ValueError) is raised
     after the exchange, and the other ranks raise a ValueError naming the failed ranks: an error on one rank stops
-    every rank, none waits in a later collective for it. ``like``: the device of the call's data (or None),
+    every rank, none waits in a later collective for it. ``like``: the call's data (a tensor), its device or None,
     see :func:`metadata_device`."""
     error, row = None, [0] * (size + 1)
     try:

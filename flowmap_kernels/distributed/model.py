@@ -28,8 +28,8 @@ class ContextParallelConfig:
     def agree(self, what: str, check, like=None) -> None:
         """Runs ``check()`` (a module's argument checks, returning a description of the call) with every rank of
         the group: a check failing on one rank raises on every rank, and the ranks' descriptions must be equal
-        (every rank passes the same full inputs); ValueError otherwise, on every rank. ``like``: the device of the
-        call's data (or None), where an NCCL group exchanges the record."""
+        (every rank passes the same full inputs); ValueError otherwise, on every rank. ``like``: the call's data
+        (or None), whose device an NCCL group exchanges the record on."""
         world, _ = world_and_rank(self.group)
         described = []
 

@@ -105,7 +105,7 @@ def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 2, load_balanc
         return [x_local.shape[d], int(load_balance), zlib.crc32(repr((str(x_local.dtype), x_local.dim(), d,
                                                                        other)).encode())]
 
-    rows = exchange_checked("gather_sequence", check, 3, group, world, getattr(x_local, "device", None))
+    rows = exchange_checked("gather_sequence", check, 3, group, world, x_local)
     dim = _check_tensor("x_local", x_local, dim)
     if len({row[1] for row in rows}) > 1:
         raise ValueError(f"load_balance: every rank of the group must call gather_sequence alike; got "

@@ -247,7 +247,7 @@ class DiffusersFlowMap(nn.Module):
         if cp is None:
             self._check_call(x, s, t, y)
         else:  # (a bad argument on one rank raises on every rank: none waits in the blocks' collectives)
-            cp.agree("DiffusersFlowMap", lambda: self._check_call(x, s, t, y), getattr(x, "device", None))
+            cp.agree("DiffusersFlowMap", lambda: self._check_call(x, s, t, y), x)
         B = x.shape[0]
         # times in float32 at least: 1000 * s in bfloat16 keeps 3 significant digits
         tdtype = torch.promote_types(x.dtype, torch.float32)

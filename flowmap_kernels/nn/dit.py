@@ -155,7 +155,7 @@ class DiT(nn.Module):
         if cp is None:
             self._check_call(x, s, t, y, w, aux)
         else:  # (a bad argument on one rank raises on every rank: none waits in the blocks' collectives)
-            cp.agree("DiT", lambda: self._check_call(x, s, t, y, w, aux), getattr(x, "device", None))
+            cp.agree("DiT", lambda: self._check_call(x, s, t, y, w, aux), x)
         B = x.shape[0]
         h = self.x_embedder(self.patchify(x)) + self.pos_embed.to(x.dtype)
         if cp is not None:  # context parallelism: this rank's share of the tokens through the blocks

@@ -27,7 +27,8 @@ def test_metadata_device_is_one_the_backend_serves(backend, expected, monkeypatc
 
 @pytest.mark.parametrize("backend, like, expected", [
     ("nccl", torch.device("cuda", 1), "cuda:1"), ("nccl", torch.device("cpu"), "cuda:3"), ("nccl", None, "cuda:3"),
-    ("gloo", torch.device("cuda", 1), "cpu")])
+    ("gloo", torch.device("cuda", 1), "cpu"), ("nccl", torch.empty(0, device="meta"), "cuda:3"),
+    ("nccl", "not a tensor", "cuda:3")])
 def test_metadata_device_follows_the_data_where_the_backend_needs_a_gpu(backend, like, expected, monkeypatch):
     """A rank whose data lives on cuda:1 exchanges there, not on the current device (which may be cuda:0 on
     every rank of a node when the script never called torch.cuda.set_device)."""
