@@ -440,6 +440,16 @@ def autocast_dtype(x) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(kind)
 
 
+def autocasts_to_float32(op: str, device_type: str) -> bool:
+    """Whether ``torch.autocast`` on ``device_type`` runs the aten op ``op`` (one of its float32-policy ops,
+    such as "layer_norm") in float32: it has an autocast kernel there (CUDA, XPU, MPS; not CPU in PyTorch
+    2.13). Without the dispatcher query: every device type but CPU."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", f"Autocast{device_type.upper()}")
+    except (AttributeError, RuntimeError):
+        return device_type != "cpu"
+
+
 def autocast_cast(x, dtype: torch.dtype):
     """``x`` cast as autocast casts a lower-precision op's argument: floating tensors other than float64."""
     if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype not in (torch.float64, dtype):

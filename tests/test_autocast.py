@@ -106,6 +106,21 @@ def test_fused_ops_under_autocast_equal_the_cast_call(op, args):
     assert torch.equal(yj, wj) and torch.equal(ty, wt)
 
 
+def test_layer_norm_follows_f_layer_norm_autocast_policy():
+    """ops.layer_norm keeps F.layer_norm's autocast policy: float32 on the devices whose autocast runs
+    layer_norm in float32 (CUDA), the inputs' dtype on CPU (PyTorch 2.13 leaves it out of CPU autocast)."""
+    from flowmap_kernels._autodiff import autocasts_to_float32
+    assert autocasts_to_float32("layer_norm", "cuda") and not autocasts_to_float32("layer_norm", "cpu")
+    g = torch.Generator().manual_seed(6)
+    x, w, b, tx = (torch.randn(*s, generator=g) for s in ((2, 7, 16), (16,), (16,), (2, 7, 16)))
+    with torch.autocast("cpu", dtype=BF16):
+        y = fk.ops.layer_norm(x, w, b)
+        yj, ty = torch.func.jvp(lambda z: fk.ops.layer_norm(z, w, b), (x,), (tx,))
+        want = F.layer_norm(x, (16,), w, b)
+    assert y.dtype == want.dtype == torch.float32 and torch.equal(y, fk.ops.layer_norm(x, w, b))
+    assert torch.equal(yj, y) and ty.dtype == torch.float32
+
+
 def test_package_dit_under_autocast():
     """The package's DiT (QK-norm: float32 weights meet bfloat16 activations) under autocast: forward, both JVP
     routes and the backward through the tangent run, agree with each other, and stay within bfloat16 rounding

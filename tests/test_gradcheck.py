@@ -37,6 +37,7 @@ def _cases():
                                                                  enable_gqa=True), (xv, kv, vv)),
         "modulated_layer_norm": (ops.modulated_layer_norm, (x, h, s)),
         "rms_norm": (ops.rms_norm, (x, _rand(6, seed=12))),
+        "layer_norm": (ops.layer_norm, (x, _rand(6, seed=15), _rand(6, seed=16))),
         "gelu_tanh": (ops.gelu_tanh, (x, _rand(6, seed=13))),
         "gated_residual": (ops.gated_residual, (x, s, _rand(2, 3, 6, seed=14))),
         "linear": (ops.linear, (x, w, b)),

@@ -99,7 +99,7 @@ def _gated_grads(gate, y, go, cfg: ElementwiseProblem):
 
 def naive_norm(x, scale, shift, cfg: NormProblem):
     if cfg.center:
-        xh = naive.layer_norm(x, cfg.eps)
+        xh = naive.layer_norm(x, eps=cfg.eps)
     else:
         xh = naive.rms_norm(x, None, cfg.eps)
     y = xh * (cfg.offset + scale) if scale is not None else (xh if cfg.offset == 1.0 else xh * cfg.offset)

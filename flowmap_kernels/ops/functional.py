@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .._autodiff import (apply_on_unpacked, autocast_cast, autocast_dtype, autocast_tangent, float32_tangents,
+from .._autodiff import (apply_on_unpacked, autocast_cast, autocast_dtype, autocast_tangent, autocasts_to_float32,
+                         float32_tangents,
                          follows_autocast, for_compile, make_dual, unpack_duals, widened_jvp, without_autocast,
                          zeros_if_none)
 from . import naive
@@ -32,8 +33,9 @@ from .autograd import (GatedCompiledFunction, GatedFunction, GatedJVPCompiledFun
                        LinearCompiledFunction, LinearFunction, LinearJVPCompiledFunction, LinearJVPFunction,
                        NormCompiledFunction, NormFunction, NormJVPCompiledFunction, NormJVPFunction)
 from .problem import (check_channels, check_linear, check_tangent, check_tensor, make_gated_residual_problem,
-                      make_gelu_tanh_problem, make_modulated_layer_norm_problem, make_rms_norm_problem)
-from .registry import GATED_RESIDUAL, GELU_TANH, LINEAR, MODULATED_LAYER_NORM, RMS_NORM, REGISTRIES
+                      make_gelu_tanh_problem, make_layer_norm_problem, make_modulated_layer_norm_problem,
+                      make_rms_norm_problem)
+from .registry import GATED_RESIDUAL, GELU_TANH, LAYER_NORM, LINEAR, MODULATED_LAYER_NORM, RMS_NORM, REGISTRIES
 
 
 def _compiled_forward_mode() -> bool:
@@ -101,6 +103,11 @@ _MODULATED_LAYER_NORM = _RowOp(
     (("x", "tx", False), ("shift", "tshift", False), ("scale", "tscale", False)),
     order=lambda x, shift, scale: (x, scale, shift),
     jvp_order=lambda p, t: (p[0], t[0], p[2], p[1], t[2], t[1]), check_x=_check_norm_x)
+_LAYER_NORM = _RowOp(
+    LAYER_NORM, naive.layer_norm, make_layer_norm_problem, NormFunction, NormCompiledFunction, NormJVPFunction,
+    NormJVPCompiledFunction, (("x", "tx", False), ("weight", "tweight", True), ("bias", "tbias", True)),
+    order=lambda x, weight, bias: (x, weight, bias),
+    jvp_order=lambda p, t: (p[0], t[0], p[1], p[2], t[1], t[2]), check_x=_check_norm_x)
 _RMS_NORM = _RowOp(
     RMS_NORM, naive.rms_norm, make_rms_norm_problem, NormFunction, NormCompiledFunction, NormJVPFunction,
     NormJVPCompiledFunction, (("x", "tx", False), ("weight", "tweight", True)),
@@ -186,6 +193,49 @@ def modulated_layer_norm_jvp(x, shift, scale, tx, tshift=None, tscale=None, eps:
     return _run_jvp(_MODULATED_LAYER_NORM, (x, shift, scale), (tx, tshift, tscale), (eps,), {"eps": eps})
 
 
+# ---- LayerNorm (affine) ---------------------------------------------------------------------------------
+
+def _layer_norm_autocast(x, operands: tuple, tangents: Optional[tuple] = None):
+    """Inside ``torch.autocast`` on a device where PyTorch runs layer_norm in float32 (CUDA, not CPU), the
+    floating operands (and their tangents) cast to float32, as F.layer_norm's are; else None."""
+    if autocast_dtype(x) is None or not autocasts_to_float32("layer_norm", x.device.type):
+        return None
+    ops_ = tuple(autocast_cast(o, torch.float32) for o in operands)
+    if tangents is None:
+        return ops_
+    return ops_, tuple(autocast_tangent(t, o, torch.float32) for t, o in zip(tangents, operands))
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
+    """LayerNorm over the last dim: xh * weight + bias (each optional), xh = (x - mean) rsqrt(var + eps).
+
+    x (..., C); weight, bias (C,) or None; x's dtype and device. Like F.layer_norm over one dim (flatten
+    the normalised dims to use it over several), including its autocast policy (float32 inside CUDA
+    autocast), but its forward-mode tangent is differentiable to every order: PyTorch 2.13's F.layer_norm
+    treats the saved mean and rstd as constants in the derivative of its tangent, so a loss on the tangent
+    (TVM, LSD) gets wrong gradients through it.
+    """
+    _check_norm_x(x)
+    cast = _layer_norm_autocast(x, (x, weight, bias))
+    if cast is not None:
+        with without_autocast(x):
+            return _run(_LAYER_NORM, cast, (eps,), {"eps": eps})
+    with without_autocast(x):  # (not lowered to the autocast dtype: F.layer_norm's CPU autocast policy)
+        return _run(_LAYER_NORM, (x, weight, bias), (eps,), {"eps": eps})
+
+
+def layer_norm_jvp(x, weight, bias, tx, tweight=None, tbias=None, eps: float = 1e-5):
+    """(y, ty) of :func:`layer_norm` along (tx, tweight, tbias) (None = zero), in one pass:
+    ty = txh w + xh tw + tb with txh = r (tx - mean(tx) - xh mean(xh tx))."""
+    _check_norm_x(x)
+    cast = _layer_norm_autocast(x, (x, weight, bias), (tx, tweight, tbias))
+    if cast is not None:
+        with without_autocast(x):
+            return _run_jvp(_LAYER_NORM, *cast, (eps,), {"eps": eps})
+    with without_autocast(x):
+        return _run_jvp(_LAYER_NORM, (x, weight, bias), (tx, tweight, tbias), (eps,), {"eps": eps})
+
+
 # ---- RMSNorm -----------------------------------------------------------------------------------------
 
 def rms_norm(x, weight=None, eps: float = 1e-6):
@@ -266,6 +316,6 @@ def linear_jvp(x, weight, bias, tx, tweight=None, tbias=None):
 
 
 def resolve_backend(op: str, x: torch.Tensor, backend: Optional[str] = None) -> str:
-    """The backend that runs ``op`` ("modulated_layer_norm", "rms_norm", "gelu_tanh", "gated_residual",
-    "linear") on tensors like ``x`` under ``backend`` (default: the one in force)."""
+    """The backend that runs ``op`` ("modulated_layer_norm", "layer_norm", "rms_norm", "gelu_tanh",
+    "gated_residual", "linear") on tensors like ``x`` under ``backend`` (default: the one in force)."""
     return REGISTRIES[op].resolve(backend, device=x.device, dtype=x.dtype).backend

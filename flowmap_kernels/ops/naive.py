@@ -20,8 +20,9 @@ def _row_scale(x):
     return torch.where((amax > 1) & torch.isfinite(amax), amax, torch.ones_like(amax))
 
 
-def layer_norm(x, eps: float = 1e-6):
-    """LayerNorm over the last dim without affine, from mean/var ops (rows scaled by _row_scale).
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
+    """LayerNorm over the last dim (then * weight + bias where given), from mean/var ops (rows scaled by
+    _row_scale).
 
     Not F.layer_norm: in PyTorch 2.13 the derivative of F.layer_norm's forward-mode tangent is wrong
     (gradcheck of torch.func.jvp(F.layer_norm) fails in float64; see
@@ -31,12 +32,14 @@ def layer_norm(x, eps: float = 1e-6):
     a = _row_scale(x)
     xs = x / a
     xc = xs - xs.mean(-1, keepdim=True)
-    return xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps / (a * a))
+    y = xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps / (a * a))
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
 
 
 def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
     """LayerNorm over the last dim (no affine), then x_hat * (1 + scale) + shift."""
-    return layer_norm(x, eps) * (1 + scale) + shift
+    return layer_norm(x, eps=eps) * (1 + scale) + shift
 
 
 def rms_norm(x, weight=None, eps: float = 1e-6):

@@ -221,15 +221,26 @@ def make_modulated_layer_norm_problem(x, shift, scale, eps, registry, backend: s
                        rows_per_chunk(registry, backend, x, (ss, hs)), backend)
 
 
-def make_rms_norm_problem(x, weight, eps, registry, backend: str) -> NormProblem:
+def _affine_norm_problem(center: bool, x, weight, bias, eps, registry, backend: str) -> NormProblem:
+    """y = xh * weight + bias (each optional, (C,)), xh = LayerNorm (``center``) or RMSNorm of x."""
     check_tensor("x", x)
     check_channels(x)
-    layout = None
-    if weight is not None:
-        check_channel_vector("weight", weight, x)
-        layout = OperandLayout.of(weight, x)
-    return NormProblem(False, 0.0 if weight is not None else 1.0, check_eps(eps), layout, None, tuple(x.shape),
-                       _rows(x), rows_per_chunk(registry, backend, x, (layout,)), backend)
+    layouts = []
+    for name, m in (("weight", weight), ("bias", bias)):
+        if m is not None:
+            check_channel_vector(name, m, x)
+        layouts.append(None if m is None else OperandLayout.of(m, x))
+    ws, bs = layouts
+    return NormProblem(center, 0.0 if weight is not None else 1.0, check_eps(eps), ws, bs, tuple(x.shape),
+                       _rows(x), rows_per_chunk(registry, backend, x, (ws, bs)), backend)
+
+
+def make_rms_norm_problem(x, weight, eps, registry, backend: str) -> NormProblem:
+    return _affine_norm_problem(False, x, weight, None, eps, registry, backend)
+
+
+def make_layer_norm_problem(x, weight, bias, eps, registry, backend: str) -> NormProblem:
+    return _affine_norm_problem(True, x, weight, bias, eps, registry, backend)
 
 
 def make_gelu_tanh_problem(x, bias, registry, backend: str) -> ElementwiseProblem:

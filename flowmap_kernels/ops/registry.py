@@ -26,6 +26,7 @@ def _make(op: str) -> OpRegistry:
 
 
 MODULATED_LAYER_NORM = _make("modulated_layer_norm")
+LAYER_NORM = _make("layer_norm")
 RMS_NORM = _make("rms_norm")
 GELU_TANH = _make("gelu_tanh")
 GATED_RESIDUAL = _make("gated_residual")
@@ -35,7 +36,7 @@ LINEAR.register("naive", naive)
 LINEAR.register("torch", fused_torch)
 LINEAR.register("extension", fused_torch)
 
-REGISTRIES = {r.op: r for r in (MODULATED_LAYER_NORM, RMS_NORM, GELU_TANH, GATED_RESIDUAL, LINEAR)}
+REGISTRIES = {r.op: r for r in (MODULATED_LAYER_NORM, LAYER_NORM, RMS_NORM, GELU_TANH, GATED_RESIDUAL, LINEAR)}
 
 
 def resolve(op: str, x, backend=None) -> str:

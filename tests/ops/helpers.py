@@ -17,6 +17,14 @@ def ref_modulated_layer_norm(x, shift, scale, eps=EPS):
     return (x - m) / torch.sqrt(v + eps) * (1 + scale) + shift
 
 
+def ref_layer_norm(x, weight=None, bias=None, eps=1e-5):
+    m = x.mean(-1, keepdim=True)
+    v = ((x - m) ** 2).mean(-1, keepdim=True)
+    y = (x - m) / torch.sqrt(v + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
 def ref_rms_norm(x, weight=None, eps=EPS):
     y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
     return y if weight is None else y * weight

@@ -5,7 +5,7 @@ import torch
 
 import flowmap_kernels as fk
 from flowmap_kernels.backends import BackendUnavailableError
-from flowmap_kernels.ops import gated_residual, gelu_tanh, linear, modulated_layer_norm, rms_norm
+from flowmap_kernels.ops import gated_residual, gelu_tanh, layer_norm, linear, modulated_layer_norm, rms_norm
 from flowmap_kernels.ops.registry import resolve
 
 C = 32
@@ -13,6 +13,7 @@ C = 32
 
 @pytest.mark.parametrize("name, fn", [
     ("modulated_layer_norm", lambda x: modulated_layer_norm(x, torch.ones(0, 1, C), torch.ones(0, 1, C))),
+    ("layer_norm", lambda x: layer_norm(x, torch.ones(C), torch.zeros(C))),
     ("rms_norm", lambda x: rms_norm(x, torch.ones(C))),
     ("gelu_tanh", lambda x: gelu_tanh(x, torch.zeros(C))),
     ("gated_residual", lambda x: gated_residual(x, torch.ones(0, 1, C), x)),
@@ -44,6 +45,8 @@ def test_zero_channels_of_elementwise_ops_give_empty_results(name, fn):
         gated_residual(x, torch.ones(2, 5, 0), x)
     with pytest.raises(ValueError, match="expected at least one channel"):
         rms_norm(x)
+    with pytest.raises(ValueError, match="expected at least one channel"):
+        layer_norm(x)
 
 
 @pytest.mark.parametrize("backend", ["torch", "extension", "naive"])

@@ -6,7 +6,7 @@ import torch
 
 import flowmap_kernels.ops as ops
 from flowmap_kernels import use_backend
-from tests.ops.helpers import (check_op, make_inputs, ref_gated_residual, ref_gelu_tanh, ref_linear,
+from tests.ops.helpers import (check_op, make_inputs, ref_gated_residual, ref_gelu_tanh, ref_layer_norm, ref_linear,
                                ref_modulated_layer_norm, ref_rms_norm)
 
 SIZES = [37, 72, 384, 1152]
@@ -20,6 +20,9 @@ def _cases(C):
         "modulated_layer_norm": (
             ops.modulated_layer_norm, ref_modulated_layer_norm, [(2, 3, C), (2, 1, C), (2, 1, C)],
             lambda x, h, s, tx, th, ts: ops.modulated_layer_norm_jvp(x, h, s, tx, th, ts), [2.0, 1.0, 0.5]),
+        "layer_norm": (
+            ops.layer_norm, ref_layer_norm, [(2, 3, C), (C,), (C,)],
+            lambda x, w, b, tx, tw, tb: ops.layer_norm_jvp(x, w, b, tx, tw, tb), [2.0, 1.0, 0.5]),
         "rms_norm": (
             ops.rms_norm, ref_rms_norm, [(2, 2, 3, C), (C,)],
             lambda x, w, tx, tw: ops.rms_norm_jvp(x, w, tx, tw), [1.0, 1.0]),
@@ -77,11 +80,19 @@ def test_broadcast_shapes(name, shapes, dtype, backend):
 @pytest.mark.parametrize("backend", ["torch", "extension"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_optional_operands_absent(backend, dtype):
-    """rms_norm without weight, gelu without bias, linear without bias."""
+    """rms_norm without weight, gelu without bias, linear without bias, layer_norm without weight and / or
+    bias."""
     with use_backend(backend):
         prim, tang = make_inputs([(3, 4, 72)], dtype, seed=3)
         check_op(lambda x: ops.rms_norm(x), lambda x: ref_rms_norm(x), prim, tang, dtype,
                  explicit_jvp=lambda x, tx: ops.rms_norm_jvp(x, None, tx))
+        check_op(lambda x: ops.layer_norm(x), lambda x: ref_layer_norm(x), prim, tang, dtype,
+                 explicit_jvp=lambda x, tx: ops.layer_norm_jvp(x, None, None, tx))
+        prim2, tang2 = make_inputs([(3, 4, 72), (72,)], dtype, seed=5)
+        check_op(lambda x, w: ops.layer_norm(x, w), lambda x, w: ref_layer_norm(x, w), prim2, tang2, dtype,
+                 explicit_jvp=lambda x, w, tx, tw: ops.layer_norm_jvp(x, w, None, tx, tw))
+        check_op(lambda x, b: ops.layer_norm(x, None, b), lambda x, b: ref_layer_norm(x, None, b), prim2, tang2,
+                 dtype, explicit_jvp=lambda x, b, tx, tb: ops.layer_norm_jvp(x, None, b, tx, None, tb))
         check_op(lambda x: ops.gelu_tanh(x), lambda x: ref_gelu_tanh(x), prim, tang, dtype,
                  explicit_jvp=lambda x, tx: ops.gelu_tanh_jvp(x, None, tx))
         prim, tang = make_inputs([(3, 4, 72), (16, 72)], dtype, seed=4, scale=[1.0, 0.1])

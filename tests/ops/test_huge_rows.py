@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import flowmap_kernels.ops as ops
 from flowmap_kernels import use_backend
 from tests.numerics import TOLERANCE, rel_err
-from tests.ops.helpers import EPS, check_op, make_inputs, ref_modulated_layer_norm, ref_rms_norm
+from tests.ops.helpers import EPS, check_op, make_inputs, ref_layer_norm, ref_modulated_layer_norm, ref_rms_norm
 
 C = 72
 BACKENDS = ["naive", "torch", "extension"]
@@ -29,10 +29,16 @@ def _cases(ref_scale: float = 1.0):
     def rms_ref(x, w):
         return ref_rms_norm(x * ref_scale, w, eps=EPS * ref_scale * ref_scale)
 
+    def ln_ref(x, w, b):
+        return ref_layer_norm(x * ref_scale, w, b, eps=EPS * ref_scale * ref_scale)
+
     return {
         "modulated_layer_norm": (
             ops.modulated_layer_norm, mln_ref, [(2, 3, C), (2, 1, C), (2, 1, C)],
             lambda x, h, s, tx, th, ts: ops.modulated_layer_norm_jvp(x, h, s, tx, th, ts)),
+        "layer_norm": (
+            lambda x, w, b: ops.layer_norm(x, w, b, eps=EPS), ln_ref, [(2, 3, C), (C,), (C,)],
+            lambda x, w, b, tx, tw, tb: ops.layer_norm_jvp(x, w, b, tx, tw, tb, eps=EPS)),
         "rms_norm": (
             ops.rms_norm, rms_ref, [(2, 3, C), (C,)], lambda x, w, tx, tw: ops.rms_norm_jvp(x, w, tx, tw)),
     }
@@ -41,7 +47,7 @@ def _cases(ref_scale: float = 1.0):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("magnitude", [1e20, 1e30, 1e37])
-@pytest.mark.parametrize("name", ["modulated_layer_norm", "rms_norm"])
+@pytest.mark.parametrize("name", ["modulated_layer_norm", "layer_norm", "rms_norm"])
 def test_huge_rows_match_float64(name, magnitude, dtype, backend):
     op, ref, shapes, explicit = _cases()[name]
     prim, tang = make_inputs(shapes, dtype, seed=3, scale=[magnitude] + [0.5] * (len(shapes) - 1))
@@ -53,7 +59,7 @@ def test_huge_rows_match_float64(name, magnitude, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", ["naive", "torch"])
-@pytest.mark.parametrize("name", ["modulated_layer_norm", "rms_norm"])
+@pytest.mark.parametrize("name", ["modulated_layer_norm", "layer_norm", "rms_norm"])
 def test_huge_float64_rows(name, backend):
     """float64 squares overflow above ~1e154: rows near 1e160 (float64 runs on the PyTorch backends)."""
     op, ref, shapes, explicit = _cases(ref_scale=2.0 ** -540)[name]

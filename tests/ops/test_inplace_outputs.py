@@ -6,11 +6,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import flowmap_kernels as fk
-from flowmap_kernels.ops import gated_residual, gelu_tanh, linear, modulated_layer_norm, rms_norm
+from flowmap_kernels.ops import gated_residual, gelu_tanh, layer_norm, linear, modulated_layer_norm, rms_norm
 
 C = 8
 OPS = {
     "modulated_layer_norm": lambda x, p: modulated_layer_norm(x, p["shift"], p["scale"]),
+    "layer_norm": lambda x, p: layer_norm(x, p["weight"], p["bias"]),
     "rms_norm": lambda x, p: rms_norm(x, p["weight"]),
     "gelu_tanh": lambda x, p: gelu_tanh(x, p["weight"]),
     "gated_residual": lambda x, p: gated_residual(x, p["scale"], 2 * x),
@@ -21,7 +22,7 @@ OPS = {
 def _run(op, mode, dtype):
     g = torch.Generator().manual_seed(0)
     x, tx = (torch.randn(2, 5, C, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
-    shapes = {"shift": (2, 1, C), "scale": (2, 1, C), "weight": (C,), "matrix": (C, C)}
+    shapes = {"shift": (2, 1, C), "scale": (2, 1, C), "weight": (C,), "bias": (C,), "matrix": (C, C)}
     leaves = {k: torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
               for k, s in shapes.items()}
     xx = x.clone().requires_grad_()

@@ -8,8 +8,8 @@ from flowmap_kernels import use_backend
 from flowmap_kernels.backends import BackendUnavailableError
 from flowmap_kernels.ops import kernels
 from tests.numerics import TOLERANCE, rel_err
-from tests.ops.helpers import (make_inputs, ref_gated_residual, ref_gelu_tanh, ref_linear, ref_modulated_layer_norm,
-                               ref_rms_norm)
+from tests.ops.helpers import (make_inputs, ref_gated_residual, ref_gelu_tanh, ref_layer_norm, ref_linear,
+                               ref_modulated_layer_norm, ref_rms_norm)
 from tests.reference import jvp_of_jvp
 
 F64 = torch.float64
@@ -20,6 +20,7 @@ def _gc_cases():
     return [
         ("mln", ops.modulated_layer_norm, [(2, 3, 5), (2, 1, 5), (2, 1, 5)]),
         ("mln_expand", ops.modulated_layer_norm, [(2, 3, 5), (1, 3, 5), (5,)]),
+        ("ln", ops.layer_norm, [(2, 3, 6), (6,), (6,)]),
         ("rms", ops.rms_norm, [(2, 3, 6), (6,)]),
         ("gelu", ops.gelu_tanh, [(3, 4), (4,)]),
         ("gated", ops.gated_residual, [(2, 3, 4), (2, 1, 4), (2, 3, 4)]),
@@ -77,11 +78,12 @@ def test_second_order_through_the_fused_backward(case):
     assert all(torch.equal(a, b.detach()) for a, b in zip(plain, graph))
 
 
-_REFS = {"mln": ref_modulated_layer_norm, "mln_expand": ref_modulated_layer_norm, "rms": ref_rms_norm,
+_REFS = {"mln": ref_modulated_layer_norm, "mln_expand": ref_modulated_layer_norm, "ln": ref_layer_norm,
+         "rms": ref_rms_norm,
          "gelu": ref_gelu_tanh, "gated": ref_gated_residual, "linear": ref_linear}
 _EXPLICIT = {"mln": ops.modulated_layer_norm_jvp, "mln_expand": ops.modulated_layer_norm_jvp,
-             "rms": ops.rms_norm_jvp, "gelu": ops.gelu_tanh_jvp, "gated": ops.gated_residual_jvp,
-             "linear": ops.linear_jvp}
+             "ln": ops.layer_norm_jvp, "rms": ops.rms_norm_jvp, "gelu": ops.gelu_tanh_jvp,
+             "gated": ops.gated_residual_jvp, "linear": ops.linear_jvp}
 
 
 @pytest.mark.parametrize("backend", ["torch", "extension"])
@@ -136,7 +138,7 @@ def test_extension_is_built_and_used_under_auto(monkeypatch):
     x = torch.randn(4, 8, 72)
     shift, scale = torch.randn(4, 1, 72), torch.randn(4, 1, 72)
     with use_backend("auto"):
-        for name in ("modulated_layer_norm", "rms_norm", "gelu_tanh", "gated_residual"):
+        for name in ("modulated_layer_norm", "layer_norm", "rms_norm", "gelu_tanh", "gated_residual"):
             assert ops.resolve_backend(name, x) == "extension"
         calls = []
         from flowmap_kernels.ops import extension
@@ -280,6 +282,7 @@ def test_loss_on_the_tangent_only(backend, dtype):
     cases = [
         (ops.modulated_layer_norm, ref_modulated_layer_norm, [(2, 3, 72), (2, 1, 72), (2, 1, 72)]),
         (ops.rms_norm, ref_rms_norm, [(2, 3, 72), (72,)]),
+        (ops.layer_norm, ref_layer_norm, [(2, 3, 72), (72,), (72,)]),
         (ops.gelu_tanh, ref_gelu_tanh, [(2, 3, 72), (72,)]),
         (ops.gated_residual, ref_gated_residual, [(2, 3, 72), (2, 1, 72), (2, 3, 72)]),
     ]

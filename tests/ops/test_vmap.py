@@ -8,8 +8,8 @@ from torch.func import grad, jvp, vmap
 import flowmap_kernels.ops as ops
 from flowmap_kernels import use_backend
 from tests.numerics import rel_err
-from tests.ops.helpers import (make_inputs, ref_gated_residual, ref_gelu_tanh, ref_linear, ref_modulated_layer_norm,
-                               ref_rms_norm)
+from tests.ops.helpers import (make_inputs, ref_gated_residual, ref_gelu_tanh, ref_layer_norm, ref_linear,
+                               ref_modulated_layer_norm, ref_rms_norm)
 
 N, C = 3, 24
 BACKENDS = ["torch", "extension", "naive"]
@@ -19,6 +19,7 @@ TOL = 1e-5  # float32 against float64 (the ops' own float32 tolerance)
 CASES = {
     "modulated_layer_norm": (ops.modulated_layer_norm, ops.modulated_layer_norm_jvp, ref_modulated_layer_norm,
                              [(2, 5, C), (2, 1, C), (2, 1, C)], (True, True, False)),
+    "layer_norm": (ops.layer_norm, ops.layer_norm_jvp, ref_layer_norm, [(2, 5, C), (C,), (C,)], (True, False, True)),
     "rms_norm": (ops.rms_norm, ops.rms_norm_jvp, ref_rms_norm, [(2, 5, C), (C,)], (True, False)),
     "gelu_tanh": (ops.gelu_tanh, ops.gelu_tanh_jvp, ref_gelu_tanh, [(2, 5, C), (C,)], (True, True)),
     "gated_residual": (ops.gated_residual, ops.gated_residual_jvp, ref_gated_residual,
