@@ -8,7 +8,7 @@ from .attention import attention, attention_jvp, attention_varlen, attention_var
 from .activation_checkpoint import apply_activation_checkpointing, checkpoint
 from .backends import BACKEND_NAMES, get_backend, set_backend, use_backend
 from .integrations import install as install_sdpa_patch
-from .integrations import patch_sdpa
+from .integrations import patch_layer_norm, patch_sdpa
 from .integrations import uninstall as uninstall_sdpa_patch
 from .ops import kernels as _ops_kernels  # noqa: F401  (registers the DiT primitives' custom ops, as torch.export.load needs)
 
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "attention_jvp", "attention_varlen", "attention_varlen_jvp",
     "use_backend", "set_backend", "get_backend", "build_info", "BACKEND_NAMES",
-    "patch_sdpa", "install_sdpa_patch", "uninstall_sdpa_patch",
+    "patch_sdpa", "install_sdpa_patch", "uninstall_sdpa_patch", "patch_layer_norm",
     "checkpoint", "apply_activation_checkpointing",
     "__version__",
 ]

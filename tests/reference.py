@@ -97,3 +97,30 @@ def random_parameters_(module, generator, std: float):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
     return module
+
+
+def ref_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm from mean / var ops: its forward-mode tangent is differentiable to every order (PyTorch
+    2.13's F.layer_norm tangent is not, see flowmap_kernels.integrations.layer_norm_patch)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    m = x.mean(dims, keepdim=True)
+    v = ((x - m) ** 2).mean(dims, keepdim=True)
+    y = (x - m) / torch.sqrt(v + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+class MeanVarLayerNorm(torch.nn.LayerNorm):
+    """nn.LayerNorm computed by :func:`ref_layer_norm` (for a model's reference copy, see below)."""
+
+    def forward(self, x):
+        return ref_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def with_mean_var_layer_norms_(model):
+    """Every nn.LayerNorm of ``model`` (and subclass without its own parameters layout, e.g. fk.nn.LayerNorm)
+    computed from mean / var ops, in place; returns the model."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.__class__ = MeanVarLayerNorm
+    return model

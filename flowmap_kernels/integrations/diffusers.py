@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..nn.layers import check_class_labels
+from .layer_norm_patch import set_flowmap_layer_norm
 from .sdpa_patch import scaled_dot_product_attention
 
 __all__ = ["FlowmapAttnProcessor", "set_flowmap_attention", "DiffusersFlowMap", "require_diffusers",
@@ -194,7 +195,9 @@ class DiffusersFlowMap(nn.Module):
     ``class_dropout``: the label-dropout probability inside diffusers' label embedding in train mode
     (diffusers builds DiT with 0.1); default 0.0 so that the training method decides about
     classifier-free-guidance dropout. The transformer is modified in place (each block's ``norm1.emb``
-    becomes a two-time embedding) and becomes a submodule of this one.
+    becomes a two-time embedding; its ``nn.LayerNorm`` modules become ``flowmap_kernels.nn.LayerNorm``, the
+    same values but an exact derivative of the forward-mode tangent, which PyTorch 2.13's lacks) and becomes a
+    submodule of this one.
     """
 
     def __init__(self, transformer: nn.Module, *, time_scale: float = 1000.0, class_dropout: float = 0.0):
@@ -226,6 +229,7 @@ class DiffusersFlowMap(nn.Module):
         for block, emb in zip(blocks, embs):
             emb.class_embedder.dropout_prob = class_dropout
             block.norm1.emb = _TwoTimeEmbedding(emb, self.interval_embedder)
+        set_flowmap_layer_norm(transformer)  # (a loss on the tangent needs the exact LayerNorm, see above)
 
     def _check_call(self, x, s, t, y) -> tuple:
         """The argument checks of :meth:`forward`; returns what the ranks of a context-parallel group must agree on."""

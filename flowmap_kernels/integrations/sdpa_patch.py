@@ -44,9 +44,7 @@ import functools
 import sys
 import threading
 import types
-import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Callable, Iterable, Union
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +53,8 @@ from .._autodiff import autocast_cast, autocast_dtype
 from ..attention import functional as _fk
 from ..attention.problem import SDPAShapes, broadcast_batch, make_problem
 from ..backends import BackendUnavailableError
+from . import _patching
+from ._patching import FallbackLog, install_routers, is_patched, patches as _patches, uninstall_routers
 
 __all__ = [
     "patch_sdpa", "install", "uninstall", "is_installed", "scaled_dot_product_attention",
@@ -64,10 +64,7 @@ __all__ = [
 #: The builtin SDPA as torch defines it (captured when this module is imported).
 BUILTIN_SDPA = torch._C._nn.scaled_dot_product_attention
 
-_lock = threading.RLock()
 _local = threading.local()
-_warned: set = set()
-_counts: dict = {}
 
 
 class SDPAFallbackWarning(UserWarning):
@@ -132,18 +129,8 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enab
     return None
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: run once when traced (a lock does not trace)
-def _note_fallback(reason: str, message: str) -> None:
-    with _lock:
-        _counts[reason] = _counts.get(reason, 0) + 1
-        first = reason not in _warned
-        _warned.add(reason)
-    if first:
-        warnings.warn(
-            f"flowmap_kernels: scaled_dot_product_attention falls back to the original function: {message} "
-            f"(warned once per reason; forward-mode AD through the original may fail)",
-            SDPAFallbackWarning, stacklevel=4,
-        )
+_fallbacks = FallbackLog("scaled_dot_product_attention", SDPAFallbackWarning,
+                         "forward-mode AD through the original may fail")
 
 
 def _call_original(original: Callable, args, kwargs):
@@ -166,7 +153,7 @@ def _route(original: Callable, args: tuple, kwargs: dict):
         return _call_original(original, args, kwargs)
     why = _unsupported(*bound)
     if why is not None:
-        _note_fallback(*why)
+        _fallbacks.note(*why)
         return _call_original(original, args, kwargs)
     query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, _ = bound
     return _fk.attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
@@ -193,30 +180,15 @@ scaled_dot_product_attention = _make_router(BUILTIN_SDPA)
 def fallback_counts() -> dict:
     """{reason: number of calls that ran the original function} since import or :func:`reset_fallbacks` (a call
     inside a torch.compile'd function counts once, when traced)."""
-    with _lock:
-        return dict(_counts)
+    return _fallbacks.counts()
 
 
 def reset_fallbacks() -> None:
     """Clear the fallback counts and re-arm the once-per-reason warnings."""
-    with _lock:
-        _counts.clear()
-        _warned.clear()
+    _fallbacks.reset()
 
 
 # ------------------------------------------------------------------------------------------- patching
-
-@dataclass
-class _Patch:
-    namespace: Any
-    name: str
-    original: Callable
-    router: Callable
-    count: int
-
-
-_patches: dict = {}  # (id(namespace), name) -> _Patch
-
 
 def _module(m: Union[str, types.ModuleType]) -> types.ModuleType:
     if isinstance(m, str):
@@ -253,45 +225,19 @@ def install(*, c_binding: bool = False, modules: Iterable = ()) -> None:
     names of imported modules) that bound the function at import (``from torch.nn.functional import
     scaled_dot_product_attention [as alias]``); each such global is replaced too.
     """
-    with _lock:
-        for ns, name in _targets(c_binding, modules, installing=True):
-            key = (id(ns), name)
-            p = _patches.get(key)
-            if p is None:
-                original = getattr(ns, name)
-                router = _make_router(original)
-                setattr(ns, name, router)
-                _patches[key] = _Patch(ns, name, original, router, 1)
-            else:
-                p.count += 1
+    with _patching.lock:
+        install_routers(_targets(c_binding, modules, installing=True), _make_router)
 
 
 def uninstall(*, c_binding: bool = False, modules: Iterable = ()) -> None:
     """Undo one :func:`install` with the same arguments; the last one restores the original objects."""
-    with _lock:
-        targets = _targets(c_binding, modules, installing=False)
-        missing = [f"{getattr(ns, '__name__', ns)}.{n}" for ns, n in targets if (id(ns), n) not in _patches]
-        if missing:
-            raise RuntimeError(f"uninstall: no matching install() for {', '.join(missing)}")
-        for ns, name in targets:
-            key = (id(ns), name)
-            p = _patches[key]
-            p.count -= 1
-            if p.count:
-                continue
-            del _patches[key]
-            if getattr(ns, name) is p.router:
-                setattr(ns, name, p.original)
-            else:
-                warnings.warn(
-                    f"flowmap_kernels: {getattr(ns, '__name__', ns)}.{name} was replaced by someone else after "
-                    f"install(); leaving their object in place", RuntimeWarning, stacklevel=2)
+    with _patching.lock:
+        uninstall_routers(_targets(c_binding, modules, installing=False))
 
 
 def is_installed() -> bool:
     """True while ``torch.nn.functional.scaled_dot_product_attention`` is routed by this module."""
-    with _lock:
-        return (id(F), "scaled_dot_product_attention") in _patches
+    return is_patched(F, "scaled_dot_product_attention")
 
 
 class patch_sdpa(contextlib.ContextDecorator):

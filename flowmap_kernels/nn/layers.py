@@ -95,6 +95,16 @@ class Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class LayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm`` (same arguments, parameters, state dict and values) whose forward-mode tangent
+    has the right derivative: under forward-mode AD it runs ``ops.layer_norm`` (PyTorch 2.13's F.layer_norm
+    gives a loss on the tangent wrong gradients, see ``integrations.patch_layer_norm``), else F.layer_norm."""
+
+    def forward(self, x):
+        from ..integrations.layer_norm_patch import layer_norm
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim with a learned weight (``ops.rms_norm``)."""
 

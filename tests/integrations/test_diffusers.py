@@ -21,7 +21,7 @@ from flowmap_kernels.integrations.diffusers import (  # noqa: E402
 )
 from tests.integrations.helpers import errors, jvp_and_param_grads, patched_and_reference  # noqa: E402
 from tests.numerics import rel_err  # noqa: E402
-from tests.reference import random_parameters_  # noqa: E402
+from tests.reference import random_parameters_, with_mean_var_layer_norms_  # noqa: E402
 
 
 def small_dit(seed=0, learn_sigma=True):
@@ -141,6 +141,26 @@ def test_flowmap_adapter_interval_embedding_is_trainable_and_used():
     with torch.no_grad():
         fm.interval_embedder.linear_2.weight.normal_()  # the bias alone adds a constant for every t
     assert not torch.allclose(fm(x, s, t, y), fm(x, s, s, y))
+
+
+def test_flowmap_adapter_loss_on_the_tangent_has_exact_layer_norm_gradients():
+    """The adapter's LayerNorms are fk.nn.LayerNorm: the parameter gradients of a loss on the tangent (TVM's
+    kind) match the same model with LayerNorm written from mean / var ops, in float64 (with eager
+    nn.LayerNorm they differ by ~4e-2 in PyTorch 2.13)."""
+    fm = random_parameters_(DiffusersFlowMap(small_dit()).double(), 3, std=0.3)
+    assert not any(type(m) is torch.nn.LayerNorm for m in fm.modules())
+    ref = with_mean_var_layer_norms_(copy.deepcopy(fm))
+    x, tx, _, y = dit_inputs()
+    s, t = torch.tensor([0.9, 0.4], dtype=torch.float64), torch.tensor([0.3, 0.4], dtype=torch.float64)
+    grads = []
+    for model in (fm, ref):
+        with patch_sdpa():
+            _, tout = torch.func.jvp(lambda a, b, c: model(a, b, c, y), (x.double(), s, t),
+                                     (tx.double(), torch.ones_like(s), torch.zeros_like(t)))
+            grads.append(torch.autograd.grad(tout.square().sum(), list(model.parameters()), allow_unused=True,
+                                             materialize_grads=True))
+    flat = [torch.cat([g.flatten() for g in gs]) for gs in grads]  # (the key biases' exact gradient is 0)
+    assert rel_err(*flat) < 1e-12
 
 
 def test_flowmap_adapter_jvp_matches_sdpa_math():
