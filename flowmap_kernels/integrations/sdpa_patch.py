@@ -36,6 +36,9 @@ as SDPA) and, inside
 
 install/uninstall are reference-counted per target under one lock (nest freely, from any thread);
 the last uninstall puts back the exact object that was there before the first install.
+
+A loss on the tangent through ``nn.LayerNorm`` also needs :func:`.layer_norm_patch.patch_layer_norm`: the
+derivative of F.layer_norm's forward-mode tangent is wrong in PyTorch 2.13.
 """
 from __future__ import annotations
 

@@ -10,6 +10,14 @@ path; inside :func:`flowmap_kernels.integrations.patch_sdpa` those calls then ru
     with patch_sdpa():
         out, tangent = torch.func.jvp(vit, (x,), (tx,))
 
+For a loss on the tangent (TVM, LSD) add ``patch_layer_norm()`` (or ``set_flowmap_layer_norm(vit)``):
+the derivative of ``nn.LayerNorm``'s tangent is wrong in PyTorch 2.13 (see
+:mod:`flowmap_kernels.integrations.layer_norm_patch`)::
+
+    with patch_sdpa(), patch_layer_norm():
+        out, tangent = torch.func.jvp(vit, (x,), (tx,))
+        tangent.square().mean().backward()
+
 timm is not imported here (nothing in this module needs it). Attention dropout in train mode
 (``attn_drop > 0``) falls back to the original SDPA with a warning.
 """
