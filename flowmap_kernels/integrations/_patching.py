@@ -23,15 +23,16 @@ class Patch:
     original: Callable
     router: Callable
     count: int
+    kind: str  # which patch installed it ("sdpa", "layer_norm")
 
 
 #: (id(namespace), name) -> Patch, for every patched attribute of every patch
 patches: dict = {}
 
 
-def install_routers(targets: Iterable[tuple], make_router: Callable[[Callable], Callable]) -> None:
+def install_routers(targets: Iterable[tuple], make_router: Callable[[Callable], Callable], kind: str) -> None:
     """Replace each ``(namespace, name)`` of ``targets`` by ``make_router(original)`` (or count one more
-    install of a replacement already there)."""
+    install of a replacement already there); ``kind`` names the patch."""
     with lock:
         for ns, name in targets:
             key = (id(ns), name)
@@ -40,7 +41,9 @@ def install_routers(targets: Iterable[tuple], make_router: Callable[[Callable], 
                 original = getattr(ns, name)
                 router = make_router(original)
                 setattr(ns, name, router)
-                patches[key] = Patch(ns, name, original, router, 1)
+                patches[key] = Patch(ns, name, original, router, 1, kind)
+            elif p.kind != kind:
+                raise RuntimeError(f"install: {getattr(ns, '__name__', ns)}.{name} is patched by the {p.kind} patch")
             else:
                 p.count += 1
 
@@ -70,6 +73,12 @@ def uninstall_routers(targets: Iterable[tuple]) -> None:
 def is_patched(namespace, name: str) -> bool:
     with lock:
         return (id(namespace), name) in patches
+
+
+def patched_names(namespace, kind: str) -> list:
+    """The attributes of ``namespace`` that the ``kind`` patch has replaced."""
+    with lock:
+        return [p.name for (i, _), p in patches.items() if i == id(namespace) and p.kind == kind]
 
 
 class FallbackLog:

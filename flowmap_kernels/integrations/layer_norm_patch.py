@@ -141,7 +141,7 @@ _TARGETS = ((F, "layer_norm"),)
 def install_layer_norm() -> None:
     """Route ``F.layer_norm`` as described above until the matching :func:`uninstall_layer_norm`
     (reference-counted, as :func:`flowmap_kernels.integrations.install`)."""
-    install_routers(_TARGETS, _make_router)
+    install_routers(_TARGETS, _make_router, "layer_norm")
 
 
 def uninstall_layer_norm() -> None:

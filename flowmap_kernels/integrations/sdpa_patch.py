@@ -57,7 +57,7 @@ from ..attention import functional as _fk
 from ..attention.problem import SDPAShapes, broadcast_batch, make_problem
 from ..backends import BackendUnavailableError
 from . import _patching
-from ._patching import FallbackLog, install_routers, is_patched, patches as _patches, uninstall_routers
+from ._patching import FallbackLog, install_routers, is_patched, patched_names, uninstall_routers
 
 __all__ = [
     "patch_sdpa", "install", "uninstall", "is_installed", "scaled_dot_product_attention",
@@ -68,6 +68,7 @@ __all__ = [
 BUILTIN_SDPA = torch._C._nn.scaled_dot_product_attention
 
 _local = threading.local()
+_KIND = "sdpa"
 
 
 class SDPAFallbackWarning(UserWarning):
@@ -209,11 +210,12 @@ def _targets(c_binding: bool, modules: Iterable, installing: bool) -> list:
         out.append((torch._C._nn, "scaled_dot_product_attention"))
     for m in modules:
         m = _module(m)
+        patched = patched_names(m, _KIND)
         if installing:
             names = [n for n, v in vars(m).items() if v is BUILTIN_SDPA]
-            names += [n for n, v in vars(m).items() if (id(m), n) in _patches and n not in names]
+            names += [n for n in patched if n not in names]
         else:
-            names = [n for (i, n) in _patches if i == id(m)]
+            names = patched
         if not names:
             raise ValueError(
                 f"modules: {m.__name__} has no global bound to torch.nn.functional.scaled_dot_product_attention")
@@ -229,7 +231,7 @@ def install(*, c_binding: bool = False, modules: Iterable = ()) -> None:
     scaled_dot_product_attention [as alias]``); each such global is replaced too.
     """
     with _patching.lock:
-        install_routers(_targets(c_binding, modules, installing=True), _make_router)
+        install_routers(_targets(c_binding, modules, installing=True), _make_router, _KIND)
 
 
 def uninstall(*, c_binding: bool = False, modules: Iterable = ()) -> None:

@@ -12,8 +12,9 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import flowmap_kernels as fk
-from flowmap_kernels.integrations import (LayerNormFallbackWarning, is_layer_norm_installed, layer_norm_fallback_counts,
-                                          patch_layer_norm, reset_layer_norm_fallbacks, set_flowmap_layer_norm)
+from flowmap_kernels.integrations import (LayerNormFallbackWarning, install_layer_norm, is_layer_norm_installed,
+                                          layer_norm_fallback_counts, patch_layer_norm, reset_layer_norm_fallbacks,
+                                          set_flowmap_layer_norm, uninstall_layer_norm)
 from tests.numerics import rel_err
 from tests.reference import MeanVarLayerNorm, ref_layer_norm, with_mean_var_layer_norms_
 
@@ -162,3 +163,19 @@ def test_set_flowmap_layer_norm_keeps_parameters_and_values():
     assert all(rel_err(a, b) < 1e-12 for a, b in zip(got[2], want[2]))
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         set_flowmap_layer_norm(lambda x: x)
+
+
+def test_the_sdpa_patch_on_torch_nn_functional_leaves_the_layer_norm_patch_alone():
+    """patch_sdpa(modules=[torch.nn.functional]) replaces that module's SDPA bindings only: the LayerNorm
+    patch's router there is neither counted nor restored by it, whatever the order of entering and leaving."""
+    sdpa = fk.patch_sdpa(modules=[F])
+    install_layer_norm()
+    router = F.layer_norm
+    sdpa.__enter__()
+    assert F.layer_norm is router
+    uninstall_layer_norm()
+    assert F.layer_norm is ORIGINAL and not is_layer_norm_installed()
+    install_layer_norm()
+    sdpa.__exit__(None, None, None)
+    assert F.layer_norm is not ORIGINAL and not fk.integrations.is_installed()
+    uninstall_layer_norm()

@@ -15,7 +15,7 @@ from torch import nn
 from flowmap_kernels.integrations import (
     SDPAFallbackWarning, fallback_counts, install, is_installed, patch_sdpa, reset_fallbacks, uninstall,
 )
-from flowmap_kernels.integrations import sdpa_patch
+from flowmap_kernels.integrations import _patching
 from tests.integrations.helpers import TinySDPAModel, max_rel_err, patched_and_reference
 from tests.numerics import rel_err
 from tests.reference import ref_attention
@@ -29,8 +29,8 @@ def _clean_state():
     reset_fallbacks()
     yield
     leaked = is_installed()
-    while sdpa_patch._patches:  # never leak a patch into other tests, even after a failure
-        p = sdpa_patch._patches.popitem()[1]
+    while _patching.patches:  # never leak a patch into other tests, even after a failure
+        p = _patching.patches.popitem()[1]
         setattr(p.namespace, p.name, p.original)
     assert not leaked, "a test left the patch installed"
     assert F.scaled_dot_product_attention is ORIGINAL
