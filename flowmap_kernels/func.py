@@ -21,6 +21,8 @@ checkpointing) or context parallelism: the dual form would bypass them.
 """
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import inspect
 from typing import Any, Callable, Optional
@@ -193,7 +195,8 @@ def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True, tangent_dt
 
     f: an nn.Module with ``forward_jvp`` (the package's models), ``bind(model, **kwargs)`` of one, or any
     callable (then torch.func.jvp). primals, tangents: tuples of tensors, each tangent of its primal's shape
-    (and dtype). Both outputs are differentiable (backward through the JVP, as TVM needs); with
+    (and dtype). Both outputs are differentiable (backward through the JVP, as TVM needs: on the torch.func.jvp
+    path F.layer_norm runs under ``patch_layer_norm()``, whose tangent has exact derivatives); with
     ``tangent_grad=False`` the JVP comes back detached (a stop-gradient, as MeanFlow and sCM use) and, in the
     dual form, every fused op's backward takes its primal path: no backward through the tangent is traced,
     also under torch.compile (where a later ``.detach()`` cannot be seen by the ops' backward).
@@ -228,7 +231,8 @@ def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True, tangent_dt
                              "torch.func.jvp carries tangents in their primals' dtypes")
         tangents = tuple(t.float() if p.dtype in SIXTEEN_BIT_DTYPES else t for p, t in zip(primals, tangents))
     if dual is None:
-        y, ty = torch.func.jvp(f, primals, tangents)
+        with _exact_layer_norm(tangent_grad):
+            y, ty = torch.func.jvp(f, primals, tangents)
         return (y, ty) if tangent_grad else (y, _detach(ty))
     if tangent_grad:
         return tuple(dual(*primals, *tangents))
@@ -238,6 +242,15 @@ def jvp(f: Callable, primals, tangents, *, tangent_grad: bool = True, tangent_dt
     finally:
         TANGENT_GRAD.enabled = previous
     return y, _detach(ty)
+
+
+def _exact_layer_norm(tangent_grad: bool):
+    """``patch_layer_norm()`` around torch.func.jvp when the JVP's gradient is wanted (eager only): PyTorch 2.13's
+    nn.LayerNorm gives a loss on the tangent wrong gradients (see integrations.layer_norm_patch)."""
+    if not tangent_grad or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    from .integrations.layer_norm_patch import patch_layer_norm
+    return patch_layer_norm()
 
 
 def _detach(t):
