@@ -86,7 +86,7 @@ def _unsupported(x, normalized_shape, weight, bias, eps):
         return _INVALID
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         return "eps", f"eps={eps!r} (expected a non-negative float)"
-    if x.numel() and math.prod(shape) == 0:
+    if math.prod(shape) == 0:  # no element to normalise over: whatever the original does
         return _INVALID
     return None
 

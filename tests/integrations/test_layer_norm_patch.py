@@ -117,6 +117,13 @@ def test_16_bit_input_with_float32_parameters_computes_in_float32(dtype):
     assert rel_err(y, y64) < tol and rel_err(ty, ty64) < tol
 
 
+def test_zero_normalised_elements_run_the_original():
+    x, tx = torch.randn(2, 0), torch.randn(2, 0)
+    with patch_layer_norm():
+        y, ty = torch.func.jvp(lambda a: F.layer_norm(a, (0,)), (x,), (tx,))
+    assert y.shape == ty.shape == (2, 0) and layer_norm_fallback_counts() == {}
+
+
 def test_calls_layer_norm_rejects_raise_its_own_errors():
     x, tx = torch.randn(2, 8), torch.randn(2, 8)
     with patch_layer_norm():
