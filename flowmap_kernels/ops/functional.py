@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .._autodiff import (apply_on_unpacked, autocast_cast, autocast_dtype, autocast_tangent, autocasts_to_float32,
-                         float32_tangents,
-                         follows_autocast, for_compile, make_dual, unpack_duals, widened_jvp, without_autocast,
-                         zeros_if_none)
+                         float32_tangents, follows_autocast, for_compile, make_dual, unpack_duals, widened_jvp,
+                         without_autocast, zeros_if_none)
 from . import naive
 from .autograd import (GatedCompiledFunction, GatedFunction, GatedJVPCompiledFunction, GatedJVPFunction,
                        GeluCompiledFunction, GeluFunction, GeluJVPCompiledFunction, GeluJVPFunction,
@@ -195,15 +194,14 @@ def modulated_layer_norm_jvp(x, shift, scale, tx, tshift=None, tscale=None, eps:
 
 # ---- LayerNorm (affine) ---------------------------------------------------------------------------------
 
-def _layer_norm_autocast(x, operands: tuple, tangents: Optional[tuple] = None):
-    """Inside ``torch.autocast`` on a device where PyTorch runs layer_norm in float32 (CUDA, not CPU), the
-    floating operands (and their tangents) cast to float32, as F.layer_norm's are; else None."""
+def _layer_norm_autocast(x, operands: tuple, tangents: tuple = ()):
+    """(operands, tangents) as F.layer_norm runs them: inside ``torch.autocast`` on a device where PyTorch runs
+    layer_norm in float32 (CUDA, not CPU) the floating ones cast to float32, else unchanged (never lowered to
+    the autocast dtype; the op itself then runs with autocast disabled)."""
     if autocast_dtype(x) is None or not autocasts_to_float32("layer_norm", x.device.type):
-        return None
-    ops_ = tuple(autocast_cast(o, torch.float32) for o in operands)
-    if tangents is None:
-        return ops_
-    return ops_, tuple(autocast_tangent(t, o, torch.float32) for t, o in zip(tangents, operands))
+        return operands, tangents
+    return (tuple(autocast_cast(o, torch.float32) for o in operands),
+            tuple(autocast_tangent(t, o, torch.float32) for t, o in zip(tangents, operands)))
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
@@ -216,24 +214,18 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
     (TVM, LSD) gets wrong gradients through it.
     """
     _check_norm_x(x)
-    cast = _layer_norm_autocast(x, (x, weight, bias))
-    if cast is not None:
-        with without_autocast(x):
-            return _run(_LAYER_NORM, cast, (eps,), {"eps": eps})
-    with without_autocast(x):  # (not lowered to the autocast dtype: F.layer_norm's CPU autocast policy)
-        return _run(_LAYER_NORM, (x, weight, bias), (eps,), {"eps": eps})
+    operands, _ = _layer_norm_autocast(x, (x, weight, bias))
+    with without_autocast(x):
+        return _run(_LAYER_NORM, operands, (eps,), {"eps": eps})
 
 
 def layer_norm_jvp(x, weight, bias, tx, tweight=None, tbias=None, eps: float = 1e-5):
     """(y, ty) of :func:`layer_norm` along (tx, tweight, tbias) (None = zero), in one pass:
     ty = txh w + xh tw + tb with txh = r (tx - mean(tx) - xh mean(xh tx))."""
     _check_norm_x(x)
-    cast = _layer_norm_autocast(x, (x, weight, bias), (tx, tweight, tbias))
-    if cast is not None:
-        with without_autocast(x):
-            return _run_jvp(_LAYER_NORM, *cast, (eps,), {"eps": eps})
+    operands, tangents = _layer_norm_autocast(x, (x, weight, bias), (tx, tweight, tbias))
     with without_autocast(x):
-        return _run_jvp(_LAYER_NORM, (x, weight, bias), (tx, tweight, tbias), (eps,), {"eps": eps})
+        return _run_jvp(_LAYER_NORM, operands, tangents, (eps,), {"eps": eps})
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------------
