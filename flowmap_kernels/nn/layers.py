@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import ops
 from ..attention import attention, attention_jvp
+from ..integrations.layer_norm_patch import layer_norm as routed_layer_norm
 from ..ops.problem import check_eps
 
 
@@ -101,8 +102,7 @@ class LayerNorm(nn.LayerNorm):
     gives a loss on the tangent wrong gradients, see ``integrations.patch_layer_norm``), else F.layer_norm."""
 
     def forward(self, x):
-        from ..integrations.layer_norm_patch import layer_norm
-        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return routed_layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
