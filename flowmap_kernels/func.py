@@ -22,7 +22,6 @@ checkpointing) or context parallelism: the dual form would bypass them.
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import inspect
 from typing import Any, Callable, Optional

@@ -136,12 +136,13 @@ def _make_router(original):
 layer_norm = _make_router(F.layer_norm)
 
 _TARGETS = ((F, "layer_norm"),)
+_KIND = "layer_norm"
 
 
 def install_layer_norm() -> None:
     """Route ``F.layer_norm`` as described above until the matching :func:`uninstall_layer_norm`
     (reference-counted, as :func:`flowmap_kernels.integrations.install`)."""
-    install_routers(_TARGETS, _make_router, "layer_norm")
+    install_routers(_TARGETS, _make_router, _KIND)
 
 
 def uninstall_layer_norm() -> None:
@@ -178,7 +179,6 @@ class patch_layer_norm(contextlib.ContextDecorator):
 
     def __exit__(self, *exc) -> None:
         uninstall_layer_norm()
-
 
 
 def set_flowmap_layer_norm(model: torch.nn.Module) -> int:

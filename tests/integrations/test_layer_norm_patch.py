@@ -38,14 +38,14 @@ def _layer_norm(shape, affine, bias, seed=0):
     return ln
 
 
-def _tangent_loss_grads(fn, module, x, tx, w, mode):
+def _tangent_loss_grads(module, x, tx, w, mode):
     """(y, ty, grads of sum(w ty) w.r.t. x and the module's parameters) with torch.func.jvp or forward_ad."""
     xx = x.clone().requires_grad_()
     if mode == "func.jvp":
-        y, ty = torch.func.jvp(fn, (xx,), (tx,))
+        y, ty = torch.func.jvp(module, (xx,), (tx,))
     else:
         with fwAD.dual_level():
-            y, ty = fwAD.unpack_dual(fn(fwAD.make_dual(xx, tx)))
+            y, ty = fwAD.unpack_dual(module(fwAD.make_dual(xx, tx)))
     params = list(module.parameters())
     grads = torch.autograd.grad((ty * w).sum(), [xx] + params, allow_unused=True, materialize_grads=True)
     return y, ty, grads
@@ -62,9 +62,9 @@ def test_loss_on_the_tangent_is_exact_under_the_patch(x_shape, shape, affine, bi
     ref = with_mean_var_layer_norms_(copy.deepcopy(ln))
     g = torch.Generator().manual_seed(1)
     x, tx, w = (torch.randn(x_shape, generator=g, dtype=F64) for _ in range(3))
-    want = _tangent_loss_grads(ref, ref, x, tx, w, mode)
+    want = _tangent_loss_grads(ref, x, tx, w, mode)
     with patch_layer_norm():
-        got = _tangent_loss_grads(ln, ln, x, tx, w, mode)
+        got = _tangent_loss_grads(ln, x, tx, w, mode)
     assert layer_norm_fallback_counts() == {}
     for a, b in zip(got[:2] + tuple(got[2]), want[:2] + tuple(want[2])):
         assert a.shape == b.shape and rel_err(a, b) < 1e-12
@@ -165,8 +165,8 @@ def test_set_flowmap_layer_norm_keeps_parameters_and_values():
     mean_var = with_mean_var_layer_norms_(copy.deepcopy(ref))
     assert isinstance(mean_var[1], MeanVarLayerNorm)
     w = torch.randn(3, 8, dtype=F64)
-    got = _tangent_loss_grads(model, model, x, tx, w, "func.jvp")
-    want = _tangent_loss_grads(mean_var, mean_var, x, tx, w, "func.jvp")
+    got = _tangent_loss_grads(model, x, tx, w, "func.jvp")
+    want = _tangent_loss_grads(mean_var, x, tx, w, "func.jvp")
     assert all(rel_err(a, b) < 1e-12 for a, b in zip(got[2], want[2]))
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         set_flowmap_layer_norm(lambda x: x)
